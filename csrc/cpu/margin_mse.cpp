@@ -1,0 +1,405 @@
+// Margin-MSE CPU kernels (spec §4). Schemas live in kdloss/_ops/margin_mse.py; this file only
+// implements them for the CPU dispatch key.
+//
+// Shapes (validated in Python; re-checked here for the kernel's own memory safety):
+//   student_pos [B], student_neg [B, n]                     (scores)
+//   query [B, D], positive [B, D], negatives [B, n, D]       (embeddings; scores are dot products)
+//   teacher [B, n+1] raw scores (positive first) if teacher_is_scores else [B, n] margins,
+//           in the accumulation dtype (fp32, or fp64 for fp64 students)
+//   reduction: 0 = none ([B, n] squared errors), 1 = mean over B·n, 2 = sum
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "kdloss/cpu_utils.h"
+
+namespace kdloss {
+namespace cpu {
+namespace {
+
+constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
+
+// Teacher margin t⁺ − t⁻_i of one row, read from raw scores or from stored margins.
+template <typename acc_t>
+struct TeacherRow {
+  const acc_t* values;  // [n] margins, or the n negative scores
+  acc_t positive;       // t⁺ (raw scores) — unused for margins
+  bool is_scores;
+
+  TeacherRow(const acc_t* teacher, int64_t b, int64_t n, bool scores)
+      : values(scores ? teacher + b * (n + 1) + 1 : teacher + b * n),
+        positive(scores ? teacher[b * (n + 1)] : acc_t(0)),
+        is_scores(scores) {}
+
+  acc_t margin(int64_t i) const { return is_scores ? positive - values[i] : values[i]; }
+  at::vec::Vectorized<acc_t> margin_vec(int64_t i) const {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const Vec v = Vec::loadu(values + i);
+    return is_scores ? Vec(positive) - v : v;
+  }
+};
+
+// Scale applied to grad_output·2e: 1/(B·n) for mean, 1 otherwise.
+inline double reduction_scale(int64_t reduction, int64_t B, int64_t n) {
+  return reduction == kMean ? 1.0 / (static_cast<double>(B) * static_cast<double>(n)) : 1.0;
+}
+
+// Squared errors of one row of scores: writes e² to `out_row` when given, returns Σ_i e².
+template <typename scalar_t>
+Acc<scalar_t> score_row_forward(Acc<scalar_t> s_pos, const scalar_t* s_neg /*[n]*/,
+                                const TeacherRow<Acc<scalar_t>>& t, int64_t n,
+                                scalar_t* out_row /*[n] or null*/) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = Acc<scalar_t>;
+  using Vec = typename IO::Vec;
+  Vec acc(acc_t(0));
+  const Vec vpos(s_pos);
+  int64_t i = 0;
+  for (; i + IO::size() <= n; i += IO::size()) {
+    const Vec e = (vpos - IO::load(s_neg + i)) - t.margin_vec(i);
+    const Vec sq = e * e;
+    acc = acc + sq;
+    if (out_row) IO::store(out_row + i, sq);
+  }
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; i < n; ++i) {
+    const acc_t e = (s_pos - static_cast<acc_t>(s_neg[i])) - t.margin(i);
+    total += e * e;
+    if (out_row) out_row[i] = static_cast<scalar_t>(e * e);
+  }
+  return total;
+}
+
+// Reduces per-row sums in a thread-count independent order and writes the scalar loss.
+template <typename scalar_t>
+void write_reduced(at::Tensor& out, const std::vector<Acc<scalar_t>>& row_sums, int64_t reduction,
+                   int64_t B, int64_t n) {
+  using acc_t = Acc<scalar_t>;
+  acc_t total = ordered_sum(row_sums.data(), B);
+  if (reduction == kMean) total = total / static_cast<acc_t>(static_cast<double>(B) * n);
+  out.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(total);
+}
+
+at::Tensor allocate_loss(const at::Tensor& like, int64_t reduction, int64_t B, int64_t n) {
+  if (reduction == kNone) return at::empty({B, n}, like.options());
+  return at::empty({}, like.options());
+}
+
+void check_reduction(int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
+                    "reduction code must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+void check_teacher(const at::Tensor& teacher, const at::Tensor& student, int64_t B, int64_t n,
+                   bool teacher_is_scores) {
+  check_cpu_float(teacher, "teacher");
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(teacher.scalar_type() == acc_dtype, "teacher must be ", acc_dtype, ", got ",
+                    teacher.scalar_type());
+  const int64_t cols = teacher_is_scores ? n + 1 : n;
+  TORCH_CHECK_VALUE(teacher.dim() == 2 && teacher.size(0) == B && teacher.size(1) == cols,
+                    "teacher must have shape [", B, ", ", cols, "], got ", teacher.sizes());
+}
+
+void check_scores(const at::Tensor& student_pos, const at::Tensor& student_neg) {
+  check_cpu_float(student_pos, "student_pos");
+  check_cpu_float(student_neg, "student_neg");
+  TORCH_CHECK_VALUE(student_pos.dim() == 1, "student_pos must be [B], got ", student_pos.sizes());
+  TORCH_CHECK_VALUE(student_neg.dim() == 2 && student_neg.size(0) == student_pos.size(0),
+                    "student_neg must be [B, n] with B = ", student_pos.size(0), ", got ",
+                    student_neg.sizes());
+  TORCH_CHECK_VALUE(student_neg.scalar_type() == student_pos.scalar_type(),
+                    "student_neg must have the dtype of student_pos");
+}
+
+at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& student_neg,
+                          const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
+  check_scores(student_pos, student_neg);
+  check_reduction(reduction);
+  const int64_t B = student_neg.size(0), n = student_neg.size(1);
+  check_teacher(teacher, student_pos, B, n, teacher_is_scores);
+  const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
+  const auto tea = teacher.contiguous();
+  at::Tensor out = allocate_loss(student_pos, reduction, B, n);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pos.scalar_type(), "margin_mse_fwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    const scalar_t* pos_p = pos.data_ptr<scalar_t>();
+    const scalar_t* neg_p = neg.data_ptr<scalar_t>();
+    const acc_t* tea_p = tea.data_ptr<acc_t>();
+    scalar_t* none_p = reduction == kNone ? out.data_ptr<scalar_t>() : nullptr;
+    std::vector<acc_t> row_sums(reduction == kNone ? 0 : B);
+    at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
+        const acc_t s = score_row_forward<scalar_t>(static_cast<acc_t>(pos_p[b]), neg_p + b * n, t,
+                                                    n, none_p ? none_p + b * n : nullptr);
+        if (!row_sums.empty()) row_sums[b] = s;
+      }
+    });
+    if (reduction != kNone) write_reduced<scalar_t>(out, row_sums, reduction, B, n);
+  });
+  return out;
+}
+
+// Coefficients ∂L/∂s⁻_{b,i} = −coef·2e_{b,i} for one row; returns ∂L/∂s⁺_b = Σ_i coef·2e_{b,i}.
+// `grad_row` is the [n] upstream gradient for reduction none, else null (scalar `grad0`).
+template <typename acc_t>
+acc_t negative_coefficients(acc_t s_pos, const acc_t* s_neg /*[n]*/, const TeacherRow<acc_t>& t,
+                            int64_t n, acc_t scale, acc_t grad0, const acc_t* grad_row,
+                            acc_t* coef_neg /*[n] out*/) {
+  acc_t coef_pos = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t e = (s_pos - s_neg[i]) - t.margin(i);
+    const acc_t g = (grad_row ? grad_row[i] : grad0) * scale * acc_t(2) * e;
+    coef_neg[i] = -g;
+    coef_pos += g;
+  }
+  return coef_pos;
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const at::Tensor& student_pos,
+                                                  const at::Tensor& student_neg, const at::Tensor& teacher,
+                                                  bool teacher_is_scores, int64_t reduction) {
+  check_scores(student_pos, student_neg);
+  check_reduction(reduction);
+  const int64_t B = student_neg.size(0), n = student_neg.size(1);
+  check_teacher(teacher, student_pos, B, n, teacher_is_scores);
+  check_cpu_float(grad, "grad");
+  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1,
+                    "grad has ", grad.numel(), " elements, which does not match the reduction");
+  const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
+  const auto tea = teacher.contiguous();
+  at::Tensor grad_pos = at::empty({B}, pos.options());
+  at::Tensor grad_neg = at::empty({B, n}, neg.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pos.scalar_type(), "margin_mse_bwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const auto g = grad.to(acc_dtype).contiguous();
+    const auto neg_acc = neg.to(acc_dtype);
+    const acc_t* g_p = g.data_ptr<acc_t>();
+    const acc_t* neg_p = neg_acc.data_ptr<acc_t>();
+    const scalar_t* pos_p = pos.data_ptr<scalar_t>();
+    const acc_t* tea_p = tea.data_ptr<acc_t>();
+    scalar_t* gpos_p = grad_pos.data_ptr<scalar_t>();
+    scalar_t* gneg_p = grad_neg.data_ptr<scalar_t>();
+    const acc_t scale = static_cast<acc_t>(reduction_scale(reduction, B, n));
+    at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> coef(n);
+      for (int64_t b = begin; b < end; ++b) {
+        const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
+        const acc_t cp = negative_coefficients<acc_t>(
+            static_cast<acc_t>(pos_p[b]), neg_p + b * n, t, n, scale,
+            reduction == kNone ? acc_t(0) : g_p[0], reduction == kNone ? g_p + b * n : nullptr,
+            coef.data());
+        gpos_p[b] = static_cast<scalar_t>(cp);
+        for (int64_t i = 0; i < n; ++i) gneg_p[b * n + i] = static_cast<scalar_t>(coef[i]);
+      }
+    });
+  });
+  return {grad_pos, grad_neg};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused dot-product scores: s⁺_b = ⟨q_b, p_b⟩, s⁻_{b,i} = ⟨q_b, n_{b,i}⟩ (spec §4.3).
+
+// Rows of the embedding tensors; the last dimension is unit-stride (enforced by the caller).
+template <typename scalar_t>
+struct EmbeddingRows {
+  const scalar_t* q;
+  const scalar_t* p;
+  const scalar_t* negs;
+  int64_t q_stride, p_stride, neg_stride0, neg_stride1;
+
+  const scalar_t* query(int64_t b) const { return q + b * q_stride; }
+  const scalar_t* positive(int64_t b) const { return p + b * p_stride; }
+  const scalar_t* negative(int64_t b, int64_t i) const {
+    return negs + b * neg_stride0 + i * neg_stride1;
+  }
+};
+
+template <typename scalar_t>
+Acc<scalar_t> dot(const scalar_t* x, const scalar_t* y, int64_t D) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = Acc<scalar_t>;
+  using Vec = typename IO::Vec;
+  Vec acc0(acc_t(0)), acc1(acc_t(0));
+  int64_t d = 0;
+  for (; d + 2 * IO::size() <= D; d += 2 * IO::size()) {
+    acc0 = at::vec::fmadd(IO::load(x + d), IO::load(y + d), acc0);
+    acc1 = at::vec::fmadd(IO::load(x + d + IO::size()), IO::load(y + d + IO::size()), acc1);
+  }
+  for (; d + IO::size() <= D; d += IO::size()) {
+    acc0 = at::vec::fmadd(IO::load(x + d), IO::load(y + d), acc0);
+  }
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
+  for (; d < D; ++d) total += static_cast<acc_t>(x[d]) * static_cast<acc_t>(y[d]);
+  return total;
+}
+
+// Scores of one row: returns s⁺ and fills s_neg[0..n).
+template <typename scalar_t>
+Acc<scalar_t> row_scores(const EmbeddingRows<scalar_t>& rows, int64_t b, int64_t n, int64_t D,
+                         Acc<scalar_t>* s_neg) {
+  const scalar_t* q = rows.query(b);
+  for (int64_t i = 0; i < n; ++i) s_neg[i] = dot<scalar_t>(q, rows.negative(b, i), D);
+  return dot<scalar_t>(q, rows.positive(b), D);
+}
+
+void check_embeddings(const at::Tensor& query, const at::Tensor& positive, const at::Tensor& negatives) {
+  check_cpu_float(query, "query");
+  check_cpu_float(positive, "positive");
+  check_cpu_float(negatives, "negatives");
+  TORCH_CHECK_VALUE(query.dim() == 2, "query must be [B, D], got ", query.sizes());
+  TORCH_CHECK_VALUE(positive.sizes() == query.sizes(), "positive must have the shape of query ",
+                    query.sizes(), ", got ", positive.sizes());
+  TORCH_CHECK_VALUE(negatives.dim() == 3 && negatives.size(0) == query.size(0) &&
+                        negatives.size(2) == query.size(1),
+                    "negatives must be [B, n, D] = [", query.size(0), ", n, ", query.size(1),
+                    "], got ", negatives.sizes());
+  TORCH_CHECK_VALUE(positive.scalar_type() == query.scalar_type() &&
+                        negatives.scalar_type() == query.scalar_type(),
+                    "query, positive and negatives must share one dtype");
+}
+
+// Makes the last dimension unit-stride (a copy only when it is not).
+at::Tensor unit_inner_stride(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+template <typename scalar_t>
+EmbeddingRows<scalar_t> embedding_rows(const at::Tensor& q, const at::Tensor& p, const at::Tensor& negs) {
+  return {q.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), negs.data_ptr<scalar_t>(),
+          q.stride(0),           p.stride(0),           negs.stride(0),
+          negs.stride(1)};
+}
+
+at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positive,
+                              const at::Tensor& negatives, const at::Tensor& teacher,
+                              bool teacher_is_scores, int64_t reduction) {
+  check_embeddings(query, positive, negatives);
+  check_reduction(reduction);
+  const int64_t B = negatives.size(0), n = negatives.size(1), D = negatives.size(2);
+  check_teacher(teacher, query, B, n, teacher_is_scores);
+  const auto q = unit_inner_stride(query), p = unit_inner_stride(positive);
+  const auto negs = unit_inner_stride(negatives);
+  const auto tea = teacher.contiguous();
+  at::Tensor out = allocate_loss(query, reduction, B, n);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "margin_mse_emb_fwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    const auto rows = embedding_rows<scalar_t>(q, p, negs);
+    const acc_t* tea_p = tea.data_ptr<acc_t>();
+    scalar_t* none_p = reduction == kNone ? out.data_ptr<scalar_t>() : nullptr;
+    std::vector<acc_t> row_sums(reduction == kNone ? 0 : B);
+    at::parallel_for(0, B, row_grain((n + 1) * D), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s_neg(n);
+      for (int64_t b = begin; b < end; ++b) {
+        const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
+        const acc_t s_pos = row_scores<scalar_t>(rows, b, n, D, s_neg.data());
+        acc_t total = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t e = (s_pos - s_neg[i]) - t.margin(i);
+          total += e * e;
+          if (none_p) none_p[b * n + i] = static_cast<scalar_t>(e * e);
+        }
+        if (!row_sums.empty()) row_sums[b] = total;
+      }
+    });
+    if (reduction != kNone) write_reduced<scalar_t>(out, row_sums, reduction, B, n);
+  });
+  return out;
+}
+
+// out[0..D) = c · src[0..D)
+template <typename scalar_t>
+void scale_row(scalar_t* out, const scalar_t* src, Acc<scalar_t> c, int64_t D) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec vc(c);
+  int64_t d = 0;
+  for (; d + IO::size() <= D; d += IO::size()) IO::store(out + d, IO::load(src + d) * vc);
+  for (; d < D; ++d) out[d] = static_cast<scalar_t>(static_cast<Acc<scalar_t>>(src[d]) * c);
+}
+
+// out[0..D) = Σ_j coef[j] · src_j[0..D)   (src_0 = first, src_{1..m} = rest(i)); vectorized over D.
+template <typename scalar_t, typename RowFn>
+void weighted_rows(scalar_t* out, const Acc<scalar_t>* coef, const scalar_t* first, RowFn rest,
+                   int64_t m, int64_t D) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = Acc<scalar_t>;
+  using Vec = typename IO::Vec;
+  int64_t d = 0;
+  for (; d + IO::size() <= D; d += IO::size()) {
+    Vec acc = IO::load(first + d) * Vec(coef[0]);
+    for (int64_t i = 0; i < m; ++i) acc = at::vec::fmadd(IO::load(rest(i) + d), Vec(coef[i + 1]), acc);
+    IO::store(out + d, acc);
+  }
+  for (; d < D; ++d) {
+    acc_t acc = static_cast<acc_t>(first[d]) * coef[0];
+    for (int64_t i = 0; i < m; ++i) acc += static_cast<acc_t>(rest(i)[d]) * coef[i + 1];
+    out[d] = static_cast<scalar_t>(acc);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_mse_emb_bwd(
+    const at::Tensor& grad, const at::Tensor& query, const at::Tensor& positive,
+    const at::Tensor& negatives, const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
+  check_embeddings(query, positive, negatives);
+  check_reduction(reduction);
+  const int64_t B = negatives.size(0), n = negatives.size(1), D = negatives.size(2);
+  check_teacher(teacher, query, B, n, teacher_is_scores);
+  check_cpu_float(grad, "grad");
+  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1,
+                    "grad has ", grad.numel(), " elements, which does not match the reduction");
+  const auto q = unit_inner_stride(query), p = unit_inner_stride(positive);
+  const auto negs = unit_inner_stride(negatives);
+  const auto tea = teacher.contiguous();
+  at::Tensor grad_q = at::empty({B, D}, q.options());
+  at::Tensor grad_p = at::empty({B, D}, q.options());
+  at::Tensor grad_n = at::empty({B, n, D}, q.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "margin_mse_emb_bwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const auto g = grad.to(acc_dtype).contiguous();
+    const acc_t* g_p = g.data_ptr<acc_t>();
+    const auto rows = embedding_rows<scalar_t>(q, p, negs);
+    const acc_t* tea_p = tea.data_ptr<acc_t>();
+    const acc_t scale = static_cast<acc_t>(reduction_scale(reduction, B, n));
+    scalar_t* gq_p = grad_q.data_ptr<scalar_t>();
+    scalar_t* gp_p = grad_p.data_ptr<scalar_t>();
+    scalar_t* gn_p = grad_n.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(2 * (n + 1) * D), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s_neg(n), coef(n + 1);
+      for (int64_t b = begin; b < end; ++b) {
+        const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
+        const acc_t s_pos = row_scores<scalar_t>(rows, b, n, D, s_neg.data());
+        coef[0] = negative_coefficients<acc_t>(
+            s_pos, s_neg.data(), t, n, scale, reduction == kNone ? acc_t(0) : g_p[0],
+            reduction == kNone ? g_p + b * n : nullptr, coef.data() + 1);
+        // ∂L/∂q_b = c⁺·p_b + Σ_i c⁻_i·n_{b,i};  ∂L/∂p_b = c⁺·q_b;  ∂L/∂n_{b,i} = c⁻_i·q_b
+        weighted_rows<scalar_t>(gq_p + b * D, coef.data(), rows.positive(b),
+                                [&](int64_t i) { return rows.negative(b, i); }, n, D);
+        const scalar_t* qb = rows.query(b);
+        scale_row<scalar_t>(gp_p + b * D, qb, coef[0], D);
+        for (int64_t i = 0; i < n; ++i) scale_row<scalar_t>(gn_p + (b * n + i) * D, qb, coef[i + 1], D);
+      }
+    });
+  });
+  return {grad_q, grad_p, grad_n};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdloss, CPU, m) {
+  m.impl("margin_mse_fwd", &margin_mse_fwd);
+  m.impl("margin_mse_bwd", &margin_mse_bwd);
+  m.impl("margin_mse_emb_fwd", &margin_mse_emb_fwd);
+  m.impl("margin_mse_emb_bwd", &margin_mse_emb_bwd);
+}
+
+}  // namespace cpu
+}  // namespace kdloss

@@ -1,0 +1,86 @@
+// Shared helpers for kdloss's CPU kernels (included by csrc/cpu/*.cpp only).
+//
+// * `Acc<scalar_t>`: the accumulation type (fp32 for fp32/bf16/fp16, fp64 for fp64).
+// * `VecIO<scalar_t>`: loads/stores `Vectorized<Acc>::size()` elements of scalar_t, converting
+//   bf16/fp16 to fp32 in registers.
+// * `ordered_sum`: a pairwise sum whose order depends only on the length, never on the thread
+//   count, so reductions are bitwise reproducible across `torch.set_num_threads`.
+// * `check_*`: TORCH_CHECK_VALUE wrappers (ValueError in Python) for the kernels' own
+//   preconditions; the Python entry points validate user input before reaching them.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace kdloss {
+namespace cpu {
+
+template <typename scalar_t>
+using Acc = at::opmath_type<scalar_t>;
+
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = Acc<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t size() { return Vec::size(); }
+  static Vec load(const scalar_t* p) { return Vec::loadu(p); }
+  static void store(scalar_t* p, const Vec& v) { v.store(p); }
+};
+
+template <typename reduced_t>
+struct VecIOReduced {
+  using acc_t = float;
+  using Vec = at::vec::Vectorized<float>;
+  static constexpr int64_t size() { return Vec::size(); }
+  static Vec load(const reduced_t* p) {
+    Vec out;
+    at::vec::load_to_float<reduced_t>(p, out);
+    return out;
+  }
+  static void store(reduced_t* p, const Vec& v) {
+    float buf[Vec::size()];
+    v.store(buf);
+    for (int64_t i = 0; i < Vec::size(); ++i) p[i] = static_cast<reduced_t>(buf[i]);
+  }
+};
+
+template <>
+struct VecIO<at::BFloat16> : VecIOReduced<at::BFloat16> {};
+template <>
+struct VecIO<at::Half> : VecIOReduced<at::Half> {};
+
+// Pairwise sum of x[0..n) in a fixed order (blocks of 64 summed sequentially, then halves).
+template <typename acc_t>
+acc_t ordered_sum(const acc_t* x, int64_t n) {
+  constexpr int64_t kLeaf = 64;
+  if (n <= kLeaf) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < n; ++i) s += x[i];
+    return s;
+  }
+  const int64_t half = ((n / kLeaf + 1) / 2) * kLeaf;
+  return ordered_sum(x, half) + ordered_sum(x + half, n - half);
+}
+
+// Grain size for at::parallel_for over rows that each cost about `work_per_row` elements.
+inline int64_t row_grain(int64_t work_per_row) {
+  constexpr int64_t kMinWorkPerTask = 16384;
+  const int64_t w = work_per_row > 0 ? work_per_row : 1;
+  return (kMinWorkPerTask + w - 1) / w;
+}
+
+inline void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name,
+                    " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+}  // namespace cpu
+}  // namespace kdloss

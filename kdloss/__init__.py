@@ -1,0 +1,14 @@
+"""kdloss: knowledge-distillation losses with hand-written CPU and CUDA kernels.
+
+Losses are ``nn.Module`` classes here and functions in :mod:`kdloss.functional`; the pure-PyTorch
+references live in :mod:`kdloss.reference`. Kernels compile on first use (``python -m kdloss.build``
+prebuilds them).
+"""
+
+from . import functional, reference
+from ._build import KernelUnavailableError
+from .margin_mse import MarginMSELoss
+
+__version__ = "0.1.0"
+
+__all__ = ["MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]

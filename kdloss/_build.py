@@ -1,0 +1,289 @@
+"""Finding, building and loading kdloss's compiled kernels.
+
+Each loss has one CPU source (``csrc/cpu/<loss>.cpp``) and CUDA sources (``csrc/cuda/<loss>*``).
+They register implementations of the ``kdloss::`` ops (schemas live in :mod:`kdloss._ops`) with
+``TORCH_LIBRARY_IMPL``; loading the shared library is all that is needed to make them callable.
+
+Order of preference for a (loss, device type):
+
+1. a prebuilt library in ``kdloss/_lib/`` (ahead-of-time CMake build, see ``python -m
+   kdloss.build --aot``) whose manifest matches the current sources;
+2. a just-in-time build with ``torch.utils.cpp_extension.load`` + ninja, cached in
+   ``$KDLOSS_CACHE_DIR`` (default ``~/.cache/kdloss``) under a name that hashes the torch version,
+   the compiler flags and the sources, guarded by a file lock so concurrent processes build once.
+
+CUDA sources are compiled whenever torch was built with CUDA and a CUDA toolkit (nvcc) is found —
+a GPU need not be visible. Nothing here raises at import; :func:`load` records the failure and
+returns False, :func:`require` raises :class:`KernelUnavailableError` with the recorded reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "KernelUnavailableError",
+    "cache_dir",
+    "cuda_toolkit",
+    "failure",
+    "load",
+    "require",
+    "sources",
+]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PREBUILT_DIR = PACKAGE_DIR / "_lib"
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+class KernelUnavailableError(RuntimeError):
+    """Raised by ``backend="kernel"`` when the compiled kernel cannot be built or loaded."""
+
+
+_lock = threading.Lock()
+_loaded: dict[tuple[str, str], bool] = {}
+_failures: dict[tuple[str, str], str] = {}
+_prebuilt_loaded: dict[str, bool] = {}
+
+
+def csrc_dir() -> Path:
+    """Directory holding the C++/CUDA sources: ``kdloss/_csrc`` in a wheel, ``csrc/`` in a checkout."""
+    packaged = PACKAGE_DIR / "_csrc"
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "csrc"
+
+
+def cache_dir() -> Path:
+    """Root of the JIT build cache (``$KDLOSS_CACHE_DIR`` or ``$XDG_CACHE_HOME/kdloss``)."""
+    env = os.environ.get("KDLOSS_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "kdloss"
+
+
+def sources(loss: str, device_type: str) -> list[Path]:
+    """Source files of one loss for one backend (``device_type`` is ``"cpu"`` or ``"cuda"``)."""
+    root = csrc_dir()
+    if device_type == "cpu":
+        return [root / "cpu" / f"{loss}.cpp"]
+    folder = root / "cuda"
+    return sorted(p for p in folder.glob(f"{loss}*") if p.suffix in (".cu", ".cpp"))
+
+
+def all_losses() -> list[str]:
+    """Loss names that have a CPU source file."""
+    return sorted(p.stem for p in (csrc_dir() / "cpu").glob("*.cpp"))
+
+
+def headers() -> list[Path]:
+    return sorted((csrc_dir() / "include").rglob("*.h*"))
+
+
+def cuda_toolkit() -> str | None:
+    """Root of a usable CUDA toolkit when torch has CUDA support and nvcc exists, else None."""
+    if torch.version.cuda is None:
+        return None
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(CUDA_HOME)
+    return None
+
+
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        return "DEFAULT"
+
+
+def cpu_flags() -> list[str]:
+    """Host compiler flags. AVX2 needs the explicit CPU_CAPABILITY macros (see docs/building.md)."""
+    flags = ["-O3", "-fopenmp", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
+    if _cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    sanitize = os.environ.get("KDLOSS_SANITIZE")
+    if sanitize:
+        flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+    return flags
+
+
+def cuda_arch_list() -> str:
+    """Architectures to compile for: $TORCH_CUDA_ARCH_LIST, the visible GPUs, or a default set."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps)
+    return os.environ.get("KDLOSS_CUDA_ARCH_LIST", "8.0;9.0")
+
+
+def cuda_flags() -> list[str]:
+    return ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
+
+
+def source_hash(paths: list[Path], extra: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    for item in extra:
+        digest.update(item.encode())
+    return digest.hexdigest()[:16]
+
+
+def _build_key(loss: str, device_type: str) -> tuple[list[Path], str]:
+    srcs = sources(loss, device_type)
+    extra = [torch.__version__, str(torch.version.cuda), sys.version, *cpu_flags()]
+    if device_type == "cuda":
+        extra += [cuda_arch_list(), *cuda_flags()]
+    return srcs, source_hash(srcs + headers(), extra)
+
+
+def extension_name(loss: str, device_type: str) -> str:
+    _, digest = _build_key(loss, device_type)
+    return f"kdloss_{loss}_{device_type}_{digest}"
+
+
+def _ensure_ninja_on_path() -> None:
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        bin_dir = ninja.BIN_DIR
+    except Exception:
+        return
+    path = os.environ.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
+def build(loss: str, device_type: str, verbose: bool = False) -> Path:
+    """Compile one loss's kernels for one backend (or reuse the cache) and load them.
+
+    Returns the path of the shared library. Raises on any build or load error.
+    """
+    from filelock import FileLock
+    from torch.utils import cpp_extension
+
+    srcs, digest = _build_key(loss, device_type)
+    if not srcs or not all(p.exists() for p in srcs):
+        raise FileNotFoundError(f"no {device_type} sources for loss {loss!r} under {csrc_dir()}")
+    if device_type == "cuda":
+        toolkit = cuda_toolkit()
+        if toolkit is None:
+            raise RuntimeError(
+                "CUDA kernels need a CUDA build of torch and a CUDA toolkit (nvcc); "
+                f"torch.version.cuda={torch.version.cuda}, CUDA_HOME not usable"
+            )
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch_list())
+    name = f"kdloss_{loss}_{device_type}_{digest}"
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_ninja_on_path()
+    include = str(csrc_dir() / "include")
+    with FileLock(str(build_dir / "build.lock")):
+        result = cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in srcs],
+            extra_cflags=cpu_flags(),
+            extra_cuda_cflags=cuda_flags() if device_type == "cuda" else None,
+            extra_ldflags=["-fopenmp"]
+            + ([f"-fsanitize={os.environ['KDLOSS_SANITIZE']}"] if os.environ.get("KDLOSS_SANITIZE") else []),
+            extra_include_paths=[include],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            with_cuda=device_type == "cuda",
+            verbose=verbose,
+        )
+    return Path(result) if isinstance(result, (str, os.PathLike)) else build_dir / f"{name}.so"
+
+
+def _prebuilt_manifest() -> dict:
+    path = PREBUILT_DIR / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def backend_hash(device_type: str) -> str:
+    """Hash of every source of one backend, used to match a prebuilt library to the sources."""
+    srcs = [p for loss in all_losses() for p in sources(loss, device_type)]
+    return source_hash(srcs + headers(), [torch.__version__, str(torch.version.cuda)])
+
+
+def _load_prebuilt(device_type: str) -> bool:
+    if device_type in _prebuilt_loaded:
+        return _prebuilt_loaded[device_type]
+    ok = False
+    lib = PREBUILT_DIR / f"libkdloss_{device_type}.so"
+    entry = _prebuilt_manifest().get(device_type)
+    if lib.exists() and entry and entry.get("hash") == backend_hash(device_type):
+        try:
+            torch.ops.load_library(str(lib))
+            ok = True
+        except Exception as exc:  # fall back to the JIT build
+            _failures[("*", device_type)] = f"prebuilt {lib} failed to load: {exc}"
+    _prebuilt_loaded[device_type] = ok
+    return ok
+
+
+def load(loss: str, device_type: str) -> bool:
+    """Make the kernels of ``loss`` for ``device_type`` callable; True on success, never raises."""
+    key = (loss, device_type)
+    if key in _loaded:
+        return _loaded[key]
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
+        from . import _ops  # noqa: F401  (schemas must exist before implementations register)
+
+        ok = False
+        if os.environ.get("KDLOSS_DISABLE_KERNELS"):
+            _failures[key] = "disabled by KDLOSS_DISABLE_KERNELS"
+        elif device_type not in DEVICE_TYPES:
+            _failures[key] = f"kdloss has no kernels for device type {device_type!r}"
+        elif device_type == "cuda" and cuda_toolkit() is None and not _load_prebuilt("cuda"):
+            _failures[key] = (
+                f"no CUDA toolkit (torch.version.cuda={torch.version.cuda}); "
+                "install nvcc or a kdloss wheel with prebuilt CUDA kernels"
+            )
+        elif _load_prebuilt(device_type):
+            ok = True
+        else:
+            try:
+                build(loss, device_type, verbose=bool(os.environ.get("KDLOSS_VERBOSE_BUILD")))
+                ok = True
+            except Exception as exc:
+                _failures[key] = f"{type(exc).__name__}: {exc}"
+        _loaded[key] = ok
+        return ok
+
+
+def failure(loss: str, device_type: str) -> str | None:
+    """Why the kernels of ``loss`` for ``device_type`` are unavailable (None if they loaded)."""
+    return _failures.get((loss, device_type))
+
+
+def require(loss: str, device_type: str) -> None:
+    """Load the kernels or raise :class:`KernelUnavailableError` with the reason."""
+    if not load(loss, device_type):
+        raise KernelUnavailableError(
+            f"kdloss {loss} kernel for {device_type} is unavailable: {failure(loss, device_type)}"
+        )
+
+
+def clear_cache() -> None:
+    """Delete the JIT build cache (forces a rebuild in the next process)."""
+    shutil.rmtree(cache_dir(), ignore_errors=True)

@@ -1,0 +1,14 @@
+"""Schemas, fake (meta) implementations and autograd formulas of every ``kdloss::`` op.
+
+Schemas are defined once, here in Python; the C++ files under ``csrc/`` only provide
+``TORCH_LIBRARY_IMPL(kdloss, CPU|CUDA, m)`` kernels for them. One submodule per loss.
+"""
+
+import torch
+
+#: The ``kdloss`` operator namespace. Kept alive for the lifetime of the process.
+LIB = torch.library.Library("kdloss", "DEF")
+
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+
+from . import margin_mse  # noqa: E402,F401  (registers the margin_mse ops)

@@ -1,0 +1,72 @@
+"""Margin-MSE reference (spec §4): ``mean_b,i ((s⁺_b − s⁻_bi) − (t⁺_b − t⁻_bi))²``."""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import accumulation_dtype
+
+
+def teacher_margins(teacher: torch.Tensor, batch: int, n_neg: int) -> torch.Tensor:
+    """Teacher margins ``[B, n]`` from any accepted label format (sentence-transformers precedence).
+
+    ``[B, n+1]`` raw scores (positive first) → ``t[:, :1] − t[:, 1:]``; else ``[B]`` margins
+    (n = 1 only) → ``[B, 1]``; else ``[B, n]`` margins as given. Anything else → ``ValueError``.
+    """
+    shape = tuple(teacher.shape)
+    if shape == (batch, n_neg + 1):
+        return teacher[:, :1] - teacher[:, 1:]
+    if shape == (batch,) and n_neg == 1:
+        return teacher.unsqueeze(1)
+    if shape == (batch, n_neg):
+        return teacher
+    raise ValueError(
+        f"teacher must be [B, n+1] raw scores = {[batch, n_neg + 1]}, [B, n] margins = "
+        f"{[batch, n_neg]}" + (f" or [B] margins = {[batch]}" if n_neg == 1 else "")
+        + f", got shape {list(shape)}"
+    )
+
+
+def _reduce(squared: torch.Tensor, reduction: str, out_shape, dtype: torch.dtype) -> torch.Tensor:
+    if reduction == "none":
+        return squared.reshape(out_shape).to(dtype)
+    total = squared.sum()
+    if reduction == "mean" and squared.numel() > 0:
+        total = total / squared.numel()
+    return total.to(dtype)
+
+
+def margin_mse_reference(
+    student_pos: torch.Tensor,
+    student_neg: torch.Tensor,
+    teacher: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Margin-MSE on scores. ``student_pos [B]``, ``student_neg [B]|[B, n]``, teacher as in
+    :func:`teacher_margins`. Returns a scalar, or per-margin squared errors shaped like
+    ``student_neg`` for ``reduction="none"``."""
+    acc = accumulation_dtype(student_pos.dtype)
+    neg = student_neg if student_neg.dim() == 2 else student_neg.unsqueeze(1)
+    margins_t = teacher_margins(teacher.detach().to(acc), neg.shape[0], neg.shape[1])
+    error = (student_pos.to(acc).unsqueeze(1) - neg.to(acc)) - margins_t
+    return _reduce(error * error, reduction, student_neg.shape, student_pos.dtype)
+
+
+def margin_mse_from_embeddings_reference(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    teacher: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Margin-MSE with dot-product scores ``s = ⟨q, d⟩`` (sentence-transformers' default
+    ``pairwise_dot_score``). ``query, positive [B, D]``, ``negatives [B, D]|[B, n, D]``."""
+    acc = accumulation_dtype(query.dtype)
+    q = query.to(acc)
+    negs = negatives if negatives.dim() == 3 else negatives.unsqueeze(1)
+    s_pos = (q * positive.to(acc)).sum(-1)
+    s_neg = (q.unsqueeze(1) * negs.to(acc)).sum(-1)
+    margins_t = teacher_margins(teacher.detach().to(acc), s_neg.shape[0], s_neg.shape[1])
+    error = (s_pos.unsqueeze(1) - s_neg) - margins_t
+    out_shape = negatives.shape[:-1]
+    return _reduce(error * error, reduction, out_shape, query.dtype)
