@@ -88,13 +88,21 @@ def headers() -> list[Path]:
 
 
 def cuda_toolkit() -> str | None:
-    """Root of a usable CUDA toolkit when torch has CUDA support and nvcc exists, else None."""
+    """Root of a usable CUDA toolkit when torch has CUDA support and nvcc exists, else None.
+
+    Candidates: $CUDA_HOME, $CUDA_PATH, torch's own guess, /usr/local/cuda. torch guesses from the
+    location of ``nvcc`` on PATH, which is wrong for wrapper scripts (e.g. /usr/local/bin/nvcc), so a
+    candidate must also hold ``include/cuda_runtime.h``.
+    """
     if torch.version.cuda is None:
         return None
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils import cpp_extension
 
-    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return str(CUDA_HOME)
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  "/usr/local/cuda"]
+    for root in candidates:
+        if root and (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists():
+            return str(root)
     return None
 
 
@@ -185,6 +193,7 @@ def build(loss: str, device_type: str, verbose: bool = False) -> Path:
                 f"torch.version.cuda={torch.version.cuda}, CUDA_HOME not usable"
             )
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch_list())
+        cpp_extension.CUDA_HOME = toolkit  # torch resolved its module-level guess at import
     name = f"kdloss_{loss}_{device_type}_{digest}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
