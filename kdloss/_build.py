@@ -19,6 +19,7 @@ returns False, :func:`require` raises :class:`KernelUnavailableError` with the r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PREBUILT_DIR = PACKAGE_DIR / "_lib"
+PREBUILT_DIR = Path(os.environ.get("KDLOSS_PREBUILT_DIR") or PACKAGE_DIR / "_lib")
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -55,7 +56,11 @@ _prebuilt_loaded: dict[str, bool] = {}
 
 
 def csrc_dir() -> Path:
-    """Directory holding the C++/CUDA sources: ``kdloss/_csrc`` in a wheel, ``csrc/`` in a checkout."""
+    """Directory holding the C++/CUDA sources: ``$KDLOSS_CSRC_DIR`` if set, else ``kdloss/_csrc`` in
+    a wheel, else ``csrc/`` in a checkout."""
+    override = os.environ.get("KDLOSS_CSRC_DIR")
+    if override:
+        return Path(override)
     packaged = PACKAGE_DIR / "_csrc"
     return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "csrc"
 
@@ -162,6 +167,24 @@ def extension_name(loss: str, device_type: str) -> str:
     return f"kdloss_{loss}_{device_type}_{digest}"
 
 
+def env_flag(name: str) -> bool:
+    """True when the environment variable is set to something other than "", "0", "false", "no"."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def _arch_list_env(device_type: str):
+    """Sets TORCH_CUDA_ARCH_LIST for the duration of a CUDA build only (torch reads it there)."""
+    if device_type != "cuda" or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        yield
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+
+
 def _ensure_ninja_on_path() -> None:
     try:
         import ninja  # type: ignore[import-not-found]
@@ -192,14 +215,13 @@ def build(loss: str, device_type: str, verbose: bool = False) -> Path:
                 "CUDA kernels need a CUDA build of torch and a CUDA toolkit (nvcc); "
                 f"torch.version.cuda={torch.version.cuda}, CUDA_HOME not usable"
             )
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch_list())
         cpp_extension.CUDA_HOME = toolkit  # torch resolved its module-level guess at import
     name = f"kdloss_{loss}_{device_type}_{digest}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     _ensure_ninja_on_path()
     include = str(csrc_dir() / "include")
-    with FileLock(str(build_dir / "build.lock")):
+    with FileLock(str(build_dir / "build.lock")), _arch_list_env(device_type):
         result = cpp_extension.load(
             name=name,
             sources=[str(p) for p in srcs],
@@ -229,7 +251,7 @@ def _prebuilt_manifest() -> dict:
 def backend_hash(device_type: str) -> str:
     """Hash of every source of one backend, used to match a prebuilt library to the sources."""
     srcs = [p for loss in all_losses() for p in sources(loss, device_type)]
-    return source_hash(srcs + headers(), [torch.__version__, str(torch.version.cuda)])
+    return source_hash(srcs + headers(), [torch.__version__, str(torch.version.cuda), *cpu_flags()])
 
 
 def _load_prebuilt(device_type: str) -> bool:
@@ -259,7 +281,7 @@ def load(loss: str, device_type: str) -> bool:
         from . import _ops  # noqa: F401  (schemas must exist before implementations register)
 
         ok = False
-        if os.environ.get("KDLOSS_DISABLE_KERNELS"):
+        if env_flag("KDLOSS_DISABLE_KERNELS"):
             _failures[key] = "disabled by KDLOSS_DISABLE_KERNELS"
         elif device_type not in DEVICE_TYPES:
             _failures[key] = f"kdloss has no kernels for device type {device_type!r}"
@@ -272,7 +294,7 @@ def load(loss: str, device_type: str) -> bool:
             ok = True
         else:
             try:
-                build(loss, device_type, verbose=bool(os.environ.get("KDLOSS_VERBOSE_BUILD")))
+                build(loss, device_type, verbose=env_flag("KDLOSS_VERBOSE_BUILD"))
                 ok = True
             except Exception as exc:
                 _failures[key] = f"{type(exc).__name__}: {exc}"
@@ -282,7 +304,7 @@ def load(loss: str, device_type: str) -> bool:
 
 def failure(loss: str, device_type: str) -> str | None:
     """Why the kernels of ``loss`` for ``device_type`` are unavailable (None if they loaded)."""
-    return _failures.get((loss, device_type))
+    return _failures.get((loss, device_type)) or _failures.get(("*", device_type))
 
 
 def require(loss: str, device_type: str) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from . import _ops
 from ._dispatch import use_kernel
 from ._validation import (
+    BACKENDS,
     REDUCTIONS,
     accumulation_dtype,
     check_option,
@@ -151,7 +152,7 @@ class MarginMSELoss(nn.Module):
     def __init__(self, *, reduction: str = "mean", backend: str = "auto") -> None:
         super().__init__()
         self.reduction = check_option(reduction, "reduction", REDUCTIONS)
-        self.backend = backend
+        self.backend = check_option(backend, "backend", BACKENDS)
 
     def forward(
         self, student_pos: torch.Tensor, student_neg: torch.Tensor, teacher: torch.Tensor

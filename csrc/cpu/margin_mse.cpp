@@ -77,7 +77,8 @@ void write_reduced(at::Tensor& out, const std::vector<Acc<scalar_t>>& row_sums, 
                    int64_t B, int64_t n) {
   using acc_t = Acc<scalar_t>;
   acc_t total = ordered_sum(row_sums.data(), B);
-  if (reduction == kMean) total = total / static_cast<acc_t>(static_cast<double>(B) * n);
+  // An empty batch has no margins: the mean is 0 (never 0/0 = NaN, spec §0).
+  if (reduction == kMean && B * n > 0) total = total / static_cast<acc_t>(static_cast<double>(B) * n);
   out.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(total);
 }
 
