@@ -25,7 +25,7 @@ from ._validation import (
 from .reference.margin_mse import (
     margin_mse_from_embeddings_reference,
     margin_mse_reference,
-    teacher_margins,
+    teacher_is_scores,
 )
 
 __all__ = ["margin_mse_loss", "margin_mse_from_embeddings", "MarginMSELoss"]
@@ -35,8 +35,7 @@ LOSS = "margin_mse"
 
 def _teacher_for_op(teacher: torch.Tensor, batch: int, n_neg: int, student_dtype: torch.dtype):
     """(teacher in the accumulation dtype, 2-D, teacher_is_scores) — format per spec §4.4."""
-    teacher_margins(teacher, batch, n_neg)  # validates the shape, names the argument
-    is_scores = tuple(teacher.shape) == (batch, n_neg + 1)
+    is_scores = teacher_is_scores(teacher, batch, n_neg)  # validates the shape, names the argument
     t = teacher.detach().to(accumulation_dtype(student_dtype))
     return (t if t.dim() == 2 else t.unsqueeze(1)), is_scores
 

@@ -144,6 +144,34 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
   return out;
 }
 
+// Backward of one row of scores: grad_neg_row[i] = −g_i, returns Σ_i g_i with
+// g_i = 2·e_i·scale·(grad_row[i] for reduction none, else grad0).
+template <typename scalar_t>
+Acc<scalar_t> score_row_backward(Acc<scalar_t> s_pos, const scalar_t* s_neg /*[n]*/,
+                                 const TeacherRow<Acc<scalar_t>>& t, int64_t n, Acc<scalar_t> coef,
+                                 const scalar_t* grad_row /*[n] or null*/, scalar_t* grad_neg_row) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = Acc<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec vpos(s_pos), vcoef(coef);
+  Vec acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + IO::size() <= n; i += IO::size()) {
+    const Vec e = (vpos - IO::load(s_neg + i)) - t.margin_vec(i);
+    const Vec g = grad_row ? e * vcoef * IO::load(grad_row + i) : e * vcoef;
+    IO::store(grad_neg_row + i, Vec(acc_t(0)) - g);
+    acc = acc + g;
+  }
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; i < n; ++i) {
+    const acc_t e = (s_pos - static_cast<acc_t>(s_neg[i])) - t.margin(i);
+    const acc_t g = grad_row ? e * coef * static_cast<acc_t>(grad_row[i]) : e * coef;
+    grad_neg_row[i] = static_cast<scalar_t>(-g);
+    total += g;
+  }
+  return total;
+}
+
 // Coefficients ∂L/∂s⁻_{b,i} = −coef·2e_{b,i} for one row; returns ∂L/∂s⁺_b = Σ_i coef·2e_{b,i}.
 // `grad_row` is the [n] upstream gradient for reduction none, else null (scalar `grad0`).
 template <typename acc_t>
@@ -175,28 +203,25 @@ std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const 
   at::Tensor grad_pos = at::empty({B}, pos.options());
   at::Tensor grad_neg = at::empty({B, n}, neg.options());
 
+  const auto g = grad.to(pos.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pos.scalar_type(), "margin_mse_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const auto g = grad.to(acc_dtype).contiguous();
-    const auto neg_acc = neg.to(acc_dtype);
-    const acc_t* g_p = g.data_ptr<acc_t>();
-    const acc_t* neg_p = neg_acc.data_ptr<acc_t>();
+    const scalar_t* g_p = g.data_ptr<scalar_t>();
     const scalar_t* pos_p = pos.data_ptr<scalar_t>();
+    const scalar_t* neg_p = neg.data_ptr<scalar_t>();
     const acc_t* tea_p = tea.data_ptr<acc_t>();
     scalar_t* gpos_p = grad_pos.data_ptr<scalar_t>();
     scalar_t* gneg_p = grad_neg.data_ptr<scalar_t>();
-    const acc_t scale = static_cast<acc_t>(reduction_scale(reduction, B, n));
+    const bool none = reduction == kNone;
+    // coef = 2·scale (·grad for a scalar upstream gradient); the per-margin gradient is loaded in the row
+    const acc_t coef = acc_t(2) * static_cast<acc_t>(reduction_scale(reduction, B, n)) *
+                       (none ? acc_t(1) : static_cast<acc_t>(g_p[0]));
     at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> coef(n);
       for (int64_t b = begin; b < end; ++b) {
         const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
-        const acc_t cp = negative_coefficients<acc_t>(
-            static_cast<acc_t>(pos_p[b]), neg_p + b * n, t, n, scale,
-            reduction == kNone ? acc_t(0) : g_p[0], reduction == kNone ? g_p + b * n : nullptr,
-            coef.data());
-        gpos_p[b] = static_cast<scalar_t>(cp);
-        for (int64_t i = 0; i < n; ++i) gneg_p[b * n + i] = static_cast<scalar_t>(coef[i]);
+        gpos_p[b] = static_cast<scalar_t>(score_row_backward<scalar_t>(
+            static_cast<acc_t>(pos_p[b]), neg_p + b * n, t, n, coef, none ? g_p + b * n : nullptr,
+            gneg_p + b * n));
       }
     });
   });

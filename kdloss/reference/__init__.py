@@ -4,6 +4,6 @@ They compute in the accumulation dtype (fp32, or fp64 for fp64 inputs) and retur
 dtype; gradients come from autograd.
 """
 
-from .margin_mse import margin_mse_from_embeddings_reference, margin_mse_reference, teacher_margins
+from .margin_mse import margin_mse_from_embeddings_reference, margin_mse_reference, teacher_is_scores, teacher_margins
 
-__all__ = ["margin_mse_reference", "margin_mse_from_embeddings_reference", "teacher_margins"]
+__all__ = ["margin_mse_reference", "margin_mse_from_embeddings_reference", "teacher_margins", "teacher_is_scores"]

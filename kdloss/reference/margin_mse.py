@@ -7,24 +7,29 @@ import torch
 from .._validation import accumulation_dtype
 
 
-def teacher_margins(teacher: torch.Tensor, batch: int, n_neg: int) -> torch.Tensor:
-    """Teacher margins ``[B, n]`` from any accepted label format (sentence-transformers precedence).
+def teacher_is_scores(teacher: torch.Tensor, batch: int, n_neg: int) -> bool:
+    """Reads the teacher label format from its shape (sentence-transformers precedence, spec §4.4).
 
-    ``[B, n+1]`` raw scores (positive first) → ``t[:, :1] − t[:, 1:]``; else ``[B]`` margins
-    (n = 1 only) → ``[B, 1]``; else ``[B, n]`` margins as given. Anything else → ``ValueError``.
+    True for ``[B, n+1]`` raw scores (positive first); False for ``[B]`` margins (n = 1 only) or
+    ``[B, n]`` margins. Anything else → ``ValueError``. For n = 1, ``[B, 2]`` is always raw scores.
     """
     shape = tuple(teacher.shape)
     if shape == (batch, n_neg + 1):
-        return teacher[:, :1] - teacher[:, 1:]
-    if shape == (batch,) and n_neg == 1:
-        return teacher.unsqueeze(1)
-    if shape == (batch, n_neg):
-        return teacher
+        return True
+    if shape == (batch, n_neg) or (shape == (batch,) and n_neg == 1):
+        return False
     raise ValueError(
         f"teacher must be [B, n+1] raw scores = {[batch, n_neg + 1]}, [B, n] margins = "
         f"{[batch, n_neg]}" + (f" or [B] margins = {[batch]}" if n_neg == 1 else "")
         + f", got shape {list(shape)}"
     )
+
+
+def teacher_margins(teacher: torch.Tensor, batch: int, n_neg: int) -> torch.Tensor:
+    """Teacher margins ``t⁺ − t⁻_i`` as ``[B, n]`` from any accepted label format."""
+    if teacher_is_scores(teacher, batch, n_neg):
+        return teacher[:, :1] - teacher[:, 1:]
+    return teacher if teacher.dim() == 2 else teacher.unsqueeze(1)
 
 
 def _reduce(squared: torch.Tensor, reduction: str, out_shape, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""Margin-MSE benchmark cases: kdloss kernel vs eager (sentence-transformers' formula) vs
+torch.compile(eager) vs sentence-transformers itself (when installed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import margin_mse_from_embeddings, margin_mse_loss
+from . import Case
+
+# (B, n) for scores; (B, n, D) for embeddings — ST triplets, MS MARCO-style multi-negative batches
+SCORE_SHAPES = [(64, 1), (1024, 32), (16384, 64)]
+EMB_SHAPES = [(64, 1, 768), (256, 8, 768), (1024, 16, 1024)]
+QUICK_SCORE_SHAPES = [(64, 1)]
+QUICK_EMB_SHAPES = [(64, 1, 768)]
+
+
+def eager_scores(pos, neg, teacher):
+    """sentence-transformers' formula on precomputed scores: MSELoss over [B, n] margins."""
+    return F.mse_loss(pos[:, None] - neg, teacher[:, :1] - teacher[:, 1:])
+
+
+def eager_embeddings(q, p, negs, teacher):
+    """sentence-transformers' bi-encoder path with pairwise_dot_score, written out."""
+    s_pos = (q * p).sum(-1)
+    margins = torch.stack([s_pos - (q * negs[:, i]).sum(-1) for i in range(negs.shape[1])], 1)
+    return F.mse_loss(margins, teacher[:, :1] - teacher[:, 1:])
+
+
+def _sentence_transformers_impl():
+    try:
+        from sentence_transformers.sentence_transformer.losses import MarginMSELoss
+    except Exception:
+        return None
+    loss = MarginMSELoss(torch.nn.Module())
+
+    def run(q, p, negs, teacher):
+        return loss.compute_loss_from_embeddings([q, p, *negs.unbind(1)], teacher)
+
+    return run
+
+
+def _leaf(shape, dtype, device, scale=1.0):
+    return (scale * torch.randn(*shape, device=device)).to(dtype).requires_grad_()
+
+
+def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
+    out = []
+    compiled_scores = torch.compile(eager_scores)
+    compiled_emb = torch.compile(eager_embeddings)
+    st_impl = _sentence_transformers_impl()
+    for dtype in dtypes:
+        for batch, n in QUICK_SCORE_SHAPES if quick else SCORE_SHAPES:
+            def make(batch=batch, n=n, dtype=dtype):
+                teacher = torch.randn(batch, n + 1, device=device)
+                return _leaf((batch,), dtype, device), _leaf((batch, n), dtype, device), teacher
+
+            out.append(Case("margin_mse", "scores", f"B={batch} n={n}", dtype, device, make, {
+                "kdloss": lambda p, ng, t: margin_mse_loss(p, ng, t, backend="kernel"),
+                "eager": eager_scores,
+                "compile": compiled_scores,
+            }))
+        for batch, n, dim in QUICK_EMB_SHAPES if quick else EMB_SHAPES:
+            def make(batch=batch, n=n, dim=dim, dtype=dtype):
+                s = dim**-0.25
+                return (_leaf((batch, dim), dtype, device, s), _leaf((batch, dim), dtype, device, s),
+                        _leaf((batch, n, dim), dtype, device, s), torch.randn(batch, n + 1, device=device))
+
+            impls = {
+                "kdloss": lambda q, p, ng, t: margin_mse_from_embeddings(q, p, ng, t, backend="kernel"),
+                "eager": eager_embeddings,
+                "compile": compiled_emb,
+            }
+            if st_impl is not None:
+                impls["sentence-transformers"] = st_impl
+            out.append(Case("margin_mse", "embeddings", f"B={batch} n={n} D={dim}", dtype, device, make, impls))
+    return out
