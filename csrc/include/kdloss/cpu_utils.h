@@ -45,9 +45,8 @@ struct VecIOReduced {
     return out;
   }
   static void store(reduced_t* p, const Vec& v) {
-    float buf[Vec::size()];
-    v.store(buf);
-    for (int64_t i = 0; i < Vec::size(); ++i) p[i] = static_cast<reduced_t>(buf[i]);
+    // pack (v, v) into one reduced vector (round-to-nearest-even) and store its first half
+    at::vec::convert_from_float<reduced_t>(v, v).store(p, Vec::size());
   }
 };
 
