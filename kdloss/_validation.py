@@ -37,28 +37,27 @@ def check_option(value, name: str, allowed: Iterable[str]) -> str:
     return value
 
 
-def check_same_device(**tensors: torch.Tensor) -> torch.device:
-    """All tensors must live on one device; returns it."""
+def _check_same(attribute: str, tensors: dict[str, torch.Tensor]):
     items = list(tensors.items())
     first_name, first = items[0]
+    expected = getattr(first, attribute)
     for name, tensor in items[1:]:
-        if tensor.device != first.device:
+        if getattr(tensor, attribute) != expected:
             raise ValueError(
-                f"{name} must be on the device of {first_name} ({first.device}), got {tensor.device}"
+                f"{name} must have the {attribute} of {first_name} ({expected}), "
+                f"got {getattr(tensor, attribute)}"
             )
-    return first.device
+    return expected
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """All tensors must live on one device; returns it."""
+    return _check_same("device", tensors)
 
 
 def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     """All tensors must share one dtype; returns it."""
-    items = list(tensors.items())
-    first_name, first = items[0]
-    for name, tensor in items[1:]:
-        if tensor.dtype != first.dtype:
-            raise ValueError(
-                f"{name} must have the dtype of {first_name} ({first.dtype}), got {tensor.dtype}"
-            )
-    return first.dtype
+    return _check_same("dtype", tensors)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,6 @@
 """Numerical comparison rules shared by every loss's tests.
 
-Low-precision rule (docs/verifying.md): the kernel's error against the fp64 reference may not exceed
+Low-precision rule (docs/adding_a_loss.md, "Tests"): the kernel's error against the fp64 reference may not exceed
 the error of the same formula evaluated naively in the low-precision dtype (what a user's eager
 code does) plus a small absolute bound ``slack · eps(dtype) · (1 + scale)``.
 """

@@ -439,7 +439,7 @@ def test_cpu_results_independent_of_thread_count():
         (lambda P, N, T: margin_mse_loss(P, N.double(), T), "student_neg must have the dtype of student_pos"),
         (lambda P, N, T: margin_mse_loss(P, N, T, reduction="batchmean"), "reduction must be one of"),
         (lambda P, N, T: margin_mse_loss(P, N, T, backend="triton"), "backend must be one of"),
-        (lambda P, N, T: margin_mse_loss(P, N, T.to("meta")), "teacher must be on the device of student_pos"),
+        (lambda P, N, T: margin_mse_loss(P, N, T.to("meta")), "teacher must have the device of student_pos"),
         (lambda P, N, T: margin_mse_loss(P.tolist(), N, T), "student_pos must be a torch.Tensor"),
         (lambda P, N, T: margin_mse_loss(P, N[:, :0], T[:, :1]), "at least one negative"),
         (lambda P, N, T: MarginMSELoss(reduction="avg"), "reduction must be one of"),
@@ -461,7 +461,7 @@ def test_bad_score_inputs(call, match):
         (lambda Q, P, N, T: margin_mse_from_embeddings(Q, P, N[None], T), "negatives must have rank 2 or 3"),
         (lambda Q, P, N, T: margin_mse_from_embeddings(Q, P.half(), N, T), "positive must have the dtype of query"),
         (lambda Q, P, N, T: margin_mse_from_embeddings(Q, P, N, T[:, :2]), r"teacher must be \[B, n\+1\]"),
-        (lambda Q, P, N, T: margin_mse_from_embeddings(Q, P, N.to("meta"), T), "negatives must be on the device of query"),
+        (lambda Q, P, N, T: margin_mse_from_embeddings(Q, P, N.to("meta"), T), "negatives must have the device of query"),
     ],
 )
 def test_bad_embedding_inputs(call, match):

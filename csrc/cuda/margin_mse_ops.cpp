@@ -74,17 +74,30 @@ void check_scores(const at::Tensor& pos, const at::Tensor& neg) {
   TORCH_CHECK_VALUE(neg.scalar_type() == pos.scalar_type(), "student_neg must have the dtype of student_pos");
 }
 
+// Validated, contiguous inputs of one scores call and the launcher's problem description.
+struct ScoresCall {
+  at::Tensor pos, neg, tea;
+  int64_t B, n;
+  MarginMSEProblem problem;
+  MarginMSEScores scores() const { return {pos.data_ptr(), neg.data_ptr()}; }
+};
+
+ScoresCall prepare_scores(const at::Tensor& student_pos, const at::Tensor& student_neg, const at::Tensor& teacher,
+                          bool teacher_is_scores, int64_t reduction) {
+  check_scores(student_pos, student_neg);
+  ScoresCall call{student_pos.contiguous(), student_neg.contiguous(), teacher.contiguous(),
+                  student_neg.size(0), student_neg.size(1), {}};
+  call.problem = make_problem(call.pos, call.tea, call.B, call.n, teacher_is_scores, reduction);
+  return call;
+}
+
 at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& student_neg,
                           const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
-  check_scores(student_pos, student_neg);
   const c10::cuda::CUDAGuard guard(student_pos.device());
-  const int64_t B = student_neg.size(0), n = student_neg.size(1);
-  const auto tea = teacher.contiguous();
-  const auto problem = make_problem(student_pos, tea, B, n, teacher_is_scores, reduction);
-  const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
-  at::Tensor out = allocate_loss(pos, reduction, B, n);
-  at::Tensor ws = workspace(pos, B);
-  check_launch(margin_mse_fwd_cuda(problem, {pos.data_ptr(), neg.data_ptr()}, out.data_ptr(), ws.data_ptr(),
+  const auto call = prepare_scores(student_pos, student_neg, teacher, teacher_is_scores, reduction);
+  at::Tensor out = allocate_loss(call.pos, reduction, call.B, call.n);
+  at::Tensor ws = workspace(call.pos, call.B);
+  check_launch(margin_mse_fwd_cuda(call.problem, call.scores(), out.data_ptr(), ws.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -92,16 +105,12 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
 std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const at::Tensor& student_pos,
                                                   const at::Tensor& student_neg, const at::Tensor& teacher,
                                                   bool teacher_is_scores, int64_t reduction) {
-  check_scores(student_pos, student_neg);
   const c10::cuda::CUDAGuard guard(student_pos.device());
-  const int64_t B = student_neg.size(0), n = student_neg.size(1);
-  const auto tea = teacher.contiguous();
-  const auto problem = make_problem(student_pos, tea, B, n, teacher_is_scores, reduction);
-  const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
-  const auto g = checked_grad(grad, pos, reduction, B, n);
-  at::Tensor grad_pos = at::empty({B}, pos.options());
-  at::Tensor grad_neg = at::empty({B, n}, pos.options());
-  check_launch(margin_mse_bwd_cuda(problem, {pos.data_ptr(), neg.data_ptr()}, g.data_ptr(), grad_pos.data_ptr(),
+  const auto call = prepare_scores(student_pos, student_neg, teacher, teacher_is_scores, reduction);
+  const auto g = checked_grad(grad, call.pos, reduction, call.B, call.n);
+  at::Tensor grad_pos = at::empty({call.B}, call.pos.options());
+  at::Tensor grad_neg = at::empty({call.B, call.n}, call.pos.options());
+  check_launch(margin_mse_bwd_cuda(call.problem, call.scores(), g.data_ptr(), grad_pos.data_ptr(),
                                    grad_neg.data_ptr(), c10::cuda::getCurrentCUDAStream()));
   return {grad_pos, grad_neg};
 }
@@ -129,17 +138,30 @@ void check_embeddings(const at::Tensor& q, const at::Tensor& p, const at::Tensor
                     " negatives per query, got ", negs.size(1));
 }
 
+// Validated inputs (unit inner stride) of one embeddings call and the launcher's problem.
+struct EmbeddingsCall {
+  at::Tensor q, p, negs, tea;
+  int64_t B, n, D;
+  MarginMSEProblem problem;
+  MarginMSEEmbeddings rows() const { return embeddings(q, p, negs); }
+};
+
+EmbeddingsCall prepare_embeddings(const at::Tensor& query, const at::Tensor& positive, const at::Tensor& negatives,
+                                  const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
+  check_embeddings(query, positive, negatives);
+  EmbeddingsCall call{unit_inner_stride(query), unit_inner_stride(positive), unit_inner_stride(negatives),
+                      teacher.contiguous(), negatives.size(0), negatives.size(1), negatives.size(2), {}};
+  call.problem = make_problem(call.q, call.tea, call.B, call.n, teacher_is_scores, reduction);
+  return call;
+}
+
 at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positive, const at::Tensor& negatives,
                               const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
-  check_embeddings(query, positive, negatives);
   const c10::cuda::CUDAGuard guard(query.device());
-  const int64_t B = negatives.size(0), n = negatives.size(1);
-  const auto tea = teacher.contiguous();
-  const auto problem = make_problem(query, tea, B, n, teacher_is_scores, reduction);
-  const auto q = unit_inner_stride(query), p = unit_inner_stride(positive), negs = unit_inner_stride(negatives);
-  at::Tensor out = allocate_loss(q, reduction, B, n);
-  at::Tensor ws = workspace(q, B);
-  check_launch(margin_mse_emb_fwd_cuda(problem, embeddings(q, p, negs), out.data_ptr(), ws.data_ptr(),
+  const auto call = prepare_embeddings(query, positive, negatives, teacher, teacher_is_scores, reduction);
+  at::Tensor out = allocate_loss(call.q, reduction, call.B, call.n);
+  at::Tensor ws = workspace(call.q, call.B);
+  check_launch(margin_mse_emb_fwd_cuda(call.problem, call.rows(), out.data_ptr(), ws.data_ptr(),
                                        c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -149,17 +171,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_mse_emb_bwd(const at::Tens
                                                               const at::Tensor& negatives,
                                                               const at::Tensor& teacher, bool teacher_is_scores,
                                                               int64_t reduction) {
-  check_embeddings(query, positive, negatives);
   const c10::cuda::CUDAGuard guard(query.device());
-  const int64_t B = negatives.size(0), n = negatives.size(1), D = negatives.size(2);
-  const auto tea = teacher.contiguous();
-  const auto problem = make_problem(query, tea, B, n, teacher_is_scores, reduction);
-  const auto q = unit_inner_stride(query), p = unit_inner_stride(positive), negs = unit_inner_stride(negatives);
-  const auto g = checked_grad(grad, q, reduction, B, n);
-  at::Tensor grad_q = at::empty({B, D}, q.options());
-  at::Tensor grad_p = at::empty({B, D}, q.options());
-  at::Tensor grad_n = at::empty({B, n, D}, q.options());
-  check_launch(margin_mse_emb_bwd_cuda(problem, embeddings(q, p, negs), g.data_ptr(), grad_q.data_ptr(),
+  const auto call = prepare_embeddings(query, positive, negatives, teacher, teacher_is_scores, reduction);
+  const auto g = checked_grad(grad, call.q, reduction, call.B, call.n);
+  at::Tensor grad_q = at::empty({call.B, call.D}, call.q.options());
+  at::Tensor grad_p = at::empty({call.B, call.D}, call.q.options());
+  at::Tensor grad_n = at::empty({call.B, call.n, call.D}, call.q.options());
+  check_launch(margin_mse_emb_bwd_cuda(call.problem, call.rows(), g.data_ptr(), grad_q.data_ptr(),
                                        grad_p.data_ptr(), grad_n.data_ptr(), c10::cuda::getCurrentCUDAStream()));
   return {grad_q, grad_p, grad_n};
 }
