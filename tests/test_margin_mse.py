@@ -308,10 +308,10 @@ def test_opcheck(device, reduction):
                                   (grad, q.detach(), p.detach(), negs.detach(), teacher, is_scores, code))
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_torch_compile_fullgraph(device, dynamic):
+@pytest.mark.parametrize("dynamic, backend", [(False, "kernel"), (True, "kernel"), (False, "auto")])
+def test_torch_compile_fullgraph(device, dynamic, backend):
     torch._dynamo.reset()
-    loss_fn = MarginMSELoss(backend="kernel")
+    loss_fn = MarginMSELoss(backend=backend)
     gen = torch.Generator().manual_seed(9)
 
     def step(pos, neg, q, p, negs, teacher):
