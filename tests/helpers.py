@@ -1,13 +1,15 @@
 """Numerical comparison rules shared by every loss's tests.
 
-Low-precision rule (docs/adding_a_loss.md, "Tests"): the kernel's error against the fp64 reference may not exceed
-the error of the same formula evaluated naively in the low-precision dtype (what a user's eager
-code does) plus a small absolute bound ``slack · eps(dtype) · (1 + scale)``.
+Low-precision rule (docs/verifying.md; constants in kdloss.testing): the kernel's error against the
+fp64 reference may not exceed the error of the same formula evaluated naively in the low-precision
+dtype (what a user's eager code does) plus a small absolute bound ``SLACK · eps(dtype) · (1 + scale)``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kdloss.testing import SLACK
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -20,7 +22,7 @@ def assert_close_fp64(actual: torch.Tensor, expected: torch.Tensor, rtol=1e-10, 
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
-def lowp_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, slack: float = 2.0) -> float:
+def lowp_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, slack: float = SLACK) -> float:
     """Allowed error of a low-precision kernel: the naive eager error plus a small absolute bound."""
     scale = exact.double().abs().max().item() if exact.numel() else 0.0
     return max_abs(naive, exact) + slack * torch.finfo(dtype).eps * (1.0 + scale)

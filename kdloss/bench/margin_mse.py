@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import margin_mse_from_embeddings, margin_mse_loss
+from ..testing.margin_mse import build
 from . import Case
 
 # (B, n) for scores; (B, n, D) for embeddings — ST triplets, MS MARCO-style multi-negative batches
@@ -41,8 +42,16 @@ def _sentence_transformers_impl():
     return run
 
 
-def _leaf(shape, dtype, device, scale=1.0):
-    return (scale * torch.randn(*shape, device=device)).to(dtype).requires_grad_()
+def _maker(kind: str, batch: int, n_neg: int, dim: int, device: str, dtype: torch.dtype):
+    """Inputs from the shared generator (kdloss.testing.margin_mse), raw teacher scores."""
+    case = {"kind": kind, "batch": batch, "n_neg": n_neg, "dim": dim, "teacher": "scores",
+            "reduction": "mean", "layout": "contiguous", "magnitude": 1.0, "seed": 0}
+
+    def make():
+        built = build(case, torch.device(device), dtype)
+        return (*built.inputs, built.constants["teacher"])
+
+    return make
 
 
 def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
@@ -52,21 +61,14 @@ def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
     st_impl = _sentence_transformers_impl()
     for dtype in dtypes:
         for batch, n in QUICK_SCORE_SHAPES if quick else SCORE_SHAPES:
-            def make(batch=batch, n=n, dtype=dtype):
-                teacher = torch.randn(batch, n + 1, device=device)
-                return _leaf((batch,), dtype, device), _leaf((batch, n), dtype, device), teacher
-
+            make = _maker("scores", batch, n, 1, device, dtype)
             out.append(Case("margin_mse", "scores", f"B={batch} n={n}", dtype, device, make, {
                 "kdloss": lambda p, ng, t: margin_mse_loss(p, ng, t, backend="kernel"),
                 "eager": eager_scores,
                 "compile": compiled_scores,
             }))
         for batch, n, dim in QUICK_EMB_SHAPES if quick else EMB_SHAPES:
-            def make(batch=batch, n=n, dim=dim, dtype=dtype):
-                s = dim**-0.25
-                return (_leaf((batch, dim), dtype, device, s), _leaf((batch, dim), dtype, device, s),
-                        _leaf((batch, n, dim), dtype, device, s), torch.randn(batch, n + 1, device=device))
-
+            make = _maker("embeddings", batch, n, dim, device, dtype)
             impls = {
                 "kdloss": lambda q, p, ng, t: margin_mse_from_embeddings(q, p, ng, t, backend="kernel"),
                 "eager": eager_embeddings,
