@@ -136,7 +136,7 @@ template <typename T>
 __global__ void emb_fwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, T* __restrict__ out_none,
                                Acc<T>* __restrict__ row_sums) {
   using A = Acc<T>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   A* scores = reinterpret_cast<A*>(smem_raw);  // [n + 1]
   __shared__ A scratch[32];
   const int64_t b = blockIdx.x, n = teacher.n;
@@ -156,7 +156,7 @@ __global__ void emb_bwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, int64_t
                                const T* __restrict__ grad, int reduction, T* __restrict__ grad_q,
                                T* __restrict__ grad_p, T* __restrict__ grad_n) {
   using A = Acc<T>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   A* scores = reinterpret_cast<A*>(smem_raw);  // [n + 1] scores, then [n + 1] coefficients
   A* coef = scores + (teacher.n + 1);
   __shared__ A scratch[32];
