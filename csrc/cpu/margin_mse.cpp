@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "kdloss/cpu_utils.h"
@@ -45,28 +46,30 @@ inline double reduction_scale(int64_t reduction, int64_t B, int64_t n) {
   return reduction == kMean ? 1.0 / (static_cast<double>(B) * static_cast<double>(n)) : 1.0;
 }
 
-// Squared errors of one row of scores: writes e² to `out_row` when given, returns Σ_i e².
-template <typename scalar_t>
-Acc<scalar_t> score_row_forward(Acc<scalar_t> s_pos, const scalar_t* s_neg /*[n]*/,
-                                const TeacherRow<Acc<scalar_t>>& t, int64_t n,
-                                scalar_t* out_row /*[n] or null*/) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = Acc<scalar_t>;
-  using Vec = typename IO::Vec;
+// Squared errors of one row: writes e² to `out_row` when given, returns Σ_i e². The negative
+// scores are the student's (in_t = scalar_t) or fused dot products (in_t = Acc); rows are out_t.
+template <typename in_t, typename out_t>
+Acc<out_t> score_row_forward(Acc<out_t> s_pos, const in_t* s_neg /*[n]*/,
+                             const TeacherRow<Acc<out_t>>& t, int64_t n, out_t* out_row /*[n] or null*/) {
+  using acc_t = Acc<out_t>;
+  using In = VecIO<in_t>;
+  using Out = VecIO<out_t>;
+  using Vec = typename Out::Vec;
+  static_assert(std::is_same_v<typename In::Vec, Vec>, "input and output must share an accumulator");
   Vec acc(acc_t(0));
   const Vec vpos(s_pos);
   int64_t i = 0;
-  for (; i + IO::size() <= n; i += IO::size()) {
-    const Vec e = (vpos - IO::load(s_neg + i)) - t.margin_vec(i);
+  for (; i + Out::size() <= n; i += Out::size()) {
+    const Vec e = (vpos - In::load(s_neg + i)) - t.margin_vec(i);
     const Vec sq = e * e;
     acc = acc + sq;
-    if (out_row) IO::store(out_row + i, sq);
+    if (out_row) Out::store(out_row + i, sq);
   }
-  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  acc_t total = vec_sum(acc);
   for (; i < n; ++i) {
     const acc_t e = (s_pos - static_cast<acc_t>(s_neg[i])) - t.margin(i);
     total += e * e;
-    if (out_row) out_row[i] = static_cast<scalar_t>(e * e);
+    if (out_row) out_row[i] = static_cast<out_t>(e * e);
   }
   return total;
 }
@@ -134,8 +137,8 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
     at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
-        const acc_t s = score_row_forward<scalar_t>(static_cast<acc_t>(pos_p[b]), neg_p + b * n, t,
-                                                    n, none_p ? none_p + b * n : nullptr);
+        const acc_t s = score_row_forward(static_cast<acc_t>(pos_p[b]), neg_p + b * n, t, n,
+                                          none_p ? none_p + b * n : nullptr);
         if (!row_sums.empty()) row_sums[b] = s;
       }
     });
@@ -144,48 +147,53 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
   return out;
 }
 
-// Backward of one row of scores: grad_neg_row[i] = −g_i, returns Σ_i g_i with
-// g_i = 2·e_i·scale·(grad_row[i] for reduction none, else grad0).
-template <typename scalar_t>
-Acc<scalar_t> score_row_backward(Acc<scalar_t> s_pos, const scalar_t* s_neg /*[n]*/,
-                                 const TeacherRow<Acc<scalar_t>>& t, int64_t n, Acc<scalar_t> coef,
-                                 const scalar_t* grad_row /*[n] or null*/, scalar_t* grad_neg_row) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = Acc<scalar_t>;
-  using Vec = typename IO::Vec;
+// Backward of one row: grad_neg_row[i] = −g_i, returns Σ_i g_i = ∂L/∂s⁺, with
+// g_i = coef·e_i·grad_row[i] (reduction none) or coef·e_i (coef already holds 2·scale·grad).
+// in_t as in score_row_forward; grad_t is the student dtype; out_t the gradient rows' type.
+template <typename in_t, typename grad_t, typename out_t>
+Acc<grad_t> score_row_backward(Acc<grad_t> s_pos, const in_t* s_neg /*[n]*/,
+                               const TeacherRow<Acc<grad_t>>& t, int64_t n, Acc<grad_t> coef,
+                               const grad_t* grad_row /*[n] or null*/, out_t* grad_neg_row /*[n]*/) {
+  using acc_t = Acc<grad_t>;
+  using In = VecIO<in_t>;
+  using Grad = VecIO<grad_t>;
+  using Out = VecIO<out_t>;
+  using Vec = typename Grad::Vec;
+  static_assert(std::is_same_v<typename In::Vec, Vec> && std::is_same_v<typename Out::Vec, Vec>,
+                "inputs and outputs must share an accumulator");
   const Vec vpos(s_pos), vcoef(coef);
   Vec acc(acc_t(0));
   int64_t i = 0;
-  for (; i + IO::size() <= n; i += IO::size()) {
-    const Vec e = (vpos - IO::load(s_neg + i)) - t.margin_vec(i);
-    const Vec g = grad_row ? e * vcoef * IO::load(grad_row + i) : e * vcoef;
-    IO::store(grad_neg_row + i, Vec(acc_t(0)) - g);
+  for (; i + Grad::size() <= n; i += Grad::size()) {
+    const Vec e = (vpos - In::load(s_neg + i)) - t.margin_vec(i);
+    const Vec g = grad_row ? e * vcoef * Grad::load(grad_row + i) : e * vcoef;
+    Out::store(grad_neg_row + i, Vec(acc_t(0)) - g);
     acc = acc + g;
   }
-  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  acc_t total = vec_sum(acc);
   for (; i < n; ++i) {
     const acc_t e = (s_pos - static_cast<acc_t>(s_neg[i])) - t.margin(i);
     const acc_t g = grad_row ? e * coef * static_cast<acc_t>(grad_row[i]) : e * coef;
-    grad_neg_row[i] = static_cast<scalar_t>(-g);
+    grad_neg_row[i] = static_cast<out_t>(-g);
     total += g;
   }
   return total;
 }
 
-// Coefficients ∂L/∂s⁻_{b,i} = −coef·2e_{b,i} for one row; returns ∂L/∂s⁺_b = Σ_i coef·2e_{b,i}.
-// `grad_row` is the [n] upstream gradient for reduction none, else null (scalar `grad0`).
-template <typename acc_t>
-acc_t negative_coefficients(acc_t s_pos, const acc_t* s_neg /*[n]*/, const TeacherRow<acc_t>& t,
-                            int64_t n, acc_t scale, acc_t grad0, const acc_t* grad_row,
-                            acc_t* coef_neg /*[n] out*/) {
-  acc_t coef_pos = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t e = (s_pos - s_neg[i]) - t.margin(i);
-    const acc_t g = (grad_row ? grad_row[i] : grad0) * scale * acc_t(2) * e;
-    coef_neg[i] = -g;
-    coef_pos += g;
-  }
-  return coef_pos;
+// 2·scale·grad for a scalar upstream gradient, 2·scale for reduction none (grad loaded per margin).
+template <typename scalar_t>
+Acc<scalar_t> backward_coef(const scalar_t* grad, int64_t reduction, int64_t B, int64_t n) {
+  using acc_t = Acc<scalar_t>;
+  return acc_t(2) * static_cast<acc_t>(reduction_scale(reduction, B, n)) *
+         (reduction == kNone ? acc_t(1) : static_cast<acc_t>(grad[0]));
+}
+
+// The upstream gradient: [B, n] for reduction none, one element otherwise; returned contiguous in `dtype`.
+at::Tensor checked_grad(const at::Tensor& grad, at::ScalarType dtype, int64_t reduction, int64_t B, int64_t n) {
+  check_cpu_float(grad, "grad");
+  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1,
+                    "grad has ", grad.numel(), " elements, which does not match the reduction");
+  return grad.to(dtype).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const at::Tensor& student_pos,
@@ -195,15 +203,12 @@ std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const 
   check_reduction(reduction);
   const int64_t B = student_neg.size(0), n = student_neg.size(1);
   check_teacher(teacher, student_pos, B, n, teacher_is_scores);
-  check_cpu_float(grad, "grad");
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1,
-                    "grad has ", grad.numel(), " elements, which does not match the reduction");
   const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
   const auto tea = teacher.contiguous();
+  const auto g = checked_grad(grad, pos.scalar_type(), reduction, B, n);
   at::Tensor grad_pos = at::empty({B}, pos.options());
   at::Tensor grad_neg = at::empty({B, n}, neg.options());
 
-  const auto g = grad.to(pos.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pos.scalar_type(), "margin_mse_bwd", [&] {
     using acc_t = Acc<scalar_t>;
     const scalar_t* g_p = g.data_ptr<scalar_t>();
@@ -213,13 +218,11 @@ std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const 
     scalar_t* gpos_p = grad_pos.data_ptr<scalar_t>();
     scalar_t* gneg_p = grad_neg.data_ptr<scalar_t>();
     const bool none = reduction == kNone;
-    // coef = 2·scale (·grad for a scalar upstream gradient); the per-margin gradient is loaded in the row
-    const acc_t coef = acc_t(2) * static_cast<acc_t>(reduction_scale(reduction, B, n)) *
-                       (none ? acc_t(1) : static_cast<acc_t>(g_p[0]));
+    const acc_t coef = backward_coef(g_p, reduction, B, n);
     at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
-        gpos_p[b] = static_cast<scalar_t>(score_row_backward<scalar_t>(
+        gpos_p[b] = static_cast<scalar_t>(score_row_backward(
             static_cast<acc_t>(pos_p[b]), neg_p + b * n, t, n, coef, none ? g_p + b * n : nullptr,
             gneg_p + b * n));
       }
@@ -260,7 +263,7 @@ Acc<scalar_t> dot(const scalar_t* x, const scalar_t* y, int64_t D) {
   for (; d + IO::size() <= D; d += IO::size()) {
     acc0 = at::vec::fmadd(IO::load(x + d), IO::load(y + d), acc0);
   }
-  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
+  acc_t total = vec_sum(acc0 + acc1);
   for (; d < D; ++d) total += static_cast<acc_t>(x[d]) * static_cast<acc_t>(y[d]);
   return total;
 }
@@ -325,12 +328,7 @@ at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positiv
       for (int64_t b = begin; b < end; ++b) {
         const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
         const acc_t s_pos = row_scores<scalar_t>(rows, b, n, D, s_neg.data());
-        acc_t total = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t e = (s_pos - s_neg[i]) - t.margin(i);
-          total += e * e;
-          if (none_p) none_p[b * n + i] = static_cast<scalar_t>(e * e);
-        }
+        const acc_t total = score_row_forward(s_pos, s_neg.data(), t, n, none_p ? none_p + b * n : nullptr);
         if (!row_sums.empty()) row_sums[b] = total;
       }
     });
@@ -377,35 +375,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_mse_emb_bwd(
   check_reduction(reduction);
   const int64_t B = negatives.size(0), n = negatives.size(1), D = negatives.size(2);
   check_teacher(teacher, query, B, n, teacher_is_scores);
-  check_cpu_float(grad, "grad");
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1,
-                    "grad has ", grad.numel(), " elements, which does not match the reduction");
   const auto q = unit_inner_stride(query), p = unit_inner_stride(positive);
   const auto negs = unit_inner_stride(negatives);
   const auto tea = teacher.contiguous();
+  const auto g = checked_grad(grad, q.scalar_type(), reduction, B, n);
   at::Tensor grad_q = at::empty({B, D}, q.options());
   at::Tensor grad_p = at::empty({B, D}, q.options());
   at::Tensor grad_n = at::empty({B, n, D}, q.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "margin_mse_emb_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const auto g = grad.to(acc_dtype).contiguous();
-    const acc_t* g_p = g.data_ptr<acc_t>();
+    const scalar_t* g_p = g.data_ptr<scalar_t>();
     const auto rows = embedding_rows<scalar_t>(q, p, negs);
     const acc_t* tea_p = tea.data_ptr<acc_t>();
-    const acc_t scale = static_cast<acc_t>(reduction_scale(reduction, B, n));
+    const bool none = reduction == kNone;
+    const acc_t coef_scale = backward_coef(g_p, reduction, B, n);
     scalar_t* gq_p = grad_q.data_ptr<scalar_t>();
     scalar_t* gp_p = grad_p.data_ptr<scalar_t>();
     scalar_t* gn_p = grad_n.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(2 * (n + 1) * D), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> s_neg(n), coef(n + 1);
+      std::vector<acc_t> s_neg(n), coef(n + 1);  // coef[0] = ∂L/∂s⁺, coef[1 + i] = ∂L/∂s⁻_i
       for (int64_t b = begin; b < end; ++b) {
         const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
         const acc_t s_pos = row_scores<scalar_t>(rows, b, n, D, s_neg.data());
-        coef[0] = negative_coefficients<acc_t>(
-            s_pos, s_neg.data(), t, n, scale, reduction == kNone ? acc_t(0) : g_p[0],
-            reduction == kNone ? g_p + b * n : nullptr, coef.data() + 1);
+        coef[0] = score_row_backward(s_pos, s_neg.data(), t, n, coef_scale, none ? g_p + b * n : nullptr,
+                                     coef.data() + 1);
         // ∂L/∂q_b = c⁺·p_b + Σ_i c⁻_i·n_{b,i};  ∂L/∂p_b = c⁺·q_b;  ∂L/∂n_{b,i} = c⁻_i·q_b
         weighted_rows<scalar_t>(gq_p + b * D, coef.data(), rows.positive(b),
                                 [&](int64_t i) { return rows.negative(b, i); }, n, D);

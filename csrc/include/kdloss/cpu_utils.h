@@ -55,6 +55,13 @@ struct VecIO<at::BFloat16> : VecIOReduced<at::BFloat16> {};
 template <>
 struct VecIO<at::Half> : VecIOReduced<at::Half> {};
 
+// Horizontal sum of the lanes of a vector accumulator.
+template <typename acc_t>
+acc_t vec_sum(const at::vec::Vectorized<acc_t>& v) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
 // Pairwise sum of x[0..n) in a fixed order (blocks of 64 summed sequentially, then halves).
 template <typename acc_t>
 acc_t ordered_sum(const acc_t* x, int64_t n) {
