@@ -163,11 +163,6 @@ def _build_key(loss: str, device_type: str) -> tuple[list[Path], str]:
     return srcs, source_hash(srcs + headers(), extra)
 
 
-def extension_name(loss: str, device_type: str) -> str:
-    _, digest = _build_key(loss, device_type)
-    return f"kdloss_{loss}_{device_type}_{digest}"
-
-
 def env_flag(name: str) -> bool:
     """True when the environment variable is set to something other than "", "0", "false", "no"."""
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..functional import margin_mse_from_embeddings, margin_mse_loss
 from ..reference.margin_mse import margin_mse_from_embeddings_reference, margin_mse_reference
-from . import Built, LossSpec, register
+from . import Built, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -40,13 +40,6 @@ def strategy():
     return cases()
 
 
-def _strided(x: torch.Tensor) -> torch.Tensor:
-    """Same values with a last dimension of stride 2 (a leaf)."""
-    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2].detach()
-
-
 def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     """Inputs of one case. "slice" layouts have one leaf (the stacked tensor); see :func:`views`."""
     gen = torch.Generator().manual_seed(case["seed"])
@@ -71,7 +64,7 @@ def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
             parts = [columns[:, 0], columns[:, 1], columns[:, 2:]]
         if one_d:
             parts[-1] = parts[-1][:, 0]
-        parts = [_strided(p) if case["layout"] == "strided" and p.dim() > 0 else p.contiguous() for p in parts]
+        parts = [non_contiguous(p) if case["layout"] == "strided" else p.contiguous() for p in parts]
         inputs = tuple(p.requires_grad_() for p in parts)
     return Built(inputs, {"teacher": teacher}, upstream_seed=case["seed"] + 1)
 
