@@ -33,11 +33,10 @@ __all__ = ["margin_mse_loss", "margin_mse_from_embeddings", "MarginMSELoss"]
 LOSS = "margin_mse"
 
 
-def _teacher_for_op(teacher: torch.Tensor, batch: int, n_neg: int, student_dtype: torch.dtype):
-    """(teacher in the accumulation dtype, 2-D, teacher_is_scores) — format per spec §4.4."""
-    is_scores = teacher_is_scores(teacher, batch, n_neg)  # validates the shape, names the argument
+def _teacher_for_op(teacher: torch.Tensor, is_scores: bool, student_dtype: torch.dtype) -> torch.Tensor:
+    """The teacher as the ops take it: detached, 2-D, in the accumulation dtype (spec §4.4)."""
     t = teacher.detach().to(accumulation_dtype(student_dtype))
-    return (t if t.dim() == 2 else t.unsqueeze(1)), is_scores
+    return t if t.dim() == 2 else t.unsqueeze(1)
 
 
 def margin_mse_loss(
@@ -80,11 +79,12 @@ def margin_mse_loss(
     neg = student_neg if student_neg.dim() == 2 else student_neg.unsqueeze(1)
     if neg.shape[1] == 0:
         raise ValueError("student_neg must hold at least one negative per query, got n = 0")
-    teacher_2d, is_scores = _teacher_for_op(teacher, batch, neg.shape[1], student_pos.dtype)
+    is_scores = teacher_is_scores(teacher, batch, neg.shape[1])  # validates; names the argument
     if not use_kernel(LOSS, device, backend):
         return margin_mse_reference(student_pos, student_neg, teacher, reduction)
     out = torch.ops.kdloss.margin_mse_fwd(
-        student_pos, neg, teacher_2d, is_scores, _ops.REDUCTION_CODES[reduction]
+        student_pos, neg, _teacher_for_op(teacher, is_scores, student_pos.dtype), is_scores,
+        _ops.REDUCTION_CODES[reduction],
     )
     return out.reshape(student_neg.shape) if reduction == "none" else out
 
@@ -132,11 +132,12 @@ def margin_mse_from_embeddings(
         )
     if negs.shape[1] == 0:
         raise ValueError("negatives must hold at least one negative per query, got n = 0")
-    teacher_2d, is_scores = _teacher_for_op(teacher, batch, negs.shape[1], query.dtype)
+    is_scores = teacher_is_scores(teacher, batch, negs.shape[1])  # validates; names the argument
     if not use_kernel(LOSS, device, backend):
         return margin_mse_from_embeddings_reference(query, positive, negatives, teacher, reduction)
     out = torch.ops.kdloss.margin_mse_emb_fwd(
-        query, positive, negs, teacher_2d, is_scores, _ops.REDUCTION_CODES[reduction]
+        query, positive, negs, _teacher_for_op(teacher, is_scores, query.dtype), is_scores,
+        _ops.REDUCTION_CODES[reduction],
     )
     return out.reshape(negatives.shape[:-1]) if reduction == "none" else out
 
