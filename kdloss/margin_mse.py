@@ -33,7 +33,7 @@ __all__ = ["margin_mse_loss", "margin_mse_from_embeddings", "MarginMSELoss"]
 LOSS = "margin_mse"
 
 
-def _teacher_for_op(teacher: torch.Tensor, is_scores: bool, student_dtype: torch.dtype) -> torch.Tensor:
+def _teacher_for_op(teacher: torch.Tensor, student_dtype: torch.dtype) -> torch.Tensor:
     """The teacher as the ops take it: detached, 2-D, in the accumulation dtype (spec §4.4)."""
     t = teacher.detach().to(accumulation_dtype(student_dtype))
     return t if t.dim() == 2 else t.unsqueeze(1)
@@ -83,7 +83,7 @@ def margin_mse_loss(
     if not use_kernel(LOSS, device, backend):
         return margin_mse_reference(student_pos, student_neg, teacher, reduction)
     out = torch.ops.kdloss.margin_mse_fwd(
-        student_pos, neg, _teacher_for_op(teacher, is_scores, student_pos.dtype), is_scores,
+        student_pos, neg, _teacher_for_op(teacher, student_pos.dtype), is_scores,
         _ops.REDUCTION_CODES[reduction],
     )
     return out.reshape(student_neg.shape) if reduction == "none" else out
@@ -136,7 +136,7 @@ def margin_mse_from_embeddings(
     if not use_kernel(LOSS, device, backend):
         return margin_mse_from_embeddings_reference(query, positive, negatives, teacher, reduction)
     out = torch.ops.kdloss.margin_mse_emb_fwd(
-        query, positive, negs, _teacher_for_op(teacher, is_scores, query.dtype), is_scores,
+        query, positive, negs, _teacher_for_op(teacher, query.dtype), is_scores,
         _ops.REDUCTION_CODES[reduction],
     )
     return out.reshape(negatives.shape[:-1]) if reduction == "none" else out
