@@ -1,0 +1,359 @@
+// Top-k sparse KL CPU kernels (spec §3). Schemas live in kdloss/_ops/topk_kl.py; this file only
+// implements them for the CPU dispatch key.
+//
+// Shapes (validated in Python; re-checked here for the kernel's own memory safety):
+//   logits      [N, V]  any float dtype, unit stride along V, any row stride
+//   ids         [N, k]  int64 in [0, V)
+//   target_logp [N, k]  teacher log p̂ (accumulation dtype); −inf slots are not part of K
+//   tail_logp   [N]     tail bucket log r̂ (−inf: no tail term)
+//   valid       [N]     bool; invalid rows are never read, give 0 and a zero gradient
+//   divisor     []      "mean" denominator; ≤ 0 gives 0
+//   reduction: 0 = none ([N] losses), 1 = mean, 2 = sum
+//
+// Forward: one streaming pass per row (blocked online max/Σexp in the accumulation type), then
+// O(k) gathers; saves only the row's log-sum-exp. Backward: recomputes q = exp(z/T − lse) and
+// writes the dense gradient g·(α·q_j + β_j·[j∈K]) in one pass (spec §3.4).
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kdloss/cpu_exp.h"
+#include "kdloss/cpu_utils.h"
+
+namespace kdloss {
+namespace cpu {
+namespace {
+
+constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
+// Elements per block of the online log-sum-exp: the block is re-read from L1 for Σexp.
+constexpr int64_t kBlock = 2048;
+// DistillKit's clamp of the student's kept mass in the tail-bucket term (spec §3.3).
+constexpr double kTailClamp = 1e-8;
+
+template <typename acc_t>
+constexpr acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// max_j z[j] over z[0..n) (NaN propagates).
+template <typename scalar_t>
+Acc<scalar_t> block_max(const scalar_t* z, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = Acc<scalar_t>;
+  using Vec = typename IO::Vec;
+  Vec m0(neg_inf<acc_t>()), m1(neg_inf<acc_t>());
+  int64_t i = 0;
+  for (; i + 2 * IO::size() <= n; i += 2 * IO::size()) {
+    m0 = at::vec::maximum(m0, IO::load(z + i));
+    m1 = at::vec::maximum(m1, IO::load(z + i + IO::size()));
+  }
+  for (; i + IO::size() <= n; i += IO::size()) m0 = at::vec::maximum(m0, IO::load(z + i));
+  acc_t m = at::vec::vec_reduce_all<acc_t>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
+  for (; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(z[i]);
+    if (!(v <= m)) m = v;
+  }
+  return m;
+}
+
+// Σ_j exp(z[j]·inv_t − shift) over z[0..n).
+template <typename scalar_t>
+Acc<scalar_t> block_sum_exp(const scalar_t* z, int64_t n, Acc<scalar_t> inv_t, Acc<scalar_t> shift) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = Acc<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec vt(inv_t), vs(-shift);
+  Vec s0(acc_t(0)), s1(acc_t(0));
+  int64_t i = 0;
+  for (; i + 2 * IO::size() <= n; i += 2 * IO::size()) {
+    s0 = s0 + vexp(at::vec::fmadd(IO::load(z + i), vt, vs));
+    s1 = s1 + vexp(at::vec::fmadd(IO::load(z + i + IO::size()), vt, vs));
+  }
+  for (; i + IO::size() <= n; i += IO::size()) s0 = s0 + vexp(at::vec::fmadd(IO::load(z + i), vt, vs));
+  acc_t s = vec_sum(s0 + s1);
+  for (; i < n; ++i) s += std::exp(static_cast<acc_t>(z[i]) * inv_t - shift);
+  return s;
+}
+
+// log Σ_j exp(z[j]·inv_t) over the row, streamed in blocks with a running max (one read of z).
+template <typename scalar_t>
+Acc<scalar_t> row_logsumexp(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t) {
+  using acc_t = Acc<scalar_t>;
+  acc_t m = neg_inf<acc_t>(), s = 0;
+  for (int64_t b = 0; b < V; b += kBlock) {
+    const int64_t n = std::min(kBlock, V - b);
+    const acc_t bm = block_max(z + b, n) * inv_t;
+    if (std::isnan(bm)) return bm;
+    if (bm == neg_inf<acc_t>()) continue;  // a block of −inf logits adds nothing
+    if (bm > m) {
+      s *= std::exp(m - bm);
+      m = bm;
+    }
+    s += block_sum_exp(z + b, n, inv_t, m);
+  }
+  return m == neg_inf<acc_t>() ? m : m + std::log(s);
+}
+
+// One row's teacher slots and student logits.
+template <typename scalar_t>
+struct Row {
+  using acc_t = Acc<scalar_t>;
+  const scalar_t* z;     // [V]
+  const int64_t* ids;    // [k]
+  const acc_t* logp;     // [k] log p̂
+  acc_t tail_logp;       // log r̂
+  int64_t k;
+
+  bool kept(int64_t i) const { return logp[i] != neg_inf<acc_t>(); }
+  acc_t scaled_logit(int64_t i, acc_t inv_t) const { return static_cast<acc_t>(z[ids[i]]) * inv_t; }
+};
+
+// Log-sum-exp of z/T over the kept slots only (student_support="topk"); 0 when K is empty.
+template <typename scalar_t>
+Acc<scalar_t> kept_logsumexp(const Row<scalar_t>& row, Acc<scalar_t> inv_t) {
+  using acc_t = Acc<scalar_t>;
+  acc_t m = neg_inf<acc_t>();
+  for (int64_t i = 0; i < row.k; ++i)
+    if (row.kept(i)) m = std::max(m, row.scaled_logit(i, inv_t));
+  if (m == neg_inf<acc_t>()) return 0;
+  acc_t s = 0;
+  for (int64_t i = 0; i < row.k; ++i)
+    if (row.kept(i)) s += std::exp(row.scaled_logit(i, inv_t) - m);
+  return m + std::log(s);
+}
+
+// Teacher mass Σ_K p̂ and student mass Σ_K q on the kept slots, q_i = exp(z_i/T − lse).
+template <typename acc_t>
+struct KeptMass {
+  acc_t teacher = 0, student = 0;
+};
+
+template <typename scalar_t>
+KeptMass<Acc<scalar_t>> kept_mass(const Row<scalar_t>& row, Acc<scalar_t> inv_t, Acc<scalar_t> lse) {
+  KeptMass<Acc<scalar_t>> m;
+  for (int64_t i = 0; i < row.k; ++i) {
+    if (!row.kept(i)) continue;
+    m.teacher += std::exp(row.logp[i]);
+    m.student += std::exp(row.scaled_logit(i, inv_t) - lse);
+  }
+  return m;
+}
+
+// KL_row = Σ_K p̂ (log p̂ − log q) [+ r̂ (log r̂ − log r_s)] with xlogy semantics (spec §3.3).
+template <typename scalar_t>
+Acc<scalar_t> row_kl(const Row<scalar_t>& row, Acc<scalar_t> inv_t, Acc<scalar_t> lse, bool full_support) {
+  using acc_t = Acc<scalar_t>;
+  acc_t head = 0, student_kept = 0;
+  for (int64_t i = 0; i < row.k; ++i) {
+    if (!row.kept(i)) continue;
+    const acc_t log_q = row.scaled_logit(i, inv_t) - lse;
+    head += std::exp(row.logp[i]) * (row.logp[i] - log_q);
+    student_kept += std::exp(log_q);
+  }
+  if (!full_support || row.tail_logp == neg_inf<acc_t>()) return head;
+  const acc_t clamped = std::min(std::max(student_kept, acc_t(kTailClamp)), acc_t(1.0 - kTailClamp));
+  return head + std::exp(row.tail_logp) * (row.tail_logp - std::log1p(-clamped));
+}
+
+// Per-row gradient coefficients: ∂KL/∂z_j = inv_t·(α·q_j + β_i [j = ids_i]), with
+// β_i = −p̂_i + γ·q_i for the full-vocabulary student (γ: tail-bucket term) and
+// β_i = Σ_K p̂ · q̃_i − p̂_i for the student renormalised over K (α = 0).
+template <typename acc_t>
+struct Coefficients {
+  acc_t alpha, gamma, mass;
+};
+
+template <typename scalar_t>
+Coefficients<Acc<scalar_t>> row_coefficients(const Row<scalar_t>& row, Acc<scalar_t> inv_t, Acc<scalar_t> lse,
+                                             bool full_support) {
+  using acc_t = Acc<scalar_t>;
+  const auto mass = kept_mass(row, inv_t, lse);
+  if (!full_support) return {acc_t(0), acc_t(0), mass.teacher};
+  acc_t gamma = 0;
+  // d/dz of −r̂·log(1 − Σ_K q); zero where DistillKit's clamp is active
+  if (row.tail_logp != neg_inf<acc_t>() && mass.student > acc_t(kTailClamp) &&
+      mass.student < acc_t(1.0 - kTailClamp))
+    gamma = std::exp(row.tail_logp) / (acc_t(1) - mass.student);
+  return {mass.teacher - gamma * mass.student, gamma, mass.teacher};
+}
+
+// out[0..V) = c·exp(z·inv_t − lse) (or zeros when c = 0).
+template <typename scalar_t>
+void dense_softmax_row(scalar_t* out, const scalar_t* z, int64_t V, Acc<scalar_t> inv_t, Acc<scalar_t> lse,
+                       Acc<scalar_t> c) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = Acc<scalar_t>;
+  using Vec = typename IO::Vec;
+  if (c == acc_t(0)) {
+    std::fill(out, out + V, static_cast<scalar_t>(0));
+    return;
+  }
+  const Vec vt(inv_t), vs(-lse), vc(c);
+  int64_t j = 0;
+  for (; j + IO::size() <= V; j += IO::size())
+    IO::store(out + j, vc * vexp(at::vec::fmadd(IO::load(z + j), vt, vs)));
+  for (; j < V; ++j) out[j] = static_cast<scalar_t>(c * std::exp(static_cast<acc_t>(z[j]) * inv_t - lse));
+}
+
+void check_reduction(int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
+                    "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+void check_acc_tensor(const at::Tensor& t, const char* name, at::ScalarType acc, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == acc, name, " must have dtype ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// Re-checks the op-level contract (see the header comment) and returns the ids, contiguous.
+at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp,
+                        const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor,
+                        double inv_temperature, int64_t reduction) {
+  check_cpu_float(logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK_VALUE(V <= 1 || logits.stride(1) == 1, "logits must have unit stride along V");
+  TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 &&
+                        ids.size(0) == N,
+                    "ids must be an int64 CPU tensor [N, k] with N = ", N, ", got ", ids.scalar_type(), " ",
+                    ids.sizes());
+  const int64_t k = ids.size(1);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_acc_tensor(target_logp, "target_logp", acc, {N, k});
+  check_acc_tensor(tail_logp, "tail_logp", acc, {N});
+  check_acc_tensor(divisor, "divisor", acc, {});
+  TORCH_CHECK_VALUE(valid.device().is_cpu() && valid.scalar_type() == at::kBool && valid.sizes() == at::IntArrayRef{N},
+                    "valid must be a bool CPU tensor [N]");
+  TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "inv_temperature must be > 0");
+  check_reduction(reduction);
+  auto ids_c = ids.contiguous();
+  const int64_t* p = ids_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * k; ++i)
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < V, "ids must lie in [0, V) with V = ", V, ", got ", p[i]);
+  return ids_c;
+}
+
+template <typename scalar_t>
+Row<scalar_t> make_row(const at::Tensor& logits, const int64_t* ids, const Acc<scalar_t>* logp,
+                       const Acc<scalar_t>* tail, int64_t n, int64_t k) {
+  return {logits.const_data_ptr<scalar_t>() + n * logits.stride(0), ids + n * k, logp + n * k, tail[n], k};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const at::Tensor& ids,
+                                               const at::Tensor& target_logp, const at::Tensor& tail_logp,
+                                               const at::Tensor& valid, const at::Tensor& divisor,
+                                               double inv_temperature, double scale, bool full_support,
+                                               int64_t reduction) {
+  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, reduction);
+  const int64_t N = logits.size(0), V = logits.size(1), k = ids.size(1);
+  const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
+  at::Tensor lse = at::empty({N}, target_logp.options());
+  at::Tensor loss = at::empty(reduction == kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, logits.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    const acc_t* tgt_p = tgt.const_data_ptr<acc_t>();
+    const acc_t* tail_p = tail.const_data_ptr<acc_t>();
+    const bool* ok_p = ok.const_data_ptr<bool>();
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    std::vector<acc_t> rows(N);
+    at::parallel_for(0, N, row_grain(full_support ? V : k), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        if (!ok_p[n]) {
+          lse_p[n] = 0;
+          rows[n] = 0;
+          continue;
+        }
+        const auto row = make_row<scalar_t>(logits, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        const acc_t row_lse = full_support ? row_logsumexp(row.z, V, inv_t) : kept_logsumexp(row, inv_t);
+        lse_p[n] = row_lse;
+        rows[n] = static_cast<acc_t>(scale) * row_kl(row, inv_t, row_lse, full_support);
+      }
+    });
+    scalar_t* out = loss.data_ptr<scalar_t>();
+    if (reduction == kNone) {
+      for (int64_t n = 0; n < N; ++n) out[n] = static_cast<scalar_t>(rows[n]);
+      return;
+    }
+    acc_t total = ordered_sum(rows.data(), N);
+    if (reduction == kMean) {
+      const acc_t d = divisor.item<acc_t>();
+      total = d > acc_t(0) ? total / d : acc_t(0);
+    }
+    out[0] = static_cast<scalar_t>(total);
+  });
+  return {loss, lse};
+}
+
+at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& logits, const at::Tensor& ids,
+                       const at::Tensor& target_logp, const at::Tensor& tail_logp, const at::Tensor& valid,
+                       const at::Tensor& divisor, double inv_temperature, double scale, bool full_support,
+                       int64_t reduction) {
+  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, reduction);
+  const int64_t N = logits.size(0), V = logits.size(1), k = ids.size(1);
+  check_acc_tensor(lse, "lse", target_logp.scalar_type(), {N});
+  check_cpu_float(grad, "grad");
+  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == N : grad.numel() == 1, "grad has ", grad.numel(),
+                    " elements, which does not match the reduction");
+  const auto g = grad.to(target_logp.scalar_type()).contiguous();
+  const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
+  const auto lse_c = lse.contiguous();
+  at::Tensor out = at::empty({N, V}, logits.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_bwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    const acc_t* g_p = g.const_data_ptr<acc_t>();
+    const acc_t* tgt_p = tgt.const_data_ptr<acc_t>();
+    const acc_t* tail_p = tail.const_data_ptr<acc_t>();
+    const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
+    const bool* ok_p = ok.const_data_ptr<bool>();
+    // ∂loss/∂KL_row · 1/T, without the per-row upstream gradient of reduction "none"
+    acc_t row_scale = static_cast<acc_t>(scale) * inv_t;
+    if (reduction != kNone) row_scale *= g_p[0];
+    if (reduction == kMean) {
+      const acc_t d = divisor.item<acc_t>();
+      row_scale = d > acc_t(0) ? row_scale / d : acc_t(0);
+    }
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* out_row = out_p + n * V;
+        const acc_t gr = ok_p[n] ? (reduction == kNone ? row_scale * g_p[n] : row_scale) : acc_t(0);
+        if (gr == acc_t(0)) {
+          std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
+          continue;
+        }
+        const auto row = make_row<scalar_t>(logits, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        const acc_t row_lse = lse_p[n];
+        const auto c = row_coefficients(row, inv_t, row_lse, full_support);
+        dense_softmax_row(out_row, row.z, V, inv_t, row_lse, gr * c.alpha);
+        for (int64_t i = 0; i < k; ++i) {
+          if (!row.kept(i)) continue;
+          const acc_t q = std::exp(row.scaled_logit(i, inv_t) - row_lse);
+          const acc_t p = std::exp(row.logp[i]);
+          const acc_t d = full_support ? (c.alpha + c.gamma) * q - p : c.mass * q - p;
+          out_row[row.ids[i]] = static_cast<scalar_t>(gr * d);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdloss, CPU, m) {
+  m.impl("topk_kl_fwd", &topk_kl_fwd);
+  m.impl("topk_kl_bwd", &topk_kl_bwd);
+}
+
+}  // namespace cpu
+}  // namespace kdloss

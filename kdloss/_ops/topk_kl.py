@@ -1,0 +1,64 @@
+"""``kdloss::topk_kl_*`` ops (spec §3): schemas, fakes and autograd.
+
+Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user input first):
+
+* ``logits [N, V]`` — student logits, any float dtype, unit stride along V (any row stride);
+* ``ids [N, k]`` int64 in ``[0, V)``; ``target_logp [N, k]`` teacher log-targets ``log p̂`` and
+  ``tail_logp [N]`` tail bucket ``log r̂`` (−inf: no tail), both in the accumulation dtype (fp32;
+  fp64 for fp64 logits), contiguous; slots with ``log p̂ = −inf`` are not part of K;
+* ``valid [N]`` bool — rows that count (others give 0 and a zero gradient and are never read);
+* ``divisor`` 0-d, accumulation dtype — the ``"mean"`` denominator (≤ 0 gives 0);
+* ``inv_temperature`` = 1/T, ``scale`` = T² or 1, ``full_support`` (student log-softmax over V, else
+  over K), ``reduction`` 0 none / 1 mean / 2 sum.
+
+``topk_kl_fwd`` returns ``(loss, lse)``: the loss in the logits' dtype (``[N]`` for none, else a
+scalar) and the per-row log-sum-exp of ``logits/T`` over V (over K for ``full_support=False``) in
+the accumulation dtype, saved for the backward (not differentiable). ``topk_kl_bwd`` writes the
+dense ``[N, V]`` gradient from it in one pass (spec §3.4: ``g·(α·q_j + β_j·[j∈K])``).
+"""
+
+import torch
+
+from . import LIB
+
+_ARGS = (
+    "Tensor ids, Tensor target_logp, Tensor tail_logp, Tensor valid, Tensor divisor, "
+    "float inv_temperature, float scale, bool full_support, int reduction"
+)
+LIB.define(f"topk_kl_fwd(Tensor logits, {_ARGS}) -> (Tensor, Tensor)")
+LIB.define(f"topk_kl_bwd(Tensor grad, Tensor lse, Tensor logits, {_ARGS}) -> Tensor")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("kdloss::topk_kl_fwd")
+def _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                      full_support, reduction):
+    rows = logits.shape[0]
+    loss = logits.new_empty((rows,) if reduction == 0 else ())
+    return loss, logits.new_empty((rows,), dtype=_acc_dtype(logits.dtype))
+
+
+@torch.library.register_fake("kdloss::topk_kl_bwd")
+def _topk_kl_bwd_fake(grad, lse, logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature,
+                      scale, full_support, reduction):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, inv_temperature, scale, full_support, reduction = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(lse, *tensors)
+    ctx.options = (inv_temperature, scale, full_support, reduction)
+
+
+def _topk_kl_backward(ctx, grad_loss, _grad_lse):
+    lse, *tensors = ctx.saved_tensors
+    grad = torch.ops.kdloss.topk_kl_bwd(grad_loss, lse, *tensors, *ctx.options)
+    return (grad,) + (None,) * 9
+
+
+torch.library.register_autograd("kdloss::topk_kl_fwd", _topk_kl_backward, setup_context=_setup_context)
