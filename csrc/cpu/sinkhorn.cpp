@@ -1,0 +1,424 @@
+// SinKD CPU kernels (spec §1, decision 1). Schemas live in kdloss/_ops/sinkhorn.py; this file only
+// implements them for the CPU dispatch key.
+//
+// Shapes (validated in Python; re-checked here for the kernels' own memory safety):
+//   student_logits [B, C] (any float dtype), teacher_logits [B', C] in the accumulation dtype
+//   (fp32, or fp64 for fp64 students); B or B' may be 0 (loss 0), C >= 1, n_iters >= 1.
+//
+// Forward, all in the accumulation dtype:
+//   s = softmax(z_s / T), t = softmax(z_t / T)            rows; parallel over rows
+//   W_ij = Σ_c |s_ic − t_jc|                               vectorised over j (teacher transposed)
+//   L = −W/ε;  n times:  f_i = −lse_j(L_ij + g_j)          row step, parallel over rows
+//                        g_j = −lse_i(L_ij + f_i)          column step, parallel over column blocks
+//   loss = scale · Σ_ij exp(L_ij + f_i + g_j) · W_ij       per-row partials + ordered_sum
+// The iterate after each half-step is L + f + g, so the history of (f, g) — 2·n·(B + B') numbers —
+// is all the backward needs to recompute every plan of the recursion.
+//
+// Backward (spec §1.5): x̄ = gs·P⊙W, W̄ = gs·P (gs = grad·scale); for each step in reverse
+//   column step: x̄ ← x̄ − P_col⊙colsum(x̄);  row step: x̄ ← x̄ − P_row⊙rowsum(x̄);  then W̄ −= x̄/ε,
+//   s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc), z̄ = (1/T)·s⊙(s̄ − ⟨s̄, s⟩).
+// A row pass (apply the column update, take row sums) alternates with a column-block pass (apply
+// the row update, take column sums), so every reduction is sequential inside one task.
+//
+// Every B×B' matrix is stored with its rows padded to a multiple of the vector width (pads: W = 0,
+// L = −inf, g = 0, so their plan entries are exp(−inf) = 0), which removes scalar tails: each
+// element is computed by the same vector instruction whatever the thread count, and the results
+// are bitwise independent of it.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kdloss/cpu_utils.h"
+
+namespace kdloss {
+namespace cpu {
+namespace {
+
+// Columns per task of a column-block pass (in vectors): 4 vectors = 2 cache lines of fp32.
+constexpr int64_t kBlockVecs = 4;
+
+template <typename acc_t>
+struct Problem {
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t V = Vec::size();
+  int64_t B, Bt, Bp, C;  // rows (student), columns (teacher), padded row length, classes
+  acc_t eps;
+
+  int64_t blocks() const { return (Bp / V + kBlockVecs - 1) / kBlockVecs; }
+  // column range [j0, j1) of block q (multiples of V)
+  int64_t block_begin(int64_t q) const { return q * kBlockVecs * V; }
+  int64_t block_end(int64_t q) const { return std::min(Bp, (q + 1) * kBlockVecs * V); }
+};
+
+template <typename acc_t>
+acc_t vec_max(const at::vec::Vectorized<acc_t>& v) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// out[r, :] = softmax(z[r, :] / T) for rows [0, rows); z has row stride `stride`, unit column stride.
+template <typename in_t, typename acc_t>
+void softmax_rows(const in_t* z, int64_t rows, int64_t C, int64_t stride, double T, acc_t* out) {
+  const acc_t temp = static_cast<acc_t>(T);
+  at::parallel_for(0, rows, row_grain(4 * C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const in_t* zr = z + r * stride;
+      acc_t* o = out + r * C;
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t c = 0; c < C; ++c) {
+        o[c] = static_cast<acc_t>(zr[c]) / temp;
+        m = std::max(m, o[c]);
+      }
+      acc_t total = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        o[c] = std::exp(o[c] - m);
+        total += o[c];
+      }
+      for (int64_t c = 0; c < C; ++c) o[c] /= total;
+    }
+  });
+}
+
+// tT[c, j] = t[j, c], zero-padded to Bp columns.
+template <typename acc_t>
+std::vector<acc_t> transpose_padded(const acc_t* t, const Problem<acc_t>& p) {
+  std::vector<acc_t> tT(p.C * p.Bp, acc_t(0));
+  for (int64_t j = 0; j < p.Bt; ++j)
+    for (int64_t c = 0; c < p.C; ++c) tT[c * p.Bp + j] = t[j * p.C + c];
+  return tT;
+}
+
+// Fills W (pads 0) and L = −W/ε (pads −inf), both [B, Bp]: W_ij = Σ_c |s_ic − t_jc|, vectorised over j.
+template <typename acc_t>
+void cost_matrix(const acc_t* s, const acc_t* tT, const Problem<acc_t>& p, acc_t* W, acc_t* L) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec veps(p.eps), zero(acc_t(0));
+  at::parallel_for(0, p.B, row_grain(p.Bp * p.C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* si = s + i * p.C;
+      acc_t* Wi = W + i * p.Bp;
+      acc_t* Li = L + i * p.Bp;
+      int64_t j = 0;
+      for (; j + 4 * V <= p.Bp; j += 4 * V) {  // four independent accumulators
+        Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+        for (int64_t c = 0; c < p.C; ++c) {
+          const Vec sc(si[c]);
+          const acc_t* tc = tT + c * p.Bp + j;
+          a0 = a0 + (sc - Vec::loadu(tc)).abs();
+          a1 = a1 + (sc - Vec::loadu(tc + V)).abs();
+          a2 = a2 + (sc - Vec::loadu(tc + 2 * V)).abs();
+          a3 = a3 + (sc - Vec::loadu(tc + 3 * V)).abs();
+        }
+        a0.store(Wi + j), a1.store(Wi + j + V), a2.store(Wi + j + 2 * V), a3.store(Wi + j + 3 * V);
+        ((zero - a0) / veps).store(Li + j), ((zero - a1) / veps).store(Li + j + V);
+        ((zero - a2) / veps).store(Li + j + 2 * V), ((zero - a3) / veps).store(Li + j + 3 * V);
+      }
+      for (; j < p.Bp; j += V) {
+        Vec a(acc_t(0));
+        for (int64_t c = 0; c < p.C; ++c) a = a + (Vec(si[c]) - Vec::loadu(tT + c * p.Bp + j)).abs();
+        a.store(Wi + j);
+        ((zero - a) / veps).store(Li + j);
+      }
+      for (j = p.Bt; j < p.Bp; ++j) {
+        Wi[j] = acc_t(0);
+        Li[j] = -std::numeric_limits<acc_t>::infinity();
+      }
+    }
+  });
+}
+
+// Row step: f_i = −log Σ_j exp(L_ij + g_j), for every row (parallel over rows).
+template <typename acc_t>
+void row_step(const acc_t* L, const acc_t* g, const Problem<acc_t>& p, acc_t* f) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, p.B, row_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* Li = L + i * p.Bp;
+      Vec m(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t j = 0; j < p.Bp; j += V) m = at::vec::maximum(m, Vec::loadu(Li + j) + Vec::loadu(g + j));
+      const acc_t mx = vec_max(m);
+      const Vec vmx(mx);
+      Vec sum(acc_t(0));
+      for (int64_t j = 0; j < p.Bp; j += V) sum = sum + (Vec::loadu(Li + j) + Vec::loadu(g + j) - vmx).exp();
+      f[i] = -(mx + std::log(vec_sum(sum)));
+    }
+  });
+}
+
+// Column step: g_j = −log Σ_i exp(L_ij + f_i) (parallel over column blocks; pads get g = 0).
+template <typename acc_t>
+void col_step(const acc_t* L, const acc_t* f, const Problem<acc_t>& p, acc_t* g) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, p.blocks(), row_grain(2 * p.B * kBlockVecs * V), [&](int64_t qb, int64_t qe) {
+    for (int64_t q = qb; q < qe; ++q) {
+      const int64_t j0 = p.block_begin(q), nv = (p.block_end(q) - j0) / V;
+      Vec m[kBlockVecs], sum[kBlockVecs];
+      for (int64_t k = 0; k < nv; ++k) m[k] = Vec(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t i = 0; i < p.B; ++i) {
+        const Vec fi(f[i]);
+        const acc_t* Li = L + i * p.Bp + j0;
+        for (int64_t k = 0; k < nv; ++k) m[k] = at::vec::maximum(m[k], Vec::loadu(Li + k * V) + fi);
+      }
+      for (int64_t k = 0; k < nv; ++k) sum[k] = Vec(acc_t(0));
+      for (int64_t i = 0; i < p.B; ++i) {
+        const Vec fi(f[i]);
+        const acc_t* Li = L + i * p.Bp + j0;
+        for (int64_t k = 0; k < nv; ++k) sum[k] = sum[k] + (Vec::loadu(Li + k * V) + fi - m[k]).exp();
+      }
+      for (int64_t k = 0; k < nv; ++k) (Vec(acc_t(0)) - (m[k] + sum[k].log())).store(g + j0 + k * V);
+    }
+  });
+  for (int64_t j = p.Bt; j < p.Bp; ++j) g[j] = acc_t(0);  // pads: −inf columns would give NaN
+}
+
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
+  check_cpu_float(student, "student_logits");
+  check_cpu_float(teacher, "teacher_logits");
+  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be [B, C], got ", student.sizes());
+  TORCH_CHECK_VALUE(student.size(1) >= 1, "student_logits must have at least one class");
+  TORCH_CHECK_VALUE(teacher.dim() == 2 && teacher.size(1) == student.size(1),
+                    "teacher_logits must be [B', ", student.size(1), "], got ", teacher.sizes());
+  const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(teacher.scalar_type() == acc, "teacher_logits must be ", acc, ", got ", teacher.scalar_type());
+}
+
+void check_options(double temperature, double epsilon, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(epsilon) && epsilon > 0, "epsilon must be > 0, got ", epsilon);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+}
+
+template <typename acc_t>
+Problem<acc_t> make_problem(int64_t B, int64_t Bt, int64_t C, double epsilon) {
+  constexpr int64_t V = at::vec::Vectorized<acc_t>::size();
+  return {B, Bt, (Bt + V - 1) / V * V, C, static_cast<acc_t>(epsilon)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, double temperature, double epsilon,
+    int64_t n_iters, double scale) {
+  check_inputs(student_logits, teacher_logits);
+  check_options(temperature, epsilon, scale);
+  TORCH_CHECK_VALUE(n_iters >= 1, "n_iters must be >= 1, got ", n_iters);
+  const int64_t B = student_logits.size(0), Bt = teacher_logits.size(0), C = student_logits.size(1);
+  const auto zs = student_logits.stride(1) == 1 ? student_logits : student_logits.contiguous();
+  const auto zt = teacher_logits.contiguous();
+  const auto acc_opts = zt.options();
+  at::Tensor loss = at::empty({}, student_logits.options());
+  at::Tensor probs_s = at::empty({B, C}, acc_opts), probs_t = at::empty({Bt, C}, acc_opts);
+  at::Tensor cost = at::empty({B, Bt}, acc_opts);
+  at::Tensor f_hist = at::zeros({n_iters, B}, acc_opts), g_hist = at::zeros({n_iters, Bt}, acc_opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "sinkhorn_fwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t V = Vec::size();
+    acc_t* s = probs_s.data_ptr<acc_t>();
+    acc_t* t = probs_t.data_ptr<acc_t>();
+    softmax_rows<scalar_t, acc_t>(zs.data_ptr<scalar_t>(), B, C, zs.stride(0), temperature, s);
+    softmax_rows<acc_t, acc_t>(zt.data_ptr<acc_t>(), Bt, C, C, temperature, t);
+    if (B == 0 || Bt == 0) {  // an empty plan: the loss is 0
+      loss.fill_(0);
+      return;
+    }
+    const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
+    const std::vector<acc_t> tT = transpose_padded(t, p);
+    std::vector<acc_t> W(B * p.Bp), L(B * p.Bp), f(B), g(p.Bp, acc_t(0));
+    cost_matrix(s, tT.data(), p, W.data(), L.data());
+    acc_t* fh = f_hist.data_ptr<acc_t>();
+    acc_t* gh = g_hist.data_ptr<acc_t>();
+    for (int64_t k = 0; k < n_iters; ++k) {
+      row_step(L.data(), g.data(), p, f.data());
+      col_step(L.data(), f.data(), p, g.data());
+      std::copy(f.begin(), f.end(), fh + k * B);
+      std::copy(g.begin(), g.begin() + Bt, gh + k * Bt);
+    }
+    std::vector<acc_t> row_sums(B);
+    acc_t* cost_p = cost.data_ptr<acc_t>();
+    at::parallel_for(0, B, row_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* Li = L.data() + i * p.Bp;
+        const acc_t* Wi = W.data() + i * p.Bp;
+        const Vec fi(f[i]);
+        Vec acc(acc_t(0));
+        for (int64_t j = 0; j < p.Bp; j += V) {
+          acc = acc + (Vec::loadu(Li + j) + fi + Vec::loadu(g.data() + j)).exp() * Vec::loadu(Wi + j);
+        }
+        row_sums[i] = vec_sum(acc);
+        std::copy(Wi, Wi + Bt, cost_p + i * Bt);
+      }
+    });
+    loss.fill_(static_cast<double>(static_cast<acc_t>(scale) * ordered_sum(row_sums.data(), B)));
+  });
+  return {loss, probs_s, probs_t, cost, f_hist, g_hist};
+}
+
+at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits, const at::Tensor& probs_s,
+                        const at::Tensor& probs_t, const at::Tensor& cost, const at::Tensor& f_hist,
+                        const at::Tensor& g_hist, double temperature, double epsilon, double scale) {
+  check_cpu_float(student_logits, "student_logits");
+  check_cpu_float(grad, "grad");
+  check_options(temperature, epsilon, scale);
+  TORCH_CHECK_VALUE(student_logits.dim() == 2 && student_logits.size(1) >= 1,
+                    "student_logits must be [B, C] with C >= 1, got ", student_logits.sizes());
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one element, got ", grad.numel());
+  const int64_t B = student_logits.size(0), C = student_logits.size(1);
+  const auto acc = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&probs_s, &probs_t, &cost, &f_hist, &g_hist}) {
+    check_cpu_float(*t, "saved tensor");
+    TORCH_CHECK_VALUE(t->scalar_type() == acc && t->dim() == 2, "saved tensors must be 2-D ", acc);
+  }
+  const int64_t Bt = probs_t.size(0), n_iters = f_hist.size(0);
+  TORCH_CHECK_VALUE(probs_s.size(0) == B && probs_s.size(1) == C && probs_t.size(1) == C,
+                    "probabilities must be [B, C] and [B', C]");
+  TORCH_CHECK_VALUE(cost.size(0) == B && cost.size(1) == Bt, "cost must be [B, B'], got ", cost.sizes());
+  TORCH_CHECK_VALUE(n_iters >= 1 && f_hist.size(1) == B && g_hist.size(0) == n_iters && g_hist.size(1) == Bt,
+                    "potentials must be [n_iters, B] and [n_iters, B']");
+  at::Tensor grad_student = at::zeros({B, C}, student_logits.options());
+  if (B == 0 || Bt == 0) return grad_student;
+  const auto s_t = probs_s.contiguous(), t_t = probs_t.contiguous(), W_t = cost.contiguous();
+  const auto f_t = f_hist.contiguous(), g_t = g_hist.contiguous();
+  const auto g_scalar = grad.to(acc);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "sinkhorn_bwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t V = Vec::size();
+    const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
+    const acc_t gs = static_cast<acc_t>(scale) * g_scalar.data_ptr<acc_t>()[0];
+    const acc_t* s = s_t.data_ptr<acc_t>();
+    const acc_t* f = f_t.data_ptr<acc_t>();  // f[k * B + i]: after row step k + 1
+    const std::vector<acc_t> tT = transpose_padded(t_t.data_ptr<acc_t>(), p);
+    // gp[k * Bp + j]: g after column step k (k = 0: the initial zeros), zero-padded
+    std::vector<acc_t> gp((n_iters + 1) * p.Bp, acc_t(0));
+    const acc_t* gsrc = g_t.data_ptr<acc_t>();
+    for (int64_t k = 0; k < n_iters; ++k) std::copy(gsrc + k * Bt, gsrc + (k + 1) * Bt, gp.begin() + (k + 1) * p.Bp);
+    // padded W (pads 0) and L = −W/ε (pads −inf)
+    std::vector<acc_t> W(B * p.Bp), L(B * p.Bp);
+    const acc_t* Wsrc = W_t.data_ptr<acc_t>();
+    at::parallel_for(0, B, row_grain(p.Bp), [&](int64_t begin, int64_t end) {
+      const Vec veps(p.eps), zero(acc_t(0));
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* Wi = W.data() + i * p.Bp;
+        std::copy(Wsrc + i * Bt, Wsrc + (i + 1) * Bt, Wi);
+        std::fill(Wi + Bt, Wi + p.Bp, acc_t(0));
+        for (int64_t j = 0; j < p.Bp; j += V) ((zero - Vec::loadu(Wi + j)) / veps).store(L.data() + i * p.Bp + j);
+        for (int64_t j = Bt; j < p.Bp; ++j) L[i * p.Bp + j] = -std::numeric_limits<acc_t>::infinity();
+      }
+    });
+    std::vector<acc_t> Xbar(B * p.Bp), Wbar(B * p.Bp), colsum(p.Bp), rowsum(B);
+    const int64_t block_grain = row_grain(2 * B * kBlockVecs * V);
+    const Vec vgs(gs), inv_eps(acc_t(1) / p.eps);
+
+    // x̄ = gs·P⊙W, W̄ = gs·P with the final plan; colsum(x̄) for the last column step.
+    {
+      const acc_t* fn = f + (n_iters - 1) * B;
+      const acc_t* gn = gp.data() + n_iters * p.Bp;
+      at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
+        for (int64_t q = qb; q < qe; ++q) {
+          const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
+          for (int64_t j = j0; j < j1; j += V) {
+            const Vec gj = Vec::loadu(gn + j);
+            Vec csum(acc_t(0));
+            for (int64_t i = 0; i < B; ++i) {
+              const int64_t o = i * p.Bp + j;
+              const Vec wb = vgs * (Vec::loadu(L.data() + o) + Vec(fn[i]) + gj).exp();
+              wb.store(Wbar.data() + o);
+              const Vec xb = wb * Vec::loadu(W.data() + o);
+              xb.store(Xbar.data() + o);
+              csum = csum + xb;
+            }
+            csum.store(colsum.data() + j);
+          }
+        }
+      });
+    }
+    for (int64_t k = n_iters; k >= 1; --k) {
+      const acc_t* fk = f + (k - 1) * B;             // f after row step k
+      const acc_t* gk = gp.data() + k * p.Bp;        // g after column step k
+      const acc_t* gprev = gp.data() + (k - 1) * p.Bp;  // g before row step k
+      // column step k: x̄ −= P_col⊙colsum, with P_col = exp(L + f_k + g_k); then rowsum(x̄).
+      at::parallel_for(0, B, row_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const Vec fi(fk[i]);
+          acc_t* Xi = Xbar.data() + i * p.Bp;
+          const acc_t* Li = L.data() + i * p.Bp;
+          Vec rsum(acc_t(0));
+          for (int64_t j = 0; j < p.Bp; j += V) {
+            const Vec P = (Vec::loadu(Li + j) + fi + Vec::loadu(gk + j)).exp();
+            const Vec xb = Vec::loadu(Xi + j) - P * Vec::loadu(colsum.data() + j);
+            xb.store(Xi + j);
+            rsum = rsum + xb;
+          }
+          rowsum[i] = vec_sum(rsum);
+        }
+      });
+      // row step k: x̄ −= P_row⊙rowsum, P_row = exp(L + f_k + g_{k−1}); then colsum(x̄) for column
+      // step k − 1, or, after the first step, W̄ −= x̄/ε.
+      const bool last = k == 1;
+      at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
+        for (int64_t q = qb; q < qe; ++q) {
+          const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
+          for (int64_t j = j0; j < j1; j += V) {
+            const Vec gj = Vec::loadu(gprev + j);
+            Vec csum(acc_t(0));
+            for (int64_t i = 0; i < B; ++i) {
+              const int64_t o = i * p.Bp + j;
+              const Vec P = (Vec::loadu(L.data() + o) + Vec(fk[i]) + gj).exp();
+              const Vec xb = Vec::loadu(Xbar.data() + o) - P * Vec(rowsum[i]);
+              if (last) {
+                (Vec::loadu(Wbar.data() + o) - xb * inv_eps).store(Wbar.data() + o);
+              } else {
+                xb.store(Xbar.data() + o);
+                csum = csum + xb;
+              }
+            }
+            csum.store(colsum.data() + j);
+          }
+        }
+      });
+    }
+    // s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc); z̄ = (1/T)·s⊙(s̄ − ⟨s̄, s⟩)
+    scalar_t* out = grad_student.data_ptr<scalar_t>();
+    const acc_t inv_T = acc_t(1) / static_cast<acc_t>(temperature);
+    at::parallel_for(0, B, row_grain(p.Bp * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sbar(C);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* si = s + i * C;
+        const acc_t* Wb = Wbar.data() + i * p.Bp;
+        acc_t dot = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec sc(si[c]);
+          const acc_t* tc = tT.data() + c * p.Bp;
+          Vec a(acc_t(0));
+          for (int64_t j = 0; j < p.Bp; j += V) {
+            const Vec tj = Vec::loadu(tc + j);
+            a = a + Vec::loadu(Wb + j) * (sc.gt(tj) - sc.lt(tj));
+          }
+          sbar[c] = vec_sum(a);
+          dot += sbar[c] * si[c];
+        }
+        for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
+      }
+    });
+  });
+  return grad_student;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdloss, CPU, m) {
+  m.impl("sinkhorn_fwd", &sinkhorn_fwd);
+  m.impl("sinkhorn_bwd", &sinkhorn_bwd);
+}
+
+}  // namespace cpu
+}  // namespace kdloss

@@ -1,0 +1,73 @@
+"""``kdloss::sinkhorn_*`` ops (SinKD, spec §1): schemas, fakes and autograd.
+
+Op-level contract (the public function in :mod:`kdloss.sinkhorn` validates and normalises first):
+
+* ``student_logits [B, C]`` — any float dtype; ``teacher_logits [B', C]`` — detached, in the
+  accumulation dtype (fp32; fp64 for fp64 students); ``C ≥ 1``; ``B`` or ``B'`` may be 0 (loss 0);
+* ``temperature > 0``, ``epsilon > 0``, ``n_iters ≥ 1``, ``scale`` finite.
+
+``sinkhorn_fwd`` returns the loss (a scalar in the student's dtype) and, for the backward, the
+softmax probabilities ``[B, C]`` / ``[B', C]``, the cost matrix ``W [B, B']`` and the dual
+potentials of every half-step, ``f [n_iters, B]`` (after each row step) and ``g [n_iters, B']``
+(after each column step), all in the accumulation dtype. The iterate after any half-step is
+``−W/ε + f_i + g_j``, so the backward recomputes the plans it needs from ``W`` and these
+``2·n_iters·(B + B')`` numbers instead of storing ``2·n_iters`` B×B' matrices.
+``sinkhorn_bwd`` runs the adjoint recursion of spec §1.5 and returns ``∂L/∂student_logits``.
+"""
+
+import torch
+
+from . import LIB
+
+LIB.define(
+    "sinkhorn_fwd(Tensor student_logits, Tensor teacher_logits, float temperature, float epsilon, "
+    "int n_iters, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "sinkhorn_bwd(Tensor grad, Tensor student_logits, Tensor student_probs, Tensor teacher_probs, "
+    "Tensor cost, Tensor f, Tensor g, float temperature, float epsilon, float scale) -> Tensor"
+)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("kdloss::sinkhorn_fwd")
+def _sinkhorn_fwd_fake(student_logits, teacher_logits, temperature, epsilon, n_iters, scale):
+    batch, classes = student_logits.shape
+    batch_t = teacher_logits.shape[0]
+    acc = _acc(student_logits.dtype)
+    return (
+        student_logits.new_empty(()),
+        student_logits.new_empty((batch, classes), dtype=acc),
+        student_logits.new_empty((batch_t, classes), dtype=acc),
+        student_logits.new_empty((batch, batch_t), dtype=acc),
+        student_logits.new_empty((n_iters, batch), dtype=acc),
+        student_logits.new_empty((n_iters, batch_t), dtype=acc),
+    )
+
+
+@torch.library.register_fake("kdloss::sinkhorn_bwd")
+def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, f, g, temperature,
+                       epsilon, scale):
+    return student_logits.new_empty(student_logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    student_logits, _teacher, temperature, epsilon, _n_iters, scale = inputs
+    _loss, probs_s, probs_t, cost, f, g = output
+    ctx.mark_non_differentiable(probs_s, probs_t, cost, f, g)
+    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, f, g)
+    ctx.temperature, ctx.epsilon, ctx.scale = temperature, epsilon, scale
+
+
+def _sinkhorn_backward(ctx, grad, *_unused):
+    student_logits, probs_s, probs_t, cost, f, g = ctx.saved_tensors
+    grad_student = torch.ops.kdloss.sinkhorn_bwd(
+        grad, student_logits, probs_s, probs_t, cost, f, g, ctx.temperature, ctx.epsilon, ctx.scale
+    )
+    return grad_student, None, None, None, None, None
+
+
+torch.library.register_autograd("kdloss::sinkhorn_fwd", _sinkhorn_backward, setup_context=_setup_context)

@@ -1,0 +1,75 @@
+"""SinKD cases for the fuzzer, property tests and benchmarks (spec §1).
+
+A case: ``batch`` B and ``batch_t`` B' (0 allowed: an empty plan, loss 0), ``classes`` C,
+``temperature``, ``epsilon`` (down to 1e-3, where the multiplicative recursion underflows),
+``n_iters``, ``scale``, ``layout`` ("contiguous" | "strided": student's last dim not unit-stride |
+"slice": the student is a column slice of a wider tensor), ``magnitude`` of the logits and ``seed``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional import sinkhorn_loss
+from ..reference.sinkhorn import sinkhorn_multiplicative, sinkhorn_reference
+from . import Built, LossSpec, non_contiguous, register
+
+
+def strategy():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw):
+        return {
+            "batch": draw(st.one_of(st.just(0), st.just(1), st.integers(1, 40))),
+            "batch_t": draw(st.one_of(st.just(0), st.just(1), st.integers(1, 40))),
+            "classes": draw(st.one_of(st.just(1), st.just(2), st.integers(1, 40))),
+            "temperature": draw(st.sampled_from([0.5, 1.0, 2.0, 4.0])),
+            "epsilon": draw(st.sampled_from([1e-3, 0.01, 0.1, 1.0])),
+            "n_iters": draw(st.one_of(st.just(20), st.integers(1, 25))),
+            "scale": draw(st.sampled_from([1.0, 1e-3, -2.5])),
+            "layout": draw(st.sampled_from(["contiguous", "strided", "slice"])),
+            "magnitude": draw(st.sampled_from([0.1, 1.0, 6.0])),
+            "seed": draw(st.integers(0, 2**31 - 1)),
+        }
+
+    return cases()
+
+
+def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
+    """Student logits (the leaf) and teacher logits (a constant, in the student's dtype)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    mag, classes = case["magnitude"], case["classes"]
+    student = mag * torch.randn(case["batch"], classes, generator=gen, dtype=torch.float64)
+    teacher = mag * torch.randn(case["batch_t"], classes, generator=gen, dtype=torch.float64)
+    student, teacher = student.to(device, dtype), teacher.to(device, dtype)
+    if case["layout"] == "strided":
+        student = non_contiguous(student)
+    elif case["layout"] == "slice":
+        student = torch.cat([student, student[:, :1]], dim=1)  # the case uses [:, :C]
+    return Built((student.requires_grad_(),), {"teacher": teacher}, upstream_seed=case["seed"] + 1)
+
+
+def _student(case, inputs):
+    (student,) = inputs
+    return student[:, : case["classes"]] if case["layout"] == "slice" else student
+
+
+def _options(case):
+    return {k: case[k] for k in ("temperature", "epsilon", "n_iters", "scale")}
+
+
+def kernel(case, *inputs, teacher):
+    return sinkhorn_loss(_student(case, inputs), teacher, **_options(case), backend="kernel")
+
+
+def reference(case, *inputs, teacher):
+    return sinkhorn_reference(_student(case, inputs), teacher, **_options(case))
+
+
+def naive(case, *inputs, teacher):
+    """The official multiplicative recursion in the input dtype (NaN where exp(−W/ε) underflows)."""
+    return sinkhorn_multiplicative(_student(case, inputs), teacher, **_options(case))
+
+
+SPEC = register(LossSpec("sinkhorn", strategy, build, kernel, reference, naive))
