@@ -30,7 +30,7 @@ def _check_real(value, name: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
+    if not -math.inf < value < math.inf or (positive and value <= 0):  # NaN fails both
         kind = "a finite number > 0" if positive else "a finite number"
         raise ValueError(f"{name} must be {kind}, got {value}")
     return value
