@@ -32,7 +32,8 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 
 def check_positive(value, name: str) -> float:
     """``value`` must be a finite real number > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    # a chained comparison (not math.isfinite) so that torch.compile's symbolic floats pass too
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value < math.inf):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 

@@ -218,7 +218,7 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const a
   check_cpu_float(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK_VALUE(V <= 1 || logits.stride(1) == 1, "logits must have unit stride along V");
+  TORCH_CHECK_VALUE(V <= 1 || N == 0 || logits.stride(1) == 1, "logits must have unit stride along V");
   TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 &&
                         ids.size(0) == N,
                     "ids must be an int64 CPU tensor [N, k] with N = ", N, ", got ", ids.scalar_type(), " ",

@@ -1,0 +1,153 @@
+"""Top-k sparse KL cases for the fuzzer, property tests and benchmarks (spec §3).
+
+A case: ``rows`` (0 allowed), ``split`` (rows as ``[2, rows/2]`` leading dims when even), ``vocab``
+(small, or above the kernel's 2048-element LSE block so the running max is rescaled), ``k``,
+``pad`` (trailing teacher slots with value −inf and a repeated id), ``values``/``tail``/
+``support`` (the variants), ``temperature``, ``teacher_temperature``, ``scale_by_t2``, ``labels``
+(None | "some" ignored | "all" ignored), ``num_items`` (None | an int, only with "mean"),
+``reduction``, ``layout`` ("contiguous" | "rows": a row-strided slice | "strided": vocabulary not
+unit-stride), ``magnitude`` of the logits, ``student_pad`` (vocabulary entries at −inf in the
+student, never kept by the teacher), ``quantised`` (stored log-probs shifted up so their mass may
+exceed 1) and ``seed``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional import topk_kl_loss
+from ..reference.topk_kl import topk_kl_reference
+from . import Built, LossSpec, non_contiguous, register
+
+REDUCTIONS = ("mean", "sum", "none")
+VARIANTS = (  # (values, tail, student_support)
+    ("logprobs", "renorm", "full"),
+    ("logprobs", "bucket", "full"),
+    ("logprobs", "none", "full"),
+    ("logprobs", "renorm", "topk"),
+    ("logprobs", "none", "topk"),
+    ("logits", "renorm", "full"),
+    ("logits", "renorm", "topk"),
+)
+
+
+def strategy():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw):
+        large = draw(st.booleans())
+        vocab = draw(st.integers(2049, 4500)) if large else draw(st.integers(1, 300))
+        student_pad = draw(st.sampled_from([0, 0, 3])) if vocab > 8 else 0
+        k = draw(st.integers(1, min(vocab - student_pad, 48)))
+        values, tail, support = draw(st.sampled_from(VARIANTS))
+        reduction = draw(st.sampled_from(REDUCTIONS))
+        return {
+            "rows": draw(st.one_of(st.just(0), st.just(1), st.integers(1, 8 if large else 40))),
+            "split": draw(st.booleans()),
+            "vocab": vocab,
+            "k": k,
+            "pad": draw(st.integers(0, min(k - 1, 4))) if k > 1 else 0,
+            "values": values,
+            "tail": tail,
+            "support": support,
+            "temperature": draw(st.sampled_from([1.0, 0.5, 2.0, 3.7])),
+            "teacher_temperature": draw(st.sampled_from([1.0, 1.5])),
+            "scale_by_t2": draw(st.booleans()),
+            "labels": draw(st.sampled_from([None, "some", "all"])),
+            "num_items": draw(st.sampled_from([None, 0, 7])) if reduction == "mean" else None,
+            "reduction": reduction,
+            "layout": draw(st.sampled_from(["contiguous", "rows", "strided"])),
+            "magnitude": draw(st.sampled_from([0.1, 1.0, 8.0, 60.0])),
+            "student_pad": student_pad,
+            "quantised": draw(st.booleans()) and values == "logprobs",
+            "seed": draw(st.integers(0, 2**31 - 1)),
+        }
+
+    return cases()
+
+
+def _lead(case: dict) -> tuple[int, ...]:
+    rows = case["rows"]
+    return (2, rows // 2) if case["split"] and rows % 2 == 0 and rows > 0 else (rows,)
+
+
+def _teacher(case: dict, gen: torch.Generator, rows: int, usable: int):
+    """Teacher ids ``[rows, k]`` (distinct among slots with mass) and values, fp64."""
+    k, pad = case["k"], case["pad"]
+    teacher_logits = 3.0 * torch.randn(rows, usable, generator=gen, dtype=torch.float64)
+    order = torch.rand(rows, usable, generator=gen).argsort(dim=-1)
+    ids = order[:, :k].clone()
+    picked = teacher_logits.gather(1, ids)
+    if case["values"] == "logits":
+        values = picked
+    else:
+        values = picked - torch.logsumexp(teacher_logits, dim=-1, keepdim=True)
+        if case["quantised"]:
+            values = values + 0.05
+    if pad:
+        values[:, k - pad:] = float("-inf")
+        ids[:, k - pad:] = ids[:, :1]  # a repeated id carrying no mass is allowed
+    return ids, values
+
+
+def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
+    gen = torch.Generator().manual_seed(case["seed"])
+    rows, vocab = case["rows"], case["vocab"]
+    lead = _lead(case)
+    usable = vocab - case["student_pad"]
+    logits = case["magnitude"] * torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    if case["student_pad"]:
+        logits[:, usable:] = float("-inf")
+    ids, values = _teacher(case, gen, rows, usable)
+    labels = None
+    if case["labels"] is not None:
+        labels = torch.randint(0, vocab, (rows,), generator=gen)
+        ignored = torch.rand(rows, generator=gen) < 0.3 if case["labels"] == "some" else torch.ones(rows, dtype=torch.bool)
+        labels[ignored] = -100
+        labels = labels.reshape(lead).to(device)
+    logits = logits.to(device, dtype)
+    if case["layout"] == "rows":
+        wide = torch.zeros(rows, vocab + 5, dtype=dtype, device=device)
+        wide[:, 2:vocab + 2] = logits
+        student = wide[:, 2:vocab + 2].detach().requires_grad_()
+    elif case["layout"] == "strided":
+        student = non_contiguous(logits).requires_grad_()
+    else:
+        student = logits.requires_grad_()
+    teacher_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    constants = {
+        "teacher_ids": ids.reshape(*lead, case["k"]).to(device),
+        "teacher_values": values.reshape(*lead, case["k"]).to(device, teacher_dtype),
+        "labels": labels,
+    }
+    return Built((student,), constants, upstream_seed=case["seed"] + 1)
+
+
+def options(case: dict) -> dict:
+    """Keyword arguments of ``topk_kl_loss`` for a case."""
+    return dict(
+        values=case["values"], tail=case["tail"], student_support=case["support"],
+        temperature=case["temperature"], teacher_temperature=case["teacher_temperature"],
+        scale_by_t2=case["scale_by_t2"], reduction=case["reduction"], num_items_in_batch=case["num_items"],
+    )
+
+
+def _view(case: dict, student: torch.Tensor) -> torch.Tensor:
+    return student.reshape(*_lead(case), case["vocab"])
+
+
+def kernel(case, student, *, teacher_ids, teacher_values, labels):
+    return topk_kl_loss(_view(case, student), teacher_ids, teacher_values, labels, backend="kernel", **options(case))
+
+
+def reference(case, student, *, teacher_ids, teacher_values, labels):
+    return topk_kl_reference(_view(case, student), teacher_ids, teacher_values, labels, **options(case))
+
+
+def naive(case, student, *, teacher_ids, teacher_values, labels):
+    """Eager code as DistillKit runs it: the student upcast to fp32 for the log-softmax."""
+    return topk_kl_reference(_view(case, student), teacher_ids, teacher_values, labels, **options(case))
+
+
+SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive))

@@ -1,0 +1,486 @@
+"""Top-k sparse KL (spec §3, decision 3): the reference against independent formulas (dense KD,
+DistillKit's recipe), kernel parity, the semantics users were burned by elsewhere, gradcheck,
+opcheck, torch.compile, bad inputs. Random-shape parity for every dtype runs in tests/test_fuzz.py
+through kdloss/testing/topk_kl.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kdloss
+from kdloss import TopKKLLoss
+from kdloss.functional import topk_kl_loss
+from kdloss.reference import teacher_log_targets, topk_kl_reference
+from kdloss.sparse import topk_teacher
+
+from conftest import cuda_only
+from helpers import assert_close_fp64
+
+REDUCTIONS = ("mean", "sum", "none")
+VARIANTS = [  # (values, tail, student_support)
+    ("logprobs", "renorm", "full"), ("logprobs", "bucket", "full"), ("logprobs", "none", "full"),
+    ("logprobs", "renorm", "topk"), ("logprobs", "none", "topk"), ("logits", "renorm", "full"),
+    ("logits", "renorm", "topk"),
+]
+
+
+def make_problem(rows=6, vocab=50, k=8, device="cpu", dtype=torch.float64, seed=0, values="logprobs"):
+    """Student logits [rows, V] (leaf), teacher top-k ids and values (fp64 or fp32), dense teacher logits."""
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    teacher_logits = 2.0 * torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    ids = teacher_logits.topk(k, dim=-1).indices
+    if values == "logprobs":
+        vals = torch.log_softmax(teacher_logits, -1).gather(-1, ids)
+    else:
+        vals = teacher_logits.gather(-1, ids)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (student.to(device, dtype).requires_grad_(), ids.to(device), vals.to(device, acc),
+            teacher_logits.to(device))
+
+
+def grad_of(loss, x, weight=None):
+    if weight is None:
+        weight = torch.ones_like(loss)
+    (g,) = torch.autograd.grad(loss, x, grad_outputs=weight)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against independent formulas
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+def test_reference_with_all_ids_kept_is_dense_kd(temperature):
+    """k = V, renorm: T²·KL(softmax(t/T) ‖ softmax(z/T)) per counted row — temperature on both sides."""
+    z, _, _, t = make_problem(rows=5, vocab=12, k=12)
+    ids = torch.arange(12).expand(5, 12)
+    for values, stored in (("logprobs", torch.log_softmax(t, -1).gather(-1, ids)), ("logits", t.gather(-1, ids))):
+        out = topk_kl_reference(z, ids, stored, values=values, temperature=temperature, reduction="none")
+        dense = F.kl_div(torch.log_softmax(z / temperature, -1), torch.log_softmax(t / temperature, -1),
+                         reduction="none", log_target=True).sum(-1) * temperature**2
+        assert_close_fp64(out, dense)
+        kernel = topk_kl_loss(z, ids, stored, values=values, temperature=temperature, reduction="none",
+                              backend="kernel")
+        assert_close_fp64(kernel, dense)
+        assert_close_fp64(grad_of(kernel, z), grad_of(dense, z))
+
+
+def distillkit_style(z, ids, logprobs, mask, *, tail, temperature, teacher_temperature=1.0):
+    """DistillKit's recipe written out as in spec §3.1/§3.3 (probability domain, dense student
+    log-softmax, residual clamped to [0, 1], ×T², mean over masked rows)."""
+    a = teacher_temperature / temperature
+    p = logprobs.exp()
+    log_q = torch.log_softmax(z * (1.0 / temperature), -1).gather(-1, ids)
+    if tail == "renorm":
+        p_hat = p**a / (p**a).sum(-1, keepdim=True)
+        rows = (p_hat * (p_hat.log() - log_q)).sum(-1)
+    else:
+        r = (1 - p.sum(-1)).clamp(0, 1)
+        zsum = (p**a).sum(-1) + r**a
+        p_hat, r_hat = p**a / zsum[:, None], r**a / zsum
+        r_s = 1 - log_q.exp().sum(-1)
+        log_rs = torch.log1p(-(1 - r_s).clamp(1e-8, 1 - 1e-8))
+        rows = (p_hat * (p_hat.log() - log_q)).sum(-1) + r_hat * (r_hat.log() - log_rs)
+    return (rows * mask).sum() * temperature**2 / mask.sum()
+
+
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+@pytest.mark.parametrize("temperature, teacher_temperature", [(1.0, 1.0), (2.0, 1.0), (2.0, 1.5), (0.8, 1.0)])
+def test_matches_distillkit_recipe_fp64(tail, temperature, teacher_temperature):
+    z, ids, lp, _ = make_problem(rows=9, vocab=40, k=6, seed=3)
+    labels = torch.tensor([5, -100, 3, 1, -100, 7, 2, 2, 9])
+    mask = (labels != -100).double()
+    want = distillkit_style(z, ids, lp, mask, tail=tail, temperature=temperature,
+                            teacher_temperature=teacher_temperature)
+    want_grad = grad_of(want, z)
+    for backend in ("reference", "kernel"):
+        got = topk_kl_loss(z, ids, lp, labels, tail=tail, temperature=temperature,
+                           teacher_temperature=teacher_temperature, backend=backend)
+        assert_close_fp64(got, want)
+        assert_close_fp64(grad_of(got, z), want_grad)
+
+
+def test_closed_form_gradients_of_the_spec():
+    """Spec §3.4's table, per variant, at T = 1 (multiply by the mean's 1/N)."""
+    z, ids, lp, _ = make_problem(rows=4, vocab=30, k=5, seed=4)
+    q = torch.softmax(z.detach(), -1)
+    p = lp.exp()
+    in_k = torch.zeros_like(q).scatter(1, ids, 1.0).bool()
+    p_dense = torch.zeros_like(q).scatter(1, ids, p)
+    renorm = p_dense / p.sum(-1, keepdim=True)
+    mass = p.sum(-1, keepdim=True)
+    r_hat = 1 - mass
+    r_s = 1 - (q * in_k).sum(-1, keepdim=True)
+    expected = {
+        "renorm": q - renorm,
+        "none": mass * q - p_dense,
+        "bucket": torch.where(in_k, q - p_dense, q * (1 - r_hat / r_s)),
+    }
+    for tail, want in expected.items():
+        got = grad_of(topk_kl_loss(z, ids, lp, tail=tail, reduction="sum", backend="kernel"), z)
+        assert_close_fp64(got, want)
+    q_k = torch.softmax(z.detach().gather(1, ids), -1)
+    want_topk = torch.zeros_like(q).scatter(1, ids, q_k - p / mass)
+    got = grad_of(topk_kl_loss(z, ids, lp, student_support="topk", reduction="sum", backend="kernel"), z)
+    assert_close_fp64(got, want_topk)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5, 2.0])
+def test_teacher_power_transform_equals_tempered_softmax(power):
+    """p^a renormalised over K equals softmax(a·logits) over K when the values are log-probs."""
+    _, ids, lp, t = make_problem(rows=3, vocab=20, k=7, seed=5)
+    log_p_hat, log_r = teacher_log_targets(lp, power=power)
+    want = torch.log_softmax(power * t.gather(-1, ids), -1)
+    assert_close_fp64(log_p_hat, want)
+    assert torch.isneginf(log_r).all()
+    bucket, tail = teacher_log_targets(lp, tail="bucket", power=power)
+    total = torch.logsumexp(torch.cat([bucket, tail[:, None]], -1), -1)
+    assert_close_fp64(total, torch.zeros(3, dtype=torch.float64), atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel parity in fp64 (random shapes and every dtype: tests/test_fuzz.py)
+
+
+@pytest.mark.parametrize("values, tail, support", VARIANTS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kernel_matches_reference_fp64(device, values, tail, support, reduction):
+    z, ids, vals, _ = make_problem(rows=7, vocab=3000, k=9, device=device, seed=6, values=values)
+    labels = torch.tensor([1, -100, 4, 0, 9, -100, 2], device=device)
+    kw = dict(values=values, tail=tail, student_support=support, temperature=1.7, teacher_temperature=1.2,
+              reduction=reduction)
+    weight = torch.rand(7, dtype=torch.float64, device=device) if reduction == "none" else None
+    a = topk_kl_loss(z, ids, vals, labels, backend="kernel", **kw)
+    b = topk_kl_loss(z, ids, vals, labels, backend="reference", **kw)
+    assert_close_fp64(a, b)
+    assert_close_fp64(grad_of(a, z, weight), grad_of(b, z, weight))
+
+
+def test_leading_dims_and_module(device):
+    z, ids, lp, _ = make_problem(rows=12, vocab=64, k=5, device=device, seed=7)
+    labels = torch.arange(12, device=device) % 5 - 1  # some -1 are not ignore_index: invalid
+    labels[labels == -1] = -100
+    module = TopKKLLoss(temperature=2.0, reduction="none")
+    flat = module(z, ids, lp, labels)
+    shaped = module(z.reshape(3, 4, 64), ids.reshape(3, 4, 5), lp.reshape(3, 4, 5), labels.reshape(3, 4))
+    assert shaped.shape == (3, 4)
+    assert_close_fp64(shaped.reshape(12), flat)
+    assert "temperature=2.0" in repr(module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantics users were burned by elsewhere
+
+
+def test_neg_inf_padded_teacher_slots_are_probability_zero(device):
+    z, ids, lp, _ = make_problem(rows=4, vocab=40, k=6, device=device, seed=8)
+    padded_ids = torch.cat([ids, ids[:, :1].expand(4, 3)], dim=1)  # repeated ids, no mass
+    padded_lp = torch.cat([lp, torch.full((4, 3), float("-inf"), dtype=lp.dtype, device=device)], dim=1)
+    for tail in ("renorm", "bucket", "none"):
+        for backend in ("kernel", "reference"):
+            a = topk_kl_loss(z, padded_ids, padded_lp, tail=tail, backend=backend)
+            b = topk_kl_loss(z, ids, lp, tail=tail, backend=backend)
+            assert torch.isfinite(a)
+            assert_close_fp64(a, b)
+            assert_close_fp64(grad_of(a, z), grad_of(b, z))
+
+
+def test_teacher_row_without_mass_contributes_nothing(device):
+    z, ids, lp, _ = make_problem(rows=3, vocab=30, k=4, device=device, seed=9)
+    lp = lp.clone()
+    lp[1] = float("-inf")
+    for backend in ("kernel", "reference"):
+        rows = topk_kl_loss(z, ids, lp, reduction="none", backend=backend)
+        g = grad_of(rows.sum(), z)
+        assert rows[1].item() == 0.0 and torch.isfinite(rows).all()
+        assert torch.count_nonzero(g[1]) == 0 and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_all_rows_ignored_gives_zero_and_zero_gradient(device, backend):
+    z, ids, lp, _ = make_problem(rows=5, vocab=30, k=4, device=device, seed=10)
+    z = (z.detach() * float("nan")).requires_grad_()  # ignored rows are never read
+    labels = torch.full((5,), -100, device=device)
+    for kw in ({}, {"num_items_in_batch": 0}, {"reduction": "sum"}):
+        out = topk_kl_loss(z, ids, lp, labels, backend=backend, **kw)
+        assert out.item() == 0.0
+        assert torch.equal(grad_of(out, z), torch.zeros_like(z))
+    empty = topk_kl_loss(z[:0], ids[:0], lp[:0], backend=backend)
+    assert empty.item() == 0.0
+
+
+def test_ignore_index_is_applied_and_aligned(device):
+    """A row counts iff its own label (same position) is not ignore_index; custom index honoured."""
+    z, ids, lp, _ = make_problem(rows=6, vocab=30, k=4, device=device, seed=11)
+    rows = topk_kl_loss(z, ids, lp, reduction="none", backend="kernel")
+    labels = torch.tensor([3, 7, 7, 1, 7, 2], device=device)
+    out = topk_kl_loss(z, ids, lp, labels, ignore_index=7, backend="kernel")
+    keep = labels != 7
+    assert_close_fp64(out, rows[keep].sum() / keep.sum())
+    none = topk_kl_loss(z, ids, lp, labels, ignore_index=7, reduction="none", backend="kernel")
+    assert torch.equal(none[~keep], torch.zeros(3, dtype=z.dtype, device=device))
+
+
+def test_num_items_in_batch_matches_gradient_accumulation(device):
+    """Two micro-batches divided by the global count add up to the full batch's mean."""
+    z, ids, lp, _ = make_problem(rows=8, vocab=30, k=4, device=device, seed=12)
+    labels = torch.tensor([1, -100, 2, 3, -100, -100, 4, 5], device=device)
+    full = topk_kl_loss(z, ids, lp, labels, backend="kernel")
+    count = int((labels != -100).sum())
+    parts = [topk_kl_loss(z[s], ids[s], lp[s], labels[s], num_items_in_batch=n, backend="kernel")
+             for s, n in ((slice(0, 4), count), (slice(4, 8), torch.tensor(count, device=device)))]
+    assert_close_fp64(parts[0] + parts[1], full)
+    assert_close_fp64(grad_of(parts[0] + parts[1], z), grad_of(full, z))
+
+
+def test_renorm_loss_is_non_negative_and_zero_at_the_teacher():
+    """No hidden hard-label term: a student equal to the teacher gives 0 loss and 0 gradient."""
+    _, _, _, t = make_problem(rows=4, vocab=25, k=25, seed=13)
+    ids = torch.arange(25).expand(4, 25)
+    z = t.clone().requires_grad_()
+    labels = torch.tensor([0, 3, 4, 24])
+    for temperature in (1.0, 3.0):
+        out = topk_kl_loss(z, ids, t.gather(-1, ids), labels, values="logits", temperature=temperature,
+                           backend="kernel")
+        assert abs(out.item()) < 1e-12
+        assert grad_of(out, z).abs().max().item() < 1e-12
+
+
+@given(rows=st.integers(1, 6), vocab=st.integers(2, 60), k=st.integers(1, 10), temperature=st.sampled_from([0.5, 1.0, 2.5]),
+       magnitude=st.sampled_from([0.1, 5.0, 50.0]), seed=st.integers(0, 2**31 - 1))
+def test_truncated_kl_with_renorm_is_non_negative(rows, vocab, k, temperature, magnitude, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, vocab)
+    z = magnitude * torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    ids = torch.rand(rows, vocab, generator=gen).argsort(-1)[:, :k]
+    lp = torch.log_softmax(magnitude * torch.randn(rows, vocab, generator=gen, dtype=torch.float64), -1).gather(-1, ids)
+    out = topk_kl_loss(z, ids, lp, temperature=temperature, reduction="none", backend="kernel")
+    assert (out >= -1e-12).all(), out
+
+
+def test_scale_by_t2_and_temperature_in_gradient(device):
+    z, ids, lp, _ = make_problem(rows=3, vocab=20, k=5, device=device, seed=14)
+    with_t2 = topk_kl_loss(z, ids, lp, temperature=3.0, backend="kernel")
+    without = topk_kl_loss(z, ids, lp, temperature=3.0, scale_by_t2=False, backend="kernel")
+    assert_close_fp64(with_t2, 9.0 * without)
+    assert_close_fp64(grad_of(with_t2, z), 9.0 * grad_of(without, z))
+
+
+def test_teacher_is_a_constant_and_output_dtype(device):
+    z, ids, lp, _ = make_problem(rows=3, vocab=20, k=5, device=device, dtype=torch.bfloat16, seed=15)
+    lp = lp.clone().requires_grad_()
+    out = topk_kl_loss(z, ids, lp, backend="kernel")
+    assert out.dtype == torch.bfloat16
+    gz, gt = torch.autograd.grad(out, (z, lp), allow_unused=True)
+    assert gz.dtype == torch.bfloat16 and gt is None
+    int32 = topk_kl_loss(z, ids.int(), lp.detach(), backend="kernel")
+    assert torch.equal(int32, out.detach())
+
+
+def test_large_vocab_crossing_blocks_and_neg_inf_student_logits():
+    """Rows whose maximum moves across the kernel's 2048-element blocks, and −inf vocabulary padding."""
+    gen = torch.Generator().manual_seed(16)
+    z = torch.randn(4, 9000, generator=gen, dtype=torch.float64)
+    z[0, 8999] = 80.0
+    z[1, 100] = 80.0
+    z[2] += torch.linspace(0, 60, 9000, dtype=torch.float64)
+    z[3, 6000:] = float("-inf")
+    z.requires_grad_()
+    ids = torch.stack([torch.randperm(6000, generator=gen)[:16] for _ in range(4)])
+    lp = torch.log_softmax(torch.randn(4, 16, generator=gen, dtype=torch.float64), -1) - 0.5
+    for tail in ("renorm", "bucket"):
+        a = topk_kl_loss(z, ids, lp, tail=tail, reduction="none", backend="kernel")
+        b = topk_kl_loss(z, ids, lp, tail=tail, reduction="none", backend="reference")
+        assert_close_fp64(a, b)
+        ga, gb = grad_of(a.sum(), z), grad_of(b.sum(), z)
+        assert_close_fp64(ga, gb)
+        assert torch.count_nonzero(ga[3, 6000:]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients, opcheck, compile
+
+
+@pytest.mark.parametrize("values, tail, support", VARIANTS)
+def test_gradcheck(device, values, tail, support):
+    z, ids, vals, _ = make_problem(rows=3, vocab=11, k=4, device=device, seed=17, values=values)
+    labels = torch.tensor([2, -100, 5], device=device)
+
+    def fn(x):
+        return topk_kl_loss(x, ids, vals, labels, values=values, tail=tail, student_support=support,
+                            temperature=1.3, reduction="none", backend="kernel")
+
+    assert torch.autograd.gradcheck(fn, (z,))
+    assert torch.autograd.gradgradcheck is not None  # (double backward is not supported; see docs)
+
+
+def _op_args(device, dtype, reduction, full_support):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    z, ids, lp, _ = make_problem(rows=5, vocab=33, k=4, device=device, seed=18)
+    log_p, log_r = teacher_log_targets(lp.to(acc), tail="bucket")
+    valid = torch.tensor([True, False, True, True, True], device=device)
+    divisor = valid.sum().to(acc)
+    z = z.detach().to(dtype).requires_grad_()
+    return (z, ids, log_p, log_r, valid, divisor, 0.5, 4.0, full_support, reduction)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(device, reduction):
+    from kdloss._build import require
+
+    require("topk_kl", device.type)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for full_support in (True, False):
+            args = _op_args(device, dtype, reduction, full_support)
+            torch.library.opcheck(torch.ops.kdloss.topk_kl_fwd.default, args)
+            loss, lse = torch.ops.kdloss.topk_kl_fwd(*args)
+            grad = torch.rand(loss.shape, dtype=dtype, device=device)
+            torch.library.opcheck(torch.ops.kdloss.topk_kl_bwd.default, (grad, lse, args[0].detach(), *args[1:]))
+
+
+@pytest.mark.parametrize("dynamic, backend", [(False, "kernel"), (True, "kernel"), (False, "auto")])
+def test_torch_compile_fullgraph(device, dynamic, backend):
+    torch._dynamo.reset()
+    loss_fn = TopKKLLoss(temperature=2.0, tail="bucket", backend=backend)
+
+    def step(z, ids, lp, labels, n):
+        return loss_fn(z, ids, lp, labels, num_items_in_batch=n)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    for rows in (8, 13):
+        z, ids, lp, _ = make_problem(rows=rows, vocab=40, k=5, device=device, dtype=torch.float32, seed=rows)
+        labels = torch.arange(rows, device=device)
+        labels[::3] = -100
+        n = torch.tensor(rows, device=device)
+        eager = step(z, ids, lp, labels, n)
+        out = compiled(z, ids, lp, labels, n)
+        torch.testing.assert_close(out, eager)
+        torch.testing.assert_close(grad_of(out, z), grad_of(eager, z))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_not_last_layer(device, reduction):
+    """The loss inside a larger graph: logits = hidden @ W, scaled, plus another term."""
+    gen = torch.Generator().manual_seed(19)
+    hidden = torch.randn(6, 8, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    weight = torch.randn(30, 8, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    _, ids, lp, _ = make_problem(rows=6, vocab=30, k=4, device=device, seed=20)
+    row_weight = torch.rand(6, generator=gen, dtype=torch.float64).to(device)
+
+    def total(backend):
+        out = topk_kl_loss(hidden @ weight.T, ids, lp, temperature=1.5, reduction=reduction, backend=backend)
+        out = (out * row_weight).sum() if reduction == "none" else 3.0 * out
+        return out + (hidden**2).sum() * 0.1
+
+    a, b = total("kernel"), total("reference")
+    assert_close_fp64(a, b)
+    for ga, gb in zip(torch.autograd.grad(a, (hidden, weight)), torch.autograd.grad(b, (hidden, weight))):
+        assert_close_fp64(ga, gb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _bad_calls():
+    z = torch.randn(4, 10)
+    ids = torch.tensor([[0, 4, 9], [1, 2, 3], [7, 8, 5], [6, 0, 2]])
+    lp = torch.log_softmax(torch.randn(4, 3), -1)
+    dup = torch.tensor([[1, 1, 2]] * 4)
+    labels = torch.zeros(4, dtype=torch.long)
+    return [
+        (lambda: topk_kl_loss(z.long(), ids, lp), "student_logits"),
+        (lambda: topk_kl_loss(z[:, :0], ids[:, :0], lp[:, :0]), "student_logits"),
+        (lambda: topk_kl_loss(z, ids.float(), lp), "teacher_ids"),
+        (lambda: topk_kl_loss(z, ids[:3], lp[:3]), "teacher_ids"),
+        (lambda: topk_kl_loss(z, ids[:, :0], lp[:, :0]), "teacher_ids"),
+        (lambda: topk_kl_loss(z, ids, lp[:, :2]), "teacher_values"),
+        (lambda: topk_kl_loss(z, ids, lp.long()), "teacher_values"),
+        (lambda: topk_kl_loss(z, ids + 10, lp), "teacher_ids"),
+        (lambda: topk_kl_loss(z, ids - 10, lp), "teacher_ids"),
+        (lambda: topk_kl_loss(z, dup, lp), "teacher_ids"),
+        (lambda: topk_kl_loss(z, ids, lp, labels[:3]), "labels"),
+        (lambda: topk_kl_loss(z, ids, lp, labels.float()), "labels"),
+        (lambda: topk_kl_loss(z, ids, lp, labels + 10), "labels"),
+        (lambda: topk_kl_loss(z, ids, lp, values="probs"), "values"),
+        (lambda: topk_kl_loss(z, ids, lp, tail="uniform"), "tail"),
+        (lambda: topk_kl_loss(z, ids, lp, values="logits", tail="bucket"), "tail"),
+        (lambda: topk_kl_loss(z, ids, lp, student_support="topk", tail="bucket"), "tail"),
+        (lambda: topk_kl_loss(z, ids, lp, student_support="sparse"), "student_support"),
+        (lambda: topk_kl_loss(z, ids, lp, temperature=0.0), "temperature"),
+        (lambda: topk_kl_loss(z, ids, lp, temperature=float("nan")), "temperature"),
+        (lambda: topk_kl_loss(z, ids, lp, teacher_temperature=-1.0), "teacher_temperature"),
+        (lambda: topk_kl_loss(z, ids, lp, scale_by_t2=1), "scale_by_t2"),
+        (lambda: topk_kl_loss(z, ids, lp, ignore_index=1.5), "ignore_index"),
+        (lambda: topk_kl_loss(z, ids, lp, reduction="batchmean"), "reduction"),
+        (lambda: topk_kl_loss(z, ids, lp, reduction="sum", num_items_in_batch=3), "num_items_in_batch"),
+        (lambda: topk_kl_loss(z, ids, lp, num_items_in_batch=-1), "num_items_in_batch"),
+        (lambda: topk_kl_loss(z, ids, lp, num_items_in_batch=torch.ones(2)), "num_items_in_batch"),
+        (lambda: topk_kl_loss(z, ids, lp, backend="triton"), "backend"),
+        (lambda: topk_kl_loss(z, ids, lp, torch.zeros(4, dtype=torch.long, device="meta")), "device"),
+        (lambda: TopKKLLoss(tail="zero"), "tail"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_inputs_raise_value_error_naming_the_argument(index):
+    call, name = _bad_calls()[index]
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_kernel_rejects_out_of_range_ids_on_direct_op_calls():
+    from kdloss._build import require
+
+    require("topk_kl", "cpu")
+    args = list(_op_args("cpu", torch.float32, 1, True))
+    args[1] = args[1] + 100
+    with pytest.raises(ValueError, match="ids must lie"):
+        torch.ops.kdloss.topk_kl_fwd(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA-specific (run on a GPU; skipped only where none exists)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("values, tail, support", [VARIANTS[0], VARIANTS[1], VARIANTS[3]])
+def test_cuda_matches_cpu_kernel(dtype, values, tail, support):
+    z, ids, lp, _ = make_problem(rows=37, vocab=50257, k=64, dtype=dtype, seed=21)
+    labels = torch.arange(37) % 7
+    labels[::5] = -100
+    kw = dict(values=values, tail=tail, student_support=support, temperature=2.0)
+    gz = z.detach().cuda().requires_grad_()
+    a = topk_kl_loss(z, ids, lp, labels, backend="kernel", **kw)
+    b = topk_kl_loss(gz, ids.cuda(), lp.cuda(), labels.cuda(), backend="kernel", **kw)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_of(b, gz).cpu(), grad_of(a, z), rtol=tol, atol=tol)
+
+
+@cuda_only
+def test_cuda_deterministic_and_no_host_sync_in_backward():
+    z, ids, lp, _ = make_problem(rows=300, vocab=32000, k=64, device="cuda", dtype=torch.bfloat16, seed=22)
+    first = topk_kl_loss(z, ids, lp, backend="kernel")
+    g_first = grad_of(first, z)
+    for _ in range(3):
+        out = topk_kl_loss(z, ids, lp, backend="kernel")
+        assert torch.equal(out, first) and torch.equal(grad_of(out, z), g_first)
+    out = topk_kl_loss(z, ids, lp, backend="kernel")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.autograd.grad(out, z)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_math_constants_documented():
+    assert math.isclose(kdloss.reference.topk_kl.TAIL_CLAMP, 1e-8)
