@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "kdloss/cuda_ops_utils.h"
 #include "kdloss/margin_mse_cuda.h"
 
 namespace kdloss {
@@ -16,25 +17,7 @@ constexpr int64_t kNone = 0;
 // Shared memory holds 2·(n+1) accumulators per block (emb kernels); 48 KiB default limit.
 constexpr int64_t kMaxNegativesEmb = 2047;
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kBFloat16: return 2;
-    case at::kHalf: return 3;
-    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", t, " (expected float32/float64/bfloat16/float16)");
-  }
-  return -1;
-}
-
-void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(),
-                    ", got ", t.device());
-}
-
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "kdloss margin_mse CUDA launch failed: ", cudaGetErrorString(err));
-}
+void check_launch(cudaError_t err) { cuda::check_launch(err, "margin_mse"); }
 
 MarginMSEProblem make_problem(const at::Tensor& student, const at::Tensor& teacher, int64_t B, int64_t n,
                               bool teacher_is_scores, int64_t reduction) {

@@ -1,0 +1,108 @@
+// Top-k sparse KL: TORCH_LIBRARY_IMPL(kdloss, CUDA) glue around the launchers in topk_kl.cu.
+// Validates what the kernels rely on (shapes, dtypes, devices; ids are range-checked in Python —
+// a device-side check would need a host sync — and out-of-range ids are skipped by the kernels),
+// allocates outputs, and launches on the current stream.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "kdloss/cuda_ops_utils.h"
+#include "kdloss/topk_kl_cuda.h"
+
+namespace kdloss {
+namespace cuda {
+namespace {
+
+constexpr int64_t kNone = 0;
+
+void check_acc(const at::Tensor& t, const at::Tensor& logits, const char* name, at::IntArrayRef shape) {
+  check_cuda(t, logits, name);
+  const auto acc = acc_type(logits.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == acc, name, " must have dtype ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// Validated, contiguous inputs of one call and the launcher's problem description.
+struct Call {
+  at::Tensor logits, ids, target, tail, valid, divisor;
+  TopKKLProblem problem;
+};
+
+Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tensor& target_logp,
+             const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor, double inv_temperature,
+             double scale, bool full_support, int64_t reduction) {
+  TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor");
+  TORCH_CHECK_VALUE(logits_in.dim() == 2, "logits must be [N, V], got ", logits_in.sizes());
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ", reduction);
+  TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "inv_temperature must be > 0");
+  const int64_t N = logits_in.size(0), V = logits_in.size(1);
+  at::Tensor logits = V <= 1 || N == 0 || logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  check_cuda(ids, logits, "ids");
+  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == N,
+                    "ids must be an int64 tensor [N, k] with N = ", N, ", got ", ids.scalar_type(), " ", ids.sizes());
+  const int64_t k = ids.size(1);
+  check_acc(target_logp, logits, "target_logp", {N, k});
+  check_acc(tail_logp, logits, "tail_logp", {N});
+  check_acc(divisor, logits, "divisor", {});
+  check_cuda(valid, logits, "valid");
+  TORCH_CHECK_VALUE(valid.scalar_type() == at::kBool && valid.sizes() == at::IntArrayRef{N}, "valid must be bool [N]");
+  Call call{logits, ids.contiguous(), target_logp.contiguous(), tail_logp.contiguous(), valid.contiguous(),
+            divisor.contiguous(), {}};
+  call.problem = {dtype_code(logits.scalar_type()), N, V, k, logits.data_ptr(), N > 0 ? logits.stride(0) : V,
+                  call.ids.data_ptr<int64_t>(), call.target.data_ptr(), call.tail.data_ptr(),
+                  call.valid.data_ptr<bool>(), call.divisor.data_ptr(), inv_temperature, scale, full_support,
+                  static_cast<int>(reduction)};
+  return call;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const at::Tensor& ids,
+                                               const at::Tensor& target_logp, const at::Tensor& tail_logp,
+                                               const at::Tensor& valid, const at::Tensor& divisor,
+                                               double inv_temperature, double scale, bool full_support,
+                                               int64_t reduction) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto call = prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                            full_support, reduction);
+  const int64_t N = call.problem.rows;
+  const auto acc_options = call.logits.options().dtype(acc_type(call.logits.scalar_type()));
+  at::Tensor loss = reduction == kNone ? at::empty({N}, call.logits.options()) : at::empty({}, call.logits.options());
+  at::Tensor lse = at::empty({N}, acc_options);
+  at::Tensor workspace = at::empty({topk_kl_workspace_size(N)}, acc_options);
+  check_launch(topk_kl_fwd_cuda(call.problem, loss.data_ptr(), lse.data_ptr(), workspace.data_ptr(),
+                                c10::cuda::getCurrentCUDAStream()),
+               "topk_kl");
+  return {loss, lse};
+}
+
+at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& logits, const at::Tensor& ids,
+                       const at::Tensor& target_logp, const at::Tensor& tail_logp, const at::Tensor& valid,
+                       const at::Tensor& divisor, double inv_temperature, double scale, bool full_support,
+                       int64_t reduction) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto call = prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                            full_support, reduction);
+  const int64_t N = call.problem.rows, V = call.problem.vocab;
+  check_acc(lse, call.logits, "lse", {N});
+  check_cuda(grad, call.logits, "grad");
+  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == N : grad.numel() == 1, "grad has ", grad.numel(),
+                    " elements, which does not match the reduction");
+  const auto g = grad.to(call.logits.scalar_type()).contiguous();
+  const auto lse_c = lse.contiguous();
+  at::Tensor out = at::empty({N, V}, call.logits.options());
+  check_launch(topk_kl_bwd_cuda(call.problem, g.data_ptr(), lse_c.data_ptr(), out.data_ptr(),
+                                c10::cuda::getCurrentCUDAStream()),
+               "topk_kl");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdloss, CUDA, m) {
+  m.impl("topk_kl_fwd", &topk_kl_fwd);
+  m.impl("topk_kl_bwd", &topk_kl_bwd);
+}
+
+}  // namespace cuda
+}  // namespace kdloss

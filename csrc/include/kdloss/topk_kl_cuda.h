@@ -1,0 +1,43 @@
+// Launchers of the top-k sparse KL CUDA kernels (csrc/cuda/topk_kl.cu), called by the torch glue
+// in csrc/cuda/topk_kl_ops.cpp. Raw pointers only, so the .cu needs no torch headers.
+//
+// `logits` and `grad_logits` are of the dtype `dtype`; `target_logp`, `tail_logp`, `divisor`,
+// `lse` and `workspace` are of its accumulation type (fp32, fp64 for fp64). See
+// kdloss/_ops/topk_kl.py for the op-level contract.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace kdloss {
+namespace cuda {
+
+struct TopKKLProblem {
+  int dtype;                  // DType code of the logits
+  int64_t rows, vocab, k;     // N, V, k
+  const void* logits;         // [N, V], unit stride along V, row stride `row_stride` elements
+  int64_t row_stride;
+  const int64_t* ids;         // [N, k]; ids outside [0, V) are skipped (Python validates them)
+  const void* target_logp;    // [N, k] log p̂; −inf slots are not part of K
+  const void* tail_logp;      // [N] log r̂; −inf: no tail term
+  const bool* valid;          // [N]
+  const void* divisor;        // [] "mean" denominator (≤ 0 gives 0)
+  double inv_temperature;     // 1/T
+  double scale;               // T² or 1
+  bool full_support;          // student log-softmax over V (else over K)
+  int reduction;              // 0 none, 1 mean, 2 sum
+};
+
+// Accumulation-type elements the forward needs as `workspace` (per-row losses).
+int64_t topk_kl_workspace_size(int64_t rows);
+
+// loss: [N] (none) or [] in `dtype`; lse: [N] accumulation type.
+cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void* workspace, cudaStream_t stream);
+
+// grad: [N] (none) or [] in `dtype`; grad_logits: [N, V] contiguous in `dtype`.
+cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* lse, void* grad_logits,
+                             cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace kdloss
