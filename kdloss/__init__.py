@@ -8,7 +8,9 @@ prebuilds them).
 from . import functional, reference
 from ._build import KernelUnavailableError
 from .margin_mse import MarginMSELoss
+from .plackett_luce import PlackettLuceLoss
 
 __version__ = "0.1.0"
 
 __all__ = ["MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
+__all__ += ["PlackettLuceLoss"]

@@ -1,0 +1,507 @@
+// Plackett-Luce distillation (PLD) CPU kernels (spec §2, decision 2). Schemas live in
+// kdloss/_ops/plackett_luce.py; this file only implements them for the CPU dispatch key.
+//
+// Shapes (validated in Python; re-checked here for the kernel's own memory safety):
+//   student [R, C] logits (any float dtype, last dim unit-stride), teacher [R, C] logits in the
+//   accumulation dtype, labels [R] int64 (class or ignore_index), teacher_permutation [R, C] int64
+//   or none, order [R, C] int32 (π*, written by the forward, read by the backward).
+//   reduction: 0 = none ([R]), 1 = mean over counted rows, 2 = sum.
+//
+// Per row (π* = label first, then the other classes by descending teacher logit, ties → lower
+// class index first; x_j = s[π*_j]; log α_j = log_softmax(t / τ)[π*_j]):
+//   forward   lse_j = log Σ_{l≥j} exp(x_l)                      (suffix scan)
+//             L     = Σ_j α_j (lse_j − x_j)
+//   backward  P_j   = log Σ_{k≤j} exp(log α_k − lse_k)          (prefix scan)
+//             ∂L/∂x_j = exp(x_j + P_j) − α_j                      (spec §2.5, closed form)
+// Both scans run in log space with a running maximum: a scalar max scan, vectorised exps of the
+// differences, then a scalar multiply-add chain (no exp/log inside the sequential loop, never an
+// overflow, and no underflow to log 0 since the maximum's own term is 1).
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kdloss/cpu_utils.h"
+
+namespace kdloss {
+namespace cpu {
+namespace {
+
+constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
+constexpr int8_t kOk = 0, kBadLabel = 1, kBadPermutation = 2, kBadOrder = 3;
+
+// Order-preserving unsigned images of floats (ascending), with −0 and +0 mapped to one key.
+inline uint32_t ordered_bits(float x) {
+  x = x + 0.0f;  // −0 → +0 (not folded away without -ffast-math)
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline uint64_t ordered_bits(double x) {
+  x = x + 0.0;
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+
+// Per-thread buffers, allocated once per parallel chunk and reused for every row of it.
+template <typename acc_t>
+struct Scratch {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t C, padded;
+  std::vector<uint64_t> keys, keys_tmp;  // packed sort keys (fp32) / per-class keys (fp64)
+  std::vector<int32_t> ranking;          // teacher ranking (all classes)
+  std::vector<uint8_t> seen;             // permutation checks
+  std::vector<acc_t> x, log_alpha, a, b, c, d;
+
+  explicit Scratch(int64_t classes)
+      : C(classes), padded((classes + Vec::size() - 1) / Vec::size() * Vec::size()) {}
+
+  void ensure_sort() {
+    if (keys.empty()) {
+      keys.resize(C);
+      keys_tmp.resize(C);
+      ranking.resize(C);
+    }
+  }
+  void ensure_seen() {
+    if (seen.empty()) seen.resize(C);
+  }
+  void ensure_scan() {
+    if (x.empty()) {
+      for (auto* v : {&x, &log_alpha, &a, &b, &c, &d}) v->resize(padded);
+    }
+  }
+};
+
+// Stable descending sort of the teacher logits: ranking[0..C) (ties → lower class index first).
+// fp32: keys packed with the class index into one uint64, so equal logits order by index; an LSD
+// radix sort on the 32 key bits (stable, starting from index order) for large C.
+void teacher_ranking(const float* t, int64_t C, Scratch<float>& sc) {
+  sc.ensure_sort();
+  uint64_t* a = sc.keys.data();
+  uint64_t* b = sc.keys_tmp.data();
+  for (int64_t j = 0; j < C; ++j) {
+    a[j] = (static_cast<uint64_t>(~ordered_bits(t[j])) << 32) | static_cast<uint32_t>(j);
+  }
+  if (C <= 256) {
+    std::sort(a, a + C);  // keys are unique (index in the low bits): deterministic
+  } else {
+    int64_t hist[4][256];
+    std::memset(hist, 0, sizeof(hist));
+    for (int64_t j = 0; j < C; ++j) {
+      const uint32_t key = static_cast<uint32_t>(a[j] >> 32);
+      for (int p = 0; p < 4; ++p) ++hist[p][(key >> (8 * p)) & 255u];
+    }
+    for (int p = 0; p < 4; ++p) {
+      int64_t* h = hist[p];
+      bool trivial = false;
+      int64_t sum = 0;
+      for (int v = 0; v < 256; ++v) {
+        if (h[v] == C) trivial = true;
+        const int64_t count = h[v];
+        h[v] = sum;
+        sum += count;
+      }
+      if (trivial) continue;  // every key shares this digit: the pass would not move anything
+      for (int64_t j = 0; j < C; ++j) {
+        const uint32_t digit = static_cast<uint32_t>(a[j] >> (32 + 8 * p)) & 255u;
+        b[h[digit]++] = a[j];
+      }
+      std::swap(a, b);
+    }
+  }
+  int32_t* r = sc.ranking.data();
+  for (int64_t j = 0; j < C; ++j) r[j] = static_cast<int32_t>(a[j] & 0xffffffffull);
+}
+
+// fp64: comparison sort of class indices on (descending key, ascending index) — a total order,
+// so the result is the stable descending order.
+void teacher_ranking(const double* t, int64_t C, Scratch<double>& sc) {
+  sc.ensure_sort();
+  uint64_t* keys = sc.keys.data();
+  int32_t* r = sc.ranking.data();
+  for (int64_t j = 0; j < C; ++j) {
+    keys[j] = ~ordered_bits(t[j]);
+    r[j] = static_cast<int32_t>(j);
+  }
+  std::sort(r, r + C, [keys](int32_t p, int32_t q) { return keys[p] < keys[q] || (keys[p] == keys[q] && p < q); });
+}
+
+// π*: the label first, then `ranking` without the label. `ranking` is a user permutation (checked:
+// every class exactly once) or the kernel's own sort. Returns false for an invalid permutation.
+template <typename acc_t, typename index_t>
+bool label_first(const index_t* ranking, int64_t y, int64_t C, bool check, int32_t* order, Scratch<acc_t>& sc) {
+  uint8_t* seen = nullptr;
+  if (check) {
+    sc.ensure_seen();
+    seen = sc.seen.data();
+    std::memset(seen, 0, C);
+  }
+  order[0] = static_cast<int32_t>(y);
+  int64_t k = 1;
+  for (int64_t j = 0; j < C; ++j) {
+    const int64_t p = static_cast<int64_t>(ranking[j]);
+    if (check) {
+      if (p < 0 || p >= C || seen[p]) return false;
+      seen[p] = 1;
+    }
+    if (p != y) {
+      if (k >= C) return false;
+      order[k++] = static_cast<int32_t>(p);
+    }
+  }
+  return k == C;
+}
+
+// log_softmax(t / τ) at the positions of `order`, and the student logits gathered the same way,
+// into sc.log_alpha / sc.x (padded: x = 0, log α = lowest, so padded lanes contribute exactly 0).
+template <typename scalar_t>
+void gather_row(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* order, int64_t C, Acc<scalar_t> inv_tau,
+                Scratch<Acc<scalar_t>>& sc) {
+  using acc_t = Acc<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t tmax = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, t, C);
+  const Vec vmax(tmax), vinv(inv_tau);
+  const acc_t total = at::vec::map_reduce_all<acc_t>(
+      [&](Vec v) { return ((v - vmax) * vinv).exp(); }, [](Vec p, Vec q) { return p + q; }, t, C);
+  const acc_t log_total = std::log(total);
+  acc_t* x = sc.x.data();
+  acc_t* la = sc.log_alpha.data();
+  constexpr acc_t lowest = std::numeric_limits<acc_t>::lowest();
+  for (int64_t j = 0; j < C; ++j) {
+    const int32_t p = order[j];
+    x[j] = static_cast<acc_t>(s[p]);
+    // −inf teacher logits (probability 0) become the lowest finite value: still exp → 0, but
+    // differences of two of them stay finite inside the scans
+    la[j] = std::max((t[p] - tmax) * inv_tau - log_total, lowest);
+  }
+  for (int64_t j = C; j < sc.padded; ++j) {
+    x[j] = acc_t(0);
+    la[j] = lowest;
+  }
+}
+
+// Suffix log-sum-exp of sc.x into `lse` (padded tail: 0). Uses sc.a, sc.b, sc.c as temporaries.
+template <typename acc_t>
+void suffix_lse(Scratch<acc_t>& sc, int64_t C, acc_t* lse) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t* x = sc.x.data();
+  acc_t* m = sc.a.data();     // suffix max
+  acc_t* up = sc.b.data();    // exp(m_{j+1} − m_j)
+  acc_t* own = sc.c.data();   // exp(x_j − m_j), then the scaled suffix sums
+  acc_t run = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = C - 1; j >= 0; --j) {
+    run = std::max(run, x[j]);
+    m[j] = run;
+  }
+  for (int64_t j = C; j < sc.padded; ++j) m[j] = acc_t(0);
+  // m[j + 1] for the vector at j: a shifted load; the last real element has no successor
+  const acc_t last_next = m[C - 1];  // exp(m − m) = 1 times a zero sum
+  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
+    const Vec mj = Vec::loadu(m + j);
+    Vec next;
+    if (j + Vec::size() < sc.padded) {
+      next = Vec::loadu(m + j + 1);
+    } else {
+      acc_t tmp[Vec::size()];
+      for (int64_t i = 0; i < Vec::size(); ++i) tmp[i] = j + i + 1 < sc.padded ? m[j + i + 1] : acc_t(0);
+      next = Vec::loadu(tmp);
+    }
+    (next - mj).exp().store(up + j);
+    (Vec::loadu(x + j) - mj).exp().store(own + j);
+  }
+  (void)last_next;
+  acc_t sum = acc_t(0);
+  for (int64_t j = C - 1; j >= 0; --j) {
+    // up[C-1] multiplies sum = 0 (whatever the padding held)
+    sum = (j == C - 1 ? acc_t(0) : sum * up[j]) + own[j];
+    own[j] = sum;
+  }
+  for (int64_t j = C; j < sc.padded; ++j) own[j] = acc_t(1);
+  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
+    (Vec::loadu(m + j) + Vec::loadu(own + j).log()).store(lse + j);
+  }
+}
+
+// Loss of one row (π* already in `order`).
+template <typename scalar_t>
+Acc<scalar_t> row_forward(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* order, int64_t C,
+                          Acc<scalar_t> inv_tau, Scratch<Acc<scalar_t>>& sc) {
+  using acc_t = Acc<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  sc.ensure_scan();
+  gather_row(s, t, order, C, inv_tau, sc);
+  acc_t* lse = sc.d.data();
+  suffix_lse(sc, C, lse);
+  const acc_t* x = sc.x.data();
+  const acc_t* la = sc.log_alpha.data();
+  Vec acc(acc_t(0));
+  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
+    acc = acc + Vec::loadu(la + j).exp() * (Vec::loadu(lse + j) - Vec::loadu(x + j));
+  }
+  return vec_sum(acc);
+}
+
+// Gradient of one row, times `coef`, scattered to grad_row[order[j]].
+template <typename scalar_t>
+void row_backward(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* order, int64_t C, Acc<scalar_t> inv_tau,
+                  Acc<scalar_t> coef, Scratch<Acc<scalar_t>>& sc, scalar_t* grad_row) {
+  using acc_t = Acc<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr acc_t lowest = std::numeric_limits<acc_t>::lowest();
+  sc.ensure_scan();
+  gather_row(s, t, order, C, inv_tau, sc);
+  acc_t* v = sc.d.data();
+  suffix_lse(sc, C, v);  // lse_j
+  const acc_t* x = sc.x.data();
+  const acc_t* la = sc.log_alpha.data();
+  const Vec vlowest(lowest);
+  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
+    at::vec::maximum(Vec::loadu(la + j) - Vec::loadu(v + j), vlowest).store(v + j);  // log α_j − lse_j
+  }
+  acc_t* mx = sc.a.data();    // prefix max of v
+  acc_t* down = sc.b.data();  // exp(mx_{j−1} − mx_j)
+  acc_t* own = sc.c.data();   // exp(v_j − mx_j), then the scaled prefix sums
+  acc_t run = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < C; ++j) {
+    run = std::max(run, v[j]);
+    mx[j] = run;
+  }
+  for (int64_t j = C; j < sc.padded; ++j) mx[j] = acc_t(0);
+  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
+    const Vec mj = Vec::loadu(mx + j);
+    Vec prev;
+    if (j > 0) {
+      prev = Vec::loadu(mx + j - 1);
+    } else {
+      acc_t tmp[Vec::size()];
+      tmp[0] = mx[0];  // no predecessor: multiplies a zero sum
+      for (int64_t i = 1; i < Vec::size(); ++i) tmp[i] = mx[i - 1];
+      prev = Vec::loadu(tmp);
+    }
+    (prev - mj).exp().store(down + j);
+    (Vec::loadu(v + j) - mj).exp().store(own + j);
+  }
+  acc_t sum = acc_t(0);
+  for (int64_t j = 0; j < C; ++j) {
+    sum = sum * down[j] + own[j];
+    own[j] = sum;
+  }
+  for (int64_t j = C; j < sc.padded; ++j) own[j] = acc_t(0);
+  const Vec vcoef(coef);
+  acc_t* g = sc.a.data();  // reuse: g_j
+  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
+    const Vec p = Vec::loadu(own + j) * (Vec::loadu(x + j) + Vec::loadu(mx + j)).exp();
+    ((p - Vec::loadu(la + j).exp()) * vcoef).store(g + j);
+  }
+  for (int64_t j = 0; j < C; ++j) grad_row[order[j]] = static_cast<scalar_t>(g[j]);
+}
+
+void check_reduction(int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
+                    "reduction code must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// Checks shared by both directions; returns (R, C).
+std::pair<int64_t, int64_t> check_inputs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                                         double temperature, int64_t reduction) {
+  check_cpu_float(student, "student_logits");
+  check_cpu_float(teacher, "teacher_logits");
+  check_reduction(reduction);
+  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be [R, C], got ", student.sizes());
+  const int64_t R = student.size(0), C = student.size(1);
+  TORCH_CHECK_VALUE(C >= 1, "student_logits must have at least one class, got C = ", C);
+  TORCH_CHECK_VALUE(C <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 classes are supported");
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher_logits must have shape ", student.sizes(), ", got ",
+                    teacher.sizes());
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(teacher.scalar_type() == acc_dtype, "teacher_logits must be ", acc_dtype, ", got ",
+                    teacher.scalar_type());
+  TORCH_CHECK_VALUE(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
+                        labels.size(0) == R,
+                    "labels must be a CPU int64 tensor of shape [", R, "], got ", labels.scalar_type(), " ",
+                    labels.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
+                    temperature);
+  return {R, C};
+}
+
+at::Tensor unit_inner_stride(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+void raise_status(const std::vector<int8_t>& status, const at::Tensor& labels, int64_t C, int64_t ignore_index) {
+  for (size_t r = 0; r < status.size(); ++r) {
+    switch (status[r]) {
+      case kOk: continue;
+      case kBadLabel:
+        TORCH_CHECK_VALUE(false, "labels must lie in [0, C) with C = ", C, " or equal ignore_index = ", ignore_index,
+                          ", got ", labels.data_ptr<int64_t>()[r], " at row ", r);
+      case kBadPermutation:
+        TORCH_CHECK_VALUE(false, "teacher_permutation must hold each class index in [0, ", C,
+                          ") exactly once per row; row ", r, " does not");
+      default:
+        TORCH_CHECK_VALUE(false, "order must hold each class index in [0, ", C, ") exactly once per row; row ", r,
+                          " does not");
+    }
+  }
+}
+
+int64_t counted_rows(const int64_t* y, int64_t R, int64_t ignore_index) {
+  int64_t count = 0;
+  for (int64_t r = 0; r < R; ++r) count += y[r] != ignore_index;
+  return count;
+}
+
+std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, const at::Tensor& teacher,
+                                                     const at::Tensor& labels,
+                                                     const c10::optional<at::Tensor>& teacher_permutation,
+                                                     double temperature, int64_t ignore_index, int64_t reduction) {
+  const auto [R, C] = check_inputs(student, teacher, labels, temperature, reduction);
+  at::Tensor perm;
+  if (teacher_permutation.has_value()) {
+    perm = teacher_permutation->contiguous();
+    TORCH_CHECK_VALUE(perm.device().is_cpu() && perm.scalar_type() == at::kLong && perm.sizes() == student.sizes(),
+                      "teacher_permutation must be a CPU int64 tensor of shape ", student.sizes(), ", got ",
+                      perm.scalar_type(), " ", perm.sizes());
+  }
+  const auto s = unit_inner_stride(student);
+  const auto t = teacher.contiguous();
+  const auto y = labels.contiguous();
+  at::Tensor out = reduction == kNone ? at::empty({R}, s.options()) : at::empty({}, s.options());
+  at::Tensor order = at::empty({R, C}, s.options().dtype(at::kInt));
+  std::vector<int8_t> status(R, kOk);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "plackett_luce_fwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    const scalar_t* s_p = s.data_ptr<scalar_t>();
+    const int64_t s_stride = s.stride(0);
+    const acc_t* t_p = t.data_ptr<acc_t>();
+    const int64_t* y_p = y.data_ptr<int64_t>();
+    const int64_t* perm_p = perm.defined() ? perm.data_ptr<int64_t>() : nullptr;
+    int32_t* order_p = order.data_ptr<int32_t>();
+    const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature);
+    std::vector<acc_t> row_loss(R, acc_t(0));
+    at::parallel_for(0, R, row_grain(16 * C), [&](int64_t begin, int64_t end) {
+      Scratch<acc_t> sc(C);
+      for (int64_t r = begin; r < end; ++r) {
+        int32_t* ord = order_p + r * C;
+        const int64_t label = y_p[r];
+        bool ok = label != ignore_index;
+        if (ok && (label < 0 || label >= C)) {
+          status[r] = kBadLabel;
+          ok = false;
+        }
+        if (ok) {
+          if (perm_p) {
+            ok = label_first(perm_p + r * C, label, C, /*check=*/true, ord, sc);
+          } else {
+            teacher_ranking(t_p + r * C, C, sc);
+            ok = label_first(sc.ranking.data(), label, C, /*check=*/false, ord, sc);
+          }
+          if (!ok) status[r] = kBadPermutation;
+        }
+        if (!ok) {
+          for (int64_t j = 0; j < C; ++j) ord[j] = static_cast<int32_t>(j);
+          continue;
+        }
+        row_loss[r] = row_forward<scalar_t>(s_p + r * s_stride, t_p + r * C, ord, C, inv_tau, sc);
+      }
+    });
+    raise_status(status, y, C, ignore_index);
+    if (reduction == kNone) {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < R; ++r) o[r] = static_cast<scalar_t>(row_loss[r]);
+    } else {
+      acc_t total = ordered_sum(row_loss.data(), R);
+      const int64_t count = counted_rows(y_p, R, ignore_index);
+      // no counted row: the mean is 0, never 0/0 (spec §0)
+      if (reduction == kMean && count > 0) total = total / static_cast<acc_t>(count);
+      out.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(total);
+    }
+  });
+  return {out, order};
+}
+
+at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                             const at::Tensor& labels, const at::Tensor& order, double temperature,
+                             int64_t ignore_index, int64_t reduction) {
+  const auto [R, C] = check_inputs(student, teacher, labels, temperature, reduction);
+  check_cpu_float(grad, "grad");
+  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == R : grad.numel() == 1, "grad has ", grad.numel(),
+                    " elements, which does not match the reduction");
+  TORCH_CHECK_VALUE(order.device().is_cpu() && order.scalar_type() == at::kInt && order.sizes() == student.sizes(),
+                    "order must be a CPU int32 tensor of shape ", student.sizes(), ", got ", order.scalar_type(), " ",
+                    order.sizes());
+  const auto s = unit_inner_stride(student);
+  const auto t = teacher.contiguous();
+  const auto y = labels.contiguous();
+  const auto ord = order.contiguous();
+  at::Tensor grad_student = at::empty({R, C}, s.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<int8_t> status(R, kOk);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "plackett_luce_bwd", [&] {
+    using acc_t = Acc<scalar_t>;
+    const auto g = grad.to(s.scalar_type()).contiguous();
+    const scalar_t* g_p = g.data_ptr<scalar_t>();
+    const scalar_t* s_p = s.data_ptr<scalar_t>();
+    const int64_t s_stride = s.stride(0);
+    const acc_t* t_p = t.data_ptr<acc_t>();
+    const int64_t* y_p = y.data_ptr<int64_t>();
+    const int32_t* ord_p = ord.data_ptr<int32_t>();
+    scalar_t* out_p = grad_student.data_ptr<scalar_t>();
+    const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature);
+    const int64_t count = counted_rows(y_p, R, ignore_index);
+    acc_t scale = acc_t(1);
+    if (reduction == kMean) scale = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+    const acc_t scalar_grad = reduction == kNone ? acc_t(0) : static_cast<acc_t>(g_p[0]) * scale;
+    at::parallel_for(0, R, row_grain(8 * C), [&](int64_t begin, int64_t end) {
+      Scratch<acc_t> sc(C);
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* out_row = out_p + r * C;
+        const int64_t label = y_p[r];
+        const int32_t* o = ord_p + r * C;
+        bool ok = label != ignore_index;
+        if (ok && (label < 0 || label >= C)) {
+          status[r] = kBadLabel;
+          ok = false;
+        }
+        if (ok) {
+          // memory safety for direct op calls: every class exactly once, the label first
+          sc.ensure_seen();
+          std::memset(sc.seen.data(), 0, C);
+          ok = o[0] == label;
+          for (int64_t j = 0; ok && j < C; ++j) {
+            const int32_t p = o[j];
+            ok = p >= 0 && p < C && !sc.seen[p];
+            if (ok) sc.seen[p] = 1;
+          }
+          if (!ok) status[r] = kBadOrder;
+        }
+        if (!ok) {
+          std::fill(out_row, out_row + C, scalar_t(0));
+          continue;
+        }
+        const acc_t coef = reduction == kNone ? static_cast<acc_t>(g_p[r]) : scalar_grad;
+        row_backward<scalar_t>(s_p + r * s_stride, t_p + r * C, o, C, inv_tau, coef, sc, out_row);
+      }
+    });
+    raise_status(status, y, C, ignore_index);
+  });
+  return grad_student;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdloss, CPU, m) {
+  m.impl("plackett_luce_fwd", &plackett_luce_fwd);
+  m.impl("plackett_luce_bwd", &plackett_luce_bwd);
+}
+
+}  // namespace cpu
+}  // namespace kdloss

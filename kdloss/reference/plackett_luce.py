@@ -1,0 +1,72 @@
+"""Plackett-Luce distillation (PLD) reference (spec §2, decision 2).
+
+Per row with student logits ``s``, teacher logits ``t`` and label ``y``::
+
+    π*   = (y, then the other classes by descending teacher logit; ties → lower class index first)
+    α_k  = softmax(t / τ)[π*_k]
+    L    = Σ_k α_k · (log Σ_{l≥k} exp(s_{π*_l}) − s_{π*_k})
+
+Rows whose label is ``ignore_index`` are dropped (0 in ``reduction="none"``, excluded from the mean).
+Written with torch ops only (no boolean indexing), so it also traces under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import accumulation_dtype
+
+
+def teacher_ranking(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The teacher's ranking of the classes: ``[..., C]`` int64 indices by descending teacher logit,
+    ties broken by lower class index first (a stable descending sort). This is what
+    ``teacher_permutation=`` expects when a teacher's orderings are cached."""
+    return torch.sort(teacher_logits.detach(), dim=-1, descending=True, stable=True).indices
+
+
+def label_first(ranking: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """π*: the label moved to the front of each row of ``ranking`` (``[R, C]``), the other classes
+    keeping their relative order. ``labels [R]`` must be valid class indices."""
+    not_label = (ranking != labels[:, None]).to(torch.int8)  # 0 at the label, 1 elsewhere
+    moved = torch.sort(not_label, dim=-1, stable=True).indices
+    return ranking.gather(-1, moved)
+
+
+def plackett_luce_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    teacher_permutation: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PLD loss. ``student_logits, teacher_logits [..., C]``, ``labels [...]`` (int),
+    ``teacher_permutation`` an optional cached :func:`teacher_ranking` ``[..., C]``.
+
+    Returns a scalar (``"mean"``/``"sum"``) or ``[...]`` per-row losses (``"none"``), in the student's
+    dtype. Computes in fp32 (fp64 for fp64 students); the teacher is a constant."""
+    acc = accumulation_dtype(student_logits.dtype)
+    classes = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    s = student_logits.reshape(-1, classes).to(acc)
+    t = teacher_logits.detach().reshape(-1, classes).to(acc)
+    y = labels.reshape(-1).long()
+    keep = y != ignore_index
+    y_safe = torch.where(keep, y, torch.zeros_like(y))
+    if teacher_permutation is None:
+        ranking = teacher_ranking(t)
+    else:
+        ranking = teacher_permutation.reshape(-1, classes).long()
+    order = label_first(ranking, y_safe)
+    s_perm = s.gather(-1, order)
+    log_alpha = torch.log_softmax(t / temperature, dim=-1).gather(-1, order)
+    suffix_lse = torch.logcumsumexp(s_perm.flip(-1), dim=-1).flip(-1)
+    rows = (log_alpha.exp() * (suffix_lse - s_perm)).sum(-1)
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(lead).to(student_logits.dtype)
+    total = rows.sum()
+    if reduction == "mean":
+        total = total / keep.sum().clamp(min=1).to(acc)
+    return total.to(student_logits.dtype)
