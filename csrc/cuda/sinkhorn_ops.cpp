@@ -1,0 +1,128 @@
+// SinKD: TORCH_LIBRARY_IMPL(kdloss, CUDA) glue around the launchers in sinkhorn.cu.
+// Validates what the kernels rely on, allocates outputs and workspace, launches on the current stream.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "kdloss/sinkhorn_cuda.h"
+
+namespace kdloss {
+namespace cuda {
+namespace {
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kBFloat16: return 2;
+    case at::kHalf: return 3;
+    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", t, " (expected float32/float64/bfloat16/float16)");
+  }
+  return -1;
+}
+
+at::ScalarType acc_type(const at::Tensor& student) {
+  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_on(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(), ", got ",
+                    t.device());
+}
+
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "kdloss sinkhorn CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+void check_options(double temperature, double epsilon, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(epsilon) && epsilon > 0, "epsilon must be > 0, got ", epsilon);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, double temperature, double epsilon,
+    int64_t n_iters, double scale) {
+  TORCH_CHECK_VALUE(student_logits.is_cuda(), "student_logits must be a CUDA tensor");
+  check_on(teacher_logits, student_logits, "teacher_logits");
+  check_options(temperature, epsilon, scale);
+  TORCH_CHECK_VALUE(n_iters >= 1, "n_iters must be >= 1, got ", n_iters);
+  TORCH_CHECK_VALUE(student_logits.dim() == 2 && student_logits.size(1) >= 1,
+                    "student_logits must be [B, C] with C >= 1, got ", student_logits.sizes());
+  const int64_t B = student_logits.size(0), C = student_logits.size(1), Bt = teacher_logits.size(0);
+  TORCH_CHECK_VALUE(teacher_logits.dim() == 2 && teacher_logits.size(1) == C, "teacher_logits must be [B', ", C,
+                    "], got ", teacher_logits.sizes());
+  const auto acc = acc_type(student_logits);
+  TORCH_CHECK_VALUE(teacher_logits.scalar_type() == acc, "teacher_logits must be ", acc, ", got ",
+                    teacher_logits.scalar_type());
+  const int dtype = dtype_code(student_logits.scalar_type());
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  const auto zs = student_logits.stride(1) == 1 && B > 0 ? student_logits : student_logits.contiguous();
+  const auto zt = teacher_logits.contiguous();
+  const auto opts = zt.options();
+  at::Tensor loss = at::zeros({}, student_logits.options());
+  at::Tensor probs_s = at::zeros({B, C}, opts), probs_t = at::zeros({Bt, C}, opts);
+  at::Tensor cost = at::empty({B, Bt}, opts);
+  at::Tensor f = at::zeros({n_iters, B}, opts), g = at::zeros({n_iters, Bt}, opts);
+  if (B == 0 || Bt == 0) return {loss, probs_s, probs_t, cost, f, g};  // an empty plan: loss 0
+  const SinkhornProblem p{dtype, B, Bt, C, n_iters, temperature, epsilon, scale};
+  at::Tensor workspace = at::empty({sinkhorn_fwd_workspace_size(p)}, opts);
+  check_launch(sinkhorn_fwd_cuda(p, zs.data_ptr(), zs.stride(0), zt.data_ptr(), loss.data_ptr(),
+                                 probs_s.data_ptr(), probs_t.data_ptr(), cost.data_ptr(), f.data_ptr(),
+                                 g.data_ptr(), workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  return {loss, probs_s, probs_t, cost, f, g};
+}
+
+at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits, const at::Tensor& probs_s,
+                        const at::Tensor& probs_t, const at::Tensor& cost, const at::Tensor& f_hist,
+                        const at::Tensor& g_hist, double temperature, double epsilon, double scale) {
+  TORCH_CHECK_VALUE(student_logits.is_cuda(), "student_logits must be a CUDA tensor");
+  check_options(temperature, epsilon, scale);
+  TORCH_CHECK_VALUE(student_logits.dim() == 2 && student_logits.size(1) >= 1,
+                    "student_logits must be [B, C] with C >= 1, got ", student_logits.sizes());
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one element, got ", grad.numel());
+  check_on(grad, student_logits, "grad");
+  const auto acc = acc_type(student_logits);
+  const char* names[] = {"student_probs", "teacher_probs", "cost", "f", "g"};
+  const at::Tensor* saved[] = {&probs_s, &probs_t, &cost, &f_hist, &g_hist};
+  for (int k = 0; k < 5; ++k) {
+    check_on(*saved[k], student_logits, names[k]);
+    TORCH_CHECK_VALUE(saved[k]->scalar_type() == acc && saved[k]->dim() == 2, names[k], " must be a 2-D ", acc,
+                      " tensor");
+  }
+  const int64_t B = student_logits.size(0), C = student_logits.size(1), Bt = probs_t.size(0);
+  const int64_t n_iters = f_hist.size(0);
+  TORCH_CHECK_VALUE(probs_s.size(0) == B && probs_s.size(1) == C && probs_t.size(1) == C,
+                    "probabilities must be [B, C] and [B', C]");
+  TORCH_CHECK_VALUE(cost.size(0) == B && cost.size(1) == Bt, "cost must be [B, B'], got ", cost.sizes());
+  TORCH_CHECK_VALUE(n_iters >= 1 && f_hist.size(1) == B && g_hist.size(0) == n_iters && g_hist.size(1) == Bt,
+                    "potentials must be [n_iters, B] and [n_iters, B']");
+  const int dtype = dtype_code(student_logits.scalar_type());
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  at::Tensor grad_student = at::zeros({B, C}, student_logits.options());
+  if (B == 0 || Bt == 0) return grad_student;
+  const auto g_scalar = grad.to(student_logits.scalar_type()).contiguous();
+  const auto ps = probs_s.contiguous(), pt = probs_t.contiguous(), W = cost.contiguous();
+  const auto fh = f_hist.contiguous(), gh = g_hist.contiguous();
+  const SinkhornProblem p{dtype, B, Bt, C, n_iters, temperature, epsilon, scale};
+  at::Tensor workspace = at::empty({sinkhorn_bwd_workspace_size(p)}, ps.options());
+  check_launch(sinkhorn_bwd_cuda(p, g_scalar.data_ptr(), ps.data_ptr(), pt.data_ptr(), W.data_ptr(), fh.data_ptr(),
+                                 gh.data_ptr(), grad_student.data_ptr(), workspace.data_ptr(),
+                                 c10::cuda::getCurrentCUDAStream()));
+  return grad_student;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdloss, CUDA, m) {
+  m.impl("sinkhorn_fwd", &sinkhorn_fwd);
+  m.impl("sinkhorn_bwd", &sinkhorn_bwd);
+}
+
+}  // namespace cuda
+}  // namespace kdloss
