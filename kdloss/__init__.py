@@ -8,9 +8,10 @@ prebuilds them).
 from . import functional, reference
 from ._build import KernelUnavailableError
 from .margin_mse import MarginMSELoss
+from .sinkhorn import SinkhornLoss
 from .plackett_luce import PlackettLuceLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
+__all__ = ["SinkhornLoss", "MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
 __all__ += ["PlackettLuceLoss"]

@@ -13,3 +13,4 @@ REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 from . import margin_mse  # noqa: E402,F401  (registers the margin_mse ops)
 from . import plackett_luce  # noqa: E402,F401  (registers the plackett_luce ops)
+from . import sinkhorn  # noqa: E402,F401  (registers the sinkhorn ops)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 #: loss name → module defining its cases
-LOSSES = {"margin_mse": "kdloss.bench.margin_mse"}
+LOSSES = {"margin_mse": "kdloss.bench.margin_mse", "sinkhorn": "kdloss.bench.sinkhorn"}
 
 CSV_FIELDS = ["loss", "case", "shape", "dtype", "backend", "device", "median_ms", "peak_mib",
               "speedup_vs_eager", "threads", "torch", "machine"]
