@@ -8,6 +8,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
 #include "kdloss/cuda_ops_utils.h"
 #include "kdloss/topk_kl_cuda.h"
 
@@ -38,6 +42,7 @@ Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tenso
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ", reduction);
   TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "inv_temperature must be > 0");
   const int64_t N = logits_in.size(0), V = logits_in.size(1);
+  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "the CUDA kernel takes at most 2^31 - 1 rows, got ", N);
   at::Tensor logits = V <= 1 || N == 0 || logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   check_cuda(ids, logits, "ids");
   TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == N,
