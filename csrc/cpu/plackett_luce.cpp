@@ -194,32 +194,25 @@ void suffix_lse(Scratch<acc_t>& sc, int64_t C, acc_t* lse) {
   acc_t* m = sc.a.data();     // suffix max
   acc_t* up = sc.b.data();    // exp(m_{j+1} − m_j)
   acc_t* own = sc.c.data();   // exp(x_j − m_j), then the scaled suffix sums
+  // suffix max; the rescale factor exp(m_{j+1} − m_j) is 1 except where the maximum changes
+  // (rarely: a scalar exp there); up[C-1] multiplies the empty sum 0
   acc_t run = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = C - 1; j >= 0; --j) {
-    run = std::max(run, x[j]);
+    if (x[j] > run) {
+      up[j] = j == C - 1 ? acc_t(0) : std::exp(run - x[j]);
+      run = x[j];
+    } else {
+      up[j] = acc_t(1);
+    }
     m[j] = run;
   }
   for (int64_t j = C; j < sc.padded; ++j) m[j] = acc_t(0);
-  // m[j + 1] for the vector at j: a shifted load; the last real element has no successor
-  const acc_t last_next = m[C - 1];  // exp(m − m) = 1 times a zero sum
   for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    const Vec mj = Vec::loadu(m + j);
-    Vec next;
-    if (j + Vec::size() < sc.padded) {
-      next = Vec::loadu(m + j + 1);
-    } else {
-      acc_t tmp[Vec::size()];
-      for (int64_t i = 0; i < Vec::size(); ++i) tmp[i] = j + i + 1 < sc.padded ? m[j + i + 1] : acc_t(0);
-      next = Vec::loadu(tmp);
-    }
-    (next - mj).exp().store(up + j);
-    (Vec::loadu(x + j) - mj).exp().store(own + j);
+    (Vec::loadu(x + j) - Vec::loadu(m + j)).exp().store(own + j);
   }
-  (void)last_next;
   acc_t sum = acc_t(0);
   for (int64_t j = C - 1; j >= 0; --j) {
-    // up[C-1] multiplies sum = 0 (whatever the padding held)
-    sum = (j == C - 1 ? acc_t(0) : sum * up[j]) + own[j];
+    sum = sum * up[j] + own[j];
     own[j] = sum;
   }
   for (int64_t j = C; j < sc.padded; ++j) own[j] = acc_t(1);
@@ -267,25 +260,20 @@ void row_backward(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* orde
   acc_t* mx = sc.a.data();    // prefix max of v
   acc_t* down = sc.b.data();  // exp(mx_{j−1} − mx_j)
   acc_t* own = sc.c.data();   // exp(v_j − mx_j), then the scaled prefix sums
+  // prefix max (v ≥ lowest, so finite); exp(mx_{j−1} − mx_j) only where the maximum changes
   acc_t run = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < C; ++j) {
-    run = std::max(run, v[j]);
+    if (v[j] > run) {
+      down[j] = j == 0 ? acc_t(0) : std::exp(run - v[j]);
+      run = v[j];
+    } else {
+      down[j] = acc_t(1);
+    }
     mx[j] = run;
   }
   for (int64_t j = C; j < sc.padded; ++j) mx[j] = acc_t(0);
   for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    const Vec mj = Vec::loadu(mx + j);
-    Vec prev;
-    if (j > 0) {
-      prev = Vec::loadu(mx + j - 1);
-    } else {
-      acc_t tmp[Vec::size()];
-      tmp[0] = mx[0];  // no predecessor: multiplies a zero sum
-      for (int64_t i = 1; i < Vec::size(); ++i) tmp[i] = mx[i - 1];
-      prev = Vec::loadu(tmp);
-    }
-    (prev - mj).exp().store(down + j);
-    (Vec::loadu(v + j) - mj).exp().store(own + j);
+    (Vec::loadu(v + j) - Vec::loadu(mx + j)).exp().store(own + j);
   }
   acc_t sum = acc_t(0);
   for (int64_t j = 0; j < C; ++j) {

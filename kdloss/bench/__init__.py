@@ -24,6 +24,7 @@ import torch
 
 #: loss name → module defining its cases
 LOSSES = {"margin_mse": "kdloss.bench.margin_mse", "sinkhorn": "kdloss.bench.sinkhorn"}
+LOSSES["plackett_luce"] = "kdloss.bench.plackett_luce"
 
 CSV_FIELDS = ["loss", "case", "shape", "dtype", "backend", "device", "median_ms", "peak_mib",
               "speedup_vs_eager", "threads", "torch", "machine"]
