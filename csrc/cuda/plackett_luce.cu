@@ -1,0 +1,552 @@
+// Plackett-Luce distillation (PLD) CUDA kernels (spec §2, decision 2). Plain CUDA + CUB (no torch
+// headers); the dispatcher glue is in plackett_luce_ops.cpp. Compiled, never run on a GPU by its
+// author: kept deliberately simple (one block per row, block-wide CUB primitives).
+//
+// Forward:
+//   1. teacher ranking (skipped when a cached permutation is given): for fp32 teachers and
+//      C ≤ 2048, a CUB BlockRadixSort per row of 64-bit keys (order-preserving image of the teacher
+//      logit, descending, packed with the class index, so ties order by index); otherwise CUB's
+//      DeviceSegmentedSort::StableSortPairs over all rows (descending keys, class indices as values).
+//   2. label_first_kernel: π* = label, then the ranking without the label (and checks).
+//   3. fwd_row_kernel: suffix log-sum-exp scan of x_j = s[π*_j] (BlockScan with a log-add-exp
+//      operator and a running carry, tiles from the end), L = Σ α_j (lse_j − x_j).
+//   4. finalize_kernel: fixed-order sum of the row losses (mean over counted rows).
+// Backward (closed form, spec §2.5): the same suffix scan stores v_j = log α_j − lse_j, then a
+// prefix log-add-exp scan gives P_j and ∂L/∂x_j = exp(x_j + P_j) − α_j, scattered to s[π*_j].
+// All reductions and scans are deterministic (fixed block size, no floating-point atomics).
+#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_segmented_sort.cuh>
+
+#include <type_traits>
+
+#include "kdloss/cuda_utils.cuh"
+#include "kdloss/plackett_luce_cuda.h"
+
+namespace kdloss {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kItems = 8;                    // elements per thread per scan tile
+constexpr int kTile = kThreads * kItems;     // 2048
+constexpr int64_t kBlockSortMax = kThreads * 8;  // block radix sort up to 2048 classes
+constexpr int kNone = 0, kMean = 1;
+
+template <typename A>
+__device__ __forceinline__ A neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() { return -__int_as_float(0x7f800000); }
+template <>
+__device__ __forceinline__ double neg_inf<double>() { return -__longlong_as_double(0x7ff0000000000000ll); }
+
+template <typename A>
+__device__ __forceinline__ A quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <>
+__device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000ll); }
+
+// log(exp(a) + exp(b)), with −inf as the identity (so empty tails and zero weights are exact).
+template <typename A>
+struct LogAddExp {
+  __device__ __forceinline__ A operator()(const A& a, const A& b) const {
+    if (a == neg_inf<A>()) return b;
+    if (b == neg_inf<A>()) return a;
+    const A m = a > b ? a : b;
+    const A d = a > b ? b - a : a - b;  // ≤ 0
+    return m + log1p(exp(d));
+  }
+};
+
+// Running carry across scan tiles (called by the first warp; lane 0's return value is the prefix).
+template <typename A>
+struct RunningCarry {
+  A carry;
+  __device__ explicit RunningCarry(A init) : carry(init) {}
+  __device__ A operator()(A block_aggregate) {
+    const A old = carry;
+    carry = LogAddExp<A>()(carry, block_aggregate);
+    return old;
+  }
+};
+
+// Order-preserving unsigned images of floats, descending (smaller key = larger logit); −0 == +0.
+__device__ __forceinline__ uint32_t desc_key(float x) {
+  uint32_t u = __float_as_uint(x);
+  if (u == 0x80000000u) u = 0u;
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ~u;
+}
+__device__ __forceinline__ uint64_t desc_key(double x) {
+  uint64_t u = static_cast<uint64_t>(__double_as_longlong(x));
+  if (u == 0x8000000000000000ull) u = 0ull;
+  u = (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+  return ~u;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const A o = __shfl_down_sync(0xffffffffu, v, offset);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// Block-wide max, broadcast to every thread. `scratch` holds >= 33 values.
+template <typename A>
+__device__ A block_max_all(A v, A* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    A w = lane < (blockDim.x >> 5) ? scratch[lane] : neg_inf<A>();
+    w = warp_max(w);
+    if (lane == 0) scratch[32] = w;
+  }
+  __syncthreads();
+  const A out = scratch[32];
+  __syncthreads();
+  return out;
+}
+
+// block_sum (cuda_utils.cuh) leaves the result in thread 0; this broadcasts it.
+template <typename A>
+__device__ A block_sum_all(A v, A* scratch) {
+  A total = block_sum(v, scratch);
+  if (threadIdx.x == 0) scratch[32] = total;
+  __syncthreads();
+  total = scratch[32];
+  __syncthreads();
+  return total;
+}
+
+// ---- 1. ranking ---------------------------------------------------------------------------
+
+template <int ITEMS>
+__global__ void __launch_bounds__(kThreads) block_sort_kernel(const float* __restrict__ teacher, int64_t C,
+                                                              int32_t* __restrict__ ranking) {
+  using Sort = cub::BlockRadixSort<unsigned long long, kThreads, ITEMS>;
+  __shared__ typename Sort::TempStorage temp;
+  const int64_t row = blockIdx.x;
+  const float* t = teacher + row * C;
+  unsigned long long keys[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t j = static_cast<int64_t>(threadIdx.x) * ITEMS + i;
+    keys[i] = j < C ? (static_cast<unsigned long long>(desc_key(t[j])) << 32) | static_cast<unsigned long long>(j)
+                    : ~0ull;  // padding sorts last
+  }
+  Sort(temp).Sort(keys);  // blocked arrangement: thread x holds ranks x·ITEMS … x·ITEMS+ITEMS−1
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t rank = static_cast<int64_t>(threadIdx.x) * ITEMS + i;
+    if (rank < C) ranking[row * C + rank] = static_cast<int32_t>(keys[i] & 0xffffffffull);
+  }
+}
+
+template <typename A, typename K>
+__global__ void make_keys_kernel(const A* __restrict__ teacher, int64_t total, int64_t C, K* __restrict__ keys,
+                                 int32_t* __restrict__ index) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    keys[i] = desc_key(teacher[i]);
+    index[i] = static_cast<int32_t>(i % C);
+  }
+}
+
+__global__ void offsets_kernel(int64_t* __restrict__ offsets, int64_t rows, int64_t C) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r <= rows; r += int64_t(gridDim.x) * blockDim.x) {
+    offsets[r] = r * C;
+  }
+}
+
+// ---- 2. π* = label first ------------------------------------------------------------------
+// row_state: 0 = counts, 1 = ignored, 2 = invalid (label out of range or bad permutation row).
+
+template <typename I>
+__global__ void __launch_bounds__(kThreads) label_first_kernel(const I* __restrict__ ranking,
+                                                               const int64_t* __restrict__ labels, int64_t C,
+                                                               int64_t ignore_index, bool check,
+                                                               int32_t* __restrict__ counts,
+                                                               int32_t* __restrict__ order,
+                                                               uint8_t* __restrict__ row_state) {
+  __shared__ unsigned long long pos;
+  __shared__ int bad;
+  const int64_t row = blockIdx.x;
+  const I* rk = ranking + row * C;
+  int32_t* out = order + row * C;
+  const int64_t y = labels[row];
+  const bool ignored = y == ignore_index;
+  const bool label_bad = !ignored && (y < 0 || y >= C);  // the same in every thread of the block
+  if (threadIdx.x == 0) {
+    pos = static_cast<unsigned long long>(C);
+    bad = label_bad ? 1 : 0;
+  }
+  __syncthreads();
+  if (!ignored && !label_bad) {
+    int32_t* cnt = check ? counts + row * C : nullptr;
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+      const int64_t p = static_cast<int64_t>(rk[j]);
+      if (p < 0 || p >= C) {
+        bad = 1;
+        continue;
+      }
+      if (cnt) atomicAdd(cnt + p, 1);
+      if (p == y) atomicMin(&pos, static_cast<unsigned long long>(j));
+    }
+    __syncthreads();
+    if (cnt && !bad) {
+      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+        if (cnt[j] != 1) bad = 1;
+      }
+    }
+    __syncthreads();
+    if (pos >= static_cast<unsigned long long>(C)) bad = 1;  // the label is missing
+  }
+  __syncthreads();
+  if (ignored || bad) {
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) out[j] = static_cast<int32_t>(j);
+  } else {
+    const int64_t at = static_cast<int64_t>(pos);
+    if (threadIdx.x == 0) out[0] = static_cast<int32_t>(y);
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+      const int32_t p = static_cast<int32_t>(rk[j]);
+      if (j < at) out[j + 1] = p;
+      else if (j > at) out[j] = p;
+    }
+  }
+  if (threadIdx.x == 0) row_state[row] = ignored ? 1 : (bad ? 2 : 0);
+}
+
+// ---- 3. per-row scans ---------------------------------------------------------------------
+
+template <typename T>
+struct RowView {
+  const T* s;         // student row
+  const Acc<T>* t;    // teacher row
+  const int32_t* o;   // π*
+  int64_t C;
+  Acc<T> inv_tau, tmax, log_total;
+  __device__ __forceinline__ Acc<T> x(int64_t j) const { return to_acc(s[o[j]]); }
+  __device__ __forceinline__ Acc<T> log_alpha(int64_t j) const { return (t[o[j]] - tmax) * inv_tau - log_total; }
+};
+
+// Teacher softmax statistics of one row: max and log Σ exp((t − max)/τ). Block-wide, broadcast.
+template <typename T>
+__device__ void teacher_stats(RowView<T>& v, Acc<T>* scratch) {
+  using A = Acc<T>;
+  A m = neg_inf<A>();
+  for (int64_t j = threadIdx.x; j < v.C; j += blockDim.x) m = v.t[j] > m ? v.t[j] : m;
+  v.tmax = block_max_all(m, scratch);
+  A s = A(0);
+  for (int64_t j = threadIdx.x; j < v.C; j += blockDim.x) s += exp((v.t[j] - v.tmax) * v.inv_tau);
+  v.log_total = log(block_sum_all(s, scratch));
+}
+
+// Suffix scan over j = C−1 … 0 in tiles of kTile; calls f(j, x_j, lse_j) for every valid j.
+template <typename T, typename ScanStorage, typename F>
+__device__ void suffix_scan(const RowView<T>& v, ScanStorage& storage, F&& f) {
+  using A = Acc<T>;
+  using Scan = cub::BlockScan<A, kThreads>;
+  RunningCarry<A> carry(neg_inf<A>());
+  for (int64_t base = 0; base < v.C; base += kTile) {
+    A items[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t q = base + static_cast<int64_t>(threadIdx.x) * kItems + i;  // reversed position
+      items[i] = q < v.C ? v.x(v.C - 1 - q) : neg_inf<A>();
+    }
+    A lse[kItems];
+    Scan(storage).InclusiveScan(items, lse, LogAddExp<A>(), carry);
+    __syncthreads();  // storage reused by the next tile
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t q = base + static_cast<int64_t>(threadIdx.x) * kItems + i;
+      if (q < v.C) f(v.C - 1 - q, items[i], lse[i]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order,
+                                                           const uint8_t* __restrict__ row_state,
+                                                           T* __restrict__ out_none, Acc<T>* __restrict__ row_loss) {
+  using A = Acc<T>;
+  using Scan = cub::BlockScan<A, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  __shared__ A scratch[33];
+  const int64_t row = blockIdx.x, C = p.classes;
+  const uint8_t state = row_state[row];
+  A loss = A(0);
+  if (state == 0) {
+    RowView<T> v{static_cast<const T*>(p.student) + row * p.student_stride, static_cast<const A*>(p.teacher) + row * C,
+                 order + row * C, C, static_cast<A>(1.0 / p.temperature), A(0), A(0)};
+    teacher_stats(v, scratch);
+    A acc = A(0);
+    suffix_scan(v, storage, [&](int64_t j, A x, A lse) { acc += exp(v.log_alpha(j)) * (lse - x); });
+    loss = block_sum_all(acc, scratch);
+  } else if (state == 2) {
+    loss = quiet_nan<A>();
+  }
+  if (threadIdx.x == 0) {
+    if (out_none) out_none[row] = from_acc<T>(loss);
+    else row_loss[row] = loss;
+  }
+}
+
+// Sum of the row losses in a fixed order; the mean divides by the number of counted rows.
+template <typename T>
+__global__ void finalize_kernel(const Acc<T>* __restrict__ row_loss, const int64_t* __restrict__ labels, int64_t rows,
+                                int64_t ignore_index, int reduction, T* __restrict__ out) {
+  using A = Acc<T>;
+  __shared__ A scratch[33];
+  __shared__ A count_scratch[33];
+  A acc = A(0), count = A(0);
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    acc += row_loss[r];
+    count += labels[r] != ignore_index ? A(1) : A(0);
+  }
+  acc = block_sum(acc, scratch);
+  count = block_sum(count, count_scratch);
+  if (threadIdx.x == 0) {
+    if (reduction == kMean && count > A(0)) acc /= count;
+    out[0] = from_acc<T>(acc);
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+// scale[0] = upstream factor of the scalar losses: 1/(counted rows) for mean (0 if none), else 1.
+template <typename A>
+__global__ void scale_kernel(const int64_t* __restrict__ labels, int64_t rows, int64_t ignore_index, int reduction,
+                             A* __restrict__ scale) {
+  __shared__ A scratch[33];
+  A count = A(0);
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) count += labels[r] != ignore_index ? A(1) : A(0);
+  count = block_sum(count, scratch);
+  if (threadIdx.x == 0) scale[0] = reduction == kMean ? (count > A(0) ? A(1) / count : A(0)) : A(1);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order,
+                                                           const T* __restrict__ grad, const Acc<T>* __restrict__ scale,
+                                                           Acc<T>* __restrict__ vbuf, T* __restrict__ grad_student) {
+  using A = Acc<T>;
+  using Scan = cub::BlockScan<A, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  __shared__ A scratch[33];
+  __shared__ int bad;
+  const int64_t row = blockIdx.x, C = p.classes;
+  const int64_t y = p.labels[row];
+  if (y == p.ignore_index || y < 0 || y >= C) return;  // block-uniform; the gradient row stays 0
+  const int32_t* o = order + row * C;
+  if (threadIdx.x == 0) bad = o[0] != y;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    if (o[j] < 0 || o[j] >= C) bad = 1;  // direct op calls: never index out of bounds
+  }
+  __syncthreads();
+  if (bad) return;
+  RowView<T> v{static_cast<const T*>(p.student) + row * p.student_stride, static_cast<const A*>(p.teacher) + row * C, o,
+               C, static_cast<A>(1.0 / p.temperature), A(0), A(0)};
+  teacher_stats(v, scratch);
+  A* vrow = vbuf + row * C;
+  suffix_scan(v, storage, [&](int64_t j, A, A lse) { vrow[j] = v.log_alpha(j) - lse; });
+  __syncthreads();  // vrow written by other threads of this block
+  const A coef = p.reduction == kNone ? to_acc(grad[row]) : to_acc(grad[0]) * scale[0];
+  T* g = grad_student + row * C;
+  RunningCarry<A> carry(neg_inf<A>());
+  for (int64_t base = 0; base < C; base += kTile) {
+    A items[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t j = base + static_cast<int64_t>(threadIdx.x) * kItems + i;
+      items[i] = j < C ? vrow[j] : neg_inf<A>();
+    }
+    A prefix[kItems];
+    Scan(storage).InclusiveScan(items, prefix, LogAddExp<A>(), carry);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t j = base + static_cast<int64_t>(threadIdx.x) * kItems + i;
+      if (j < C) {
+        const A x = v.x(j);
+        const A d = exp(x + prefix[i]) - exp(v.log_alpha(j));
+        g[o[j]] = from_acc<T>(coef * d);
+      }
+    }
+  }
+}
+
+// ---- workspace layout and launchers -----------------------------------------------------------
+
+size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+bool block_sort_path(const PlackettLuceProblem& p) {
+  return p.permutation == nullptr && static_cast<DType>(p.dtype) != DType::kFloat64 && p.classes <= kBlockSortMax;
+}
+
+size_t acc_size(const PlackettLuceProblem& p) {
+  return static_cast<DType>(p.dtype) == DType::kFloat64 ? sizeof(double) : sizeof(float);
+}
+
+// Forward workspace: row_loss [R] acc | row_state [R] u8 | ranking [R·C] i32 (sorting) |
+// counts [R·C] i32 (permutation) | keys_in, keys_out [R·C] K, index [R·C] i32, offsets [R+1] i64,
+// CUB scratch (segmented sort).
+struct FwdLayout {
+  size_t row_loss = 0, row_state = 0, ranking = 0, counts = 0, keys_in = 0, keys_out = 0, index = 0, offsets = 0,
+         cub = 0, cub_bytes = 0, total = 0;
+};
+
+template <typename K>
+cudaError_t segmented_sort_bytes(int64_t rows, int64_t C, size_t* bytes) {
+  *bytes = 0;
+  return cub::DeviceSegmentedSort::StableSortPairs(nullptr, *bytes, static_cast<const K*>(nullptr),
+                                                   static_cast<K*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                   static_cast<int32_t*>(nullptr), rows * C, rows,
+                                                   static_cast<const int64_t*>(nullptr),
+                                                   static_cast<const int64_t*>(nullptr) + 1);
+}
+
+cudaError_t fwd_layout(const PlackettLuceProblem& p, FwdLayout* L) {
+  const size_t R = static_cast<size_t>(p.rows), RC = R * static_cast<size_t>(p.classes);
+  const bool fp64 = static_cast<DType>(p.dtype) == DType::kFloat64;
+  const size_t key_size = fp64 ? sizeof(uint64_t) : sizeof(uint32_t);
+  size_t at = 0;
+  L->row_loss = at;
+  at += align_up(R * acc_size(p) + 1);
+  L->row_state = at;
+  at += align_up(R + 1);
+  if (p.permutation) {
+    L->counts = at;
+    at += align_up(RC * sizeof(int32_t) + 1);
+  } else {
+    L->ranking = at;
+    at += align_up(RC * sizeof(int32_t) + 1);
+    if (!block_sort_path(p) && p.rows > 0) {
+      L->keys_in = at;
+      at += align_up(RC * key_size);
+      L->keys_out = at;
+      at += align_up(RC * key_size);
+      L->index = at;
+      at += align_up(RC * sizeof(int32_t));
+      L->offsets = at;
+      at += align_up((R + 1) * sizeof(int64_t));
+      const cudaError_t err = fp64 ? segmented_sort_bytes<uint64_t>(p.rows, p.classes, &L->cub_bytes)
+                                   : segmented_sort_bytes<uint32_t>(p.rows, p.classes, &L->cub_bytes);
+      if (err != cudaSuccess) return err;
+      L->cub = at;
+      at += align_up(L->cub_bytes);
+    }
+  }
+  L->total = at;
+  return cudaSuccess;
+}
+
+unsigned grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+}
+
+template <typename A, typename K>
+cudaError_t segmented_ranking(const PlackettLuceProblem& p, const FwdLayout& L, unsigned char* ws, int32_t* ranking,
+                              cudaStream_t stream) {
+  const int64_t total = p.rows * p.classes;
+  K* keys_in = reinterpret_cast<K*>(ws + L.keys_in);
+  K* keys_out = reinterpret_cast<K*>(ws + L.keys_out);
+  int32_t* index = reinterpret_cast<int32_t*>(ws + L.index);
+  int64_t* offsets = reinterpret_cast<int64_t*>(ws + L.offsets);
+  make_keys_kernel<A, K><<<grid_for(total), kThreads, 0, stream>>>(static_cast<const A*>(p.teacher), total, p.classes,
+                                                                   keys_in, index);
+  offsets_kernel<<<grid_for(p.rows + 1), kThreads, 0, stream>>>(offsets, p.rows, p.classes);
+  size_t bytes = L.cub_bytes;
+  return cub::DeviceSegmentedSort::StableSortPairs(ws + L.cub, bytes, keys_in, keys_out, index, ranking, total, p.rows,
+                                                   offsets, offsets + 1, stream);
+}
+
+cudaError_t launch_block_sort(const PlackettLuceProblem& p, int32_t* ranking, cudaStream_t stream) {
+  const float* t = static_cast<const float*>(p.teacher);
+  const unsigned grid = static_cast<unsigned>(p.rows);
+  if (p.classes <= kThreads) block_sort_kernel<1><<<grid, kThreads, 0, stream>>>(t, p.classes, ranking);
+  else if (p.classes <= 2 * kThreads) block_sort_kernel<2><<<grid, kThreads, 0, stream>>>(t, p.classes, ranking);
+  else if (p.classes <= 4 * kThreads) block_sort_kernel<4><<<grid, kThreads, 0, stream>>>(t, p.classes, ranking);
+  else block_sort_kernel<8><<<grid, kThreads, 0, stream>>>(t, p.classes, ranking);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t plackett_luce_fwd_workspace(const PlackettLuceProblem& p, size_t* bytes) {
+  FwdLayout L;
+  const cudaError_t err = fwd_layout(p, &L);
+  *bytes = L.total;
+  return err;
+}
+
+cudaError_t plackett_luce_fwd_cuda(const PlackettLuceProblem& p, void* out, int32_t* order, void* workspace,
+                                   size_t workspace_bytes, cudaStream_t stream) {
+  FwdLayout L;
+  cudaError_t err = fwd_layout(p, &L);
+  if (err != cudaSuccess) return err;
+  if (workspace_bytes < L.total) return cudaErrorInvalidValue;
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  uint8_t* row_state = ws + L.row_state;
+  const bool none = p.reduction == kNone;
+  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using A = Acc<T>;
+    A* row_loss = reinterpret_cast<A*>(ws + L.row_loss);
+    if (p.rows > 0) {
+      const unsigned grid = static_cast<unsigned>(p.rows);
+      if (p.permutation) {
+        int32_t* counts = reinterpret_cast<int32_t*>(ws + L.counts);
+        cudaError_t e = cudaMemsetAsync(counts, 0, sizeof(int32_t) * p.rows * p.classes, stream);
+        if (e != cudaSuccess) return e;
+        label_first_kernel<int64_t><<<grid, kThreads, 0, stream>>>(p.permutation, p.labels, p.classes,
+                                                                   p.ignore_index, true, counts, order, row_state);
+      } else {
+        int32_t* ranking = reinterpret_cast<int32_t*>(ws + L.ranking);
+        using Key = typename std::conditional<sizeof(A) == 8, uint64_t, uint32_t>::type;
+        cudaError_t e = block_sort_path(p) ? launch_block_sort(p, ranking, stream)
+                                           : segmented_ranking<A, Key>(p, L, ws, ranking, stream);
+        if (e != cudaSuccess) return e;
+        label_first_kernel<int32_t><<<grid, kThreads, 0, stream>>>(ranking, p.labels, p.classes, p.ignore_index,
+                                                                   false, nullptr, order, row_state);
+      }
+      fwd_row_kernel<T><<<grid, kThreads, 0, stream>>>(p, order, row_state, none ? static_cast<T*>(out) : nullptr,
+                                                       row_loss);
+    }
+    if (!none) {
+      finalize_kernel<T><<<1, 1024, 0, stream>>>(row_loss, p.labels, p.rows, p.ignore_index, p.reduction,
+                                                 static_cast<T*>(out));
+    }
+    return cudaGetLastError();
+  });
+}
+
+size_t plackett_luce_bwd_workspace(const PlackettLuceProblem& p) {
+  const size_t a = acc_size(p);
+  return align_up(a) + align_up(static_cast<size_t>(p.rows) * static_cast<size_t>(p.classes) * a + 1);
+}
+
+cudaError_t plackett_luce_bwd_cuda(const PlackettLuceProblem& p, const int32_t* order, const void* grad,
+                                   void* grad_student, void* workspace, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using A = Acc<T>;
+    A* scale = reinterpret_cast<A*>(ws);
+    A* vbuf = reinterpret_cast<A*>(ws + align_up(sizeof(A)));
+    scale_kernel<A><<<1, 1024, 0, stream>>>(p.labels, p.rows, p.ignore_index, p.reduction, scale);
+    bwd_row_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
+        p, order, static_cast<const T*>(grad), scale, vbuf, static_cast<T*>(grad_student));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace kdloss
