@@ -180,6 +180,11 @@ void gather_row(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* order,
     // differences of two of them stay finite inside the scans
     la[j] = std::max((t[p] - tmax) * inv_tau - log_total, lowest);
   }
+  // PLD is translation invariant in the student logits: shifting them by their maximum keeps every
+  // lse_j − x_j and log α_j − lse_j small in magnitude, hence their rounding errors
+  acc_t xmax = x[0];
+  for (int64_t j = 1; j < C; ++j) xmax = std::max(xmax, x[j]);
+  for (int64_t j = 0; j < C; ++j) x[j] -= xmax;
   for (int64_t j = C; j < sc.padded; ++j) {
     x[j] = acc_t(0);
     la[j] = lowest;
