@@ -229,15 +229,24 @@ struct RowView {
   const Acc<T>* t;    // teacher row
   const int32_t* o;   // π*
   int64_t C;
-  Acc<T> inv_tau, tmax, log_total;
-  __device__ __forceinline__ Acc<T> x(int64_t j) const { return to_acc(s[o[j]]); }
+  Acc<T> inv_tau, tmax, log_total, xmax;
+  // student logit of pick j, shifted by the row maximum (the loss is translation invariant; small
+  // magnitudes keep the rounding of lse_j − x_j and log α_j − lse_j small)
+  __device__ __forceinline__ Acc<T> x(int64_t j) const { return to_acc(s[o[j]]) - xmax; }
   __device__ __forceinline__ Acc<T> log_alpha(int64_t j) const { return (t[o[j]] - tmax) * inv_tau - log_total; }
 };
 
-// Teacher softmax statistics of one row: max and log Σ exp((t − max)/τ). Block-wide, broadcast.
+// Row statistics: the student maximum, the teacher maximum and log Σ exp((t − max)/τ).
+// Block-wide, broadcast to every thread.
 template <typename T>
 __device__ void teacher_stats(RowView<T>& v, Acc<T>* scratch) {
   using A = Acc<T>;
+  A xm = neg_inf<A>();
+  for (int64_t j = threadIdx.x; j < v.C; j += blockDim.x) {
+    const A sj = to_acc(v.s[j]);
+    xm = sj > xm ? sj : xm;
+  }
+  v.xmax = block_max_all(xm, scratch);
   A m = neg_inf<A>();
   for (int64_t j = threadIdx.x; j < v.C; j += blockDim.x) m = v.t[j] > m ? v.t[j] : m;
   v.tmax = block_max_all(m, scratch);
@@ -283,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) fwd_row_kernel(PlackettLuceProblem p
   A loss = A(0);
   if (state == 0) {
     RowView<T> v{static_cast<const T*>(p.student) + row * p.student_stride, static_cast<const A*>(p.teacher) + row * C,
-                 order + row * C, C, static_cast<A>(1.0 / p.temperature), A(0), A(0)};
+                 order + row * C, C, static_cast<A>(1.0 / p.temperature), A(0), A(0), A(0)};
     teacher_stats(v, scratch);
     A acc = A(0);
     suffix_scan(v, storage, [&](int64_t j, A x, A lse) { acc += exp(v.log_alpha(j)) * (lse - x); });
@@ -351,7 +360,7 @@ __global__ void __launch_bounds__(kThreads) bwd_row_kernel(PlackettLuceProblem p
   __syncthreads();
   if (bad) return;
   RowView<T> v{static_cast<const T*>(p.student) + row * p.student_stride, static_cast<const A*>(p.teacher) + row * C, o,
-               C, static_cast<A>(1.0 / p.temperature), A(0), A(0)};
+               C, static_cast<A>(1.0 / p.temperature), A(0), A(0), A(0)};
   teacher_stats(v, scratch);
   A* vrow = vbuf + row * C;
   suffix_scan(v, storage, [&](int64_t j, A, A lse) { vrow[j] = v.log_alpha(j) - lse; });
