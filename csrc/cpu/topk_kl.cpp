@@ -80,21 +80,55 @@ Acc<scalar_t> block_sum_exp(const scalar_t* z, int64_t n, Acc<scalar_t> inv_t, A
   return s;
 }
 
-// log Σ_j exp(z[j]·inv_t) over the row, streamed in blocks with a running max (one read of z).
+// bf16/fp16 z[0..n) converted to fp32 in `out` (16 at a time); returns their max (NaN propagates).
+template <typename scalar_t>
+float block_to_float(const scalar_t* z, int64_t n, float* out) {
+  using Reduced = at::vec::Vectorized<scalar_t>;
+  using Vec = at::vec::Vectorized<float>;
+  Vec m0(neg_inf<float>()), m1(neg_inf<float>());
+  int64_t i = 0;
+  for (; i + Reduced::size() <= n; i += Reduced::size()) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Reduced::loadu(z + i));
+    lo.store(out + i);
+    hi.store(out + i + Vec::size());
+    m0 = at::vec::maximum(m0, lo);
+    m1 = at::vec::maximum(m1, hi);
+  }
+  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
+                                          at::vec::maximum(m0, m1));
+  for (; i < n; ++i) {
+    out[i] = static_cast<float>(z[i]);
+    if (!(out[i] <= m)) m = out[i];
+  }
+  return m;
+}
+
+// log Σ_j exp(z[j]·inv_t) over the row, streamed in blocks with a running max (one read of z;
+// bf16/fp16 blocks are converted once into an L1-resident fp32 buffer).
 template <typename scalar_t>
 Acc<scalar_t> row_logsumexp(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t) {
   using acc_t = Acc<scalar_t>;
   acc_t m = neg_inf<acc_t>(), s = 0;
+  alignas(64) float buffer[c10::is_reduced_floating_point_v<scalar_t> ? kBlock : 1];
   for (int64_t b = 0; b < V; b += kBlock) {
     const int64_t n = std::min(kBlock, V - b);
-    const acc_t bm = block_max(z + b, n) * inv_t;
+    acc_t bm;
+    if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+      bm = block_to_float(z + b, n, buffer) * inv_t;
+    } else {
+      bm = block_max(z + b, n) * inv_t;
+    }
     if (std::isnan(bm)) return bm;
     if (bm == neg_inf<acc_t>()) continue;  // a block of −inf logits adds nothing
     if (bm > m) {
       s *= std::exp(m - bm);
       m = bm;
     }
-    s += block_sum_exp(z + b, n, inv_t, m);
+    if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+      s += block_sum_exp<float>(buffer, n, inv_t, m);
+    } else {
+      s += block_sum_exp(z + b, n, inv_t, m);
+    }
   }
   return m == neg_inf<acc_t>() ? m : m + std::log(s);
 }
@@ -195,6 +229,16 @@ void dense_softmax_row(scalar_t* out, const scalar_t* z, int64_t V, Acc<scalar_t
   }
   const Vec vt(inv_t), vs(-lse), vc(c);
   int64_t j = 0;
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    // 16 bf16/fp16 at a time: one load, two fp32 halves, one rounding store of all 16
+    using Reduced = at::vec::Vectorized<scalar_t>;
+    for (; j + Reduced::size() <= V; j += Reduced::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Reduced::loadu(z + j));
+      lo = vc * vexp(at::vec::fmadd(lo, vt, vs));
+      hi = vc * vexp(at::vec::fmadd(hi, vt, vs));
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(out + j);
+    }
+  }
   for (; j + IO::size() <= V; j += IO::size())
     IO::store(out + j, vc * vexp(at::vec::fmadd(IO::load(z + j), vt, vs)));
   for (; j < V; ++j) out[j] = static_cast<scalar_t>(c * std::exp(static_cast<acc_t>(z[j]) * inv_t - lse));
