@@ -10,7 +10,7 @@ from ..functional import fused_linear_topk_kl_loss, topk_kl_loss
 from . import Case
 from .topk_kl import TEMPERATURE, eager_distillkit
 
-CPU_SHAPES = [(1024, 1024, 32000, 64)]  # (N, H, V, k)
+CPU_SHAPES = [(1024, 1024, 32000, 64), (4096, 256, 32000, 64)]  # (N, H, V, k); the 2nd: logits ≫ weight
 GPU_SHAPES = [(8192, 4096, 151936, 64)]
 QUICK_SHAPES = [(64, 64, 2048, 16)]
 
