@@ -5,13 +5,15 @@ references live in :mod:`kdloss.reference`. Kernels compile on first use (``pyth
 prebuilds them).
 """
 
-from . import functional, reference
+from . import functional, reference, sparse
 from ._build import KernelUnavailableError
+from .fused_linear_topk_kl import FusedLinearTopKKLLoss
 from .margin_mse import MarginMSELoss
+from .topk_kl import TopKKLLoss
 from .sinkhorn import SinkhornLoss
 from .plackett_luce import PlackettLuceLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["SinkhornLoss", "MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
+__all__ = ["FusedLinearTopKKLLoss", "TopKKLLoss", "sparse", "SinkhornLoss", "MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
 __all__ += ["PlackettLuceLoss"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 #: loss name → module defining its cases
-LOSSES = {"margin_mse": "kdloss.bench.margin_mse", "sinkhorn": "kdloss.bench.sinkhorn"}
+LOSSES = {"margin_mse": "kdloss.bench.margin_mse", "topk_kl": "kdloss.bench.topk_kl", "fused_linear_topk_kl": "kdloss.bench.fused_linear_topk_kl", "sinkhorn": "kdloss.bench.sinkhorn"}
 LOSSES["plackett_luce"] = "kdloss.bench.plackett_luce"
 
 CSV_FIELDS = ["loss", "case", "shape", "dtype", "backend", "device", "median_ms", "peak_mib",

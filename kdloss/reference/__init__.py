@@ -8,5 +8,8 @@ from .margin_mse import margin_mse_from_embeddings_reference, margin_mse_referen
 from .sinkhorn import sinkhorn_reference
 from .plackett_luce import plackett_luce_reference, teacher_ranking
 
-__all__ = ["sinkhorn_reference", "margin_mse_reference", "margin_mse_from_embeddings_reference", "teacher_margins", "teacher_is_scores"]
+from .fused_linear_topk_kl import fused_linear_topk_kl_reference, linear_logits
+from .topk_kl import teacher_log_targets, topk_kl_reference
+
+__all__ = ["fused_linear_topk_kl_reference", "linear_logits", "topk_kl_reference", "teacher_log_targets", "sinkhorn_reference", "margin_mse_reference", "margin_mse_from_embeddings_reference", "teacher_margins", "teacher_is_scores"]
 __all__ += ["plackett_luce_reference", "teacher_ranking"]

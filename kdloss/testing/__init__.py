@@ -73,6 +73,7 @@ def names() -> list[str]:
 
 def _load_specs() -> None:
     from . import margin_mse  # noqa: F401  (one import per loss registers its spec)
+    from . import topk_kl  # noqa: F401
     from . import sinkhorn  # noqa: F401
     from . import plackett_luce  # noqa: F401
 
