@@ -9,35 +9,12 @@
 
 #include <cmath>
 
+#include "kdloss/cuda_ops_utils.h"
 #include "kdloss/sinkhorn_cuda.h"
 
 namespace kdloss {
 namespace cuda {
 namespace {
-
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kBFloat16: return 2;
-    case at::kHalf: return 3;
-    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", t, " (expected float32/float64/bfloat16/float16)");
-  }
-  return -1;
-}
-
-at::ScalarType acc_type(const at::Tensor& student) {
-  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_on(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(), ", got ",
-                    t.device());
-}
-
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "kdloss sinkhorn CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 void check_options(double temperature, double epsilon, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
@@ -49,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, double temperature, double epsilon,
     int64_t n_iters, double scale) {
   TORCH_CHECK_VALUE(student_logits.is_cuda(), "student_logits must be a CUDA tensor");
-  check_on(teacher_logits, student_logits, "teacher_logits");
+  check_cuda(teacher_logits, student_logits, "teacher_logits");
   check_options(temperature, epsilon, scale);
   TORCH_CHECK_VALUE(n_iters >= 1, "n_iters must be >= 1, got ", n_iters);
   TORCH_CHECK_VALUE(student_logits.dim() == 2 && student_logits.size(1) >= 1,
@@ -57,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t B = student_logits.size(0), C = student_logits.size(1), Bt = teacher_logits.size(0);
   TORCH_CHECK_VALUE(teacher_logits.dim() == 2 && teacher_logits.size(1) == C, "teacher_logits must be [B', ", C,
                     "], got ", teacher_logits.sizes());
-  const auto acc = acc_type(student_logits);
+  const auto acc = acc_type(student_logits.scalar_type());
   TORCH_CHECK_VALUE(teacher_logits.scalar_type() == acc, "teacher_logits must be ", acc, ", got ",
                     teacher_logits.scalar_type());
   const int dtype = dtype_code(student_logits.scalar_type());
@@ -74,7 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor workspace = at::empty({sinkhorn_fwd_workspace_size(p)}, opts);
   check_launch(sinkhorn_fwd_cuda(p, zs.data_ptr(), zs.stride(0), zt.data_ptr(), loss.data_ptr(),
                                  probs_s.data_ptr(), probs_t.data_ptr(), cost.data_ptr(), f.data_ptr(),
-                                 g.data_ptr(), workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+                                 g.data_ptr(), workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "sinkhorn");
   return {loss, probs_s, probs_t, cost, f, g};
 }
 
@@ -86,12 +64,12 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   TORCH_CHECK_VALUE(student_logits.dim() == 2 && student_logits.size(1) >= 1,
                     "student_logits must be [B, C] with C >= 1, got ", student_logits.sizes());
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one element, got ", grad.numel());
-  check_on(grad, student_logits, "grad");
-  const auto acc = acc_type(student_logits);
+  check_cuda(grad, student_logits, "grad");
+  const auto acc = acc_type(student_logits.scalar_type());
   const char* names[] = {"student_probs", "teacher_probs", "cost", "f", "g"};
   const at::Tensor* saved[] = {&probs_s, &probs_t, &cost, &f_hist, &g_hist};
   for (int k = 0; k < 5; ++k) {
-    check_on(*saved[k], student_logits, names[k]);
+    check_cuda(*saved[k], student_logits, names[k]);
     TORCH_CHECK_VALUE(saved[k]->scalar_type() == acc && saved[k]->dim() == 2, names[k], " must be a 2-D ", acc,
                       " tensor");
   }
@@ -113,7 +91,8 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   at::Tensor workspace = at::empty({sinkhorn_bwd_workspace_size(p)}, ps.options());
   check_launch(sinkhorn_bwd_cuda(p, g_scalar.data_ptr(), ps.data_ptr(), pt.data_ptr(), W.data_ptr(), fh.data_ptr(),
                                  gh.data_ptr(), grad_student.data_ptr(), workspace.data_ptr(),
-                                 c10::cuda::getCurrentCUDAStream()));
+                                 c10::cuda::getCurrentCUDAStream()),
+               "sinkhorn");
   return grad_student;
 }
 
