@@ -17,3 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FusedLinearTopKKLLoss", "TopKKLLoss", "sparse", "SinkhornLoss", "MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
 __all__ += ["PlackettLuceLoss"]
+from .trg import TokenContextualLoss, TokenContrastiveLoss, TokenGraphLoss, TRGLoss  # noqa: E402
+__all__ += ["TokenContextualLoss", "TokenGraphLoss", "TokenContrastiveLoss", "TRGLoss"]

@@ -13,3 +13,6 @@ from .topk_kl import teacher_log_targets, topk_kl_reference
 
 __all__ = ["fused_linear_topk_kl_reference", "linear_logits", "topk_kl_reference", "teacher_log_targets", "sinkhorn_reference", "margin_mse_reference", "margin_mse_from_embeddings_reference", "teacher_margins", "teacher_is_scores"]
 __all__ += ["plackett_luce_reference", "teacher_ranking"]
+from .token_contextual import token_contextual_reference  # noqa: E402
+from .token_graph import token_contrastive_reference, token_graph_reference  # noqa: E402
+__all__ += ["token_contextual_reference", "token_graph_reference", "token_contrastive_reference"]

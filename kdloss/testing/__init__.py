@@ -75,6 +75,7 @@ def _load_specs() -> None:
     from . import margin_mse  # noqa: F401  (one import per loss registers its spec)
     from . import topk_kl  # noqa: F401
     from . import sinkhorn  # noqa: F401
+    from . import token_contextual  # noqa: F401
     from . import plackett_luce  # noqa: F401
 
 

@@ -1,0 +1,43 @@
+"""Token-wise contextual loss reference (TRG's L_inner; spec §5.2).
+
+Per image, ``CS = softmax_row(F·Fᵀ / √D)`` over its N tokens, computed for the student (width Ds)
+and the teacher (width Dt, a constant), and ``L = mean_{b,i,j} (CS^T_bij − CS^S_bij)²``
+(``nn.MSELoss`` default, over B·N·N). ASSUMPTIONS (spec §5.2): raw tokens (no normalisation),
+row-wise softmax, mean reduction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._validation import accumulation_dtype
+
+
+def contextual_similarity(tokens: torch.Tensor) -> torch.Tensor:
+    """``softmax(F·Fᵀ / √D)`` row-wise for ``tokens [B, N, D]`` → ``[B, N, N]`` (in tokens' dtype)."""
+    dim = tokens.shape[-1]
+    return torch.softmax(tokens @ tokens.transpose(-1, -2) / math.sqrt(dim), dim=-1)
+
+
+def token_contextual_reference(
+    student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """``student_tokens [B, N, Ds]``, ``teacher_tokens [B, N, Dt]`` → the loss in the student's dtype.
+
+    ``reduction``: ``"mean"`` over B·N·N, ``"sum"``, or ``"none"`` → ``[B, N]``, the mean over the
+    N columns of each row (so that ``none.mean() == mean``).
+    """
+    acc = accumulation_dtype(student_tokens.dtype)
+    cs = contextual_similarity(student_tokens.to(acc))
+    ct = contextual_similarity(teacher_tokens.detach().to(acc))
+    squared = (ct - cs) ** 2
+    batch, n = student_tokens.shape[0], student_tokens.shape[1]
+    if reduction == "none":
+        out = squared.mean(-1) if n > 0 else squared.sum(-1)
+        return out.reshape(batch, n).to(student_tokens.dtype)
+    total = squared.sum()
+    if reduction == "mean" and squared.numel() > 0:
+        total = total / squared.numel()
+    return total.to(student_tokens.dtype)
