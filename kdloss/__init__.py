@@ -7,15 +7,15 @@ prebuilds them).
 
 from . import functional, reference, sparse
 from ._build import KernelUnavailableError
-from .fused_linear_topk_kl import FusedLinearTopKKLLoss
 from .margin_mse import MarginMSELoss
-from .topk_kl import TopKKLLoss
 from .sinkhorn import SinkhornLoss
+from .fused_linear_topk_kl import FusedLinearTopKKLLoss
+from .topk_kl import TopKKLLoss
 from .plackett_luce import PlackettLuceLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLinearTopKKLLoss", "TopKKLLoss", "sparse", "SinkhornLoss", "MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
+__all__ = ["FusedLinearTopKKLLoss", "SinkhornLoss", "TopKKLLoss", "sparse", "MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
 __all__ += ["PlackettLuceLoss"]
 from .trg import TokenContextualLoss, TokenContrastiveLoss, TokenGraphLoss, TRGLoss  # noqa: E402
 __all__ += ["TokenContextualLoss", "TokenGraphLoss", "TokenContrastiveLoss", "TRGLoss"]

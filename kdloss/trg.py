@@ -130,10 +130,10 @@ def token_contextual_loss(
     if not use_kernel(LOSS, device, backend):
         return token_contextual_reference(student_tokens, teacher_tokens, reduction)
     teacher = teacher_tokens.detach().to(accumulation_dtype(student_tokens.dtype)).contiguous()
-    out, _, _ = torch.ops.kdloss.token_contextual_fwd(
+    outputs = torch.ops.kdloss.token_contextual_fwd(
         student_tokens.contiguous(), teacher, _ops.REDUCTION_CODES[reduction]
     )
-    return out
+    return outputs[0]
 
 
 class TokenContextualLoss(nn.Module):

@@ -14,6 +14,6 @@ REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 from . import margin_mse  # noqa: E402,F401  (registers the margin_mse ops)
 from . import topk_kl  # noqa: E402,F401  (registers the topk_kl ops)
 from . import fused_linear_topk_kl  # noqa: E402,F401  (registers the fused_linear_topk_kl ops)
-from . import plackett_luce  # noqa: E402,F401  (registers the plackett_luce ops)
 from . import sinkhorn  # noqa: E402,F401  (registers the sinkhorn ops)
+from . import plackett_luce  # noqa: E402,F401  (registers the plackett_luce ops)
 from . import token_contextual  # noqa: E402,F401  (registers the token_contextual ops)

@@ -73,10 +73,10 @@ def names() -> list[str]:
 
 def _load_specs() -> None:
     from . import margin_mse  # noqa: F401  (one import per loss registers its spec)
+    from . import plackett_luce  # noqa: F401
     from . import topk_kl  # noqa: F401
     from . import sinkhorn  # noqa: F401
     from . import token_contextual  # noqa: F401
-    from . import plackett_luce  # noqa: F401
 
 
 @dataclass
