@@ -17,3 +17,4 @@ from . import fused_linear_topk_kl  # noqa: E402,F401  (registers the fused_line
 from . import sinkhorn  # noqa: E402,F401  (registers the sinkhorn ops)
 from . import plackett_luce  # noqa: E402,F401  (registers the plackett_luce ops)
 from . import token_contextual  # noqa: E402,F401  (registers the token_contextual ops)
+from . import token_graph  # noqa: E402,F401  (registers the token_graph ops)

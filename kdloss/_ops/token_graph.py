@@ -1,0 +1,67 @@
+"""``kdloss::token_graph_*`` ops (TRG kNN-graph local-structure loss, spec §5.2–5.3): schemas,
+fakes, autograd.
+
+Op-level contract (:func:`kdloss.trg.token_graph_loss` normalises user input and selects the
+neighbours first):
+
+* ``student [M, Ds]`` — any float dtype, contiguous; receives the gradient;
+* ``teacher [M, Dt]`` — detached, contiguous, in the accumulation dtype (fp32; fp64 for fp64);
+* ``neighbours [M, k]`` int64 in ``[0, M)`` (validated in Python; the CPU kernel re-checks, the
+  CUDA kernels skip out-of-range edges), contiguous;
+* ``sigma`` > 0; ``edge`` 0 kernel ``exp(−d²/2σ)`` / 1 log kernel ``−d²/2σ``; ``direction``
+  0 ``KL(p^S‖p^T)`` / 1 ``KL(p^T‖p^S)``; ``reduction`` 0 none (``[M]``) / 1 mean over M / 2 sum.
+
+``token_graph_fwd`` returns ``(loss, coef)``: the loss in the student's dtype and the per-edge
+coefficient ``coef[i, j] = ∂L_i/∂d²_ij`` (``[M, k]``, accumulation dtype; not differentiable) —
+the O(M·k) state the backward needs. ``token_graph_bwd`` turns it into the gradient
+``∂L/∂x_i = Σ_{edges (i,j) or (j,i)} 2·g·coef·(x_i − x_j)`` with ``g`` the upstream gradient
+(÷ M for mean); the scatter onto neighbours goes through a transposed (CSR) edge list, so each
+output row is written by one task in a fixed order (deterministic on both backends).
+"""
+
+import torch
+
+from . import LIB
+
+LIB.define(
+    "token_graph_fwd(Tensor student, Tensor teacher, Tensor neighbours, float sigma, int edge, int direction, "
+    "int reduction) -> (Tensor, Tensor)"
+)
+LIB.define("token_graph_bwd(Tensor grad, Tensor student, Tensor neighbours, Tensor coef, int reduction) -> Tensor")
+
+#: option codes of the ops
+EDGE_CODES = {"kernel": 0, "log_kernel": 1}
+DIRECTION_CODES = {"student_teacher": 0, "teacher_student": 1}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("kdloss::token_graph_fwd")
+def _fwd_fake(student, teacher, neighbours, sigma, edge, direction, reduction):
+    m = student.shape[0]
+    loss = student.new_empty((m,) if reduction == 0 else ())
+    return loss, student.new_empty(neighbours.shape, dtype=_acc_dtype(student.dtype))
+
+
+@torch.library.register_fake("kdloss::token_graph_bwd")
+def _bwd_fake(grad, student, neighbours, coef, reduction):
+    return student.new_empty(student.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    student, _teacher, neighbours, _sigma, _edge, _direction, reduction = inputs
+    _, coef = output
+    ctx.mark_non_differentiable(coef)
+    ctx.save_for_backward(student, neighbours, coef)
+    ctx.reduction = reduction
+
+
+def _backward(ctx, grad, _grad_coef):
+    student, neighbours, coef = ctx.saved_tensors
+    grad_student = torch.ops.kdloss.token_graph_bwd(grad, student, neighbours, coef, ctx.reduction)
+    return grad_student, None, None, None, None, None, None
+
+
+torch.library.register_autograd("kdloss::token_graph_fwd", _backward, setup_context=_setup_context)
