@@ -1,0 +1,236 @@
+// TRG kNN-graph local-structure loss, CUDA kernels (spec §5.2–5.3). Plain CUDA: launchers take raw
+// pointers (see kdloss/token_graph_cuda.h); the torch glue is csrc/cuda/token_graph_ops.cpp.
+//
+// One warp per node, 8 nodes per CTA, accumulation in fp32 (fp64 for fp64); bf16/fp16 are
+// converted in registers. Formulas as in csrc/cpu/token_graph.cpp.
+//
+// Forward: for each of its k edges the warp reduces ‖x_i − x_j‖² over D (lanes stride D, butterfly
+// shuffle), lane 0 parks the student edge logit in `coef` and the teacher's in the workspace; then
+// the lanes take the edges in turn for the two max-shifted log-softmaxes and the KL, and overwrite
+// `coef[i, j]` with ∂L_i/∂d²_ij. Per-node losses go to the workspace; a single-CTA finalize kernel
+// sums them in a fixed order (no atomics: deterministic).
+// Backward: w_e = 2·g·coef_e; the warp of node i accumulates Σ w (x_i − x_other) over its k outgoing
+// edges and over the incoming edges listed by the CSR transpose (built by the glue with a stable
+// sort), 256 columns per pass with 8 registers per lane, and writes row i once. No atomics, so the
+// gradient is deterministic as well. Neither pass synchronises with the host.
+#include <cstdint>
+
+#include "kdloss/cuda_utils.cuh"
+#include "kdloss/token_graph_cuda.h"
+
+namespace kdloss {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 8;                 // nodes per CTA
+constexpr int kThreads = 32 * kWarps;
+constexpr int kFinalizeThreads = 1024;
+constexpr int kColsPerLane = 8;           // backward: columns per lane per pass (256 per warp)
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename A>
+__device__ __forceinline__ A warp_allsum(A v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;  // identical in every lane (butterfly: same operation order in every lane)
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_allmax(A v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const A o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// ‖a − b‖² over D, reduced over the warp (every lane gets it).
+template <typename T, typename A>
+__device__ __forceinline__ A warp_squared_distance(const T* a, const T* b, int64_t D, int lane) {
+  A s = A(0);
+  for (int64_t d = lane; d < D; d += 32) {
+    const A e = to_acc(a[d]) - to_acc(b[d]);
+    s += e * e;
+  }
+  return warp_allsum(s);
+}
+
+// The neighbour of edge e, an out-of-range entry acting as a self-edge (zero distance, zero gradient).
+__device__ __forceinline__ int64_t neighbour_of(const int64_t* nb, int64_t e, int64_t self, int64_t M) {
+  const int64_t n = nb[e];
+  return n >= 0 && n < M ? n : self;
+}
+
+// Log-softmax of z[0..k) over the warp (lanes take the edges in turn): returns log Σ exp z.
+template <typename A>
+__device__ __forceinline__ A warp_logsumexp(const A* z, int64_t k, int lane) {
+  A m = -static_cast<A>(INFINITY);
+  for (int64_t j = lane; j < k; j += 32) m = z[j] > m ? z[j] : m;
+  m = warp_allmax(m);
+  A s = A(0);
+  for (int64_t j = lane; j < k; j += 32) s += exp_acc(z[j] - m);
+  return m + log_acc(warp_allsum(s));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_nodes_kernel(TokenGraphProblem p, Acc<T>* coef, Acc<T>* zt_all,
+                                                             Acc<T>* row_loss, T* loss_none) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (i >= p.nodes) return;  // uniform over the warp; no CTA-wide barrier below
+  const T* xs = static_cast<const T*>(p.student);
+  const A* xt = static_cast<const A*>(p.teacher);
+  const A inv_two_sigma = static_cast<A>(0.5 / p.sigma);
+  const int64_t k = p.k;
+  A* zs = coef + i * k;
+  A* zt = zt_all + i * k;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t n = neighbour_of(p.neighbours, i * k + j, i, p.nodes);
+    const A ls = -warp_squared_distance<T, A>(xs + i * p.ds, xs + n * p.ds, p.ds, lane) * inv_two_sigma;
+    const A lt = -warp_squared_distance<A, A>(xt + i * p.dt, xt + n * p.dt, p.dt, lane) * inv_two_sigma;
+    if (lane == 0) {
+      zs[j] = p.edge == 0 ? exp_acc(ls) : ls;
+      zt[j] = p.edge == 0 ? exp_acc(lt) : lt;
+    }
+  }
+  __syncwarp();  // lane 0's writes are visible to the warp
+  A loss = A(0);
+  if (k > 0) {
+    const A lse_s = warp_logsumexp(zs, k, lane);
+    const A lse_t = warp_logsumexp(zt, k, lane);
+    A part = A(0);
+    for (int64_t j = lane; j < k; j += 32) {
+      const A lps = zs[j] - lse_s, lpt = zt[j] - lse_t;
+      part += p.direction == 0 ? exp_acc(lps) * (lps - lpt) : exp_acc(lpt) * (lpt - lps);
+    }
+    loss = warp_allsum(part);
+    for (int64_t j = lane; j < k; j += 32) {  // each lane rewrites only the edges it read
+      const A lps = zs[j] - lse_s, lpt = zt[j] - lse_t;
+      const A dz_dd = p.edge == 0 ? -zs[j] * inv_two_sigma : -inv_two_sigma;
+      const A dl_dz = p.direction == 0 ? exp_acc(lps) * ((lps - lpt) - loss) : exp_acc(lps) - exp_acc(lpt);
+      zs[j] = dl_dz * dz_dd;
+    }
+  }
+  if (lane == 0) {
+    row_loss[i] = loss;
+    if (loss_none) loss_none[i] = from_acc<T>(loss);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Acc<T>* row_loss, int64_t rows,
+                                                                    int reduction, T* out) {
+  using A = Acc<T>;
+  __shared__ A scratch[32];
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) s += row_loss[i];
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) {
+    if (reduction == 1 && rows > 0) s /= static_cast<A>(rows);
+    out[0] = from_acc<T>(s);
+  }
+}
+
+// 2 × the upstream gradient of node `row`'s loss (÷ M for mean).
+template <typename A>
+__device__ __forceinline__ A row_scale(const A* grad, int reduction, int64_t row, int64_t M) {
+  if (reduction == 0) return A(2) * grad[row];
+  return reduction == 1 ? A(2) * grad[0] / static_cast<A>(M) : A(2) * grad[0];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bwd_nodes_kernel(TokenGraphProblem p, const Acc<T>* grad,
+                                                             const Acc<T>* coef, const int64_t* in_start,
+                                                             const int64_t* in_edge, T* out) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (i >= p.nodes) return;
+  const T* x = static_cast<const T*>(p.student);
+  const int64_t D = p.ds, k = p.k, M = p.nodes;
+  const T* xi = x + i * D;
+  const A gi = row_scale(grad, p.reduction, i, M);
+  const int64_t in_begin = k > 0 ? in_start[i] : 0, in_end = k > 0 ? in_start[i + 1] : 0;
+  for (int64_t d0 = 0; d0 < D; d0 += 32 * kColsPerLane) {
+    A own[kColsPerLane], acc[kColsPerLane];
+#pragma unroll
+    for (int t = 0; t < kColsPerLane; ++t) {
+      const int64_t d = d0 + lane + 32 * t;
+      own[t] = d < D ? to_acc(xi[d]) : A(0);
+      acc[t] = A(0);
+    }
+    for (int64_t j = 0; j < k; ++j) {  // outgoing edges (i, nb(i, j))
+      const int64_t e = i * k + j;
+      const A w = gi * coef[e];
+      const T* xo = x + neighbour_of(p.neighbours, e, i, M) * D;
+#pragma unroll
+      for (int t = 0; t < kColsPerLane; ++t) {
+        const int64_t d = d0 + lane + 32 * t;
+        if (d < D) acc[t] += w * (own[t] - to_acc(xo[d]));
+      }
+    }
+    for (int64_t q = in_begin; q < in_end; ++q) {  // incoming edges (m, i), ascending edge ids
+      const int64_t e = in_edge[q];
+      const int64_t m = e / k;
+      const A w = row_scale(grad, p.reduction, m, M) * coef[e];
+      const T* xo = x + m * D;
+#pragma unroll
+      for (int t = 0; t < kColsPerLane; ++t) {
+        const int64_t d = d0 + lane + 32 * t;
+        if (d < D) acc[t] += w * (own[t] - to_acc(xo[d]));
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kColsPerLane; ++t) {
+      const int64_t d = d0 + lane + 32 * t;
+      if (d < D) out[i * D + d] = from_acc<T>(acc[t]);
+    }
+  }
+}
+
+unsigned grid_for(int64_t nodes) { return static_cast<unsigned>((nodes + kWarps - 1) / kWarps); }
+
+}  // namespace
+
+int64_t token_graph_workspace_size(int64_t nodes, int64_t k) {
+  const int64_t n = nodes * k + nodes;
+  return n > 0 ? n : 1;
+}
+
+cudaError_t token_graph_fwd_cuda(const TokenGraphProblem& p, void* loss, void* coef, void* workspace,
+                                 cudaStream_t stream) {
+  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using A = Acc<T>;
+    A* zt = static_cast<A*>(workspace);
+    A* rows = zt + p.nodes * p.k;
+    T* loss_none = p.reduction == 0 ? static_cast<T*>(loss) : nullptr;
+    if (p.nodes > 0)
+      fwd_nodes_kernel<T><<<grid_for(p.nodes), kThreads, 0, stream>>>(p, static_cast<A*>(coef), zt, rows, loss_none);
+    if (p.reduction != 0)
+      finalize_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(rows, p.nodes, p.reduction, static_cast<T*>(loss));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t token_graph_bwd_cuda(const TokenGraphProblem& p, const void* grad, const void* coef,
+                                 const int64_t* in_start, const int64_t* in_edge, void* grad_student,
+                                 cudaStream_t stream) {
+  if (p.nodes == 0 || p.ds == 0) return cudaSuccess;
+  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using A = Acc<T>;
+    bwd_nodes_kernel<T><<<grid_for(p.nodes), kThreads, 0, stream>>>(
+        p, static_cast<const A*>(grad), static_cast<const A*>(coef), in_start, in_edge, static_cast<T*>(grad_student));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace kdloss
