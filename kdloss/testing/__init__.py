@@ -77,6 +77,7 @@ def _load_specs() -> None:
     from . import topk_kl  # noqa: F401
     from . import sinkhorn  # noqa: F401
     from . import token_contextual  # noqa: F401
+    from . import token_graph  # noqa: F401
 
 
 @dataclass
