@@ -3,8 +3,8 @@
 * :func:`token_contextual_loss` / :class:`TokenContextualLoss` — the token-wise contextual loss
   (TRG's ``L_inner``), exact per spec §5.2, with CPU and CUDA kernels that never store the
   ``[B, N, N]`` similarity matrices.
-* :func:`token_graph_loss` / :class:`TokenGraphLoss` — kNN-graph local-structure loss (``L_local``).
-  **Experimental.**
+* :func:`token_graph_loss` / :class:`TokenGraphLoss` — kNN-graph local-structure loss (``L_local``),
+  with CPU and CUDA kernels fusing the per-edge work (kNN selection in PyTorch). **Experimental.**
 * :func:`token_contrastive_loss` / :class:`TokenContrastiveLoss` — cosine InfoNCE (``L_global``).
   **Experimental.**
 * :class:`TRGLoss` — ``α·L_inner + β·L_local + γ·L_global`` with learnable projections and token
@@ -12,9 +12,9 @@
   :func:`temperature_schedule`.
 
 No official TRG code is public: every choice the paper leaves open (spec §5.2, marked ASSUMPTION)
-is a keyword argument with the spec's default. The graph and contrastive terms have no compiled
-kernels yet: ``backend="kernel"`` raises :class:`kdloss.KernelUnavailableError` for them and
-``"auto"`` uses the reference silently (there is nothing to fall back from).
+is a keyword argument with the spec's default. The contrastive term has no compiled kernel yet:
+``backend="kernel"`` raises :class:`kdloss.KernelUnavailableError` for it and ``"auto"`` uses the
+reference silently (there is nothing to fall back from).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 LOSS = "token_contextual"
+GRAPH_LOSS = "token_graph"
 GRAPH_SIDES = ("teacher", "student")
 EDGE_LOGITS = ("kernel", "log_kernel")
 KL_DIRECTIONS = ("student_teacher", "teacher_student")
@@ -62,7 +63,7 @@ SCHEDULES = ("cosine", "linear", "exponential", "constant")
 
 def _check_positive(value, name: str, *, integer: bool = False, allow_zero: bool = False):
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, kind) or not -math.inf < value < math.inf \
             or (value < 0 if allow_zero else value <= 0):
         what = "an integer" if integer else "a finite number"
         raise ValueError(f"{name} must be {what} {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
@@ -76,7 +77,7 @@ def _check_bool(value, name: str) -> bool:
 
 
 def _reference_only(loss: str, backend: str) -> None:
-    """The backend contract for a loss without compiled kernels (graph, contrastive)."""
+    """The backend contract for a loss without compiled kernels (the contrastive term)."""
     check_option(backend, "backend", BACKENDS)
     if backend == "kernel":
         raise KernelUnavailableError(
@@ -129,7 +130,7 @@ def token_contextual_loss(
         raise ValueError(f"teacher_tokens must have a positive width Dt, got shape {tuple(teacher_tokens.shape)}")
     if not use_kernel(LOSS, device, backend):
         return token_contextual_reference(student_tokens, teacher_tokens, reduction)
-    teacher = teacher_tokens.detach().to(accumulation_dtype(student_tokens.dtype)).contiguous()
+    teacher = teacher_tokens.detach().contiguous()
     outputs = torch.ops.kdloss.token_contextual_fwd(
         student_tokens.contiguous(), teacher, _ops.REDUCTION_CODES[reduction]
     )
@@ -156,6 +157,26 @@ class TokenContextualLoss(nn.Module):
 # Graph loss (L_local) — experimental
 
 
+def _check_neighbours(neighbours, m: int, device: torch.device) -> torch.Tensor:
+    """``neighbours`` must be an integer ``[M, k']`` tensor on ``device`` with values in ``[0, M)``;
+    returns it as int64. (The value check needs a host sync; it is skipped while compiling.)"""
+    if not isinstance(neighbours, torch.Tensor):
+        raise ValueError(f"neighbours must be a torch.Tensor or None, got {type(neighbours).__name__}")
+    if neighbours.dtype.is_floating_point or neighbours.dtype.is_complex or neighbours.dtype == torch.bool:
+        raise ValueError(f"neighbours must be an integer tensor, got dtype {neighbours.dtype}")
+    if neighbours.dim() != 2 or neighbours.shape[0] != m:
+        raise ValueError(f"neighbours must be [M, k] with M = {m} (from student_nodes), got shape "
+                         f"{tuple(neighbours.shape)}")
+    if neighbours.device != device:
+        raise ValueError(f"neighbours must be on {device} (the device of student_nodes), got {neighbours.device}")
+    neighbours = neighbours.detach().long()
+    if not torch.compiler.is_compiling() and neighbours.numel() > 0:
+        if bool(((neighbours < 0) | (neighbours >= m)).any()):
+            raise ValueError(f"neighbours must hold node indices in [0, M) with M = {m}, got values in "
+                             f"[{int(neighbours.min())}, {int(neighbours.max())}]")
+    return neighbours
+
+
 def _check_graph_args(k, sigma, graph, edge, kl_direction, reduction):
     _check_positive(k, "k", integer=True)
     _check_positive(sigma, "sigma")
@@ -175,6 +196,7 @@ def token_graph_loss(
     edge: str = "kernel",
     kl_direction: str = "student_teacher",
     reduction: str = "mean",
+    neighbours: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """kNN-graph local-structure loss (TRG ``L_local``, spec §5.2). **Experimental.**
@@ -196,25 +218,53 @@ def token_graph_loss(
         kl_direction: ``"student_teacher"`` = ``KL(p^S ‖ p^T)`` (default; ASSUMPTION) or
             ``"teacher_student"``.
         reduction: ``"mean"`` over nodes (default; ASSUMPTION), ``"sum"`` or ``"none"`` (``[M]``).
-        backend: reference only for now: ``"kernel"`` raises :class:`KernelUnavailableError`.
+        neighbours: optional ``[M, k']`` integer tensor of node indices in ``[0, M)`` that replaces
+            the kNN selection (default None: the kNN of the ``graph`` side); its width ``k'`` is the
+            number of edges per node (``k`` and ``graph`` are then unused; ``k' = 0`` gives 0).
+            Self-edges and repeated neighbours are allowed (they are just edges).
+        backend: ``"auto"`` | ``"kernel"`` | ``"reference"`` (spec §0). The kernels (CPU and CUDA)
+            fuse the edge distances, both log-softmaxes and the KL in one pass over the ``M·k``
+            edges and keep ``O(M·k)`` state; the kNN selection runs in PyTorch (GEMM + ``topk``).
+
+    Returns:
+        The loss in ``student_nodes.dtype`` (computed in fp32, fp64 for fp64): a scalar, or ``[M]``
+        for ``reduction="none"``. ``M = 0`` gives 0 with a zero gradient.
     """
     check_tensor(student_nodes, "student_nodes", ndim=2)
     check_tensor(teacher_nodes, "teacher_nodes", ndim=2)
     _check_graph_args(k, sigma, graph, edge, kl_direction, reduction)
-    check_same_device(student_nodes=student_nodes, teacher_nodes=teacher_nodes)
+    device = check_same_device(student_nodes=student_nodes, teacher_nodes=teacher_nodes)
     m = student_nodes.shape[0]
     if teacher_nodes.shape[0] != m:
         raise ValueError(f"teacher_nodes must be [M, Dt] with M = {m} (from student_nodes), "
                          f"got shape {tuple(teacher_nodes.shape)}")
-    if m > 0 and k > m - 1:
-        raise ValueError(f"k must be at most M − 1 = {m - 1} (neighbours exclude the node itself), got {k}")
-    _reference_only("token_graph", backend)
-    return token_graph_reference(student_nodes, teacher_nodes, k, float(sigma), graph=graph, edge=edge,
-                                 kl_direction=kl_direction, reduction=reduction)
+    if student_nodes.shape[1] == 0:
+        raise ValueError(f"student_nodes must have a positive width Ds, got shape {tuple(student_nodes.shape)}")
+    if teacher_nodes.shape[1] == 0:
+        raise ValueError(f"teacher_nodes must have a positive width Dt, got shape {tuple(teacher_nodes.shape)}")
+    acc = accumulation_dtype(student_nodes.dtype)
+    if neighbours is None:
+        if m > 0 and k > m - 1:
+            raise ValueError(f"k must be at most M − 1 = {m - 1} (neighbours exclude the node itself), got {k}")
+        side = teacher_nodes if graph == "teacher" else student_nodes
+        neighbours = knn_indices(side.detach().to(acc), k)
+    else:
+        neighbours = _check_neighbours(neighbours, m, device)
+    if not use_kernel(GRAPH_LOSS, device, backend):
+        return token_graph_reference(student_nodes, teacher_nodes, k, float(sigma), graph=graph, edge=edge,
+                                     kl_direction=kl_direction, reduction=reduction, neighbours=neighbours)
+    outputs = torch.ops.kdloss.token_graph_fwd(
+        student_nodes.contiguous(), teacher_nodes.detach().to(acc).contiguous(), neighbours.contiguous(),
+        float(sigma), _ops.token_graph.EDGE_CODES[edge], _ops.token_graph.DIRECTION_CODES[kl_direction],
+        _ops.REDUCTION_CODES[reduction],
+    )
+    return outputs[0]
 
 
 class TokenGraphLoss(nn.Module):
-    """Module form of :func:`token_graph_loss` (experimental)."""
+    """Module form of :func:`token_graph_loss` (experimental): ``TokenGraphLoss(k=8, sigma=1.0,
+    graph="teacher", edge="kernel", kl_direction="student_teacher", reduction="mean",
+    backend="auto")(student_nodes [M, Ds], teacher_nodes [M, Dt], neighbours [M, k'] = None)``."""
 
     def __init__(self, *, k: int = 8, sigma: float = 1.0, graph: str = "teacher", edge: str = "kernel",
                  kl_direction: str = "student_teacher", reduction: str = "mean", backend: str = "auto") -> None:
@@ -224,10 +274,11 @@ class TokenGraphLoss(nn.Module):
         self.kl_direction, self.reduction = kl_direction, reduction
         self.backend = check_option(backend, "backend", BACKENDS)
 
-    def forward(self, student_nodes: torch.Tensor, teacher_nodes: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_nodes: torch.Tensor, teacher_nodes: torch.Tensor,
+                neighbours: torch.Tensor | None = None) -> torch.Tensor:
         return token_graph_loss(student_nodes, teacher_nodes, k=self.k, sigma=self.sigma, graph=self.graph,
                                 edge=self.edge, kl_direction=self.kl_direction, reduction=self.reduction,
-                                backend=self.backend)
+                                neighbours=neighbours, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"k={self.k}, sigma={self.sigma}, graph={self.graph!r}, edge={self.edge!r}, "
@@ -400,7 +451,7 @@ class TRGLoss(nn.Module):
         k, sigma, graph, edge, kl_direction: as in :func:`token_graph_loss`.
         temperature, similarity, symmetric, detach_teacher: as in :func:`token_contrastive_loss`;
             update ``self.temperature`` from :func:`temperature_schedule` during training.
-        backend: passed to the contextual term (the others are reference only).
+        backend: passed to the contextual and graph terms (the contrastive term is reference only).
 
     The logit-KD and cross-entropy terms of the paper's total are left to the caller. With
     ``return_terms=True``, ``forward`` returns ``(total, {"inner": …, "local": …, "global": …})``.
@@ -423,7 +474,8 @@ class TRGLoss(nn.Module):
         _check_contrastive_args(temperature, similarity, symmetric, detach_teacher, "mean")
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.num_samples = num_samples
-        self.graph_loss = TokenGraphLoss(k=k, sigma=sigma, graph=graph, edge=edge, kl_direction=kl_direction)
+        self.graph_loss = TokenGraphLoss(k=k, sigma=sigma, graph=graph, edge=edge, kl_direction=kl_direction,
+                                         backend=backend)
         self.contrastive_loss = TokenContrastiveLoss(temperature=temperature, similarity=similarity,
                                                      symmetric=symmetric, detach_teacher=detach_teacher)
         self.backend = check_option(backend, "backend", BACKENDS)

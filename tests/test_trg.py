@@ -1,6 +1,7 @@
 """TRG (spec §5): contextual kernel vs the fp64 reference (values, gradients, reductions, low
 precision, shapes), spec §5.3 gradient formula, gradcheck, opcheck, torch.compile, bad inputs,
-backend contract of the reference-only graph/contrastive terms, helpers and TRGLoss."""
+backend contract of the reference-only contrastive term, helpers and TRGLoss (graph-loss kernels:
+tests/test_token_graph.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_reference_matches_spec_formula_and_gradient():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("shape", [(2, 7, 5, 3), (3, 13, 17, 9), (1, 1, 1, 1), (2, 33, 40, 24)])
+@pytest.mark.parametrize("shape", [(2, 7, 5, 3), (3, 13, 17, 9), (1, 1, 1, 1), (2, 33, 40, 24), (2, 150, 20, 9)])
 def test_kernel_matches_reference_fp64(device, reduction, shape):
     b, n, ds, dt = shape
     gen = torch.Generator().manual_seed(1)
@@ -114,14 +115,16 @@ def test_opcheck(device, reduction):
     require("token_contextual", device.type)
     code = REDUCTION_CODES[reduction]
     gen = torch.Generator().manual_seed(5)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for dtype, teacher_dtype in ((torch.float64, torch.float64), (torch.float32, torch.float32),
+                                 (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                 (torch.float16, torch.float16)):
         s = tokens(2, 9, 10, dtype, device, gen).requires_grad_()
-        t = tokens(2, 9, 7, acc, device, gen)
+        t = tokens(2, 9, 7, teacher_dtype, device, gen)
         torch.library.opcheck(torch.ops.kdloss.token_contextual_fwd.default, (s, t, code))
-        _, ls, lt = torch.ops.kdloss.token_contextual_fwd(s.detach(), t, code)
+        _, ls, lt, rho = torch.ops.kdloss.token_contextual_fwd(s.detach(), t, code)
         grad = torch.rand((2, 9) if code == 0 else (), dtype=dtype, device=device)
-        torch.library.opcheck(torch.ops.kdloss.token_contextual_bwd.default, (grad, s.detach(), t, ls, lt, code))
+        torch.library.opcheck(torch.ops.kdloss.token_contextual_bwd.default,
+                              (grad, s.detach(), t, ls, lt, rho, code))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -151,8 +154,10 @@ def test_teacher_is_a_constant_and_mixed_dtypes(device):
 def test_cpu_results_independent_of_thread_count():
     from kdloss.testing import check_determinism
 
-    check_determinism("token_contextual", {"batch": 3, "tokens": 29, "ds": 19, "dt": 11, "reduction": "mean",
-                                           "layout": "contiguous", "magnitude": 1.0, "seed": 8})
+    for tokens_per_image in (29, 150):  # one tile and several tiles (≤ 48 rows each) per image
+        check_determinism("token_contextual", {"batch": 3, "tokens": tokens_per_image, "ds": 19, "dt": 11,
+                                               "reduction": "mean", "layout": "contiguous", "magnitude": 1.0,
+                                               "seed": 8})
 
 
 @pytest.mark.parametrize("call, match", [
@@ -185,10 +190,9 @@ def test_bad_inputs(call, match):
         call()
 
 
-def test_graph_and_contrastive_are_reference_only():
+def test_contrastive_is_reference_only():  # the graph loss has kernels: tests/test_token_graph.py
     s, t = torch.randn(6, 3), torch.randn(6, 2)
-    for fn in (lambda b: token_graph_loss(s, t, k=2, backend=b),
-               lambda b: token_contrastive_loss(s, t[:, :1].expand(6, 3).contiguous(), backend=b)):
+    for fn in (lambda b: token_contrastive_loss(s, t[:, :1].expand(6, 3).contiguous(), backend=b),):
         with pytest.raises(kdloss.KernelUnavailableError, match="reference only"):
             fn("kernel")
         import warnings

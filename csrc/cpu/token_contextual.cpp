@@ -1,20 +1,27 @@
 // TRG token-wise contextual loss, CPU kernels (spec §5.2–5.3). Schemas live in
 // kdloss/_ops/token_contextual.py; this file only implements them for the CPU dispatch key.
 //
-//   student [B, N, Ds] (any float dtype), teacher [B, N, Dt] (accumulation dtype, a constant)
+//   student [B, N, Ds] (any float dtype), teacher [B, N, Dt] (any float dtype, a constant)
 //   S = F_s F_sᵀ/√Ds, T = F_t F_tᵀ/√Dt per image; A = softmax_row(S), P = softmax_row(T)
 //   loss = Σ_{b,i,j} (P − A)² / (B·N·N)   (reduction 1; 2 = sum; 0 = [B, N] row means)
 //
-// Nothing of size N×N is ever stored: work is split into tiles of kTile rows of one image; a tile
-// computes its kTile×N similarity rows from the features (dot products vectorised over D) into a
-// per-task buffer, uses them and drops them. The forward saves the per-row log-sum-exps of S and T
-// (O(B·N)). The backward (spec §5.3) with c_i the per-row scale of G = c (A − P):
-//   r_i  = c_i Σ_j (A_ij − P_ij) A_ij                          (pass 1, O(B·N) saved)
-//   W_kj = A_kj (c_k(A_kj − P_kj) − r_k) + A_jk (c_j(A_jk − P_jk) − r_j)   (dS + dSᵀ, row k)
-//   ∂L/∂F_s[k] = Σ_j W_kj F_s[j] / √Ds                          (pass 2)
+// Nothing of size N×N is ever stored. Work is split into tiles of at most kRows rows of one image
+// (spread evenly); a task computes its tile's similarity rows (≤ kRows×N per side, in a buffer
+// owned by the task) with a register-blocked GEMM micro-kernel, consumes them with vectorised row passes and drops them.
+// Every row is complete inside its tile, so no online softmax is needed. The micro-kernels are
+// ours rather than BLAS so that the summation order is fixed (BLAS results change with its own
+// thread count); they read zero-padded copies of the features (row-major and transposed, each the
+// size of the input) so that every inner loop runs on full vectors.
+//
+// Forward saves, per row (O(B·N)): lse of S and T, and ρ_i = Σ_j (A_ij − P_ij) A_ij.
+// Backward (spec §5.3) with c_i the per-row scale of G = c (A − P), r_i = c_i ρ_i:
+//   W_kj = A_kj (c_k(A_kj − P_kj) − r_k) + A_jk (c_j(A_jk − P_jk) − r_j)   (row k of dS + dSᵀ)
+//   ∂L/∂F_s[k] = Σ_j W_kj F_s[j] / √Ds                                    (one GEMM per tile)
 // S and T are symmetric, so A_jk = exp(S_kj − lse_s[j]) comes from row k's similarities too: each
-// task writes only its own gradient rows (no scatter, no atomics). Reductions go through
-// per-row partials and ordered_sum, so results do not depend on the thread count.
+// task writes only its own gradient rows (no scatter, no atomics). Tile boundaries do not depend
+// on the thread count and reductions go through per-row partials and ordered_sum, so results are
+// bitwise identical for any torch.set_num_threads. Cost: 2 GEMMs forward, 3 backward (eager: 2+2);
+// extra memory: the per-task buffers and three padded copies of the features (O(B·N·D), no N×N).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -31,32 +38,18 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
-constexpr int64_t kTile = 4;
+constexpr int64_t kMR = 4;     // micro-kernel rows (4 rows × 2 vectors = 8 accumulators)
+constexpr int64_t kRows = 48;  // rows per tile (a multiple of kMR): one task's work unit
 
-// sims[r·N + j] = scale · ⟨x[i0 + r], x[j]⟩ for r < rows ≤ kTile, j < N; x is one image [N, D].
-template <typename in_t>
-void similarity_tile(const in_t* x, int64_t N, int64_t D, int64_t i0, int64_t rows, Acc<in_t> scale,
-                     Acc<in_t>* sims) {
-  using IO = VecIO<in_t>;
-  using Vec = typename IO::Vec;
-  using acc_t = Acc<in_t>;
-  constexpr int64_t V = IO::size();
-  for (int64_t j = 0; j < N; ++j) {
-    const in_t* xj = x + j * D;
-    Vec acc[kTile];
-    for (int64_t r = 0; r < kTile; ++r) acc[r] = Vec(acc_t(0));
-    int64_t d = 0;
-    for (; d + V <= D; d += V) {
-      const Vec c = IO::load(xj + d);
-      for (int64_t r = 0; r < rows; ++r) acc[r] = at::vec::fmadd(IO::load(x + (i0 + r) * D + d), c, acc[r]);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      acc_t s = vec_sum(acc[r]);
-      const in_t* xi = x + (i0 + r) * D;
-      for (int64_t dd = d; dd < D; ++dd) s += static_cast<acc_t>(xi[dd]) * static_cast<acc_t>(xj[dd]);
-      sims[r * N + j] = s * scale;
-    }
-  }
+// v[j] *= scale for j < N.
+template <typename acc_t>
+void scale_row(acc_t* v, int64_t N, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vs(scale);
+  int64_t j = 0;
+  for (; j + V <= N; j += V) (Vec::loadu(v + j) * vs).store(v + j);
+  for (; j < N; ++j) v[j] *= scale;
 }
 
 // log Σ_j exp(v[j]) of one row (max-subtracted; N ≥ 1).
@@ -83,6 +76,8 @@ acc_t row_lse(const acc_t* v, int64_t N) {
 struct Problem {
   int64_t B, N, Ds, Dt;
   double scale_s, scale_t;
+  int64_t tile_rows;  // rows per tile: ≤ kRows, a multiple of kMR, spread evenly over the image
+  int64_t tiles_per_image() const { return (N + tile_rows - 1) / tile_rows; }
 };
 
 Problem problem_of(const at::Tensor& student, const at::Tensor& teacher) {
@@ -92,13 +87,18 @@ Problem problem_of(const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
                     "student and teacher must share B and N, got ", student.sizes(), " and ", teacher.sizes());
   TORCH_CHECK_VALUE(student.size(2) > 0 && teacher.size(2) > 0, "token widths must be positive");
-  const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(teacher.scalar_type() == acc, "teacher must be in the accumulation dtype ", acc,
-                    ", got ", teacher.scalar_type());
-  Problem p{student.size(0), student.size(1), student.size(2), teacher.size(2), 0, 0};
+  Problem p{student.size(0), student.size(1), student.size(2), teacher.size(2), 0, 0, kRows};
+  if (p.N > 0) {
+    const int64_t tiles = (p.N + kRows - 1) / kRows;
+    p.tile_rows = std::min(kRows, (((p.N + tiles - 1) / tiles) + kMR - 1) / kMR * kMR);
+  }
   p.scale_s = 1.0 / std::sqrt(static_cast<double>(p.Ds));
   p.scale_t = 1.0 / std::sqrt(static_cast<double>(p.Dt));
   return p;
+}
+
+at::ScalarType acc_dtype(const at::Tensor& student) {
+  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 void check_reduction(int64_t reduction) {
@@ -106,70 +106,176 @@ void check_reduction(int64_t reduction) {
                     "reduction code must be 0, 1 or 2, got ", reduction);
 }
 
-// Runs body(b, i0, rows, sims_s, sims_t) over every tile of kTile rows, in parallel; the two
-// buffers [kTile·N] hold the tile's student and teacher similarity rows.
-template <typename scalar_t, typename Body>
-void for_each_tile(const Problem& p, const scalar_t* xs, const Acc<scalar_t>* xt, const Body& body) {
-  using acc_t = Acc<scalar_t>;
-  const int64_t tiles_per_image = (p.N + kTile - 1) / kTile;
-  const int64_t tiles = p.B * tiles_per_image;
-  const int64_t work = kTile * p.N * (p.Ds + p.Dt);
-  at::parallel_for(0, tiles, row_grain(work), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sims_s(kTile * p.N), sims_t(kTile * p.N);
+void check_row_state(const at::Tensor& t, const Problem& p, at::ScalarType acc, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == acc && t.dim() == 2 && t.size(0) == p.B &&
+                        t.size(1) == p.N,
+                    name, " must be a [B, N] CPU tensor of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
+}
+
+// c[r·ldc + j] = Σ_k a[r·lda + k] · b[k·ldb + j] for r < kMR, j < 2·Vec::size(): a register
+// block of kMR rows × two vectors, summed over k in order.
+template <typename acc_t>
+inline void micro_kernel(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t* c,
+                         int64_t ldc) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec lo[kMR], hi[kMR];
+  for (int64_t r = 0; r < kMR; ++r) lo[r] = hi[r] = Vec(acc_t(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec b0 = Vec::loadu(b + k * ldb), b1 = Vec::loadu(b + k * ldb + V);
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < kMR; ++r) {
+      const Vec ar(a[r * lda + k]);
+      lo[r] = at::vec::fmadd(ar, b0, lo[r]);
+      hi[r] = at::vec::fmadd(ar, b1, hi[r]);
+    }
+  }
+  for (int64_t r = 0; r < kMR; ++r) {
+    lo[r].store(c + r * ldc);
+    hi[r].store(c + r * ldc + V);
+  }
+}
+
+// C [m_pad, n_pad] = A [m_pad, K] · B, with B packed as panels [n_pad / kNR][K][kNR] (each panel
+// contiguous, so the micro-kernel streams it); m_pad a multiple of kMR, n_pad of kNR.
+template <typename acc_t>
+void gemm_packed(const acc_t* a, int64_t lda, const acc_t* b_panels, int64_t K, acc_t* c, int64_t ldc,
+                 int64_t m_pad, int64_t n_pad) {
+  constexpr int64_t kNR = 2 * at::vec::Vectorized<acc_t>::size();
+  for (int64_t j0 = 0; j0 < n_pad; j0 += kNR) {  // one K×kNR panel, reused from cache by every row block
+    const acc_t* panel = b_panels + (j0 / kNR) * K * kNR;
+    for (int64_t r0 = 0; r0 < m_pad; r0 += kMR) micro_kernel(a + r0 * lda, lda, panel, kNR, K, c + r0 * ldc + j0, ldc);
+  }
+}
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// x [B, N, D] → [B, ceil(D / nr), N, nr]: x[b]'s columns in zero-padded panels of nr, each panel
+// [N, nr] contiguous (the packed B operand of x[b]ᵀ-free products Σ_j w_j x[b, j, :]).
+at::Tensor pack_panels(const at::Tensor& x, int64_t nr, at::ScalarType acc) {
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), d_pad = round_up(D, nr);
+  at::Tensor padded = at::zeros({B, N, d_pad}, at::TensorOptions().dtype(acc));
+  padded.narrow(2, 0, D).copy_(x);
+  return padded.view({B, N, d_pad / nr, nr}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// Copies of one side's features x [B, N, D] in acc dtype (each about the size of the input):
+//   rows      [B·N + kMR, D] row-major: the A operand of the similarity GEMM (kMR spare zero rows
+//             keep the last tile's padded rows in bounds);
+//   gram      packed panels of x[b]ᵀ: the B operand of S = x xᵀ;
+//   gradient  packed panels of x[b] (student only): the B operand of W · x.
+struct Features {
+  at::Tensor rows, gram, gradient;
+  int64_t D, n_pad, d_pad;
+  Features(const at::Tensor& x_in, const Problem& p, at::ScalarType acc, bool for_gradient) {
+    const int64_t nr = 2 * (acc == at::kDouble ? at::vec::Vectorized<double>::size() : at::vec::Vectorized<float>::size());
+    const at::Tensor x = x_in.detach();
+    D = x.size(2);
+    n_pad = round_up(p.N, nr);
+    d_pad = round_up(D, nr);
+    rows = at::zeros({p.B * p.N + kMR, D}, at::TensorOptions().dtype(acc));
+    rows.narrow(0, 0, p.B * p.N).copy_(x.reshape({p.B * p.N, D}));
+    gram = pack_panels(x.transpose(1, 2), nr, acc);
+    if (for_gradient) gradient = pack_panels(x, nr, acc);
+  }
+};
+
+// One task's scratch, acc dtype: a tile's similarity rows of each side [kRows, n_pad] (row stride
+// ld = n_pad) and, for the backward, its gradient rows [kRows, g_cols].
+struct TileBuffers {
+  at::Tensor s, t, g;
+  int64_t ld;
+  TileBuffers(int64_t n_pad, int64_t g_cols, at::ScalarType acc)
+      : s(at::zeros({kRows, n_pad}, at::TensorOptions().dtype(acc))),
+        t(at::zeros({kRows, n_pad}, at::TensorOptions().dtype(acc))),
+        g(at::empty({g_cols > 0 ? kRows : 0, g_cols}, at::TensorOptions().dtype(acc))),
+        ld(n_pad) {}
+};
+
+// out[r, j] = ⟨x_{i0+r}, x_j⟩ within image b for r < rows rounded up to kMR (raw dot products).
+template <typename acc_t>
+void gram_rows(acc_t* out, const Features& f, int64_t N, int64_t b, int64_t i0, int64_t rows) {
+  const acc_t* a = f.rows.const_data_ptr<acc_t>() + (b * N + i0) * f.D;
+  const acc_t* panels = f.gram.const_data_ptr<acc_t>() + b * f.n_pad * f.D;
+  gemm_packed(a, f.D, panels, f.D, out, f.n_pad, round_up(rows, kMR), f.n_pad);
+}
+
+// Runs body(b, i0, rows, buffers) over every tile in parallel, after filling buffers.s / .t with
+// the tile's scaled similarity rows of both sides.
+template <typename acc_t, typename Body>
+void for_each_tile(const Problem& p, const Features& fs, const Features& ft, int64_t g_cols, const Body& body) {
+  const int64_t tiles = p.B * p.tiles_per_image();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    TileBuffers buf(fs.n_pad, g_cols, fs.rows.scalar_type());
+    acc_t* ss = buf.s.data_ptr<acc_t>();
+    acc_t* st = buf.t.data_ptr<acc_t>();
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t b = tile / tiles_per_image;
-      const int64_t i0 = (tile % tiles_per_image) * kTile;
-      const int64_t rows = std::min(kTile, p.N - i0);
-      similarity_tile<scalar_t>(xs + b * p.N * p.Ds, p.N, p.Ds, i0, rows, static_cast<acc_t>(p.scale_s),
-                                sims_s.data());
-      similarity_tile<acc_t>(xt + b * p.N * p.Dt, p.N, p.Dt, i0, rows, static_cast<acc_t>(p.scale_t),
-                             sims_t.data());
-      body(b, i0, rows, sims_s.data(), sims_t.data());
+      const int64_t b = tile / p.tiles_per_image();
+      const int64_t i0 = (tile % p.tiles_per_image()) * p.tile_rows;
+      const int64_t rows = std::min(p.tile_rows, p.N - i0);
+      gram_rows(ss, fs, p.N, b, i0, rows);
+      gram_rows(st, ft, p.N, b, i0, rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        scale_row(ss + r * fs.n_pad, p.N, static_cast<acc_t>(p.scale_s));
+        scale_row(st + r * fs.n_pad, p.N, static_cast<acc_t>(p.scale_t));
+      }
+      body(b, i0, rows, buf);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Tensor& student_in,
-                                                                    const at::Tensor& teacher_in,
-                                                                    int64_t reduction) {
+// Forward row pass: returns Σ_j (P_ij − A_ij)² and writes ρ_i = Σ_j (A_ij − P_ij) A_ij.
+template <typename acc_t>
+acc_t contextual_row(const acc_t* srow, const acc_t* trow, int64_t N, acc_t a_lse, acc_t p_lse, acc_t& rho) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec va(a_lse), vp(p_lse);
+  Vec sq(acc_t(0)), rv(acc_t(0));
+  int64_t j = 0;
+  for (; j + V <= N; j += V) {
+    const Vec a = vexp(Vec::loadu(srow + j) - va);
+    const Vec e = a - vexp(Vec::loadu(trow + j) - vp);
+    sq = at::vec::fmadd(e, e, sq);
+    rv = at::vec::fmadd(e, a, rv);
+  }
+  acc_t s = vec_sum(sq), r = vec_sum(rv);
+  for (; j < N; ++j) {
+    const acc_t a = std::exp(srow[j] - a_lse);
+    const acc_t e = a - std::exp(trow[j] - p_lse);
+    s += e * e;
+    r += e * a;
+  }
+  rho = r;
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Tensor& student_in,
+                                                                                const at::Tensor& teacher_in,
+                                                                                int64_t reduction) {
   const Problem p = problem_of(student_in, teacher_in);
   check_reduction(reduction);
-  const at::Tensor student = student_in.contiguous();
-  const at::Tensor teacher = teacher_in.contiguous();
-  at::Tensor lse_s = at::empty({p.B, p.N}, teacher.options());
-  at::Tensor lse_t = at::empty({p.B, p.N}, teacher.options());
-  at::Tensor out = reduction == kNone ? at::empty({p.B, p.N}, student.options()) : at::empty({}, student.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "token_contextual_fwd", [&] {
+  const auto acc = acc_dtype(student_in);
+  const Features fs(student_in, p, acc, false), ft(teacher_in, p, acc, false);
+  const auto opts = at::TensorOptions().dtype(acc);
+  at::Tensor lse_s = at::empty({p.B, p.N}, opts);
+  at::Tensor lse_t = at::empty({p.B, p.N}, opts);
+  at::Tensor rho = at::empty({p.B, p.N}, opts);
+  at::Tensor out = at::empty(reduction == kNone ? at::IntArrayRef{p.B, p.N} : at::IntArrayRef{}, student_in.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_fwd", [&] {
     using acc_t = Acc<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
-    constexpr int64_t V = Vec::size();
-    const int64_t rows_total = p.B * p.N;
+    const int64_t N = p.N, rows_total = p.B * p.N;
     std::vector<acc_t> row_sums(rows_total);
     acc_t* ls = lse_s.data_ptr<acc_t>();
     acc_t* lt = lse_t.data_ptr<acc_t>();
-    const int64_t N = p.N;
-    for_each_tile<scalar_t>(p, student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<acc_t>(),
-                            [&](int64_t b, int64_t i0, int64_t rows, const acc_t* ss, const acc_t* st) {
+    acc_t* rh = rho.data_ptr<acc_t>();
+    for_each_tile<acc_t>(p, fs, ft, 0, [&](int64_t b, int64_t i0, int64_t rows, TileBuffers& buf) {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = b * N + i0 + r;
-        const acc_t* srow = ss + r * N;
-        const acc_t* trow = st + r * N;
-        const acc_t a_lse = row_lse(srow, N), p_lse = row_lse(trow, N);
-        ls[row] = a_lse;
-        lt[row] = p_lse;
-        const Vec va(a_lse), vp(p_lse);
-        Vec acc(acc_t(0));
-        int64_t j = 0;
-        for (; j + V <= N; j += V) {
-          const Vec e = vexp(Vec::loadu(trow + j) - vp) - vexp(Vec::loadu(srow + j) - va);
-          acc = at::vec::fmadd(e, e, acc);
-        }
-        acc_t s = vec_sum(acc);
-        for (; j < N; ++j) {
-          const acc_t e = std::exp(trow[j] - p_lse) - std::exp(srow[j] - a_lse);
-          s += e * e;
-        }
-        row_sums[row] = s;
+        const acc_t* srow = buf.s.const_data_ptr<acc_t>() + r * buf.ld;
+        const acc_t* trow = buf.t.const_data_ptr<acc_t>() + r * buf.ld;
+        ls[row] = row_lse(srow, N);
+        lt[row] = row_lse(trow, N);
+        row_sums[row] = contextual_row(srow, trow, N, ls[row], lt[row], rh[row]);
       }
     });
     if (reduction == kNone) {
@@ -182,137 +288,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Te
       *out.data_ptr<scalar_t>() = static_cast<scalar_t>(total);
     }
   });
-  return {out, lse_s, lse_t};
+  return {out, lse_s, lse_t, rho};
+}
+
+// out[d] = v[d] for d < D, converted to the output dtype.
+template <typename scalar_t>
+void store_row(scalar_t* out, const Acc<scalar_t>* v, int64_t D) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t V = IO::size();
+  int64_t d = 0;
+  for (; d + V <= D; d += V) IO::store(out + d, Vec::loadu(v + d));
+  for (; d < D; ++d) out[d] = static_cast<scalar_t>(v[d]);
+}
+
+// c_i, the per-row scale of G = c (A − P): ∂loss/∂A_ij = c_i (A_ij − P_ij).
+template <typename acc_t>
+std::vector<acc_t> row_coefficients(const acc_t* g, int64_t reduction, int64_t rows_total, int64_t N) {
+  std::vector<acc_t> coef(rows_total);
+  const acc_t nn = static_cast<acc_t>(N);
+  for (int64_t row = 0; row < rows_total; ++row) {
+    if (reduction == kNone) coef[row] = acc_t(2) * g[row] / nn;
+    else if (reduction == kMean) coef[row] = acc_t(2) * g[0] / (static_cast<acc_t>(rows_total) * nn);
+    else coef[row] = acc_t(2) * g[0];
+  }
+  return coef;
+}
+
+// Overwrites a tile's student similarity rows with the rows of W = (dS + dSᵀ)/√Ds (spec §5.3).
+// base: first row of the image in the [B·N] row-state arrays; i0: the tile's first row.
+template <typename acc_t>
+void gradient_weights(acc_t* ss, const acc_t* st, int64_t ld, int64_t rows, int64_t N, int64_t base, int64_t i0,
+                      const acc_t* ls, const acc_t* lt, const acc_t* coef, const acc_t* rsum, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t *ls_b = ls + base, *lt_b = lt + base, *c_b = coef + base, *r_b = rsum + base;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t k = i0 + r;
+    acc_t* srow = ss + r * ld;
+    const acc_t* trow = st + r * ld;
+    const Vec vls(ls_b[k]), vlt(lt_b[k]), vc(c_b[k]), vr(r_b[k]), vscale(scale);
+    int64_t j = 0;
+    for (; j + V <= N; j += V) {
+      const Vec s = Vec::loadu(srow + j), t = Vec::loadu(trow + j);
+      const Vec a_kj = vexp(s - vls), p_kj = vexp(t - vlt);
+      const Vec a_jk = vexp(s - Vec::loadu(ls_b + j)), p_jk = vexp(t - Vec::loadu(lt_b + j));
+      const Vec w = a_kj * (vc * (a_kj - p_kj) - vr) + a_jk * (Vec::loadu(c_b + j) * (a_jk - p_jk) - Vec::loadu(r_b + j));
+      (w * vscale).store(srow + j);
+    }
+    for (; j < N; ++j) {
+      const acc_t a_kj = std::exp(srow[j] - ls_b[k]), p_kj = std::exp(trow[j] - lt_b[k]);
+      const acc_t a_jk = std::exp(srow[j] - ls_b[j]), p_jk = std::exp(trow[j] - lt_b[j]);
+      srow[j] = scale * (a_kj * (c_b[k] * (a_kj - p_kj) - r_b[k]) + a_jk * (c_b[j] * (a_jk - p_jk) - r_b[j]));
+    }
+  }
 }
 
 at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& student_in,
                                 const at::Tensor& teacher_in, const at::Tensor& lse_s_in,
-                                const at::Tensor& lse_t_in, int64_t reduction) {
+                                const at::Tensor& lse_t_in, const at::Tensor& rho_in, int64_t reduction) {
   const Problem p = problem_of(student_in, teacher_in);
   check_reduction(reduction);
   check_cpu_float(grad_in, "grad");
-  for (const at::Tensor* t : {&lse_s_in, &lse_t_in}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == teacher_in.scalar_type() && t->dim() == 2 &&
-                          t->size(0) == p.B && t->size(1) == p.N,
-                      "lse tensors must be [B, N] in the teacher's dtype");
-  }
+  const auto acc = acc_dtype(student_in);
+  check_row_state(lse_s_in, p, acc, "lse_student");
+  check_row_state(lse_t_in, p, acc, "lse_teacher");
+  check_row_state(rho_in, p, acc, "rho");
   if (reduction == kNone) {
     TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == p.B && grad_in.size(1) == p.N,
                       "grad must be [B, N] for reduction none, got ", grad_in.sizes());
   } else {
     TORCH_CHECK_VALUE(grad_in.numel() == 1, "grad must be a scalar, got ", grad_in.sizes());
   }
-  const at::Tensor student = student_in.contiguous();
-  const at::Tensor teacher = teacher_in.contiguous();
-  const at::Tensor lse_s = lse_s_in.contiguous();
-  const at::Tensor lse_t = lse_t_in.contiguous();
-  const at::Tensor grad = grad_in.to(teacher.scalar_type()).contiguous();
-  at::Tensor grad_student = at::empty(student.sizes(), student.options());
-  if (student.numel() == 0) return grad_student;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "token_contextual_bwd", [&] {
+  at::Tensor grad_student = at::empty(student_in.sizes(), student_in.options());
+  if (student_in.numel() == 0) return grad_student;
+  const Features fs(student_in, p, acc, true), ft(teacher_in, p, acc, false);
+  const at::Tensor lse_s = lse_s_in.contiguous(), lse_t = lse_t_in.contiguous(), rho = rho_in.contiguous();
+  const at::Tensor grad = grad_in.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
-    using IO = VecIO<scalar_t>;
-    constexpr int64_t V = Vec::size();
-    const int64_t N = p.N, Ds = p.Ds;
-    const int64_t rows_total = p.B * N;
+    const int64_t N = p.N, rows_total = p.B * N;
     const acc_t* ls = lse_s.const_data_ptr<acc_t>();
     const acc_t* lt = lse_t.const_data_ptr<acc_t>();
-    const acc_t* g = grad.const_data_ptr<acc_t>();
-    // c_i: the scale of G = c (A − P) in each row
-    std::vector<acc_t> coef(rows_total);
-    const acc_t nn = static_cast<acc_t>(N);
-    for (int64_t row = 0; row < rows_total; ++row) {
-      if (reduction == kNone) coef[row] = acc_t(2) * g[row] / nn;
-      else if (reduction == kMean) coef[row] = acc_t(2) * g[0] / (static_cast<acc_t>(rows_total) * nn);
-      else coef[row] = acc_t(2) * g[0];
-    }
-    const scalar_t* xs = student.const_data_ptr<scalar_t>();
-    const acc_t* xt = teacher.const_data_ptr<acc_t>();
-    // pass 1: r_i = c_i Σ_j (A_ij − P_ij) A_ij
+    const std::vector<acc_t> coef = row_coefficients(grad.const_data_ptr<acc_t>(), reduction, rows_total, N);
     std::vector<acc_t> rsum(rows_total);
-    for_each_tile<scalar_t>(p, xs, xt, [&](int64_t b, int64_t i0, int64_t rows, const acc_t* ss, const acc_t* st) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = b * N + i0 + r;
-        const acc_t* srow = ss + r * N;
-        const acc_t* trow = st + r * N;
-        const Vec va(ls[row]), vp(lt[row]);
-        Vec acc(acc_t(0));
-        int64_t j = 0;
-        for (; j + V <= N; j += V) {
-          const Vec a = vexp(Vec::loadu(srow + j) - va);
-          const Vec pt = vexp(Vec::loadu(trow + j) - vp);
-          acc = at::vec::fmadd(a - pt, a, acc);
-        }
-        acc_t s = vec_sum(acc);
-        for (; j < N; ++j) {
-          const acc_t a = std::exp(srow[j] - ls[row]);
-          s += (a - std::exp(trow[j] - lt[row])) * a;
-        }
-        rsum[row] = coef[row] * s;
-      }
-    });
-    // pass 2: W = dS + dSᵀ row by row, then grad_k = Σ_j W_kj x_j / √Ds
+    const acc_t* rh = rho.const_data_ptr<acc_t>();
+    for (int64_t row = 0; row < rows_total; ++row) rsum[row] = coef[row] * rh[row];
     scalar_t* gs = grad_student.data_ptr<scalar_t>();
-    const acc_t scale_s = static_cast<acc_t>(p.scale_s);
-    at::parallel_for(0, p.B * ((N + kTile - 1) / kTile), row_grain(kTile * N * (2 * Ds + p.Dt)),
-                     [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> ss(kTile * N), st(kTile * N), w(kTile * N), gacc(kTile * Ds);
-      const int64_t tiles_per_image = (N + kTile - 1) / kTile;
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t b = tile / tiles_per_image;
-        const int64_t i0 = (tile % tiles_per_image) * kTile;
-        const int64_t rows = std::min(kTile, N - i0);
-        const scalar_t* x = xs + b * N * Ds;
-        similarity_tile<scalar_t>(x, N, Ds, i0, rows, scale_s, ss.data());
-        similarity_tile<acc_t>(xt + b * N * p.Dt, N, p.Dt, i0, rows, static_cast<acc_t>(p.scale_t), st.data());
-        const int64_t base = b * N;
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t k = base + i0 + r;
-          const acc_t* srow = ss.data() + r * N;
-          const acc_t* trow = st.data() + r * N;
-          acc_t* wrow = w.data() + r * N;
-          const Vec vls(ls[k]), vlt(lt[k]), vc(coef[k]), vr(rsum[k]);
-          int64_t j = 0;
-          for (; j + V <= N; j += V) {
-            const Vec s = Vec::loadu(srow + j), t = Vec::loadu(trow + j);
-            const Vec a_kj = vexp(s - vls), p_kj = vexp(t - vlt);
-            const Vec a_jk = vexp(s - Vec::loadu(ls + base + j)), p_jk = vexp(t - Vec::loadu(lt + base + j));
-            const Vec c_j = Vec::loadu(coef.data() + base + j), r_j = Vec::loadu(rsum.data() + base + j);
-            const Vec wv = a_kj * (vc * (a_kj - p_kj) - vr) + a_jk * (c_j * (a_jk - p_jk) - r_j);
-            wv.store(wrow + j);
-          }
-          for (; j < N; ++j) {
-            const acc_t a_kj = std::exp(srow[j] - ls[k]), p_kj = std::exp(trow[j] - lt[k]);
-            const acc_t a_jk = std::exp(srow[j] - ls[base + j]), p_jk = std::exp(trow[j] - lt[base + j]);
-            wrow[j] = a_kj * (coef[k] * (a_kj - p_kj) - rsum[k]) +
-                      a_jk * (coef[base + j] * (a_jk - p_jk) - rsum[base + j]);
-          }
-        }
-        std::fill(gacc.begin(), gacc.begin() + rows * Ds, acc_t(0));
-        for (int64_t j = 0; j < N; ++j) {
-          const scalar_t* xj = x + j * Ds;
-          int64_t d = 0;
-          for (; d + V <= Ds; d += V) {
-            const Vec c = IO::load(xj + d);
-            for (int64_t r = 0; r < rows; ++r) {
-              acc_t* gr = gacc.data() + r * Ds + d;
-              at::vec::fmadd(Vec(w[r * N + j]), c, Vec::loadu(gr)).store(gr);
-            }
-          }
-          for (; d < Ds; ++d) {
-            const acc_t c = static_cast<acc_t>(xj[d]);
-            for (int64_t r = 0; r < rows; ++r) gacc[r * Ds + d] += w[r * N + j] * c;
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          scalar_t* out = gs + (base + i0 + r) * Ds;
-          const acc_t* gr = gacc.data() + r * Ds;
-          int64_t d = 0;
-          for (; d + V <= Ds; d += V) IO::store(out + d, Vec::loadu(gr + d) * Vec(scale_s));
-          for (; d < Ds; ++d) out[d] = static_cast<scalar_t>(gr[d] * scale_s);
-        }
-      }
+    for_each_tile<acc_t>(p, fs, ft, fs.d_pad, [&](int64_t b, int64_t i0, int64_t rows, TileBuffers& buf) {
+      acc_t* w = buf.s.data_ptr<acc_t>();
+      acc_t* g = buf.g.data_ptr<acc_t>();
+      gradient_weights(w, buf.t.const_data_ptr<acc_t>(), buf.ld, rows, N, b * N, i0, ls, lt, coef.data(),
+                       rsum.data(), static_cast<acc_t>(p.scale_s));
+      // g [rows, d_pad] = W [rows, N] · F_s[b] [N, d_pad]
+      gemm_packed(w, buf.ld, fs.gradient.const_data_ptr<acc_t>() + b * N * fs.d_pad, N, g, fs.d_pad,
+                  round_up(rows, kMR), fs.d_pad);
+      for (int64_t r = 0; r < rows; ++r) store_row(gs + (b * N + i0 + r) * p.Ds, g + r * fs.d_pad, p.Ds);
     });
   });
   return grad_student;

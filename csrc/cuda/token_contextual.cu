@@ -1,0 +1,209 @@
+// TRG token-wise contextual loss: CUDA row kernels (spec §5.2–5.3). The similarity GEMMs run in
+// the glue (csrc/cuda/token_contextual_ops.cpp); these kernels consume one chunk of similarity
+// rows at a time (one thread block per row) and never see an N×N tensor of the whole batch.
+#include <cmath>
+
+#include "kdloss/cuda_utils.cuh"
+#include "kdloss/token_contextual_cuda.h"
+
+namespace kdloss {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float ex(float x) { return expf(x); }
+__device__ __forceinline__ double ex(double x) { return exp(x); }
+__device__ __forceinline__ float lg(float x) { return logf(x); }
+__device__ __forceinline__ double lg(double x) { return log(x); }
+
+// Max over the block, returned to every thread. `scratch` holds >= 33 values.
+template <typename A>
+__device__ __forceinline__ A block_max_all(A v, A* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, offset));
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A m = scratch[0];
+    for (int w = 1; w < (blockDim.x + 31) / 32; ++w) m = fmax(m, scratch[w]);
+    scratch[32] = m;
+  }
+  __syncthreads();
+  const A out = scratch[32];
+  __syncthreads();
+  return out;
+}
+
+// Sum over the block in a fixed order, returned to every thread.
+template <typename A>
+__device__ __forceinline__ A block_sum_all(A v, A* scratch) {
+  const A total = block_sum(v, scratch);
+  if (threadIdx.x == 0) scratch[32] = total;
+  __syncthreads();
+  const A out = scratch[32];
+  __syncthreads();
+  return out;
+}
+
+// log Σ_j exp(scale · row[j]) over one row, by the whole block.
+template <typename A>
+__device__ A row_lse(const A* row, int64_t N, A scale, A* scratch) {
+  A m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) m = fmax(m, scale * row[j]);
+  m = block_max_all(m, scratch);
+  A s = A(0);
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) s += ex(scale * row[j] - m);
+  return m + lg(block_sum_all(s, scratch));
+}
+
+template <typename A>
+__global__ void fwd_rows_kernel(const A* __restrict__ sims_s,  // [B, rows, N]
+                                const A* __restrict__ sims_t,  // [B, rows, N]
+                                ContextualChunk c, A* __restrict__ lse_s, A* __restrict__ lse_t,
+                                A* __restrict__ rho, A* __restrict__ row_loss) {  // each [B, N]
+  __shared__ A scratch[33];
+  const int64_t task = blockIdx.x;  // b · rows + r
+  const int64_t b = task / c.rows, r = task % c.rows, N = c.n;
+  const int64_t out_row = b * N + c.i0 + r;
+  const A* srow = sims_s + task * N;
+  const A* trow = sims_t + task * N;
+  const A scale_s = static_cast<A>(c.scale_s), scale_t = static_cast<A>(c.scale_t);
+  const A a_lse = row_lse(srow, N, scale_s, scratch);
+  const A p_lse = row_lse(trow, N, scale_t, scratch);
+  A sq = A(0), rh = A(0);
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    const A a = ex(scale_s * srow[j] - a_lse);
+    const A e = a - ex(scale_t * trow[j] - p_lse);
+    sq += e * e;
+    rh += e * a;
+  }
+  sq = block_sum(sq, scratch);
+  rh = block_sum(rh, scratch);
+  if (threadIdx.x == 0) {
+    lse_s[out_row] = a_lse;
+    lse_t[out_row] = p_lse;
+    rho[out_row] = rh;
+    row_loss[out_row] = sq;
+  }
+}
+
+// c_i of G = c (A − P) for row `row` of [B, N] (spec §5.3; reduction 0 none, 1 mean, 2 sum).
+template <typename A>
+__device__ __forceinline__ A row_coef(const A* grad, int64_t reduction, int64_t row, int64_t B, int64_t N) {
+  const A n = static_cast<A>(N);
+  if (reduction == 0) return A(2) * grad[row] / n;
+  if (reduction == 1) return A(2) * grad[0] / (static_cast<A>(B) * n * n);
+  return A(2) * grad[0];
+}
+
+template <typename A, typename H>
+__global__ void bwd_weights_kernel(ContextualChunk c, int64_t reduction, const A* __restrict__ grad,
+                                   const A* __restrict__ lse_s, const A* __restrict__ lse_t,
+                                   const A* __restrict__ rho,  // each [B, N]
+                                   A* __restrict__ sims_s,     // [B, rows, N] in: S raw, out: W
+                                   const A* __restrict__ sims_t, bool split, A* __restrict__ row_max,
+                                   H* __restrict__ w_hi, H* __restrict__ w_lo) {  // [B, rows], [B, rows, N]
+  __shared__ A scratch[33];
+  const int64_t task = blockIdx.x;
+  const int64_t b = task / c.rows, N = c.n;
+  const int64_t base = b * N, k = base + c.i0 + task % c.rows;
+  A* srow = sims_s + task * N;
+  const A* trow = sims_t + task * N;
+  const A scale_s = static_cast<A>(c.scale_s), scale_t = static_cast<A>(c.scale_t);
+  const A c_k = row_coef(grad, reduction, k, c.batch, N);
+  const A r_k = c_k * rho[k], ls_k = lse_s[k], lt_k = lse_t[k];
+  A wmax = A(0);
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    const A s = scale_s * srow[j], t = scale_t * trow[j];
+    const A a_kj = ex(s - ls_k), p_kj = ex(t - lt_k);
+    const A a_jk = ex(s - lse_s[base + j]), p_jk = ex(t - lse_t[base + j]);
+    const A c_j = row_coef(grad, reduction, base + j, c.batch, N);
+    const A r_j = c_j * rho[base + j];
+    const A w = scale_s * (a_kj * (c_k * (a_kj - p_kj) - r_k) + a_jk * (c_j * (a_jk - p_jk) - r_j));
+    srow[j] = w;
+    wmax = fmax(wmax, fabs(w));
+  }
+  if (!split) return;
+  wmax = block_max_all(wmax, scratch);  // every thread of the block reaches this (split is uniform)
+  const A m = wmax > A(0) ? wmax : A(1);
+  if (threadIdx.x == 0) row_max[task] = m;
+  H* hi = w_hi + task * N;
+  H* lo = w_lo + task * N;
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    const A v = srow[j] / m;
+    const H h = from_acc<H>(v);
+    hi[j] = h;
+    lo[j] = from_acc<H>(v - to_acc(h));
+  }
+}
+
+template <typename A>
+cudaError_t launch_bwd(const ContextualChunk& c, int64_t reduction, const void* grad, const void* lse_s,
+                       const void* lse_t, const void* rho, void* sims_s, const void* sims_t, int split_dtype,
+                       void* row_max, void* w_hi, void* w_lo, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(c.batch * c.rows));
+  const auto* g = static_cast<const A*>(grad);
+  const auto* ls = static_cast<const A*>(lse_s);
+  const auto* lt = static_cast<const A*>(lse_t);
+  const auto* rh = static_cast<const A*>(rho);
+  auto* ss = static_cast<A*>(sims_s);
+  const auto* st = static_cast<const A*>(sims_t);
+  auto* rm = static_cast<A*>(row_max);
+  if (split_dtype == static_cast<int>(DType::kBFloat16)) {
+    bwd_weights_kernel<A, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+        c, reduction, g, ls, lt, rh, ss, st, true, rm, static_cast<__nv_bfloat16*>(w_hi),
+        static_cast<__nv_bfloat16*>(w_lo));
+  } else if (split_dtype == static_cast<int>(DType::kFloat16)) {
+    bwd_weights_kernel<A, __half><<<grid, kThreads, 0, stream>>>(c, reduction, g, ls, lt, rh, ss, st, true, rm,
+                                                                 static_cast<__half*>(w_hi),
+                                                                 static_cast<__half*>(w_lo));
+  } else if (split_dtype < 0) {
+    bwd_weights_kernel<A, A><<<grid, kThreads, 0, stream>>>(c, reduction, g, ls, lt, rh, ss, st, false, nullptr,
+                                                            nullptr, nullptr);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t,
+                                     void* lse_s, void* lse_t, void* rho, void* row_loss, cudaStream_t stream) {
+  if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(c.batch * c.rows));
+  if (c.acc == static_cast<int>(DType::kFloat64)) {
+    fwd_rows_kernel<double><<<grid, kThreads, 0, stream>>>(
+        static_cast<const double*>(sims_s), static_cast<const double*>(sims_t), c, static_cast<double*>(lse_s),
+        static_cast<double*>(lse_t), static_cast<double*>(rho), static_cast<double*>(row_loss));
+  } else if (c.acc == static_cast<int>(DType::kFloat32)) {
+    fwd_rows_kernel<float><<<grid, kThreads, 0, stream>>>(
+        static_cast<const float*>(sims_s), static_cast<const float*>(sims_t), c, static_cast<float*>(lse_s),
+        static_cast<float*>(lse_t), static_cast<float*>(rho), static_cast<float*>(row_loss));
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, int64_t reduction, const void* grad,
+                                        const void* lse_s, const void* lse_t, const void* rho, void* sims_s,
+                                        const void* sims_t, int split_dtype, void* row_max, void* w_hi,
+                                        void* w_lo, cudaStream_t stream) {
+  if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
+  if (c.acc == static_cast<int>(DType::kFloat64)) {
+    if (split_dtype >= 0) return cudaErrorInvalidValue;  // fp64 students need no split
+    return launch_bwd<double>(c, reduction, grad, lse_s, lse_t, rho, sims_s, sims_t, split_dtype, row_max, w_hi,
+                              w_lo, stream);
+  }
+  if (c.acc == static_cast<int>(DType::kFloat32)) {
+    return launch_bwd<float>(c, reduction, grad, lse_s, lse_t, rho, sims_s, sims_t, split_dtype, row_max, w_hi,
+                             w_lo, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace kdloss

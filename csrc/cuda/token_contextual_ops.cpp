@@ -1,0 +1,188 @@
+// TRG contextual loss: TORCH_LIBRARY_IMPL(kdloss, CUDA) glue. Runs the similarity GEMMs chunk by
+// chunk (cuBLAS through ATen; half-precision inputs accumulate into fp32 with bmm's out_dtype form)
+// and the row kernels of token_contextual.cu on each chunk, so extra memory is a few chunk buffers
+// of at most kChunkElements each, never a [B, N, N] tensor (spec §5.2–5.3).
+//
+//   student [B, N, Ds] (any float dtype), teacher [B, N, Dt] (any float dtype, a constant)
+//   forward → loss, lse_s, lse_t, rho ([B, N] each, accumulation dtype)
+//   backward: per chunk, recompute S and T, form W = (dS + dSᵀ)/√Ds, grad rows = W · F_s
+//   (for bf16/fp16 students W is split into hi + lo half-precision parts: two tensor-core GEMMs
+//   with fp32 accumulation give the fp32 result to ~16 bits).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kdloss/cuda_ops_utils.h"
+#include "kdloss/token_contextual_cuda.h"
+
+namespace kdloss {
+namespace cuda {
+namespace {
+
+constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
+constexpr int64_t kChunkElements = int64_t(1) << 24;  // B·rows·N per similarity buffer (64 MiB fp32)
+
+struct Shape {
+  int64_t B, N, Ds, Dt;
+};
+
+Shape check_inputs(const at::Tensor& student, const at::Tensor& teacher, int64_t reduction) {
+  TORCH_CHECK_VALUE(student.is_cuda(), "student must be a CUDA tensor");
+  check_cuda(teacher, student, "teacher");
+  dtype_code(student.scalar_type());
+  dtype_code(teacher.scalar_type());
+  TORCH_CHECK_VALUE(student.dim() == 3 && teacher.dim() == 3, "student and teacher must be [B, N, D]");
+  TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
+                    "student and teacher must share B and N, got ", student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.size(2) > 0 && teacher.size(2) > 0, "token widths must be positive");
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
+                    "reduction code must be 0, 1 or 2, got ", reduction);
+  return {student.size(0), student.size(1), student.size(2), teacher.size(2)};
+}
+
+// The GEMM operand of one side: detached, contiguous; fp64 when the accumulation is fp64, else
+// fp32/bf16/fp16 as given (half precision multiplies on tensor cores, accumulating in fp32).
+at::Tensor gemm_operand(const at::Tensor& x, at::ScalarType acc) {
+  const auto t = x.scalar_type();
+  const bool keep = acc == at::kDouble ? t == at::kDouble : t != at::kDouble;
+  return (keep ? x.detach() : x.detach().to(acc)).contiguous();
+}
+
+int64_t chunk_rows(const Shape& s) { return std::clamp<int64_t>(kChunkElements / (s.B * s.N), 1, s.N); }
+
+// A contiguous [B, rows, N] view at the start of a flat chunk buffer.
+at::Tensor chunk_view(const at::Tensor& flat, const Shape& s, int64_t rows) {
+  return flat.narrow(0, 0, s.B * rows * s.N).view({s.B, rows, s.N});
+}
+
+// out [B, rows, N] (acc) = x[:, i0 : i0 + rows] · x[b]ᵀ per image: raw dot products.
+void gram_rows(at::Tensor out, const at::Tensor& x, int64_t i0, int64_t rows) {
+  const at::Tensor a = x.narrow(1, i0, rows);
+  const at::Tensor bt = x.transpose(1, 2);
+  if (x.scalar_type() == out.scalar_type()) {
+    at::bmm_out(out, a, bt);
+  } else {
+    at::bmm_out(out, a, bt, out.scalar_type());
+  }
+}
+
+ContextualChunk chunk_of(const Shape& s, at::ScalarType acc, int64_t i0, int64_t rows) {
+  return {dtype_code(acc), s.B, s.N, i0, rows, 1.0 / std::sqrt(double(s.Ds)), 1.0 / std::sqrt(double(s.Dt))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Tensor& student,
+                                                                                const at::Tensor& teacher,
+                                                                                int64_t reduction) {
+  const Shape s = check_inputs(student, teacher, reduction);
+  c10::cuda::CUDAGuard guard(student.device());
+  const auto acc = acc_type(student.scalar_type());
+  const auto opts = student.options().dtype(acc);
+  at::Tensor lse_s = at::zeros({s.B, s.N}, opts), lse_t = at::zeros({s.B, s.N}, opts);
+  at::Tensor rho = at::zeros({s.B, s.N}, opts), row_loss = at::zeros({s.B, s.N}, opts);
+  if (s.B > 0 && s.N > 0) {
+    const at::Tensor xs = gemm_operand(student, acc), xt = gemm_operand(teacher, acc);
+    const int64_t R = chunk_rows(s);
+    const at::Tensor buf_s = at::empty({s.B * R * s.N}, opts), buf_t = at::empty({s.B * R * s.N}, opts);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    for (int64_t i0 = 0; i0 < s.N; i0 += R) {
+      const int64_t rows = std::min(R, s.N - i0);
+      at::Tensor sims_s = chunk_view(buf_s, s, rows), sims_t = chunk_view(buf_t, s, rows);
+      gram_rows(sims_s, xs, i0, rows);
+      gram_rows(sims_t, xt, i0, rows);
+      check_launch(contextual_fwd_rows_cuda(chunk_of(s, acc, i0, rows), sims_s.data_ptr(), sims_t.data_ptr(),
+                                            lse_s.data_ptr(), lse_t.data_ptr(), rho.data_ptr(),
+                                            row_loss.data_ptr(), stream),
+                   "token_contextual");
+    }
+  }
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = (s.N > 0 ? row_loss.div(double(s.N)) : row_loss).to(student.scalar_type());
+  } else {
+    at::Tensor total = row_loss.sum();
+    if (reduction == kMean && s.B * s.N > 0) total = total.div(double(s.B) * double(s.N) * double(s.N));
+    loss = total.to(student.scalar_type());
+  }
+  return {loss, lse_s, lse_t, rho};
+}
+
+void check_row_state(const at::Tensor& t, const at::Tensor& student, const Shape& s, at::ScalarType acc,
+                     const char* name) {
+  check_cuda(t, student, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == acc && t.dim() == 2 && t.size(0) == s.B && t.size(1) == s.N, name,
+                    " must be [B, N] of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
+}
+
+at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                const at::Tensor& lse_s_in, const at::Tensor& lse_t_in, const at::Tensor& rho_in,
+                                int64_t reduction) {
+  const Shape s = check_inputs(student, teacher, reduction);
+  check_cuda(grad, student, "grad");
+  const auto acc = acc_type(student.scalar_type());
+  check_row_state(lse_s_in, student, s, acc, "lse_student");
+  check_row_state(lse_t_in, student, s, acc, "lse_teacher");
+  check_row_state(rho_in, student, s, acc, "rho");
+  if (reduction == kNone) {
+    TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.B && grad.size(1) == s.N,
+                      "grad must be [B, N] for reduction none, got ", grad.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad.numel() == 1, "grad must be a scalar, got ", grad.sizes());
+  }
+  c10::cuda::CUDAGuard guard(student.device());
+  at::Tensor grad_student = at::empty(student.sizes(), student.options());
+  if (student.numel() == 0) return grad_student;
+  const auto opts = student.options().dtype(acc);
+  const at::Tensor xs = gemm_operand(student, acc), xt = gemm_operand(teacher, acc);
+  const at::Tensor g = grad.detach().to(acc).contiguous();
+  const at::Tensor lse_s = lse_s_in.contiguous(), lse_t = lse_t_in.contiguous(), rho = rho_in.contiguous();
+  const bool split = xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf;
+  const int64_t R = chunk_rows(s);
+  const at::Tensor buf_s = at::empty({s.B * R * s.N}, opts), buf_t = at::empty({s.B * R * s.N}, opts);
+  at::Tensor buf_hi, buf_lo, row_max;
+  if (split) {
+    buf_hi = at::empty({s.B * R * s.N}, xs.options());
+    buf_lo = at::empty({s.B * R * s.N}, xs.options());
+    row_max = at::empty({s.B * R}, opts);
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t i0 = 0; i0 < s.N; i0 += R) {
+    const int64_t rows = std::min(R, s.N - i0);
+    at::Tensor sims_s = chunk_view(buf_s, s, rows), sims_t = chunk_view(buf_t, s, rows);
+    gram_rows(sims_s, xs, i0, rows);
+    gram_rows(sims_t, xt, i0, rows);
+    check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), lse_s.data_ptr(),
+                                             lse_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(),
+                                             sims_t.data_ptr(), split ? dtype_code(xs.scalar_type()) : -1,
+                                             split ? row_max.data_ptr() : nullptr,
+                                             split ? buf_hi.data_ptr() : nullptr, split ? buf_lo.data_ptr() : nullptr,
+                                             stream),
+                 "token_contextual");
+    at::Tensor rows_grad;
+    if (split) {
+      rows_grad = at::bmm(chunk_view(buf_hi, s, rows), xs, at::kFloat);
+      rows_grad.add_(at::bmm(chunk_view(buf_lo, s, rows), xs, at::kFloat));
+      rows_grad.mul_(row_max.narrow(0, 0, s.B * rows).view({s.B, rows, 1}));
+    } else {
+      rows_grad = at::bmm(sims_s, xs);
+    }
+    grad_student.narrow(1, i0, rows).copy_(rows_grad);
+  }
+  return grad_student;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdloss, CUDA, m) {
+  m.impl("token_contextual_fwd", &token_contextual_fwd);
+  m.impl("token_contextual_bwd", &token_contextual_bwd);
+}
+
+}  // namespace cuda
+}  // namespace kdloss

@@ -1,0 +1,42 @@
+// Launchers of the TRG contextual-loss CUDA row kernels (csrc/cuda/token_contextual.cu), called by
+// the torch glue in csrc/cuda/token_contextual_ops.cpp, which runs the similarity GEMMs (cuBLAS via
+// ATen) chunk by chunk. Raw pointers only, so the .cu needs no torch headers.
+//
+// A chunk is rows [i0, i0 + rows) of every image: the glue fills sims_s / sims_t, each
+// [B, rows, N] contiguous in the accumulation type (fp32, fp64 for fp64), with the raw dot products
+// ⟨x_i, x_j⟩ (no 1/√D scale). Per-row state arrays (lse_s, lse_t, rho, row_loss, grad for
+// reduction none) are [B, N] contiguous, accumulation type.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace kdloss {
+namespace cuda {
+
+struct ContextualChunk {
+  int acc;                   // DType code of the buffers and row state: kFloat32 or kFloat64
+  int64_t batch, n;          // B >= 1, N >= 1
+  int64_t i0, rows;          // first row of the chunk, rows in it (>= 1)
+  double scale_s, scale_t;   // 1/√Ds, 1/√Dt
+};
+
+// Forward: per row, lse of the scaled student / teacher similarities, ρ = Σ_j (A − P) A and
+// Σ_j (P − A)², written at [b, i0 + r].
+cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t,
+                                     void* lse_s, void* lse_t, void* rho, void* row_loss, cudaStream_t stream);
+
+// Backward: overwrites sims_s with the rows of W = (dS + dSᵀ)/√Ds (spec §5.3); `grad` is the
+// upstream gradient (accumulation type: [B, N] for reduction 0, one value otherwise).
+// With split_dtype = a bf16/fp16 DType code, also writes row_max [B, rows] (acc; max |W| of the
+// row, 1 for an all-zero row) and w_hi, w_lo [B, rows, N] of that dtype with
+// w_hi + w_lo ≈ W / row_max to about 16 significant bits (two half-precision GEMMs then give an
+// fp32-accurate W·X). split_dtype = -1 skips that.
+cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, int64_t reduction, const void* grad,
+                                        const void* lse_s, const void* lse_t, const void* rho, void* sims_s,
+                                        const void* sims_t, int split_dtype, void* row_max, void* w_hi,
+                                        void* w_lo, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace kdloss
