@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <cmath>
 
 #include "kdloss/cuda_ops_utils.h"
@@ -73,6 +74,16 @@ void gram_rows(at::Tensor out, const at::Tensor& x, int64_t i0, int64_t rows) {
   }
 }
 
+// The chunk's student and teacher similarity rows, computed into the starts of buf_s / buf_t.
+std::pair<at::Tensor, at::Tensor> chunk_similarities(const at::Tensor& buf_s, const at::Tensor& buf_t,
+                                                     const at::Tensor& xs, const at::Tensor& xt, const Shape& s,
+                                                     int64_t i0, int64_t rows) {
+  at::Tensor sims_s = chunk_view(buf_s, s, rows), sims_t = chunk_view(buf_t, s, rows);
+  gram_rows(sims_s, xs, i0, rows);
+  gram_rows(sims_t, xt, i0, rows);
+  return {sims_s, sims_t};
+}
+
 ContextualChunk chunk_of(const Shape& s, at::ScalarType acc, int64_t i0, int64_t rows) {
   return {dtype_code(acc), s.B, s.N, i0, rows, 1.0 / std::sqrt(double(s.Ds)), 1.0 / std::sqrt(double(s.Dt))};
 }
@@ -93,9 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
     const auto stream = c10::cuda::getCurrentCUDAStream();
     for (int64_t i0 = 0; i0 < s.N; i0 += R) {
       const int64_t rows = std::min(R, s.N - i0);
-      at::Tensor sims_s = chunk_view(buf_s, s, rows), sims_t = chunk_view(buf_t, s, rows);
-      gram_rows(sims_s, xs, i0, rows);
-      gram_rows(sims_t, xt, i0, rows);
+      const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
       check_launch(contextual_fwd_rows_cuda(chunk_of(s, acc, i0, rows), sims_s.data_ptr(), sims_t.data_ptr(),
                                             lse_s.data_ptr(), lse_t.data_ptr(), rho.data_ptr(),
                                             row_loss.data_ptr(), stream),
@@ -154,9 +163,7 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
   const auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t i0 = 0; i0 < s.N; i0 += R) {
     const int64_t rows = std::min(R, s.N - i0);
-    at::Tensor sims_s = chunk_view(buf_s, s, rows), sims_t = chunk_view(buf_t, s, rows);
-    gram_rows(sims_s, xs, i0, rows);
-    gram_rows(sims_t, xt, i0, rows);
+    const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
     check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), lse_s.data_ptr(),
                                              lse_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(),
                                              sims_t.data_ptr(), split ? dtype_code(xs.scalar_type()) : -1,

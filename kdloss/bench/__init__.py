@@ -44,6 +44,18 @@ class Case:
     impls: dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
 
 
+def fuzz_case_inputs(build: Callable, case: dict, device: str, dtype: torch.dtype,
+                     constants: tuple[str, ...] = ("teacher",)) -> Callable[[], tuple]:
+    """``make_inputs`` for a :class:`Case` from a fuzz spec's ``build(case, device, dtype)``: the
+    built differentiable inputs followed by the named constants, freshly made on every call."""
+
+    def make():
+        built = build(case, torch.device(device), dtype)
+        return (*built.inputs, *(built.constants[name] for name in constants))
+
+    return make
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

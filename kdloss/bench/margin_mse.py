@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..functional import margin_mse_from_embeddings, margin_mse_loss
 from ..testing.margin_mse import build
-from . import Case
+from . import Case, fuzz_case_inputs
 
 # (B, n) for scores; (B, n, D) for embeddings — ST triplets, MS MARCO-style multi-negative batches
 SCORE_SHAPES = [(64, 1), (1024, 32), (16384, 64)]
@@ -46,12 +46,7 @@ def _maker(kind: str, batch: int, n_neg: int, dim: int, device: str, dtype: torc
     """Inputs from the shared generator (kdloss.testing.margin_mse), raw teacher scores."""
     case = {"kind": kind, "batch": batch, "n_neg": n_neg, "dim": dim, "teacher": "scores",
             "reduction": "mean", "layout": "contiguous", "magnitude": 1.0, "seed": 0}
-
-    def make():
-        built = build(case, torch.device(device), dtype)
-        return (*built.inputs, built.constants["teacher"])
-
-    return make
+    return fuzz_case_inputs(build, case, device, dtype)
 
 
 def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:

@@ -8,7 +8,7 @@ import torch
 
 from ..functional import plackett_luce_loss
 from ..testing.plackett_luce import build
-from . import Case
+from . import Case, fuzz_case_inputs
 
 SHAPES = [(1024, 100), (1024, 1000), (1024, 32000)]
 QUICK_SHAPES = [(256, 100)]
@@ -28,12 +28,7 @@ def pld_paper_eager(student, teacher, labels, temperature: float = 1.0):
 def _maker(rows: int, classes: int, device: str, dtype: torch.dtype):
     case = {"lead": [rows], "classes": classes, "ties": False, "ignore": 0.0, "permutation": False,
             "temperature": 1.0, "reduction": "mean", "layout": "contiguous", "magnitude": 3.0, "seed": 0}
-
-    def make():
-        built = build(case, torch.device(device), dtype)
-        return (*built.inputs, built.constants["teacher"], built.constants["labels"])
-
-    return make
+    return fuzz_case_inputs(build, case, device, dtype, ("teacher", "labels"))
 
 
 def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:

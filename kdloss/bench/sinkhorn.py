@@ -7,7 +7,7 @@ import torch
 
 from ..functional import sinkhorn_loss
 from ..testing.sinkhorn import build
-from . import Case
+from . import Case, fuzz_case_inputs
 
 SHAPES = [(32, 2), (32, 100), (256, 2), (256, 100), (1024, 2), (1024, 100)]  # (B, C)
 QUICK_SHAPES = [(32, 2)]
@@ -32,12 +32,7 @@ def eager_official(zs, zt):
 def _maker(batch: int, classes: int, device: str, dtype: torch.dtype):
     case = {"batch": batch, "batch_t": batch, "classes": classes, "temperature": 2.0, "epsilon": 0.1,
             "n_iters": 20, "scale": 1.0, "layout": "contiguous", "magnitude": 1.0, "seed": 0}
-
-    def make():
-        built = build(case, torch.device(device), dtype)
-        return (*built.inputs, built.constants["teacher"])
-
-    return make
+    return fuzz_case_inputs(build, case, device, dtype)
 
 
 def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..functional import token_contextual_loss, token_graph_loss
 from ..reference.token_graph import knn_indices, token_graph_reference
 from ..testing.token_contextual import build
-from . import Case
+from . import Case, fuzz_case_inputs
 
 # (B, N, D): ViT-S/16 at 224² (197 tokens, width 384); a long-sequence case (1024 tokens, width 768)
 SHAPES = [(16, 197, 384), (4, 1024, 768)]
@@ -36,12 +36,7 @@ def eager(student, teacher):
 def _maker(batch, n, dim, device, dtype):
     case = {"batch": batch, "tokens": n, "ds": dim, "dt": dim, "reduction": "mean", "layout": "contiguous",
             "magnitude": 1.0, "seed": 0}
-
-    def make():
-        built = build(case, torch.device(device), dtype)
-        return (*built.inputs, built.constants["teacher"])
-
-    return make
+    return fuzz_case_inputs(build, case, device, dtype)
 
 
 def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
