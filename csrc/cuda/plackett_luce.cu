@@ -85,45 +85,6 @@ __device__ __forceinline__ uint64_t desc_key(double x) {
   return ~u;
 }
 
-template <typename A>
-__device__ __forceinline__ A warp_max(A v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const A o = __shfl_down_sync(0xffffffffu, v, offset);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
-// Block-wide max, broadcast to every thread. `scratch` holds >= 33 values.
-template <typename A>
-__device__ A block_max_all(A v, A* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_max(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    A w = lane < (blockDim.x >> 5) ? scratch[lane] : neg_inf<A>();
-    w = warp_max(w);
-    if (lane == 0) scratch[32] = w;
-  }
-  __syncthreads();
-  const A out = scratch[32];
-  __syncthreads();
-  return out;
-}
-
-// block_sum (cuda_utils.cuh) leaves the result in thread 0; this broadcasts it.
-template <typename A>
-__device__ A block_sum_all(A v, A* scratch) {
-  A total = block_sum(v, scratch);
-  if (threadIdx.x == 0) scratch[32] = total;
-  __syncthreads();
-  total = scratch[32];
-  __syncthreads();
-  return total;
-}
-
 // ---- 1. ranking ---------------------------------------------------------------------------
 
 template <int ITEMS>

@@ -75,16 +75,6 @@ __device__ __forceinline__ Lse<A> warp_lse(Lse<A> v) {
 }
 
 template <typename A>
-__device__ __forceinline__ A warp_max(A v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const A other = __shfl_down_sync(kFull, v, offset);
-    v = other > v ? other : v;
-  }
-  return __shfl_sync(kFull, v, 0);
-}
-
-template <typename A>
 __device__ __forceinline__ A warp_sum_all(A v) {
   return __shfl_sync(kFull, warp_sum(v), 0);
 }
@@ -112,7 +102,7 @@ __device__ void softmax_rows(const In* z, int64_t stride, int64_t rows, int64_t 
       const A x = to_acc(zr[c]) / temp;
       m = x > m ? x : m;
     }
-    m = warp_max(m);
+    m = warp_max_all(m);
     A s = A(0);
     for (int64_t c = lane; c < C; c += 32) s += dexp(to_acc(zr[c]) / temp - m);
     s = warp_sum_all(s);

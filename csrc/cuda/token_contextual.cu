@@ -17,36 +17,6 @@ __device__ __forceinline__ double ex(double x) { return exp(x); }
 __device__ __forceinline__ float lg(float x) { return logf(x); }
 __device__ __forceinline__ double lg(double x) { return log(x); }
 
-// Max over the block, returned to every thread. `scratch` holds >= 33 values.
-template <typename A>
-__device__ __forceinline__ A block_max_all(A v, A* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, offset));
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    A m = scratch[0];
-    for (int w = 1; w < (blockDim.x + 31) / 32; ++w) m = fmax(m, scratch[w]);
-    scratch[32] = m;
-  }
-  __syncthreads();
-  const A out = scratch[32];
-  __syncthreads();
-  return out;
-}
-
-// Sum over the block in a fixed order, returned to every thread.
-template <typename A>
-__device__ __forceinline__ A block_sum_all(A v, A* scratch) {
-  const A total = block_sum(v, scratch);
-  if (threadIdx.x == 0) scratch[32] = total;
-  __syncthreads();
-  const A out = scratch[32];
-  __syncthreads();
-  return out;
-}
-
 // log Σ_j exp(scale · row[j]) over one row, by the whole block.
 template <typename A>
 __device__ A row_lse(const A* row, int64_t N, A scale, A* scratch) {

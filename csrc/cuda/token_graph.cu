@@ -39,16 +39,6 @@ __device__ __forceinline__ A warp_allsum(A v) {
   return v;  // identical in every lane (butterfly: same operation order in every lane)
 }
 
-template <typename A>
-__device__ __forceinline__ A warp_allmax(A v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const A o = __shfl_xor_sync(0xffffffffu, v, offset);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
 // ‖a − b‖² over D, reduced over the warp (every lane gets it).
 template <typename T, typename A>
 __device__ __forceinline__ A warp_squared_distance(const T* a, const T* b, int64_t D, int lane) {
@@ -71,7 +61,7 @@ template <typename A>
 __device__ __forceinline__ A warp_logsumexp(const A* z, int64_t k, int lane) {
   A m = -static_cast<A>(INFINITY);
   for (int64_t j = lane; j < k; j += 32) m = z[j] > m ? z[j] : m;
-  m = warp_allmax(m);
+  m = warp_max_all(m);
   A s = A(0);
   for (int64_t j = lane; j < k; j += 32) s += exp_acc(z[j] - m);
   return m + log_acc(warp_allsum(s));

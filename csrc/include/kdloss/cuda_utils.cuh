@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace kdloss {
@@ -62,6 +63,47 @@ __device__ __forceinline__ A block_sum(A v, A* scratch) {
   }
   __syncthreads();
   return total;
+}
+
+// Max over the warp, returned to every lane (butterfly; the same value in every lane).
+template <typename A>
+__device__ __forceinline__ A warp_max_all(A v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const A o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// Max over the block, returned to every thread. `scratch` holds >= 33 values; every thread of the
+// block must reach it.
+template <typename A>
+__device__ __forceinline__ A block_max_all(A v, A* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max_all(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    A w = lane < ((blockDim.x + 31) >> 5) ? scratch[lane] : static_cast<A>(-INFINITY);
+    w = warp_max_all(w);
+    if (lane == 0) scratch[32] = w;
+  }
+  __syncthreads();
+  const A out = scratch[32];
+  __syncthreads();
+  return out;
+}
+
+// block_sum, returned to every thread. `scratch` holds >= 33 values.
+template <typename A>
+__device__ __forceinline__ A block_sum_all(A v, A* scratch) {
+  const A total = block_sum(v, scratch);
+  if (threadIdx.x == 0) scratch[32] = total;
+  __syncthreads();
+  const A out = scratch[32];
+  __syncthreads();
+  return out;
 }
 
 // dtype codes shared by the launchers and the torch glue.
