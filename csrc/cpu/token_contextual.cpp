@@ -7,21 +7,23 @@
 //
 // Nothing of size N×N is ever stored. Work is split into tiles of at most kRows rows of one image
 // (spread evenly); a task computes its tile's similarity rows (≤ kRows×N per side, in a buffer
-// owned by the task) with a register-blocked GEMM micro-kernel, consumes them with vectorised row passes and drops them.
-// Every row is complete inside its tile, so no online softmax is needed. The micro-kernels are
-// ours rather than BLAS so that the summation order is fixed (BLAS results change with its own
-// thread count); they read zero-padded copies of the features (row-major and transposed, each the
-// size of the input) so that every inner loop runs on full vectors.
+// owned by the task), consumes them with vectorised row passes and drops them. Every row is
+// complete inside its tile, so no online softmax is needed. The GEMMs are our own register-blocked
+// micro-kernels rather than BLAS so that summation orders are fixed (BLAS results change with its
+// own thread count). The similarity GEMM reads the features in place (dot products along D, a
+// 3×4 block of vector accumulators); the gradient GEMM reads one packed copy of the student.
 //
-// Forward saves, per row (O(B·N)): lse of S and T, and ρ_i = Σ_j (A_ij − P_ij) A_ij.
+// Forward saves, per row (O(B·N)): the softmax statistics of S and T (row max and log-sum, kept
+// apart for accuracy) and ρ_i = Σ_j (A_ij − P_ij) A_ij.
 // Backward (spec §5.3) with c_i the per-row scale of G = c (A − P), r_i = c_i ρ_i:
 //   W_kj = A_kj (c_k(A_kj − P_kj) − r_k) + A_jk (c_j(A_jk − P_jk) − r_j)   (row k of dS + dSᵀ)
 //   ∂L/∂F_s[k] = Σ_j W_kj F_s[j] / √Ds                                    (one GEMM per tile)
-// S and T are symmetric, so A_jk = exp(S_kj − lse_s[j]) comes from row k's similarities too: each
+// S and T are symmetric, so A_jk = exp(S_kj − max_j − log_j) comes from row k's similarities too: each
 // task writes only its own gradient rows (no scatter, no atomics). Tile boundaries do not depend
 // on the thread count and reductions go through per-row partials and ordered_sum, so results are
 // bitwise identical for any torch.set_num_threads. Cost: 2 GEMMs forward, 3 backward (eager: 2+2);
-// extra memory: the per-task buffers and three padded copies of the features (O(B·N·D), no N×N).
+// extra memory: the per-task buffers, fp32 copies of bf16/fp16 features and, in the backward, one
+// packed copy of the student (O(B·N·D); nothing N×N).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -52,9 +54,11 @@ void scale_row(acc_t* v, int64_t N, acc_t scale) {
   for (; j < N; ++j) v[j] *= scale;
 }
 
-// log Σ_j exp(v[j]) of one row (max-subtracted; N ≥ 1).
+// Softmax statistics of one row v[0..N) (N ≥ 1): its max m and l = log Σ_j exp(v[j] − m), so that
+// softmax(v)_j = exp((v[j] − m) − l). Kept apart rather than as m + l: when |m| is large, rounding
+// m + l would shift every probability of the row by up to ulp(m) relatively.
 template <typename acc_t>
-acc_t row_lse(const acc_t* v, int64_t N) {
+void row_stats(const acc_t* v, int64_t N, acc_t& m_out, acc_t& l_out) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -70,8 +74,18 @@ acc_t row_lse(const acc_t* v, int64_t N) {
   for (j = 0; j + V <= N; j += V) vs = vs + vexp(Vec::loadu(v + j) - vmax);
   acc_t s = vec_sum(vs);
   for (; j < N; ++j) s += std::exp(v[j] - m);
-  return m + std::log(s);
+  m_out = m;
+  l_out = std::log(s);
 }
+
+// Row statistics of one side for all B·N rows: max[row], logsum[row] (views of a [2, B, N] tensor).
+template <typename acc_t>
+struct Stats {
+  acc_t* max;
+  acc_t* logsum;
+  Stats(const at::Tensor& t, int64_t rows_total)
+      : max(const_cast<acc_t*>(t.const_data_ptr<acc_t>())), logsum(max + rows_total) {}
+};
 
 struct Problem {
   int64_t B, N, Ds, Dt;
@@ -104,6 +118,12 @@ at::ScalarType acc_dtype(const at::Tensor& student) {
 void check_reduction(int64_t reduction) {
   TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
                     "reduction code must be 0, 1 or 2, got ", reduction);
+}
+
+void check_row_stats(const at::Tensor& t, const Problem& p, at::ScalarType acc, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == acc && t.dim() == 3 && t.size(0) == 2 &&
+                        t.size(1) == p.B && t.size(2) == p.N,
+                    name, " must be a [2, B, N] CPU tensor of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
 }
 
 void check_row_state(const at::Tensor& t, const Problem& p, at::ScalarType acc, const char* name) {
@@ -151,7 +171,7 @@ void gemm_packed(const acc_t* a, int64_t lda, const acc_t* b_panels, int64_t K, 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 // x [B, N, D] → [B, ceil(D / nr), N, nr]: x[b]'s columns in zero-padded panels of nr, each panel
-// [N, nr] contiguous (the packed B operand of x[b]ᵀ-free products Σ_j w_j x[b, j, :]).
+// [N, nr] contiguous: the packed B operand of the products Σ_j w_j x[b, j, :].
 at::Tensor pack_panels(const at::Tensor& x, int64_t nr, at::ScalarType acc) {
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), d_pad = round_up(D, nr);
   at::Tensor padded = at::zeros({B, N, d_pad}, at::TensorOptions().dtype(acc));
@@ -159,24 +179,19 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t nr, at::ScalarType acc) {
   return padded.view({B, N, d_pad / nr, nr}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// Copies of one side's features x [B, N, D] in acc dtype (each about the size of the input):
-//   rows      [B·N + kMR, D] row-major: the A operand of the similarity GEMM (kMR spare zero rows
-//             keep the last tile's padded rows in bounds);
-//   gram      packed panels of x[b]ᵀ: the B operand of S = x xᵀ;
-//   gradient  packed panels of x[b] (student only): the B operand of W · x.
+// One side's features in acc dtype: `values` [B, N, D] contiguous (the input itself when it already
+// is) and, for the student in the backward, `gradient`: packed panels of x[b], the B operand of
+// W · x (one copy of the input).
 struct Features {
-  at::Tensor rows, gram, gradient;
-  int64_t D, n_pad, d_pad;
-  Features(const at::Tensor& x_in, const Problem& p, at::ScalarType acc, bool for_gradient) {
+  at::Tensor values, gradient;
+  int64_t D, d_pad, n_pad;
+  Features(const at::Tensor& x, const Problem& p, at::ScalarType acc, bool for_gradient) {
     const int64_t nr = 2 * (acc == at::kDouble ? at::vec::Vectorized<double>::size() : at::vec::Vectorized<float>::size());
-    const at::Tensor x = x_in.detach();
+    values = x.detach().to(acc).contiguous();
     D = x.size(2);
-    n_pad = round_up(p.N, nr);
     d_pad = round_up(D, nr);
-    rows = at::zeros({p.B * p.N + kMR, D}, at::TensorOptions().dtype(acc));
-    rows.narrow(0, 0, p.B * p.N).copy_(x.reshape({p.B * p.N, D}));
-    gram = pack_panels(x.transpose(1, 2), nr, acc);
-    if (for_gradient) gradient = pack_panels(x, nr, acc);
+    n_pad = round_up(p.N, nr);
+    if (for_gradient) gradient = pack_panels(values, nr, acc);
   }
 };
 
@@ -192,12 +207,47 @@ struct TileBuffers {
         ld(n_pad) {}
 };
 
-// out[r, j] = ⟨x_{i0+r}, x_j⟩ within image b for r < rows rounded up to kMR (raw dot products).
+// c[m·ldc + n] = ⟨a_m, b_n⟩ = Σ_k a[m·lda + k] · b[n·ldb + k] for m < MR, n < NR: MR×NR vector
+// accumulators along k, reduced horizontally at the end. Every element is summed in the same order
+// whatever the block shape, so edge blocks agree bitwise with full ones.
+template <typename acc_t, int MR, int NR>
+inline void dot_block(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t* c, int64_t ldc) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = Vec(acc_t(0));
+  int64_t k = 0;
+  for (; k + V <= K; k += V) {
+    Vec av[MR];
+    for (int m = 0; m < MR; ++m) av[m] = Vec::loadu(a + m * lda + k);
+    for (int n = 0; n < NR; ++n) {
+      const Vec bv = Vec::loadu(b + n * ldb + k);
+      for (int m = 0; m < MR; ++m) acc[m][n] = at::vec::fmadd(av[m], bv, acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int n = 0; n < NR; ++n) {
+      acc_t sum = vec_sum(acc[m][n]);
+      for (int64_t kk = k; kk < K; ++kk) sum += a[m * lda + kk] * b[n * ldb + kk];
+      c[m * ldc + n] = sum;
+    }
+  }
+}
+
+// out[r·ld + j] = ⟨x_{i0+r}, x_j⟩ for r < rows, j < N, x one image [N, D] (raw dot products). The
+// 4 rows x_j of a column block stay in L1 while the tile's rows stream past them.
 template <typename acc_t>
-void gram_rows(acc_t* out, const Features& f, int64_t N, int64_t b, int64_t i0, int64_t rows) {
-  const acc_t* a = f.rows.const_data_ptr<acc_t>() + (b * N + i0) * f.D;
-  const acc_t* panels = f.gram.const_data_ptr<acc_t>() + b * f.n_pad * f.D;
-  gemm_packed(a, f.D, panels, f.D, out, f.n_pad, round_up(rows, kMR), f.n_pad);
+void gram_rows(acc_t* out, int64_t ld, const acc_t* x, int64_t N, int64_t D, int64_t i0, int64_t rows) {
+  constexpr int MR = 3, NR = 4;
+  const int64_t rows_full = rows / MR * MR, n_full = N / NR * NR;
+  const acc_t* a = x + i0 * D;
+  for (int64_t j0 = 0; j0 < n_full; j0 += NR) {
+    for (int64_t r = 0; r < rows_full; r += MR) dot_block<acc_t, MR, NR>(a + r * D, D, x + j0 * D, D, D, out + r * ld + j0, ld);
+    for (int64_t r = rows_full; r < rows; ++r) dot_block<acc_t, 1, NR>(a + r * D, D, x + j0 * D, D, D, out + r * ld + j0, ld);
+  }
+  for (int64_t j = n_full; j < N; ++j)
+    for (int64_t r = 0; r < rows; ++r) dot_block<acc_t, 1, 1>(a + r * D, D, x + j * D, D, D, out + r * ld + j, ld);
 }
 
 // Runs body(b, i0, rows, buffers) over every tile in parallel, after filling buffers.s / .t with
@@ -206,15 +256,15 @@ template <typename acc_t, typename Body>
 void for_each_tile(const Problem& p, const Features& fs, const Features& ft, int64_t g_cols, const Body& body) {
   const int64_t tiles = p.B * p.tiles_per_image();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    TileBuffers buf(fs.n_pad, g_cols, fs.rows.scalar_type());
+    TileBuffers buf(fs.n_pad, g_cols, fs.values.scalar_type());
     acc_t* ss = buf.s.data_ptr<acc_t>();
     acc_t* st = buf.t.data_ptr<acc_t>();
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / p.tiles_per_image();
       const int64_t i0 = (tile % p.tiles_per_image()) * p.tile_rows;
       const int64_t rows = std::min(p.tile_rows, p.N - i0);
-      gram_rows(ss, fs, p.N, b, i0, rows);
-      gram_rows(st, ft, p.N, b, i0, rows);
+      gram_rows(ss, buf.ld, fs.values.const_data_ptr<acc_t>() + b * p.N * p.Ds, p.N, p.Ds, i0, rows);
+      gram_rows(st, buf.ld, ft.values.const_data_ptr<acc_t>() + b * p.N * p.Dt, p.N, p.Dt, i0, rows);
       for (int64_t r = 0; r < rows; ++r) {
         scale_row(ss + r * fs.n_pad, p.N, static_cast<acc_t>(p.scale_s));
         scale_row(st + r * fs.n_pad, p.N, static_cast<acc_t>(p.scale_t));
@@ -224,24 +274,26 @@ void for_each_tile(const Problem& p, const Features& fs, const Features& ft, int
   });
 }
 
-// Forward row pass: returns Σ_j (P_ij − A_ij)² and writes ρ_i = Σ_j (A_ij − P_ij) A_ij.
+// Forward row pass: returns Σ_j (P_ij − A_ij)² and writes ρ_i = Σ_j (A_ij − P_ij) A_ij, with
+// A_ij = exp((s_j − a_max) − a_log), P_ij = exp((t_j − p_max) − p_log).
 template <typename acc_t>
-acc_t contextual_row(const acc_t* srow, const acc_t* trow, int64_t N, acc_t a_lse, acc_t p_lse, acc_t& rho) {
+acc_t contextual_row(const acc_t* srow, const acc_t* trow, int64_t N, acc_t a_max, acc_t a_log, acc_t p_max,
+                     acc_t p_log, acc_t& rho) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec va(a_lse), vp(p_lse);
+  const Vec vam(a_max), val(a_log), vpm(p_max), vpl(p_log);
   Vec sq(acc_t(0)), rv(acc_t(0));
   int64_t j = 0;
   for (; j + V <= N; j += V) {
-    const Vec a = vexp(Vec::loadu(srow + j) - va);
-    const Vec e = a - vexp(Vec::loadu(trow + j) - vp);
+    const Vec a = vexp((Vec::loadu(srow + j) - vam) - val);
+    const Vec e = a - vexp((Vec::loadu(trow + j) - vpm) - vpl);
     sq = at::vec::fmadd(e, e, sq);
     rv = at::vec::fmadd(e, a, rv);
   }
   acc_t s = vec_sum(sq), r = vec_sum(rv);
   for (; j < N; ++j) {
-    const acc_t a = std::exp(srow[j] - a_lse);
-    const acc_t e = a - std::exp(trow[j] - p_lse);
+    const acc_t a = std::exp((srow[j] - a_max) - a_log);
+    const acc_t e = a - std::exp((trow[j] - p_max) - p_log);
     s += e * e;
     r += e * a;
   }
@@ -257,25 +309,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
   const auto acc = acc_dtype(student_in);
   const Features fs(student_in, p, acc, false), ft(teacher_in, p, acc, false);
   const auto opts = at::TensorOptions().dtype(acc);
-  at::Tensor lse_s = at::empty({p.B, p.N}, opts);
-  at::Tensor lse_t = at::empty({p.B, p.N}, opts);
+  at::Tensor stats_s = at::empty({2, p.B, p.N}, opts);
+  at::Tensor stats_t = at::empty({2, p.B, p.N}, opts);
   at::Tensor rho = at::empty({p.B, p.N}, opts);
   at::Tensor out = at::empty(reduction == kNone ? at::IntArrayRef{p.B, p.N} : at::IntArrayRef{}, student_in.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_fwd", [&] {
     using acc_t = Acc<scalar_t>;
     const int64_t N = p.N, rows_total = p.B * p.N;
     std::vector<acc_t> row_sums(rows_total);
-    acc_t* ls = lse_s.data_ptr<acc_t>();
-    acc_t* lt = lse_t.data_ptr<acc_t>();
+    const Stats<acc_t> ss(stats_s, rows_total), st(stats_t, rows_total);
     acc_t* rh = rho.data_ptr<acc_t>();
     for_each_tile<acc_t>(p, fs, ft, 0, [&](int64_t b, int64_t i0, int64_t rows, TileBuffers& buf) {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = b * N + i0 + r;
         const acc_t* srow = buf.s.const_data_ptr<acc_t>() + r * buf.ld;
         const acc_t* trow = buf.t.const_data_ptr<acc_t>() + r * buf.ld;
-        ls[row] = row_lse(srow, N);
-        lt[row] = row_lse(trow, N);
-        row_sums[row] = contextual_row(srow, trow, N, ls[row], lt[row], rh[row]);
+        row_stats(srow, N, ss.max[row], ss.logsum[row]);
+        row_stats(trow, N, st.max[row], st.logsum[row]);
+        row_sums[row] = contextual_row(srow, trow, N, ss.max[row], ss.logsum[row], st.max[row], st.logsum[row], rh[row]);
       }
     });
     if (reduction == kNone) {
@@ -288,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
       *out.data_ptr<scalar_t>() = static_cast<scalar_t>(total);
     }
   });
-  return {out, lse_s, lse_t, rho};
+  return {out, stats_s, stats_t, rho};
 }
 
 // out[d] = v[d] for d < D, converted to the output dtype.
@@ -319,40 +370,43 @@ std::vector<acc_t> row_coefficients(const acc_t* g, int64_t reduction, int64_t r
 // base: first row of the image in the [B·N] row-state arrays; i0: the tile's first row.
 template <typename acc_t>
 void gradient_weights(acc_t* ss, const acc_t* st, int64_t ld, int64_t rows, int64_t N, int64_t base, int64_t i0,
-                      const acc_t* ls, const acc_t* lt, const acc_t* coef, const acc_t* rsum, acc_t scale) {
+                      const Stats<acc_t>& sa, const Stats<acc_t>& sp, const acc_t* coef, const acc_t* rsum,
+                      acc_t scale) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const acc_t *ls_b = ls + base, *lt_b = lt + base, *c_b = coef + base, *r_b = rsum + base;
+  const acc_t *am = sa.max + base, *al = sa.logsum + base, *pm = sp.max + base, *pl = sp.logsum + base;
+  const acc_t *c_b = coef + base, *r_b = rsum + base;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t k = i0 + r;
     acc_t* srow = ss + r * ld;
     const acc_t* trow = st + r * ld;
-    const Vec vls(ls_b[k]), vlt(lt_b[k]), vc(c_b[k]), vr(r_b[k]), vscale(scale);
+    const Vec vam(am[k]), val(al[k]), vpm(pm[k]), vpl(pl[k]), vc(c_b[k]), vr(r_b[k]), vscale(scale);
     int64_t j = 0;
     for (; j + V <= N; j += V) {
       const Vec s = Vec::loadu(srow + j), t = Vec::loadu(trow + j);
-      const Vec a_kj = vexp(s - vls), p_kj = vexp(t - vlt);
-      const Vec a_jk = vexp(s - Vec::loadu(ls_b + j)), p_jk = vexp(t - Vec::loadu(lt_b + j));
+      const Vec a_kj = vexp((s - vam) - val), p_kj = vexp((t - vpm) - vpl);
+      const Vec a_jk = vexp((s - Vec::loadu(am + j)) - Vec::loadu(al + j));
+      const Vec p_jk = vexp((t - Vec::loadu(pm + j)) - Vec::loadu(pl + j));
       const Vec w = a_kj * (vc * (a_kj - p_kj) - vr) + a_jk * (Vec::loadu(c_b + j) * (a_jk - p_jk) - Vec::loadu(r_b + j));
       (w * vscale).store(srow + j);
     }
     for (; j < N; ++j) {
-      const acc_t a_kj = std::exp(srow[j] - ls_b[k]), p_kj = std::exp(trow[j] - lt_b[k]);
-      const acc_t a_jk = std::exp(srow[j] - ls_b[j]), p_jk = std::exp(trow[j] - lt_b[j]);
+      const acc_t a_kj = std::exp((srow[j] - am[k]) - al[k]), p_kj = std::exp((trow[j] - pm[k]) - pl[k]);
+      const acc_t a_jk = std::exp((srow[j] - am[j]) - al[j]), p_jk = std::exp((trow[j] - pm[j]) - pl[j]);
       srow[j] = scale * (a_kj * (c_b[k] * (a_kj - p_kj) - r_b[k]) + a_jk * (c_b[j] * (a_jk - p_jk) - r_b[j]));
     }
   }
 }
 
 at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& student_in,
-                                const at::Tensor& teacher_in, const at::Tensor& lse_s_in,
-                                const at::Tensor& lse_t_in, const at::Tensor& rho_in, int64_t reduction) {
+                                const at::Tensor& teacher_in, const at::Tensor& stats_s_in,
+                                const at::Tensor& stats_t_in, const at::Tensor& rho_in, int64_t reduction) {
   const Problem p = problem_of(student_in, teacher_in);
   check_reduction(reduction);
   check_cpu_float(grad_in, "grad");
   const auto acc = acc_dtype(student_in);
-  check_row_state(lse_s_in, p, acc, "lse_student");
-  check_row_state(lse_t_in, p, acc, "lse_teacher");
+  check_row_stats(stats_s_in, p, acc, "stats_student");
+  check_row_stats(stats_t_in, p, acc, "stats_teacher");
   check_row_state(rho_in, p, acc, "rho");
   if (reduction == kNone) {
     TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == p.B && grad_in.size(1) == p.N,
@@ -363,13 +417,12 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& stu
   at::Tensor grad_student = at::empty(student_in.sizes(), student_in.options());
   if (student_in.numel() == 0) return grad_student;
   const Features fs(student_in, p, acc, true), ft(teacher_in, p, acc, false);
-  const at::Tensor lse_s = lse_s_in.contiguous(), lse_t = lse_t_in.contiguous(), rho = rho_in.contiguous();
+  const at::Tensor stats_s = stats_s_in.contiguous(), stats_t = stats_t_in.contiguous(), rho = rho_in.contiguous();
   const at::Tensor grad = grad_in.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_bwd", [&] {
     using acc_t = Acc<scalar_t>;
     const int64_t N = p.N, rows_total = p.B * N;
-    const acc_t* ls = lse_s.const_data_ptr<acc_t>();
-    const acc_t* lt = lse_t.const_data_ptr<acc_t>();
+    const Stats<acc_t> sa(stats_s, rows_total), sp(stats_t, rows_total);
     const std::vector<acc_t> coef = row_coefficients(grad.const_data_ptr<acc_t>(), reduction, rows_total, N);
     std::vector<acc_t> rsum(rows_total);
     const acc_t* rh = rho.const_data_ptr<acc_t>();
@@ -378,7 +431,7 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& stu
     for_each_tile<acc_t>(p, fs, ft, fs.d_pad, [&](int64_t b, int64_t i0, int64_t rows, TileBuffers& buf) {
       acc_t* w = buf.s.data_ptr<acc_t>();
       acc_t* g = buf.g.data_ptr<acc_t>();
-      gradient_weights(w, buf.t.const_data_ptr<acc_t>(), buf.ld, rows, N, b * N, i0, ls, lt, coef.data(),
+      gradient_weights(w, buf.t.const_data_ptr<acc_t>(), buf.ld, rows, N, b * N, i0, sa, sp, coef.data(),
                        rsum.data(), static_cast<acc_t>(p.scale_s));
       // g [rows, d_pad] = W [rows, N] · F_s[b] [N, d_pad]
       gemm_packed(w, buf.ld, fs.gradient.const_data_ptr<acc_t>() + b * N * fs.d_pad, N, g, fs.d_pad,

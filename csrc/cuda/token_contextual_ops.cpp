@@ -4,7 +4,7 @@
 // of at most kChunkElements each, never a [B, N, N] tensor (spec §5.2–5.3).
 //
 //   student [B, N, Ds] (any float dtype), teacher [B, N, Dt] (any float dtype, a constant)
-//   forward → loss, lse_s, lse_t, rho ([B, N] each, accumulation dtype)
+//   forward → loss, stats_s, stats_t ([2, B, N]: row max, log-sum), rho ([B, N]); accumulation dtype
 //   backward: per chunk, recompute S and T, form W = (dS + dSᵀ)/√Ds, grad rows = W · F_s
 //   (for bf16/fp16 students W is split into hi + lo half-precision parts: two tensor-core GEMMs
 //   with fp32 accumulation give the fp32 result to ~16 bits).
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
   c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_type(student.scalar_type());
   const auto opts = student.options().dtype(acc);
-  at::Tensor lse_s = at::zeros({s.B, s.N}, opts), lse_t = at::zeros({s.B, s.N}, opts);
+  at::Tensor stats_s = at::zeros({2, s.B, s.N}, opts), stats_t = at::zeros({2, s.B, s.N}, opts);
   at::Tensor rho = at::zeros({s.B, s.N}, opts), row_loss = at::zeros({s.B, s.N}, opts);
   if (s.B > 0 && s.N > 0) {
     const at::Tensor xs = gemm_operand(student, acc), xt = gemm_operand(teacher, acc);
@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
       const int64_t rows = std::min(R, s.N - i0);
       const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
       check_launch(contextual_fwd_rows_cuda(chunk_of(s, acc, i0, rows), sims_s.data_ptr(), sims_t.data_ptr(),
-                                            lse_s.data_ptr(), lse_t.data_ptr(), rho.data_ptr(),
+                                            stats_s.data_ptr(), stats_t.data_ptr(), rho.data_ptr(),
                                             row_loss.data_ptr(), stream),
                    "token_contextual");
     }
@@ -119,25 +119,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
     if (reduction == kMean && s.B * s.N > 0) total = total.div(double(s.B) * double(s.N) * double(s.N));
     loss = total.to(student.scalar_type());
   }
-  return {loss, lse_s, lse_t, rho};
+  return {loss, stats_s, stats_t, rho};
 }
 
+// t must be a CUDA tensor of dtype acc and shape `lead` + [B, N].
 void check_row_state(const at::Tensor& t, const at::Tensor& student, const Shape& s, at::ScalarType acc,
-                     const char* name) {
+                     const char* name, bool stats) {
   check_cuda(t, student, name);
-  TORCH_CHECK_VALUE(t.scalar_type() == acc && t.dim() == 2 && t.size(0) == s.B && t.size(1) == s.N, name,
-                    " must be [B, N] of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
+  const bool shape_ok = stats ? t.dim() == 3 && t.size(0) == 2 && t.size(1) == s.B && t.size(2) == s.N
+                              : t.dim() == 2 && t.size(0) == s.B && t.size(1) == s.N;
+  TORCH_CHECK_VALUE(t.scalar_type() == acc && shape_ok, name, " must be ", stats ? "[2, B, N]" : "[B, N]",
+                    " of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
 }
 
 at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                const at::Tensor& lse_s_in, const at::Tensor& lse_t_in, const at::Tensor& rho_in,
+                                const at::Tensor& stats_s_in, const at::Tensor& stats_t_in, const at::Tensor& rho_in,
                                 int64_t reduction) {
   const Shape s = check_inputs(student, teacher, reduction);
   check_cuda(grad, student, "grad");
   const auto acc = acc_type(student.scalar_type());
-  check_row_state(lse_s_in, student, s, acc, "lse_student");
-  check_row_state(lse_t_in, student, s, acc, "lse_teacher");
-  check_row_state(rho_in, student, s, acc, "rho");
+  check_row_state(stats_s_in, student, s, acc, "stats_student", true);
+  check_row_state(stats_t_in, student, s, acc, "stats_teacher", true);
+  check_row_state(rho_in, student, s, acc, "rho", false);
   if (reduction == kNone) {
     TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.B && grad.size(1) == s.N,
                       "grad must be [B, N] for reduction none, got ", grad.sizes());
@@ -150,7 +153,7 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
   const auto opts = student.options().dtype(acc);
   const at::Tensor xs = gemm_operand(student, acc), xt = gemm_operand(teacher, acc);
   const at::Tensor g = grad.detach().to(acc).contiguous();
-  const at::Tensor lse_s = lse_s_in.contiguous(), lse_t = lse_t_in.contiguous(), rho = rho_in.contiguous();
+  const at::Tensor stats_s = stats_s_in.contiguous(), stats_t = stats_t_in.contiguous(), rho = rho_in.contiguous();
   const bool split = xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf;
   const int64_t R = chunk_rows(s);
   const at::Tensor buf_s = at::empty({s.B * R * s.N}, opts), buf_t = at::empty({s.B * R * s.N}, opts);
@@ -164,8 +167,8 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
   for (int64_t i0 = 0; i0 < s.N; i0 += R) {
     const int64_t rows = std::min(R, s.N - i0);
     const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
-    check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), lse_s.data_ptr(),
-                                             lse_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(),
+    check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), stats_s.data_ptr(),
+                                             stats_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(),
                                              sims_t.data_ptr(), split ? dtype_code(xs.scalar_type()) : -1,
                                              split ? row_max.data_ptr() : nullptr,
                                              split ? buf_hi.data_ptr() : nullptr, split ? buf_lo.data_ptr() : nullptr,

@@ -4,8 +4,9 @@
 //
 // A chunk is rows [i0, i0 + rows) of every image: the glue fills sims_s / sims_t, each
 // [B, rows, N] contiguous in the accumulation type (fp32, fp64 for fp64), with the raw dot products
-// ⟨x_i, x_j⟩ (no 1/√D scale). Per-row state arrays (lse_s, lse_t, rho, row_loss, grad for
-// reduction none) are [B, N] contiguous, accumulation type.
+// ⟨x_i, x_j⟩ (no 1/√D scale). Per-row state, contiguous, accumulation type: stats_s / stats_t
+// [2, B, N] (row max m of the scaled similarities, then l = log Σ_j exp(v_j − m)); rho, row_loss
+// and the upstream grad for reduction none [B, N].
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -22,10 +23,10 @@ struct ContextualChunk {
   double scale_s, scale_t;   // 1/√Ds, 1/√Dt
 };
 
-// Forward: per row, lse of the scaled student / teacher similarities, ρ = Σ_j (A − P) A and
-// Σ_j (P − A)², written at [b, i0 + r].
+// Forward: per row, the softmax statistics of the scaled student / teacher similarities,
+// ρ = Σ_j (A − P) A and Σ_j (P − A)², written at row b·N + i0 + r.
 cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t,
-                                     void* lse_s, void* lse_t, void* rho, void* row_loss, cudaStream_t stream);
+                                     void* stats_s, void* stats_t, void* rho, void* row_loss, cudaStream_t stream);
 
 // Backward: overwrites sims_s with the rows of W = (dS + dSᵀ)/√Ds (spec §5.3); `grad` is the
 // upstream gradient (accumulation type: [B, N] for reduction 0, one value otherwise).
@@ -34,7 +35,7 @@ cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_
 // w_hi + w_lo ≈ W / row_max to about 16 significant bits (two half-precision GEMMs then give an
 // fp32-accurate W·X). split_dtype = -1 skips that.
 cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, int64_t reduction, const void* grad,
-                                        const void* lse_s, const void* lse_t, const void* rho, void* sims_s,
+                                        const void* stats_s, const void* stats_t, const void* rho, void* sims_s,
                                         const void* sims_t, int split_dtype, void* row_max, void* w_hi,
                                         void* w_lo, cudaStream_t stream);
 
