@@ -28,7 +28,7 @@ LOSSES["plackett_luce"] = "kdloss.bench.plackett_luce"
 LOSSES["trg"] = "kdloss.bench.trg"
 
 CSV_FIELDS = ["loss", "case", "shape", "dtype", "backend", "device", "median_ms", "peak_mib",
-              "speedup_vs_eager", "threads", "torch", "machine"]
+              "peak_rss_mib", "speedup_vs_eager", "threads", "torch", "machine"]
 
 
 @dataclass
@@ -107,19 +107,66 @@ def peak_mib(fn, inputs, device: str) -> float:
     return peak / 2**20
 
 
-def run_case(case: Case, repeat: int) -> list[dict]:
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def step_peak_rss_mib(fn, inputs) -> float:
+    """Peak extra resident memory (MiB) of one CPU step, inputs excluded: two warm-up steps, then
+    the kernel's high-water mark is reset (``/proc/self/clear_refs``) and one step is measured.
+    Unlike :func:`peak_mib` it also sees memory an op allocates and frees internally. Linux only."""
+    for _ in range(2):
+        _step(fn, inputs)
+    base = _rss_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    _step(fn, inputs)
+    return max(0.0, _rss_mib("VmHWM") - base)
+
+
+def _rss_in_subprocess(case_id: dict) -> float:
+    """:func:`step_peak_rss_mib` of one (case, backend) in a fresh interpreter (``case_id`` as
+    built by :func:`run_case`), so that earlier cases' memory does not hide its peak."""
+    import json
+    import subprocess
+    import sys
+
+    # A fixed mmap threshold: glibc otherwise raises it after large frees and keeps later large
+    # blocks on the heap, already resident from the warm-up, which would hide them from VmHWM.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, "-m", "kdloss.bench", "--rss-child", json.dumps(case_id)],
+                            capture_output=True, text=True, timeout=1800, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-500:])
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _rss_child(case_id: dict) -> int:
+    case = collect([case_id["loss_group"]], "cpu", [getattr(torch, case_id["dtype"])], case_id["quick"])[case_id["index"]]
+    print(step_peak_rss_mib(case.impls[case_id["backend"]], case.make_inputs()))
+    return 0
+
+
+def run_case(case: Case, repeat: int, rss_id: dict | None = None) -> list[dict]:
+    """Times every implementation of one case; ``rss_id`` (CPU only) also measures each one's peak
+    extra RSS in a fresh subprocess."""
     rows = []
     for backend, fn in case.impls.items():
         inputs = case.make_inputs()
         try:
             ms = time_ms(fn, inputs, case.device, repeat)
             mib = peak_mib(fn, inputs, case.device)
+            rss = _rss_in_subprocess({**rss_id, "backend": backend}) if rss_id else float("nan")
         except Exception as exc:  # a peer or torch.compile failing is a result, not a crash
             print(f"  {case.name} {backend}: failed ({type(exc).__name__}: {str(exc)[:120]})")
             continue
         rows.append({"loss": case.loss, "case": case.name, "shape": case.shape,
                      "dtype": str(case.dtype).replace("torch.", ""), "backend": backend,
-                     "device": case.device, "median_ms": ms, "peak_mib": mib})
+                     "device": case.device, "median_ms": ms, "peak_mib": mib, "peak_rss_mib": rss})
     eager = next((r["median_ms"] for r in rows if r["backend"] == "eager"), None)
     for row in rows:
         row["speedup_vs_eager"] = eager / row["median_ms"] if eager else float("nan")
@@ -131,16 +178,22 @@ def run_case(case: Case, repeat: int) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| loss | case | shape | dtype | device | backend | median ms | × eager | peak MiB |"
-    lines = [header, "|" + "---|" * 9]
+    header = "| loss | case | shape | dtype | device | backend | median ms | × eager | peak MiB | peak RSS MiB |"
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
+        rss = "—" if r["peak_rss_mib"] != r["peak_rss_mib"] else f"{r['peak_rss_mib']:.1f}"
         lines.append(f"| {r['loss']} | {r['case']} | {r['shape']} | {r['dtype']} | {r['device']} | "
-                     f"{r['backend']} | {r['median_ms']:.4f} | {r['speedup_vs_eager']:.2f} | {r['peak_mib']:.2f} |")
+                     f"{r['backend']} | {r['median_ms']:.4f} | {r['speedup_vs_eager']:.2f} | {r['peak_mib']:.2f} | "
+                     f"{rss} |")
     return "\n".join(lines)
 
 
 def append_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with path.open() as fh:
+            if fh.readline().strip() != ",".join(CSV_FIELDS):  # written by an older harness
+                path.rename(path.with_suffix(".old.csv"))
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
@@ -169,11 +222,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
     parser.add_argument("--csv", type=Path, default=Path("benchmarks/results/results.csv"))
+    parser.add_argument("--rss", action="store_true",
+                        help="CPU: also measure each implementation's peak extra RSS in a fresh process "
+                             "(sees memory freed inside ops, which the profiler-based 'peak MiB' misses)")
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rss_child:
+        import json
+
+        return _rss_child(json.loads(args.rss_child))
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
     rows = []
-    for case in collect(args.loss or sorted(LOSSES), args.device, dtypes, args.quick):
-        rows += run_case(case, args.repeat)
+    for loss in args.loss or sorted(LOSSES):
+        for dtype in dtypes:
+            for index, case in enumerate(collect([loss], args.device, [dtype], args.quick)):
+                rss_id = None
+                if args.rss and args.device == "cpu":
+                    rss_id = {"loss_group": loss, "dtype": str(dtype).replace("torch.", ""), "quick": args.quick,
+                              "index": index}
+                rows += run_case(case, args.repeat, rss_id)
     print(format_table(rows))
     append_csv(rows, args.csv)
     print(f"\nappended {len(rows)} rows to {args.csv}")
