@@ -43,17 +43,6 @@ constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 constexpr int64_t kMR = 4;     // micro-kernel rows (4 rows × 2 vectors = 8 accumulators)
 constexpr int64_t kRows = 48;  // rows per tile (a multiple of kMR): one task's work unit
 
-// v[j] *= scale for j < N.
-template <typename acc_t>
-void scale_row(acc_t* v, int64_t N, acc_t scale) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const Vec vs(scale);
-  int64_t j = 0;
-  for (; j + V <= N; j += V) (Vec::loadu(v + j) * vs).store(v + j);
-  for (; j < N; ++j) v[j] *= scale;
-}
-
 // Softmax statistics of one row v[0..N) (N ≥ 1): its max m and l = log Σ_j exp(v[j] − m), so that
 // softmax(v)_j = exp((v[j] − m) − l). Kept apart rather than as m + l: when |m| is large, rounding
 // m + l would shift every probability of the row by up to ulp(m) relatively.
@@ -78,13 +67,13 @@ void row_stats(const acc_t* v, int64_t N, acc_t& m_out, acc_t& l_out) {
   l_out = std::log(s);
 }
 
-// Row statistics of one side for all B·N rows: max[row], logsum[row] (views of a [2, B, N] tensor).
+// Row statistics of one side for all B·N rows: max[row], logsum[row], the two halves of a
+// [2, B, N] tensor.
 template <typename acc_t>
 struct Stats {
   acc_t* max;
   acc_t* logsum;
-  Stats(const at::Tensor& t, int64_t rows_total)
-      : max(const_cast<acc_t*>(t.const_data_ptr<acc_t>())), logsum(max + rows_total) {}
+  Stats(at::Tensor& t, int64_t rows_total) : max(t.data_ptr<acc_t>()), logsum(max + rows_total) {}
 };
 
 struct Problem {
@@ -184,34 +173,33 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t nr, at::ScalarType acc) {
 // W · x (one copy of the input).
 struct Features {
   at::Tensor values, gradient;
-  int64_t D, d_pad, n_pad;
+  int64_t d_pad;
   Features(const at::Tensor& x, const Problem& p, at::ScalarType acc, bool for_gradient) {
     const int64_t nr = 2 * (acc == at::kDouble ? at::vec::Vectorized<double>::size() : at::vec::Vectorized<float>::size());
     values = x.detach().to(acc).contiguous();
-    D = x.size(2);
-    d_pad = round_up(D, nr);
-    n_pad = round_up(p.N, nr);
+    d_pad = round_up(x.size(2), nr);
     if (for_gradient) gradient = pack_panels(values, nr, acc);
   }
 };
 
-// One task's scratch, acc dtype: a tile's similarity rows of each side [kRows, n_pad] (row stride
-// ld = n_pad) and, for the backward, its gradient rows [kRows, g_cols].
+// One task's scratch, acc dtype: a tile's similarity rows of each side [kRows, N] (row stride
+// ld = N) and, for the backward, its gradient rows [kRows, g_cols].
 struct TileBuffers {
   at::Tensor s, t, g;
   int64_t ld;
-  TileBuffers(int64_t n_pad, int64_t g_cols, at::ScalarType acc)
-      : s(at::zeros({kRows, n_pad}, at::TensorOptions().dtype(acc))),
-        t(at::zeros({kRows, n_pad}, at::TensorOptions().dtype(acc))),
+  TileBuffers(int64_t N, int64_t g_cols, at::ScalarType acc)
+      : s(at::zeros({kRows, N}, at::TensorOptions().dtype(acc))),
+        t(at::zeros({kRows, N}, at::TensorOptions().dtype(acc))),
         g(at::empty({g_cols > 0 ? kRows : 0, g_cols}, at::TensorOptions().dtype(acc))),
-        ld(n_pad) {}
+        ld(N) {}
 };
 
-// c[m·ldc + n] = ⟨a_m, b_n⟩ = Σ_k a[m·lda + k] · b[n·ldb + k] for m < MR, n < NR: MR×NR vector
+// c[m·ldc + n] = scale · ⟨a_m, b_n⟩ = scale · Σ_k a[m·lda + k] · b[n·ldb + k] for m < MR, n < NR: MR×NR vector
 // accumulators along k, reduced horizontally at the end. Every element is summed in the same order
 // whatever the block shape, so edge blocks agree bitwise with full ones.
 template <typename acc_t, int MR, int NR>
-inline void dot_block(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t* c, int64_t ldc) {
+inline void dot_block(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t scale, acc_t* c,
+                      int64_t ldc) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   Vec acc[MR][NR];
@@ -230,24 +218,24 @@ inline void dot_block(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, 
     for (int n = 0; n < NR; ++n) {
       acc_t sum = vec_sum(acc[m][n]);
       for (int64_t kk = k; kk < K; ++kk) sum += a[m * lda + kk] * b[n * ldb + kk];
-      c[m * ldc + n] = sum;
+      c[m * ldc + n] = sum * scale;
     }
   }
 }
 
-// out[r·ld + j] = ⟨x_{i0+r}, x_j⟩ for r < rows, j < N, x one image [N, D] (raw dot products). The
-// 4 rows x_j of a column block stay in L1 while the tile's rows stream past them.
+// out[r·ld + j] = scale · ⟨x_{i0+r}, x_j⟩ for r < rows, j < N, x one image [N, D]. The 4 rows x_j
+// of a column block stay in L1 while the tile's rows stream past them.
 template <typename acc_t>
-void gram_rows(acc_t* out, int64_t ld, const acc_t* x, int64_t N, int64_t D, int64_t i0, int64_t rows) {
+void gram_rows(acc_t* out, int64_t ld, const acc_t* x, int64_t N, int64_t D, acc_t scale, int64_t i0, int64_t rows) {
   constexpr int MR = 3, NR = 4;
   const int64_t rows_full = rows / MR * MR, n_full = N / NR * NR;
   const acc_t* a = x + i0 * D;
   for (int64_t j0 = 0; j0 < n_full; j0 += NR) {
-    for (int64_t r = 0; r < rows_full; r += MR) dot_block<acc_t, MR, NR>(a + r * D, D, x + j0 * D, D, D, out + r * ld + j0, ld);
-    for (int64_t r = rows_full; r < rows; ++r) dot_block<acc_t, 1, NR>(a + r * D, D, x + j0 * D, D, D, out + r * ld + j0, ld);
+    for (int64_t r = 0; r < rows_full; r += MR) dot_block<acc_t, MR, NR>(a + r * D, D, x + j0 * D, D, D, scale, out + r * ld + j0, ld);
+    for (int64_t r = rows_full; r < rows; ++r) dot_block<acc_t, 1, NR>(a + r * D, D, x + j0 * D, D, D, scale, out + r * ld + j0, ld);
   }
   for (int64_t j = n_full; j < N; ++j)
-    for (int64_t r = 0; r < rows; ++r) dot_block<acc_t, 1, 1>(a + r * D, D, x + j * D, D, D, out + r * ld + j, ld);
+    for (int64_t r = 0; r < rows; ++r) dot_block<acc_t, 1, 1>(a + r * D, D, x + j * D, D, D, scale, out + r * ld + j, ld);
 }
 
 // Runs body(b, i0, rows, buffers) over every tile in parallel, after filling buffers.s / .t with
@@ -256,19 +244,17 @@ template <typename acc_t, typename Body>
 void for_each_tile(const Problem& p, const Features& fs, const Features& ft, int64_t g_cols, const Body& body) {
   const int64_t tiles = p.B * p.tiles_per_image();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    TileBuffers buf(fs.n_pad, g_cols, fs.values.scalar_type());
+    TileBuffers buf(p.N, g_cols, fs.values.scalar_type());
     acc_t* ss = buf.s.data_ptr<acc_t>();
     acc_t* st = buf.t.data_ptr<acc_t>();
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / p.tiles_per_image();
       const int64_t i0 = (tile % p.tiles_per_image()) * p.tile_rows;
       const int64_t rows = std::min(p.tile_rows, p.N - i0);
-      gram_rows(ss, buf.ld, fs.values.const_data_ptr<acc_t>() + b * p.N * p.Ds, p.N, p.Ds, i0, rows);
-      gram_rows(st, buf.ld, ft.values.const_data_ptr<acc_t>() + b * p.N * p.Dt, p.N, p.Dt, i0, rows);
-      for (int64_t r = 0; r < rows; ++r) {
-        scale_row(ss + r * fs.n_pad, p.N, static_cast<acc_t>(p.scale_s));
-        scale_row(st + r * fs.n_pad, p.N, static_cast<acc_t>(p.scale_t));
-      }
+      gram_rows(ss, buf.ld, fs.values.const_data_ptr<acc_t>() + b * p.N * p.Ds, p.N, p.Ds,
+                static_cast<acc_t>(p.scale_s), i0, rows);
+      gram_rows(st, buf.ld, ft.values.const_data_ptr<acc_t>() + b * p.N * p.Dt, p.N, p.Dt,
+                static_cast<acc_t>(p.scale_t), i0, rows);
       body(b, i0, rows, buf);
     }
   });
@@ -417,7 +403,8 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& stu
   at::Tensor grad_student = at::empty(student_in.sizes(), student_in.options());
   if (student_in.numel() == 0) return grad_student;
   const Features fs(student_in, p, acc, true), ft(teacher_in, p, acc, false);
-  const at::Tensor stats_s = stats_s_in.contiguous(), stats_t = stats_t_in.contiguous(), rho = rho_in.contiguous();
+  at::Tensor stats_s = stats_s_in.contiguous(), stats_t = stats_t_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
   const at::Tensor grad = grad_in.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_bwd", [&] {
     using acc_t = Acc<scalar_t>;
