@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import accumulation_dtype
+from ._reduce import reduce_terms
 
 
 def teacher_is_scores(teacher: torch.Tensor, batch: int, n_neg: int) -> bool:
@@ -32,15 +33,6 @@ def teacher_margins(teacher: torch.Tensor, batch: int, n_neg: int) -> torch.Tens
     return teacher if teacher.dim() == 2 else teacher.unsqueeze(1)
 
 
-def _reduce(squared: torch.Tensor, reduction: str, out_shape, dtype: torch.dtype) -> torch.Tensor:
-    if reduction == "none":
-        return squared.reshape(out_shape).to(dtype)
-    total = squared.sum()
-    if reduction == "mean" and squared.numel() > 0:
-        total = total / squared.numel()
-    return total.to(dtype)
-
-
 def margin_mse_reference(
     student_pos: torch.Tensor,
     student_neg: torch.Tensor,
@@ -54,7 +46,7 @@ def margin_mse_reference(
     neg = student_neg if student_neg.dim() == 2 else student_neg.unsqueeze(1)
     margins_t = teacher_margins(teacher.detach().to(acc), neg.shape[0], neg.shape[1])
     error = (student_pos.to(acc).unsqueeze(1) - neg.to(acc)) - margins_t
-    return _reduce(error * error, reduction, student_neg.shape, student_pos.dtype)
+    return reduce_terms((error * error).reshape(student_neg.shape), reduction, student_pos.dtype)
 
 
 def margin_mse_from_embeddings_reference(
@@ -74,4 +66,4 @@ def margin_mse_from_embeddings_reference(
     margins_t = teacher_margins(teacher.detach().to(acc), s_neg.shape[0], s_neg.shape[1])
     error = (s_pos.unsqueeze(1) - s_neg) - margins_t
     out_shape = negatives.shape[:-1]
-    return _reduce(error * error, reduction, out_shape, query.dtype)
+    return reduce_terms((error * error).reshape(out_shape), reduction, query.dtype)

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .._validation import accumulation_dtype
+from ._reduce import reduce_terms
 
 
 def contextual_similarity(tokens: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,4 @@ def token_contextual_reference(
     if reduction == "none":
         out = squared.mean(-1) if n > 0 else squared.sum(-1)
         return out.reshape(batch, n).to(student_tokens.dtype)
-    total = squared.sum()
-    if reduction == "mean" and squared.numel() > 0:
-        total = total / squared.numel()
-    return total.to(student_tokens.dtype)
+    return reduce_terms(squared, reduction, student_tokens.dtype)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import accumulation_dtype
+from ._reduce import reduce_terms
 
 
 @torch.no_grad()
@@ -32,15 +33,6 @@ def edge_logits(nodes: torch.Tensor, neighbours: torch.Tensor, sigma: float, edg
     diff = nodes.unsqueeze(1) - nodes[neighbours]
     log_kernel = -(diff * diff).sum(-1) / (2.0 * sigma)
     return log_kernel.exp() if edge == "kernel" else log_kernel
-
-
-def _reduce_rows(per_row: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    if reduction == "none":
-        return per_row.to(dtype)
-    total = per_row.sum()
-    if reduction == "mean" and per_row.numel() > 0:
-        total = total / per_row.numel()
-    return total.to(dtype)
 
 
 def token_graph_reference(
@@ -68,14 +60,14 @@ def token_graph_reference(
     if neighbours is None:
         neighbours = knn_indices(xt if graph == "teacher" else xs, k)
     if xs.shape[0] == 0 or neighbours.shape[1] == 0:  # no node (or no edge): zero loss, zero gradient
-        return _reduce_rows(xs.sum(-1) * 0, reduction, student_nodes.dtype)
+        return reduce_terms(xs.sum(-1) * 0, reduction, student_nodes.dtype)
     log_ps = torch.log_softmax(edge_logits(xs, neighbours, sigma, edge), dim=-1)
     log_pt = torch.log_softmax(edge_logits(xt, neighbours, sigma, edge), dim=-1)
     if kl_direction == "student_teacher":
         per_row = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     else:
         per_row = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-    return _reduce_rows(per_row, reduction, student_nodes.dtype)
+    return reduce_terms(per_row, reduction, student_nodes.dtype)
 
 
 def token_contrastive_reference(
@@ -100,7 +92,7 @@ def token_contrastive_reference(
         ht = ht.detach()
     m = hs.shape[0]
     if m == 0:
-        return _reduce_rows(hs.sum(-1), reduction, student_emb.dtype)
+        return reduce_terms(hs.sum(-1), reduction, student_emb.dtype)
     if similarity == "cosine":
         hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
     logits = hs @ ht.T / temperature
@@ -108,4 +100,4 @@ def token_contrastive_reference(
     per_row = F.cross_entropy(logits, target, reduction="none")
     if symmetric:
         per_row = 0.5 * (per_row + F.cross_entropy(logits.T, target, reduction="none"))
-    return _reduce_rows(per_row, reduction, student_emb.dtype)
+    return reduce_terms(per_row, reduction, student_emb.dtype)
