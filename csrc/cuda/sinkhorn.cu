@@ -253,6 +253,23 @@ __device__ void bwd_init(const A* W, const A* fn, const A* gn, int64_t B, int64_
   }
 }
 
+// Column sums in groups of 32 columns (one per lane), the rows split over the block's R warps:
+// stores this warp's partial sum `acc` of column j, then colsum[j] = Σ_r part[r][lane] in a fixed
+// order (deterministic). Every thread of the block must reach it.
+template <typename A>
+__device__ __forceinline__ void combine_column_partials(A (*part)[32], A acc, int R, int64_t j, int64_t Bt,
+                                                        A* colsum) {
+  const int lane = threadIdx.x & 31;
+  part[threadIdx.x >> 5][lane] = acc;
+  __syncthreads();
+  if ((threadIdx.x >> 5) == 0 && j < Bt) {
+    A total = part[0][lane];
+    for (int r = 1; r < R; ++r) total += part[r][lane];
+    colsum[j] = total;
+  }
+  __syncthreads();
+}
+
 // colsum_j = Σ_i X_ij
 template <typename A>
 __device__ void col_sums(const A* X, int64_t B, int64_t Bt, A* colsum) {
@@ -264,14 +281,7 @@ __device__ void col_sums(const A* X, int64_t B, int64_t Bt, A* colsum) {
     A acc = A(0);
     if (j < Bt)
       for (int64_t i = rg; i < B; i += R) acc += X[i * Bt + j];
-    part[rg][lane] = acc;
-    __syncthreads();
-    if (rg == 0 && j < Bt) {
-      A total = part[0][lane];
-      for (int r = 1; r < R; ++r) total += part[r][lane];
-      colsum[j] = total;
-    }
-    __syncthreads();
+    combine_column_partials(part, acc, R, j, Bt, colsum);
   }
 }
 
@@ -312,14 +322,7 @@ __device__ void bwd_col_pass(const A* W, A* X, const A* fk, const A* gprev, cons
         acc += xb;
       }
     }
-    part[rg][lane] = acc;
-    __syncthreads();
-    if (rg == 0 && j < Bt) {
-      A total = part[0][lane];
-      for (int r = 1; r < R; ++r) total += part[r][lane];
-      colsum[j] = total;
-    }
-    __syncthreads();
+    combine_column_partials(part, acc, R, j, Bt, colsum);
   }
 }
 
