@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 #: loss name → module defining its cases
-LOSSES = {"margin_mse": "kdloss.bench.margin_mse", "topk_kl": "kdloss.bench.topk_kl", "fused_linear_topk_kl": "kdloss.bench.fused_linear_topk_kl", "sinkhorn": "kdloss.bench.sinkhorn"}
-LOSSES["plackett_luce"] = "kdloss.bench.plackett_luce"
-LOSSES["trg"] = "kdloss.bench.trg"
+LOSSES = {name: f"kdloss.bench.{name}"
+          for name in ("margin_mse", "topk_kl", "fused_linear_topk_kl", "sinkhorn", "plackett_luce", "trg")}
 
 CSV_FIELDS = ["loss", "case", "shape", "dtype", "backend", "device", "median_ms", "peak_mib",
               "peak_rss_mib", "speedup_vs_eager", "threads", "torch", "machine"]
