@@ -5,7 +5,7 @@ references live in :mod:`kdloss.reference`. Kernels compile on first use (``pyth
 prebuilds them).
 """
 
-from . import functional, reference, sparse
+from . import distributed, functional, reference, sparse
 from ._build import KernelUnavailableError
 from .margin_mse import MarginMSELoss
 from .sinkhorn import SinkhornLoss
@@ -15,7 +15,7 @@ from .plackett_luce import PlackettLuceLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLinearTopKKLLoss", "SinkhornLoss", "TopKKLLoss", "sparse", "MarginMSELoss", "KernelUnavailableError", "functional", "reference", "__version__"]
+__all__ = ["FusedLinearTopKKLLoss", "SinkhornLoss", "TopKKLLoss", "sparse", "MarginMSELoss", "KernelUnavailableError", "distributed", "functional", "reference", "__version__"]
 __all__ += ["PlackettLuceLoss"]
 from .trg import TokenContextualLoss, TokenContrastiveLoss, TokenGraphLoss, TRGLoss  # noqa: E402
 __all__ += ["TokenContextualLoss", "TokenGraphLoss", "TokenContrastiveLoss", "TRGLoss"]
