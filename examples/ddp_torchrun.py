@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import os
 
 import _common
@@ -62,8 +63,8 @@ def main() -> None:
     from kdloss.integrations.transformers import DistillationConfig, distillation_loss, shifted_labels
 
     distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("gloo")
+    if distributed:  # a timeout turns a stuck collective into an error instead of a hang
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out = _common.output_dir(args, "ddp_torchrun") if rank == 0 else None
 
@@ -100,7 +101,8 @@ def main() -> None:
             _common.print_step(step + 1, curve[-1])
     if rank == 0:
         _common.report({"loss": curve}, out, f"DDP ({world} ranks) + accumulation {ACCUMULATION}, fused head")
-    if distributed:
+    if distributed:  # leave together: rank 0 may still be plotting
+        dist.barrier()
         dist.destroy_process_group()
 
 
