@@ -17,8 +17,7 @@ from kdloss import MarginMSELoss
 from kdloss.functional import margin_mse_from_embeddings, margin_mse_loss
 from kdloss.reference import margin_mse_from_embeddings_reference, margin_mse_reference
 
-from conftest import cuda_only
-from helpers import assert_close_fp64, assert_within_lowp_bound, non_contiguous
+from helpers import assert_close_fp64, assert_within_lowp_bound, cuda_only, non_contiguous, raises_naming
 
 REDUCTIONS = ["mean", "sum", "none"]
 TEACHER_FORMATS = ["scores", "margins", "margins_1d"]
@@ -95,7 +94,7 @@ def test_scores_kernel_matches_reference_fp64(device, fmt, reduction, neg_1d):
     ref = margin_mse_reference(pos, neg, teacher, reduction)
     assert_close_fp64(out, ref)
     weight = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(device)
-    for g, r in zip(grads(out, (pos, neg), weight), grads(ref, (pos, neg), weight)):
+    for g, r in zip(grads(out, (pos, neg), weight), grads(ref, (pos, neg), weight), strict=False):
         assert_close_fp64(g, r)
 
 
@@ -110,7 +109,7 @@ def test_embedding_kernel_matches_reference_fp64(device, fmt, reduction):
     ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction)
     assert_close_fp64(out, ref)
     weight = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(device)
-    for g, r in zip(grads(out, (q, p, negs), weight), grads(ref, (q, p, negs), weight)):
+    for g, r in zip(grads(out, (q, p, negs), weight), grads(ref, (q, p, negs), weight), strict=False):
         assert_close_fp64(g, r)
 
 
@@ -140,7 +139,7 @@ def test_scores_low_precision_error_bound(device, dtype, reduction):
     naive, naive_g = run(lambda a, b: _naive_lowp_scores(a, b, teacher.to(device), reduction), pos, neg)
     assert kern.dtype == dtype
     assert_within_lowp_bound(kern.cpu(), naive.cpu(), exact, dtype, "loss")
-    for k, n_, e, name in zip(kern_g, naive_g, exact_g, ("grad_pos", "grad_neg")):
+    for k, n_, e, name in zip(kern_g, naive_g, exact_g, ("grad_pos", "grad_neg"), strict=False):
         assert_within_lowp_bound(k.cpu(), n_.cpu(), e, dtype, name)
 
 
@@ -164,7 +163,7 @@ def test_embedding_low_precision_error_bound(device, dtype):
     naive_out = naive(*low)
     naive_g = torch.autograd.grad(naive_out, low)
     assert_within_lowp_bound(kern.cpu(), naive_out.cpu(), exact, dtype, "loss")
-    for k, n_, e, name in zip(kern_g, naive_g, exact_g, ("grad_query", "grad_positive", "grad_negatives")):
+    for k, n_, e, name in zip(kern_g, naive_g, exact_g, ("grad_query", "grad_positive", "grad_negatives"), strict=False):
         assert_within_lowp_bound(k.cpu(), n_.cpu(), e, dtype, name)
 
 
@@ -189,7 +188,7 @@ def test_scores_property(batch, n_neg, fmt, reduction, contiguous, seed):
     out = margin_mse_loss(pos, neg, teacher, reduction=reduction, backend="kernel")
     ref = margin_mse_reference(pos, neg, teacher, reduction)
     assert_close_fp64(out, ref)
-    for g, r in zip(grads(out, (pos, neg)), grads(ref, (pos, neg))):
+    for g, r in zip(grads(out, (pos, neg)), grads(ref, (pos, neg)), strict=False):
         assert_close_fp64(g, r)
 
 
@@ -214,7 +213,7 @@ def test_embedding_property(batch, n_neg, dim, reduction, layout, seed):
     out = margin_mse_from_embeddings(q, p, negs, teacher, reduction=reduction, backend="kernel")
     ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction)
     assert_close_fp64(out, ref)
-    for g, r in zip(grads(out, inputs), grads(ref, inputs)):
+    for g, r in zip(grads(out, inputs), grads(ref, inputs), strict=False):
         assert_close_fp64(g, r)
 
 
@@ -245,7 +244,7 @@ def test_sentence_transformers_parity(n_neg, fmt, backend):
     expected = _st_loss().compute_loss_from_embeddings(st_inputs, labels)
     actual = margin_mse_from_embeddings(q, p, negs, labels, backend=backend)
     assert_close_fp64(actual, expected)
-    for a, e in zip(torch.autograd.grad(actual, (q, p, negs)), torch.autograd.grad(expected, (q, p, negs))):
+    for a, e in zip(torch.autograd.grad(actual, (q, p, negs)), torch.autograd.grad(expected, (q, p, negs)), strict=False):
         assert_close_fp64(a, e)
     # the same through precomputed scores (cross-encoder style)
     s_pos, s_neg = (q * p).sum(-1), torch.einsum("bd,bnd->bn", q, negs)
@@ -328,7 +327,7 @@ def test_torch_compile_fullgraph(device, dynamic, backend):
         out = compiled(*inputs, teacher)
         out_g = torch.autograd.grad(out, inputs)
         torch.testing.assert_close(out, eager)
-        for a, b in zip(out_g, eager_g):
+        for a, b in zip(out_g, eager_g, strict=False):
             torch.testing.assert_close(a, b)
 
 
@@ -353,7 +352,7 @@ def test_not_last_layer(device, reduction):
         out = (fn() * 2 * weight).sum()
         ref_out = (margin_mse_reference(*layer_scores(), teacher, reduction) * 2 * weight).sum()
         assert_close_fp64(out, ref_out)
-        for a, b in zip(torch.autograd.grad(out, (q, p, negs)), torch.autograd.grad(ref_out, (q, p, negs))):
+        for a, b in zip(torch.autograd.grad(out, (q, p, negs)), torch.autograd.grad(ref_out, (q, p, negs)), strict=False):
             assert_close_fp64(a, b)
 
 
@@ -422,7 +421,7 @@ def test_cpu_results_independent_of_thread_count():
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
-        for x, y in zip(results[0], other):
+        for x, y in zip(results[0], other, strict=False):
             assert torch.equal(x, y)
 
 
@@ -448,7 +447,7 @@ def test_cpu_results_independent_of_thread_count():
 def test_bad_score_inputs(call, match):
     pos, neg = torch.randn(4), torch.randn(4, 3)
     teacher = torch.randn(4, 4)
-    with pytest.raises(ValueError, match=match):
+    with raises_naming(match):
         call(pos, neg, teacher)
 
 
@@ -466,7 +465,7 @@ def test_bad_score_inputs(call, match):
 )
 def test_bad_embedding_inputs(call, match):
     q, p, negs = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 3, 8)
-    with pytest.raises(ValueError, match=match):
+    with raises_naming(match):
         call(q, p, negs, torch.randn(4, 4))
 
 
@@ -546,7 +545,7 @@ def test_cuda_matches_cpu_kernel(dtype):
     b = margin_mse_from_embeddings(*gpu_in, teacher.cuda(), backend="kernel")
     tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 2e-2)
     torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol)
-    for x, y in zip(torch.autograd.grad(a, cpu_in), torch.autograd.grad(b, gpu_in)):
+    for x, y in zip(torch.autograd.grad(a, cpu_in), torch.autograd.grad(b, gpu_in), strict=False):
         torch.testing.assert_close(y.cpu(), x, rtol=tol, atol=tol)
 
 

@@ -1,4 +1,4 @@
-"""Top-k sparse KL cases for the fuzzer, property tests and benchmarks (spec §3).
+"""Top-k sparse KL cases for the fuzzer, property tests and benchmarks.
 
 A case: ``rows`` (0 allowed), ``split`` (rows as ``[2, rows/2]`` leading dims when even), ``vocab``
 (small, or above the kernel's 2048-element LSE block so the running max is rescaled), ``k``,
@@ -17,7 +17,7 @@ import torch
 
 from ..functional import topk_kl_loss
 from ..reference.topk_kl import topk_kl_reference
-from . import Built, LossSpec, non_contiguous, register
+from . import Built, Example, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
 VARIANTS = (  # (values, tail, student_support)
@@ -103,7 +103,8 @@ def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     labels = None
     if case["labels"] is not None:
         labels = torch.randint(0, vocab, (rows,), generator=gen)
-        ignored = torch.rand(rows, generator=gen) < 0.3 if case["labels"] == "some" else torch.ones(rows, dtype=torch.bool)
+        some = case["labels"] == "some"
+        ignored = torch.rand(rows, generator=gen) < 0.3 if some else torch.ones(rows, dtype=torch.bool)
         labels[ignored] = -100
         labels = labels.reshape(lead).to(device)
     logits = logits.to(device, dtype)
@@ -150,4 +151,13 @@ def naive(case, student, *, teacher_ids, teacher_values, labels):
     return topk_kl_reference(_view(case, student), teacher_ids, teacher_values, labels, **options(case))
 
 
-SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive))
+def example(device, dtype) -> Example:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 40, generator=gen, dtype=torch.float64)
+    top = torch.randn(2, 3, 40, generator=gen, dtype=torch.float64).log_softmax(-1).topk(5)
+    labels = torch.tensor([[1, -100, 3], [4, 5, -100]])
+    args = (logits.to(device, dtype), top.indices.to(device), top.values.to(device, dtype), labels.to(device))
+    return Example(args, {"temperature": 2.0, "tail": "bucket"})
+
+
+SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive, example))
