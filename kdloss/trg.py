@@ -78,7 +78,13 @@ def temperature_schedule(step: int, total_steps: int, *, start: float = 1.0, end
                          kind: str = "cosine") -> float:
     """Dynamic InfoNCE temperature, high → low (coarse → fine structure; TRG's τ_g).
     ``kind``: ``"cosine"`` (default), ``"linear"``, ``"exponential"`` (geometric) or ``"constant"``
-    (always ``start``). Steps past ``total_steps`` stay at ``end``. The paper gives no values: these defaults are kdloss's choice."""
+    (always ``start``). Steps past ``total_steps`` stay at ``end``. The paper gives no values: these
+    defaults are kdloss's choice.
+
+    Example:
+        >>> round(temperature_schedule(5, 10), 3)  # halfway through a cosine schedule from 1.0 to 0.07
+        0.535
+    """
     check_int(step, "step", low=0)
     check_int(total_steps, "total_steps", low=1)
     check_real(start, "start", low=0.0)

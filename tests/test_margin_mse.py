@@ -75,7 +75,7 @@ def test_reference_matches_spec_formula(fmt, reduction):
     margins = {"scores": lambda t: t[:, :1] - t[:, 1:], "margins": lambda t: t,
                "margins_1d": lambda t: t[:, None]}[fmt](teacher)
     expected = formula(pos.detach(), neg.detach(), margins, reduction)
-    assert_close_fp64(margin_mse_reference(pos, neg, teacher, reduction), expected, atol=1e-13)
+    assert_close_fp64(margin_mse_reference(pos, neg, teacher, reduction=reduction), expected, atol=1e-13)
 
 
 # [B] teacher margins exist only with one negative ([B] student_neg)
@@ -91,7 +91,7 @@ def test_scores_kernel_matches_reference_fp64(device, fmt, reduction, neg_1d):
     pos, neg = scores(33, n_neg, torch.float64, device, gen, neg_1d=neg_1d)
     teacher = make_teacher(fmt, 33, n_neg, torch.float64, device, gen)
     out = margin_mse_loss(pos, neg, teacher, reduction=reduction, backend="kernel")
-    ref = margin_mse_reference(pos, neg, teacher, reduction)
+    ref = margin_mse_reference(pos, neg, teacher, reduction=reduction)
     assert_close_fp64(out, ref)
     weight = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(device)
     for g, r in zip(grads(out, (pos, neg), weight), grads(ref, (pos, neg), weight), strict=False):
@@ -106,7 +106,7 @@ def test_embedding_kernel_matches_reference_fp64(device, fmt, reduction):
     q, p, negs = embeddings(17, n_neg, 45, torch.float64, device, gen, neg_2d=fmt == "margins_1d")
     teacher = make_teacher(fmt, 17, n_neg, torch.float64, device, gen)
     out = margin_mse_from_embeddings(q, p, negs, teacher, reduction=reduction, backend="kernel")
-    ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction)
+    ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction=reduction)
     assert_close_fp64(out, ref)
     weight = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(device)
     for g, r in zip(grads(out, (q, p, negs), weight), grads(ref, (q, p, negs), weight), strict=False):
@@ -133,7 +133,7 @@ def test_scores_low_precision_error_bound(device, dtype, reduction):
         w = torch.ones_like(out) if weight is None else weight.to(out.device, out.dtype)
         return out, torch.autograd.grad(out, (a, b), w)
 
-    exact, exact_g = run(lambda a, b: margin_mse_reference(a, b, teacher.double(), reduction), pos64, neg64)
+    exact, exact_g = run(lambda a, b: margin_mse_reference(a, b, teacher.double(), reduction=reduction), pos64, neg64)
     kern, kern_g = run(lambda a, b: margin_mse_loss(a, b, teacher.to(device), reduction=reduction,
                                                     backend="kernel"), pos, neg)
     naive, naive_g = run(lambda a, b: _naive_lowp_scores(a, b, teacher.to(device), reduction), pos, neg)
@@ -186,7 +186,7 @@ def test_scores_property(batch, n_neg, fmt, reduction, contiguous, seed):
     if not contiguous:
         pos, neg, teacher = non_contiguous(pos), non_contiguous(neg), non_contiguous(teacher)
     out = margin_mse_loss(pos, neg, teacher, reduction=reduction, backend="kernel")
-    ref = margin_mse_reference(pos, neg, teacher, reduction)
+    ref = margin_mse_reference(pos, neg, teacher, reduction=reduction)
     assert_close_fp64(out, ref)
     for g, r in zip(grads(out, (pos, neg)), grads(ref, (pos, neg)), strict=False):
         assert_close_fp64(g, r)
@@ -211,7 +211,7 @@ def test_embedding_property(batch, n_neg, dim, reduction, layout, seed):
     teacher = make_teacher("scores", batch, n_neg, torch.float64, gen=gen)
     inputs = (q, p, negs) if layout != "slice_of_stack" else (stack,)
     out = margin_mse_from_embeddings(q, p, negs, teacher, reduction=reduction, backend="kernel")
-    ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction)
+    ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction=reduction)
     assert_close_fp64(out, ref)
     for g, r in zip(grads(out, inputs), grads(ref, inputs), strict=False):
         assert_close_fp64(g, r)
@@ -350,7 +350,7 @@ def test_not_last_layer(device, reduction):
 
     for fn in (via_scores, via_embeddings):
         out = (fn() * 2 * weight).sum()
-        ref_out = (margin_mse_reference(*layer_scores(), teacher, reduction) * 2 * weight).sum()
+        ref_out = (margin_mse_reference(*layer_scores(), teacher, reduction=reduction) * 2 * weight).sum()
         assert_close_fp64(out, ref_out)
         for a, b in zip(torch.autograd.grad(out, (q, p, negs)), torch.autograd.grad(ref_out, (q, p, negs)), strict=False):
             assert_close_fp64(a, b)

@@ -152,7 +152,8 @@ def test_kernel_matches_reference_fp64(device, reduction, lead, classes, use_per
     for temperature in (1.0, 0.7):
         out = plackett_luce_loss(s, t, y, temperature=temperature, reduction=reduction, teacher_permutation=perm,
                                  backend="kernel")
-        ref = plackett_luce_reference(s, t, y, temperature, -100, reduction, perm)
+        ref = plackett_luce_reference(s, t, y, temperature=temperature, ignore_index=-100, reduction=reduction,
+                                      teacher_permutation=perm)
         assert_close_fp64(out, ref)
         weight = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(device)
         for a, b in zip(grads(out, (s,), weight), grads(ref, (s,), weight), strict=False):
@@ -166,7 +167,7 @@ def test_custom_ignore_index_and_strided_inputs(device):
     y = labels_for((12,), 40, gen, device)
     y[::3] = 7  # ignore_index = 7 drops rows whose label is 7
     out = plackett_luce_loss(s, t, y, ignore_index=7, backend="kernel")
-    ref = plackett_luce_reference(s, t, y, 1.0, 7, "mean")
+    ref = plackett_luce_reference(s, t, y, temperature=1.0, ignore_index=7, reduction="mean")
     assert_close_fp64(out, ref)
     assert_close_fp64(grads(out, (s,))[0], grads(ref, (s,))[0])
 

@@ -116,3 +116,16 @@ def test_public_text_cites_no_internal_document():
                  if p.suffix in (".py", ".md") and pattern.search(p.read_text())]
     offenders += ["README.md"] if pattern.search((ROOT / "README.md").read_text()) else []
     assert not offenders
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _public_symbols()])
+def test_public_examples_run(name):
+    import doctest
+
+    value = getattr(kdloss, name)
+    module = sys.modules[value.__module__]
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in finder.find(value, name, module=module, globs=dict(vars(module))):
+        runner.run(test)
+    assert runner.failures == 0, f"the Example of {name} does not run as written"

@@ -50,7 +50,7 @@ def test_kernel_matches_reference_fp64(device, reduction, shape):
     gen = torch.Generator().manual_seed(1)
     s, t = tokens(b, n, ds, device=device, gen=gen).requires_grad_(), tokens(b, n, dt, device=device, gen=gen)
     out = token_contextual_loss(s, t, reduction=reduction, backend="kernel")
-    ref = token_contextual_reference(s, t, reduction)
+    ref = token_contextual_reference(s, t, reduction=reduction)
     assert_close_fp64(out, ref)
     g = torch.Generator().manual_seed(2)
     gk = grads_of(out, s, g)
@@ -88,7 +88,7 @@ def test_property_shapes(b, n, ds, dt, reduction, strided, seed):
     s, t = tokens(b, n, ds, gen=gen), tokens(b, n, dt, gen=gen)
     s = (non_contiguous(s) if strided else s).requires_grad_()
     out = token_contextual_loss(s, t, reduction=reduction, backend="kernel")
-    ref = token_contextual_reference(s, t, reduction)
+    ref = token_contextual_reference(s, t, reduction=reduction)
     assert_close_fp64(out, ref)
     assert torch.isfinite(out).all()
     if out.requires_grad:

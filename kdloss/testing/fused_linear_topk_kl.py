@@ -14,7 +14,7 @@ import torch
 from ..fused_linear_topk_kl import fused_linear_topk_kl_loss
 from ..reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
 from . import Built, Example, LossSpec, register
-from .topk_kl import REDUCTIONS, VARIANTS, _teacher
+from .topk_kl import REDUCTIONS, VARIANTS, _teacher, draw_labels
 
 
 def strategy():
@@ -59,13 +59,8 @@ def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     weight = torch.randn(vocab, width, generator=gen, dtype=torch.float64) / width**0.5
     bias = 0.5 * torch.randn(vocab, generator=gen, dtype=torch.float64)
     ids, values = _teacher(case, gen, rows, vocab)
-    labels = None
-    if case["labels"] is not None:
-        labels = torch.randint(0, vocab, (rows,), generator=gen)
-        some = case["labels"] == "some"
-        ignored = torch.rand(rows, generator=gen) < 0.3 if some else torch.ones(rows, dtype=torch.bool)
-        labels[ignored] = -100
-        labels = labels.to(device)
+    labels = draw_labels(case, gen, rows, vocab)
+    labels = None if labels is None else labels.to(device)
     leaves = [hidden, weight] + ([bias] if case["bias"] else [])
     inputs = tuple(t.to(device, dtype).requires_grad_() for t in leaves)
     teacher_dtype = torch.float64 if dtype == torch.float64 else torch.float32

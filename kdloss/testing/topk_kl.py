@@ -91,6 +91,18 @@ def _teacher(case: dict, gen: torch.Generator, rows: int, usable: int):
     return ids, values
 
 
+def draw_labels(case: dict, gen: torch.Generator, rows: int, vocab: int) -> torch.Tensor | None:
+    """``[rows]`` labels in ``[0, vocab)`` with some (``case["labels"] == "some"``, ~30 %) or all ("all")
+    set to -100; None when ``case["labels"]`` is None."""
+    if case["labels"] is None:
+        return None
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    some = case["labels"] == "some"
+    ignored = torch.rand(rows, generator=gen) < 0.3 if some else torch.ones(rows, dtype=torch.bool)
+    labels[ignored] = -100
+    return labels
+
+
 def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     gen = torch.Generator().manual_seed(case["seed"])
     rows, vocab = case["rows"], case["vocab"]
@@ -100,13 +112,8 @@ def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     if case["student_pad"]:
         logits[:, usable:] = float("-inf")
     ids, values = _teacher(case, gen, rows, usable)
-    labels = None
-    if case["labels"] is not None:
-        labels = torch.randint(0, vocab, (rows,), generator=gen)
-        some = case["labels"] == "some"
-        ignored = torch.rand(rows, generator=gen) < 0.3 if some else torch.ones(rows, dtype=torch.bool)
-        labels[ignored] = -100
-        labels = labels.reshape(lead).to(device)
+    labels = draw_labels(case, gen, rows, vocab)
+    labels = None if labels is None else labels.reshape(lead).to(device)
     logits = logits.to(device, dtype)
     if case["layout"] == "rows":
         wide = torch.zeros(rows, vocab + 5, dtype=dtype, device=device)
