@@ -427,16 +427,16 @@ S, T, Y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
     [
         (lambda: plackett_luce_loss(S.tolist(), T, Y), "student_logits must be a torch.Tensor"),
         (lambda: plackett_luce_loss(S.long(), T, Y), "student_logits must be a floating-point tensor"),
-        (lambda: plackett_luce_loss(S[0, 0], T[0, 0], Y[0]), "student_logits must have rank >= 1"),
+        (lambda: plackett_luce_loss(S[0, 0], T[0, 0], Y[0]), r"student_logits must be \[\.\.\., C\] with C >= 1"),
         (lambda: plackett_luce_loss(S, T.long(), Y), "teacher_logits must be a floating-point tensor"),
         (lambda: plackett_luce_loss(S, T[:, :5], Y), "teacher_logits must have the shape of student_logits"),
         (lambda: plackett_luce_loss(S, T, Y.float()), "labels must be an integer tensor"),
         (lambda: plackett_luce_loss(S, T, Y.bool()), "labels must be an integer tensor"),
         (lambda: plackett_luce_loss(S, T, [0, 1, 2, 3]), "labels must be a torch.Tensor"),
-        (lambda: plackett_luce_loss(S, T, Y[:3]), "labels must have the leading dims"),
-        (lambda: plackett_luce_loss(S, T, Y + 3), r"labels must lie in \[0, C\)"),
-        (lambda: plackett_luce_loss(S, T, Y - 1), r"labels must lie in \[0, C\)"),
-        (lambda: plackett_luce_loss(S[:, :0], T[:, :0], Y), "at least one class"),
+        (lambda: plackett_luce_loss(S, T, Y[:3]), "labels must have the leading shape"),
+        (lambda: plackett_luce_loss(S, T, Y + 3), r"labels must lie in \[0, 6\)"),
+        (lambda: plackett_luce_loss(S, T, Y - 1), r"labels must lie in \[0, 6\)"),
+        (lambda: plackett_luce_loss(S[:, :0], T[:, :0], Y), "C >= 1"),
         (lambda: plackett_luce_loss(S, T, Y, temperature=0.0), "temperature must be"),
         (lambda: plackett_luce_loss(S, T, Y, temperature=float("inf")), "temperature must be"),
         (lambda: plackett_luce_loss(S, T, Y, temperature="1"), "temperature must be"),
@@ -445,8 +445,8 @@ S, T, Y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
         (lambda: plackett_luce_loss(S, T, Y, backend="triton"), "backend must be one of"),
         (lambda: plackett_luce_loss(S, T.to("meta"), Y), "teacher_logits must have the device of student_logits"),
         (lambda: plackett_luce_loss(S, T, Y.to("meta")), "labels must have the device of student_logits"),
-        (lambda: plackett_luce_loss(S, T, Y, teacher_permutation=torch.argsort(T).int()),
-         "teacher_permutation must be an int64 tensor"),
+        (lambda: plackett_luce_loss(S, T, Y, teacher_permutation=torch.argsort(T).float()),
+         "teacher_permutation must be an integer tensor"),
         (lambda: plackett_luce_loss(S, T, Y, teacher_permutation=torch.argsort(T)[:2]),
          "teacher_permutation must have the shape"),
         (lambda: plackett_luce_loss(S, T, Y, teacher_permutation=torch.zeros(4, 6, dtype=torch.long)),
@@ -520,3 +520,28 @@ def test_cuda_deterministic():
     for _ in range(3):
         out = plackett_luce_loss(s, t, y, backend="kernel")
         assert torch.equal(out, first) and torch.equal(torch.autograd.grad(out, s)[0], g0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint16, torch.int32, torch.uint8])
+def test_any_integer_dtype_for_labels_and_permutation(dtype):
+    s, t = torch.randn(5, 9, dtype=torch.float64), torch.randn(5, 9, dtype=torch.float64)
+    y = torch.tensor([0, 3, 8, 2, 5])
+    ranking = plackett_luce_ranking(t)
+    expected = plackett_luce_loss(s, t, y, teacher_permutation=ranking)
+    got = plackett_luce_loss(s, t, y.to(dtype), teacher_permutation=ranking.to(dtype), backend="kernel")
+    assert_close_fp64(got, expected)
+
+
+def test_without_labels_the_teacher_ranking_is_the_target():
+    s, t = torch.randn(6, 7, dtype=torch.float64), torch.randn(6, 7, dtype=torch.float64)
+    for backend in ("kernel", "reference"):
+        assert_close_fp64(plackett_luce_loss(s, t, backend=backend), plackett_luce_loss(s, t, t.argmax(-1)))
+
+
+def test_num_items_in_batch_replaces_the_counted_rows():
+    s = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    t, y = torch.randn(6, 7, dtype=torch.float64), torch.tensor([1, -100, 2, 3, -100, 4])
+    for backend in ("kernel", "reference"):
+        got = plackett_luce_loss(s, t, y, num_items_in_batch=torch.tensor(10), backend=backend)
+        assert_close_fp64(got, plackett_luce_loss(s, t, y, reduction="sum") / 10)
+        assert plackett_luce_loss(s, t, y, num_items_in_batch=0, backend=backend).item() == 0.0
