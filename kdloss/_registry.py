@@ -125,10 +125,3 @@ def kernel_test_files() -> list[str]:
     """``tests/test_<name>.py`` of every loss with a kernel path (the sanitized CI run's selection)."""
     return [f"tests/test_{loss.name}.py" for loss in LOSSES if loss.has_kernel]
 
-
-if __name__ == "__main__":  # python -m kdloss._registry --kernel-tests (used by .ci/sanitized)
-    import sys
-
-    if sys.argv[1:] != ["--kernel-tests"]:
-        sys.exit("usage: python -m kdloss._registry --kernel-tests")
-    print(" ".join(kernel_test_files()))
