@@ -54,12 +54,14 @@ def bandwidth_report(device: str, dtypes) -> None:
     for dtype in dtypes:
         for rows, vocab, k in GPU_SHAPES if device == "cuda" else CPU_SHAPES:
             z, ids, lp = make_inputs(rows, vocab, k, device, dtype)
-            ms = _median_ms(lambda: torch.autograd.grad(kernel(z, ids, lp), z), device)
-            touch = 0.0 if device == "cuda" else _median_ms(lambda: torch.empty_like(z).fill_(0), device)
+            ms = _median_ms(lambda z=z, ids=ids, lp=lp: torch.autograd.grad(kernel(z, ids, lp), z), device)
+            touch = 0.0 if device == "cuda" else _median_ms(lambda z=z: torch.empty_like(z).fill_(0), device)
             moved = 3 * z.numel() * z.element_size() / 1e9
             copy = copy_gbps(z.numel(), dtype, device)
-            print(f"| N={rows} V={vocab} k={k} | {str(dtype).replace('torch.', '')} | {ms:.1f} | {moved / ms * 1e3:.1f} | "
-                  f"{touch:.1f} | {moved / (ms - touch) * 1e3:.1f} | {copy:.1f} | {moved / (ms - touch) * 1e3 / copy:.0%} |")
+            without = moved / (ms - touch) * 1e3
+            name = str(dtype).replace("torch.", "")
+            print(f"| N={rows} V={vocab} k={k} | {name} | {ms:.1f} | {moved / ms * 1e3:.1f} | "
+                  f"{touch:.1f} | {without:.1f} | {copy:.1f} | {without / copy:.0%} |")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,29 @@
 """kdloss: knowledge-distillation losses with hand-written CPU and CUDA kernels.
 
-Losses are ``nn.Module`` classes here and functions in :mod:`kdloss.functional`; the pure-PyTorch
-references live in :mod:`kdloss.reference`. Kernels compile on first use (``python -m kdloss.build``
-prebuilds them).
+Every loss is an ``nn.Module`` here and a function in :mod:`kdloss.functional` (also exported here);
+the pure-PyTorch references live in :mod:`kdloss.reference`. The losses are those of the registry
+(:mod:`kdloss._registry`). Kernels compile on first use (``python -m kdloss.build`` prebuilds them).
 """
 
-from . import distributed, functional, reference, sparse
+import importlib
+
+from . import distributed, functional, sparse
 from ._build import KernelUnavailableError
-from .margin_mse import MarginMSELoss
-from .sinkhorn import SinkhornLoss
-from .fused_linear_topk_kl import FusedLinearTopKKLLoss
-from .topk_kl import TopKKLLoss
-from .plackett_luce import PlackettLuceLoss
+from ._registry import LOSSES
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLinearTopKKLLoss", "SinkhornLoss", "TopKKLLoss", "sparse", "MarginMSELoss", "KernelUnavailableError", "distributed", "functional", "reference", "__version__"]
-__all__ += ["PlackettLuceLoss"]
-from .trg import TokenContextualLoss, TokenContrastiveLoss, TokenGraphLoss, TRGLoss  # noqa: E402
-__all__ += ["TokenContextualLoss", "TokenGraphLoss", "TokenContrastiveLoss", "TRGLoss"]
+__all__ = ["KernelUnavailableError", "__version__", "distributed", "functional", "reference", "sparse"]
+for _loss in LOSSES:
+    _module = importlib.import_module(f"{__name__}.{_loss.name}")
+    for _name in (*_loss.modules, *_loss.functionals):
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)
+__all__.sort()
+
+
+def __getattr__(name: str):
+    # the references are for tests, the fuzzer and the fallback: imported on first use only
+    if name == "reference":
+        return importlib.import_module(f"{__name__}.reference")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """Finding, building and loading kdloss's compiled kernels.
 
-Each loss has one CPU source (``csrc/cpu/<loss>.cpp``) and CUDA sources (``csrc/cuda/<loss>*``).
-They register implementations of the ``kdloss::`` ops (schemas live in :mod:`kdloss._ops`) with
+Each kernel library (a loss with its own sources in the registry, :mod:`kdloss._registry`) has the
+CPU and CUDA source files its registry entry lists. They register implementations of the ``kdloss::``
+ops (schemas live in :mod:`kdloss._ops`) with
 ``TORCH_LIBRARY_IMPL``; loading the shared library is all that is needed to make them callable.
 
 Order of preference for a (loss, device type):
@@ -29,6 +30,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from . import _registry
 
 __all__ = [
     "KernelUnavailableError",
@@ -75,17 +78,16 @@ def cache_dir() -> Path:
 
 
 def sources(loss: str, device_type: str) -> list[Path]:
-    """Source files of one loss for one backend (``device_type`` is ``"cpu"`` or ``"cuda"``)."""
-    root = csrc_dir()
-    if device_type == "cpu":
-        return [root / "cpu" / f"{loss}.cpp"]
-    folder = root / "cuda"
-    return sorted(p for p in folder.glob(f"{loss}*") if p.suffix in (".cu", ".cpp"))
+    """Source files of one kernel library for one backend (``device_type`` is ``"cpu"`` or ``"cuda"``),
+    as its registry entry lists them."""
+    entry = _registry.get(loss)
+    listed = entry.cpu_sources if device_type == "cpu" else entry.cuda_sources
+    return [csrc_dir() / relative for relative in listed]
 
 
 def all_losses() -> list[str]:
-    """Loss names that have a CPU source file."""
-    return sorted(p.stem for p in (csrc_dir() / "cpu").glob("*.cpp"))
+    """Names of the kernel libraries (losses with their own sources)."""
+    return _registry.kernel_libraries()
 
 
 def headers() -> list[Path]:

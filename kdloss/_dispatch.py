@@ -6,21 +6,29 @@ import warnings
 
 import torch
 
-from . import _build
+from . import _build, _registry
 from ._validation import BACKENDS, check_option
 
 _warned: set[tuple[str, str]] = set()
 
 
+def _load_all(loss: str, device_type: str) -> tuple[bool, str | None]:
+    """Loads every kernel library ``loss`` needs (its registry entry's ``kernels``); (ok, first failure)."""
+    for library in _registry.get(loss).kernels:
+        if not _build.load(library, device_type):
+            return False, _build.failure(library, device_type)
+    return True, None
+
+
 @torch.compiler.assume_constant_result
 def _auto_kernel_available(loss: str, device_type: str) -> bool:
     # Runs eagerly even under torch.compile (its result is a trace-time constant).
-    ok = _build.load(loss, device_type)
+    ok, why = _load_all(loss, device_type)
     if not ok and (loss, device_type) not in _warned:
         _warned.add((loss, device_type))
         warnings.warn(
             f"kdloss: the {loss} kernel for {device_type} is unavailable "
-            f"({_build.failure(loss, device_type)}); using the pure-PyTorch reference. "
+            f"({why}); using the pure-PyTorch reference. "
             'Pass backend="reference" to silence this warning or backend="kernel" to make it an error.',
             RuntimeWarning,
             stacklevel=3,
@@ -30,19 +38,31 @@ def _auto_kernel_available(loss: str, device_type: str) -> bool:
 
 @torch.compiler.assume_constant_result
 def _kernel_loaded(loss: str, device_type: str) -> bool:
-    return _build.load(loss, device_type)
+    return _load_all(loss, device_type)[0]
 
 
 def use_kernel(loss: str, device: torch.device, backend: str) -> bool:
-    """True to run the compiled kernel, False for the reference; raises for an unusable "kernel"."""
+    """True to run the compiled kernel of ``loss`` (a registry name), False for the reference.
+
+    ``backend="kernel"`` raises :class:`KernelUnavailableError` when the loss has no kernel or its
+    kernel libraries cannot be built or loaded for ``device``; ``"auto"`` falls back with one warning
+    (silently for a loss that has no kernel at all: there is nothing to fall back from).
+    """
     check_option(backend, "backend", BACKENDS)
     if backend == "reference":
+        return False
+    if not _registry.get(loss).has_kernel:
+        if backend == "kernel":
+            raise _build.KernelUnavailableError(
+                f"backend='kernel': kdloss {loss} has no compiled kernel (reference only); "
+                'use backend="auto" or "reference"'
+            )
         return False
     if backend == "kernel":
         if not _kernel_loaded(loss, device.type):
             raise _build.KernelUnavailableError(
                 f"backend='kernel': kdloss {loss} has no usable kernel for {device.type} "
-                f"({_build.failure(loss, device.type)})"
+                f"({_load_all(loss, device.type)[1]})"
             )
         return True
     return _auto_kernel_available(loss, device.type)

@@ -1,37 +1,42 @@
-"""Fused linear head + top-k sparse KL: ``fused_linear_topk_kl_loss`` and ``FusedLinearTopKKLLoss``.
+"""Fused linear head + top-k sparse KL: :func:`fused_linear_topk_kl_loss` and :class:`FusedLinearTopKKLLoss`.
 
-The student's last hidden states and LM-head weight go in, the sparse teacher goes in, and the
-loss and the gradients of hidden, weight and bias come out; the ``[N, V]`` logits are computed
-chunk by chunk and never exist in full (see :mod:`kdloss._ops.fused_linear_topk_kl`). Semantics
-and options are those of :func:`kdloss.functional.topk_kl_loss` applied to
+The student's last hidden states and LM-head weight go in, the sparse teacher goes in, and the loss and
+the gradients of hidden, weight and bias come out; the ``[N, V]`` logits are computed chunk by chunk and
+never exist in full. Semantics and options are those of :func:`kdloss.topk_kl_loss` applied to
 ``softcap(hidden @ weightᵀ + bias)``.
+
+The ops ``kdloss::fused_linear_topk_kl_fwd|bwd`` (schemas, fakes, autograd: :mod:`kdloss._ops.fused_linear_topk_kl`)
+are implemented here, in Python, on top of the top-k kernels (``kdloss::topk_kl_fwd|bwd``): for each chunk
+of rows the logits come from an ATen GEMM, the top-k kernels run on them, and the chunk's logit gradient
+is folded back through two more GEMMs before the next chunk.
 """
 
 from __future__ import annotations
 
-import numbers
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from . import _ops
 from ._dispatch import use_kernel
-from ._validation import BACKENDS, accumulation_dtype, check_option, check_same_device, check_same_dtype, check_tensor
-from .reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
-from .topk_kl import (
+from ._options import OptionsModule
+from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets
+from ._validation import (
+    accumulation_dtype,
+    check_int,
     check_num_items,
-    check_options,
-    check_positive,
-    check_teacher_tensors,
-    check_teacher_values_data,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
     mean_divisor,
-    prepare_teacher,
 )
 
-__all__ = ["fused_linear_topk_kl_loss", "FusedLinearTopKKLLoss", "default_chunk_size"]
+__all__ = ["FusedLinearTopKKLLoss", "FusedLinearTopKKLOptions", "default_chunk_size", "fused_linear_topk_kl_loss"]
 
 #: Logit elements per chunk by default (64 MiB of fp32): chunk rows = max(8, 2**24 // V).
 CHUNK_ELEMENTS = 1 << 24
+_NONE, _MEAN, _SUM = (_ops.REDUCTION_CODES[r] for r in ("none", "mean", "sum"))
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -39,16 +44,128 @@ def default_chunk_size(vocab: int) -> int:
     return max(8, CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _check_chunk_size(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {value!r}")
-    return int(value)
+@dataclass(frozen=True)
+class FusedLinearTopKKLOptions(TopKKLOptions):
+    """Options of :func:`fused_linear_topk_kl_loss`: those of :class:`~kdloss.topk_kl.TopKKLOptions` plus
+
+    Args:
+        softcap: optional Gemma-style final-logit soft-cap ``c > 0``: logits ``c·tanh(z / c)`` (None: none).
+        chunk_size: rows per chunk (None: :func:`default_chunk_size`).
+    """
+
+    softcap: float | None = None
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.softcap is not None:
+            check_real(self.softcap, "softcap", low=0.0)
+        if self.chunk_size is not None:
+            check_int(self.chunk_size, "chunk_size", low=1)
 
 
-def _check_softcap(value) -> float | None:
-    return None if value is None else check_positive(value, "softcap")
+# ----------------------------------------------------------------------------------------------
+# The ops' implementation (every device with top-k kernels)
+
+
+def chunk_logits(hidden_c, weight, bias, softcap: float):
+    """``[C, V]`` logits of a chunk of rows (soft-capped when ``softcap > 0``)."""
+    logits = hidden_c @ weight.T if bias is None else torch.addmm(bias, hidden_c, weight.T)
+    return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+
+
+def _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden_c, grad_weight, grad_bias):
+    """Back through the soft-cap and the GEMM: ``grad_hidden_c = G·W``, ``grad_weight += Gᵀ·h``,
+    ``grad_bias += Σ_rows G`` (``grad_weight``/``grad_bias`` may be None when not needed)."""
+    if softcap > 0:  # d/dx c·tanh(x/c) = 1 − tanh² = 1 − (z/c)²
+        grad_logits = grad_logits * (1 - (capped / softcap) ** 2)
+    torch.mm(grad_logits, weight, out=grad_hidden_c)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.T, hidden_c)
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
+
+
+def _chunks(rows: int, chunk_size: int):
+    for start in range(0, rows, chunk_size):
+        yield slice(start, min(rows, start + chunk_size))
+
+
+def _grad_buffers(hidden, weight, bias):
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros_like(weight)
+    grad_bias = None
+    if bias is not None:
+        grad_bias = torch.zeros(bias.shape, dtype=accumulation_dtype(bias.dtype), device=bias.device)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _teacher_slice(s, ids, target_logp, tail_logp, valid):
+    return ids[s], target_logp[s], tail_logp[s], valid[s]
+
+
+def _fwd_impl(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+              full_support, reduction, softcap, chunk_size, compute_grad):
+    if compute_grad and reduction == _NONE:
+        raise ValueError("compute_grad needs a scalar reduction (the upstream gradient of 'none' is per row)")
+    rows = hidden.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    lse = torch.empty(rows, dtype=acc, device=hidden.device)
+    row_losses = torch.empty(rows, dtype=hidden.dtype, device=hidden.device) if reduction == _NONE else None
+    partial = []
+    grads = _grad_buffers(hidden, weight, bias) if compute_grad else None
+    one = torch.ones((), dtype=hidden.dtype, device=hidden.device)
+    for s in _chunks(rows, chunk_size):
+        teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
+        capped = chunk_logits(hidden[s], weight, bias, softcap)
+        # "sum" per chunk; the mean's divisor is applied once, below
+        loss_c, lse[s] = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, divisor, inv_temperature, scale,
+                                                      full_support, _NONE if reduction == _NONE else _SUM)
+        if reduction == _NONE:
+            row_losses[s] = loss_c
+        else:
+            partial.append(loss_c.to(acc))
+        if compute_grad:
+            grad_logits = torch.ops.kdloss.topk_kl_bwd(one, lse[s], capped, *teacher, divisor, inv_temperature,
+                                                       scale, full_support, reduction)
+            grad_hidden, grad_weight, grad_bias = grads
+            _accumulate_chunk_grads(grad_logits, capped, hidden[s], weight, softcap, grad_hidden[s], grad_weight,
+                                    grad_bias)
+    if reduction == _NONE:
+        loss = row_losses
+    else:
+        total = torch.stack(partial).sum() if partial else torch.zeros((), dtype=acc, device=hidden.device)
+        if reduction == _MEAN:
+            positive = divisor > 0
+            total = torch.where(positive, total / torch.where(positive, divisor, torch.ones_like(divisor)),
+                                torch.zeros_like(total))
+        loss = total.to(hidden.dtype)
+    if grads is None:  # distinct empty tensors: outputs must not alias
+        return loss, lse, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+    grad_hidden, grad_weight, grad_bias = grads
+    return loss, lse, grad_hidden, grad_weight, (hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def _bwd_impl(grad, lse, hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+              full_support, reduction, softcap, chunk_size):
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden, weight, bias)
+    for s in _chunks(hidden.shape[0], chunk_size):
+        teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
+        capped = chunk_logits(hidden[s], weight, bias, softcap)
+        grad_c = grad[s] if reduction == _NONE else grad
+        grad_logits = torch.ops.kdloss.topk_kl_bwd(grad_c, lse[s], capped, *teacher, divisor, inv_temperature,
+                                                   scale, full_support, reduction)
+        _accumulate_chunk_grads(grad_logits, capped, hidden[s], weight, softcap, grad_hidden[s], grad_weight, grad_bias)
+    return grad_hidden, grad_weight, (hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+for _key in ("CPU", "CUDA"):
+    _ops.LIB.impl("fused_linear_topk_kl_fwd", _fwd_impl, _key)
+    _ops.LIB.impl("fused_linear_topk_kl_bwd", _bwd_impl, _key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
 
 
 def _check_head(hidden, weight, bias) -> int:
@@ -63,9 +180,13 @@ def _check_head(hidden, weight, bias) -> int:
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must be [V] with V = {weight.shape[0]} (from weight), got shape {tuple(bias.shape)}")
+            raise ValueError(f"bias must be [V] with V = {weight.shape[0]} (from weight), "
+                             f"got shape {tuple(bias.shape)}")
         check_same_dtype(hidden=hidden, bias=bias)
     return weight.shape[0]
+
+
+_D = FusedLinearTopKKLOptions
 
 
 def fused_linear_topk_kl_loss(
@@ -73,19 +194,19 @@ def fused_linear_topk_kl_loss(
     weight: torch.Tensor,
     teacher_ids: torch.Tensor,
     teacher_values: torch.Tensor,
+    labels: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    softcap: float | None = None,
-    chunk_size: int | None = None,
-    values: str = "logprobs",
-    tail: str = "renorm",
-    student_support: str = "full",
-    temperature: float = 1.0,
-    teacher_temperature: float = 1.0,
-    scale_by_t2: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    softcap: float | None = _D.softcap,
+    chunk_size: int | None = _D.chunk_size,
+    values: str = _D.values,
+    tail: str = _D.tail,
+    student_support: str = _D.student_support,
+    temperature: float = _D.temperature,
+    teacher_temperature: float = _D.teacher_temperature,
+    scale_by_t2: bool = _D.scale_by_t2,
+    ignore_index: int = _D.ignore_index,
+    reduction: str = _D.reduction,
     num_items_in_batch: int | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -93,87 +214,124 @@ def fused_linear_topk_kl_loss(
 
     Args:
         hidden: ``[N, H]`` (or ``[..., H]``) student hidden states before the LM head.
-        weight: ``[V, H]`` LM-head weight (the tensor you are given — a full weight, or whatever
-            your FSDP/ZeRO-3 wrapper has gathered; nothing is read from a model), same dtype as
-            ``hidden``.
-        teacher_ids, teacher_values, labels: ``[N, k]``, ``[N, k]``, ``[N]`` (leading dims of
-            ``hidden``), as in :func:`kdloss.functional.topk_kl_loss`.
+        weight: ``[V, H]`` LM-head weight (the tensor you are given — a full weight, or whatever your
+            FSDP/ZeRO-3 wrapper has gathered; nothing is read from a model), same dtype as ``hidden``.
+        teacher_ids, teacher_values, labels: ``[..., k]``, ``[..., k]``, ``[...]`` (leading dims of
+            ``hidden``), as in :func:`kdloss.topk_kl_loss`.
         bias: optional ``[V]`` LM-head bias.
-        softcap: optional Gemma-style final-logit soft-cap ``c``: logits ``c·tanh(z / c)``
-            (applied before the softmax). None (default) for none.
-        chunk_size: rows per chunk (default :func:`default_chunk_size`: about 2**24 logits per
-            chunk). Extra memory is O(chunk_size × V), independent of N.
-        values, tail, student_support, temperature, teacher_temperature, scale_by_t2,
-        ignore_index, reduction, num_items_in_batch, backend: as in
-            :func:`kdloss.functional.topk_kl_loss` (``backend="reference"`` materialises the
-            logits).
+        softcap: optional Gemma-style final-logit soft-cap ``c``: logits ``c·tanh(z / c)`` (applied before
+            the softmax). None (default) for none.
+        chunk_size: rows per chunk (default :func:`default_chunk_size`: about 2**24 logits per chunk).
+            Extra memory is O(chunk_size × V), independent of N.
+        values, tail, student_support, temperature, teacher_temperature, scale_by_t2, ignore_index,
+        reduction, num_items_in_batch, backend: as in :func:`kdloss.topk_kl_loss`
+            (``backend="reference"`` materialises the logits).
+
+    Shape:
+        ``hidden [..., H]``, ``weight [V, H]``, ``teacher_ids [..., k]``, ``teacher_values [..., k]``,
+        ``labels [...]``, ``bias [V]``.
 
     Returns:
-        The loss in ``hidden.dtype`` (a scalar, or ``[...]`` for ``reduction="none"``).
-        Gradients flow to ``hidden``, ``weight`` and ``bias``. For scalar reductions they are
-        computed during the forward (one GEMM pass) and held until the backward; the gradient of
-        ``weight`` is accumulated over chunks in ``weight.dtype``.
+        The loss in ``hidden.dtype`` (a scalar, or ``[...]`` for ``reduction="none"``). Gradients flow to
+        ``hidden``, ``weight`` and ``bias``. For scalar reductions they are computed during the forward
+        (one GEMM pass) and held until the backward; the gradient of ``weight`` is accumulated over
+        chunks in ``weight.dtype``.
+
+    Example:
+        >>> hidden = torch.randn(6, 16, requires_grad=True)
+        >>> head = torch.nn.Linear(16, 100, bias=False)
+        >>> top = torch.randn(6, 100).log_softmax(-1).topk(8)
+        >>> fused_linear_topk_kl_loss(hidden, head.weight, top.indices, top.values).backward()
+
+    References:
+        Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training" (2024), for the chunked
+        fused-linear pattern; the loss is :func:`kdloss.topk_kl_loss`'s.
     """
+    options = FusedLinearTopKKLOptions(
+        values=values, tail=tail, student_support=student_support, temperature=temperature,
+        teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
+        reduction=reduction, softcap=softcap, chunk_size=chunk_size,
+    )
     vocab = _check_head(hidden, weight, bias)
-    softcap = _check_softcap(softcap)
-    chunk_size = _check_chunk_size(chunk_size)
-    check_options(values=values, tail=tail, student_support=student_support, temperature=temperature,
-                  teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
-                  reduction=reduction)
     lead = tuple(hidden.shape[:-1])
-    check_teacher_tensors(teacher_ids, teacher_values, labels, lead, names=("hidden", "[..., H]"))
+    check_teacher(teacher_ids, teacher_values, labels, lead, "hidden [..., H]")
     tensors = {"hidden": hidden, "weight": weight, "teacher_ids": teacher_ids, "teacher_values": teacher_values}
     tensors.update({name: t for name, t in (("bias", bias), ("labels", labels)) if t is not None})
     device = check_same_device(**tensors)
     num_items = check_num_items(num_items_in_batch, reduction, device)
-    check_teacher_values_data(teacher_ids, teacher_values, labels, vocab, ignore_index)
-    options = dict(values=values, tail=tail, student_support=student_support, temperature=float(temperature),
-                   teacher_temperature=float(teacher_temperature), scale_by_t2=scale_by_t2,
-                   ignore_index=ignore_index, reduction=reduction)
-    if not use_kernel("topk_kl", device, backend):
-        return fused_linear_topk_kl_reference(hidden, weight, teacher_ids, teacher_values, bias, labels,
-                                              softcap=softcap, num_items_in_batch=num_items, **options)
+    check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
+    if not use_kernel("fused_linear_topk_kl", device, backend):
+        from .reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
+
+        return fused_linear_topk_kl_reference(hidden, weight, teacher_ids, teacher_values, labels, bias=bias,
+                                              options=options, num_items_in_batch=num_items)
     acc = accumulation_dtype(hidden.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    ids, log_p, log_r, valid = prepare_teacher(
-        teacher_ids, teacher_values, labels, flat.shape[0], values=values, tail=tail, temperature=temperature,
-        teacher_temperature=teacher_temperature, ignore_index=ignore_index, acc=acc, device=device,
-    )
+    ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, flat.shape[0], options, acc)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, *_ = torch.ops.kdloss.fused_linear_topk_kl_fwd(
-        flat, weight, bias, ids, log_p, log_r, valid, mean_divisor(valid, num_items, acc), 1.0 / float(temperature),
-        float(temperature) ** 2 if scale_by_t2 else 1.0, student_support == "full", _ops.REDUCTION_CODES[reduction],
-        0.0 if softcap is None else softcap, chunk_size or default_chunk_size(vocab),
+        flat, weight, bias, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc),
+        1.0 / options.temperature, options.scale, options.student_support == "full", _ops.REDUCTION_CODES[reduction],
+        0.0 if softcap is None else float(softcap), chunk_size or default_chunk_size(vocab),
         needs_grad and reduction != "none",
     )
     return loss.reshape(lead) if reduction == "none" else loss
 
 
-class FusedLinearTopKKLLoss(nn.Module):
-    """Module form of :func:`fused_linear_topk_kl_loss` (same keywords, same defaults).
+class FusedLinearTopKKLLoss(OptionsModule):
+    """Module form of :func:`fused_linear_topk_kl_loss`: options in ``__init__``, tensors in ``forward``.
 
-    ``FusedLinearTopKKLLoss(temperature=2.0)(hidden, lm_head.weight, teacher_ids, teacher_values,
-    labels=labels)``; ``forward`` also takes ``bias`` and ``num_items_in_batch``.
+    Every option is an attribute that can be changed between calls; it is validated on assignment.
+
+    Args:
+        softcap, chunk_size, values, tail, student_support, temperature, teacher_temperature, scale_by_t2,
+        ignore_index, reduction, backend: as in :func:`fused_linear_topk_kl_loss`.
+
+    Shape:
+        ``forward(hidden [..., H], weight [V, H], teacher_ids [..., k], teacher_values [..., k],
+        labels [...] = None, *, bias=None, num_items_in_batch=None)``.
+
+    Example:
+        >>> kd = FusedLinearTopKKLLoss(temperature=2.0)
+        >>> hidden, head = torch.randn(6, 16, requires_grad=True), torch.nn.Linear(16, 100, bias=False)
+        >>> top = torch.randn(6, 100).log_softmax(-1).topk(8)
+        >>> kd(hidden, head.weight, top.indices, top.values).backward()
     """
 
-    def __init__(self, *, softcap: float | None = None, chunk_size: int | None = None, values: str = "logprobs",
-                 tail: str = "renorm", student_support: str = "full", temperature: float = 1.0,
-                 teacher_temperature: float = 1.0, scale_by_t2: bool = True, ignore_index: int = -100,
-                 reduction: str = "mean", backend: str = "auto") -> None:
-        super().__init__()
-        check_options(values=values, tail=tail, student_support=student_support, temperature=temperature,
-                      teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
-                      reduction=reduction)
-        self._options = dict(
-            softcap=_check_softcap(softcap), chunk_size=_check_chunk_size(chunk_size), values=values, tail=tail,
-            student_support=student_support, temperature=float(temperature),
-            teacher_temperature=float(teacher_temperature), scale_by_t2=scale_by_t2, ignore_index=ignore_index,
-            reduction=reduction, backend=check_option(backend, "backend", BACKENDS),
+    def __init__(
+        self,
+        *,
+        softcap: float | None = _D.softcap,
+        chunk_size: int | None = _D.chunk_size,
+        values: str = _D.values,
+        tail: str = _D.tail,
+        student_support: str = _D.student_support,
+        temperature: float = _D.temperature,
+        teacher_temperature: float = _D.teacher_temperature,
+        scale_by_t2: bool = _D.scale_by_t2,
+        ignore_index: int = _D.ignore_index,
+        reduction: str = _D.reduction,
+        backend: str = "auto",
+    ) -> None:
+        options = FusedLinearTopKKLOptions(
+            values=values, tail=tail, student_support=student_support, temperature=temperature,
+            teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
+            reduction=reduction, softcap=softcap, chunk_size=chunk_size,
         )
+        super().__init__(options, backend)
 
-    def forward(self, hidden, weight, teacher_ids, teacher_values, bias=None, labels=None, num_items_in_batch=None):
-        return fused_linear_topk_kl_loss(hidden, weight, teacher_ids, teacher_values, bias=bias, labels=labels,
-                                         num_items_in_batch=num_items_in_batch, **self._options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self._options.items())
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        teacher_ids: torch.Tensor,
+        teacher_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See :func:`fused_linear_topk_kl_loss`."""
+        return fused_linear_topk_kl_loss(hidden, weight, teacher_ids, teacher_values, labels, bias=bias,
+                                         num_items_in_batch=num_items_in_batch, backend=self.backend,
+                                         **self.option_kwargs())

@@ -5,7 +5,7 @@ hardware it runs on, for as long as asked, and prints a verdict table.
                           [--minutes M | --examples N] [--seed S]
 
 Inputs come from the generators each loss registers in ``kdloss.testing`` (hypothesis strategies
-covering the spec's hard corners). A failing case is shrunk by hypothesis to a minimal one and
+covering each loss's hard corners). A failing case is shrunk by hypothesis to a minimal one and
 printed as a ready-to-paste Python snippet. Exit code 1 on any failure. The error rule is
 documented in ``docs/verifying.md``.
 """
@@ -107,13 +107,15 @@ def fuzz(loss: str, device: str, dtype: torch.dtype, *, examples: int | None = N
 
 
 def format_table(tallies: list[Tally]) -> str:
-    lines = ["| loss | device | dtype | examples | worst error | its bound | verdict |", "|---|---|---|---|---|---|---|"]
+    lines = ["| loss | device | dtype | examples | worst error | its bound | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for t in tallies:
         worst = t.failure or t.worst
         err = f"{worst.error:.3e} ({worst.what})" if worst else "-"
         bound = f"{worst.bound:.3e}" if worst else "-"
         verdict = "PASS" if t.passed else ("FAIL" if t.failure else "ERROR")
-        lines.append(f"| {t.loss} | {t.device} | {str(t.dtype).replace('torch.', '')} | {t.examples} | {err} | {bound} | {verdict} |")
+        dtype = str(t.dtype).replace("torch.", "")
+        lines.append(f"| {t.loss} | {t.device} | {dtype} | {t.examples} | {err} | {bound} | {verdict} |")
     return "\n".join(lines)
 
 

@@ -1,50 +1,50 @@
-"""Batch-wise Sinkhorn distillation, SinKD (spec §1, decision 1): ``sinkhorn_loss`` and
-``SinkhornLoss``.
+"""Batch-wise Sinkhorn distillation, SinKD: :func:`sinkhorn_loss` and :class:`SinkhornLoss`.
 
-The B student and B' teacher probability vectors (softmax at temperature T) are two point clouds in
-the class simplex; an entropic optimal-transport plan between them (``n_iters`` Sinkhorn
-iterations, row step then column step, on the L1 cost, computed in the log domain) weights the
-costs: ``L = scale · Σ_ij P_ij · ||s_i − t_j||_1``. The gradient flows through the cost and through
-the plan (the exact adjoint of the iterations). The whole stack: ``kdloss/_ops/sinkhorn.py``,
-``csrc/cpu/sinkhorn.cpp``, ``csrc/cuda/sinkhorn*.cu|cpp``, ``kdloss/reference/sinkhorn.py``.
+The B student and B' teacher probability vectors (softmax at temperature T) are two point clouds in the
+class simplex; an entropic optimal-transport plan between them (``n_iters`` Sinkhorn iterations, row step
+then column step, on the L1 cost, computed in the log domain) weights the costs:
+``L = scale · Σ_ij P_ij · ||s_i − t_j||_1``. The gradient flows through the cost and through the plan (the
+exact adjoint of the iterations).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ._dispatch import use_kernel
-from ._validation import BACKENDS, accumulation_dtype, check_option, check_same_device, check_tensor
-from .reference.sinkhorn import sinkhorn_reference
+from ._options import OptionsModule
+from ._validation import accumulation_dtype, check_bool, check_int, check_real, check_same_device, check_tensor
 
-__all__ = ["sinkhorn_loss", "SinkhornLoss"]
-
-LOSS = "sinkhorn"
+__all__ = ["SinkhornLoss", "SinkhornOptions", "sinkhorn_loss"]
 
 
-def _check_real(value, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not -math.inf < value < math.inf or (positive and value <= 0):  # NaN fails both
-        kind = "a finite number > 0" if positive else "a finite number"
-        raise ValueError(f"{name} must be {kind}, got {value}")
-    return value
+@dataclass(frozen=True)
+class SinkhornOptions:
+    """Options of :func:`sinkhorn_loss`.
 
+    Args:
+        temperature: softmax temperature T > 0 for both sides (default 2.0, the official value).
+        epsilon: entropic regularisation ε > 0 (default 0.1); any ε > 0 is finite in every dtype.
+        n_iters: Sinkhorn iterations ≥ 1, each a row then a column normalisation (default 20).
+        scale: output multiplier (default 1.0; the official code uses 1e-3 on GLUE, 8e-4 on T0).
+        gather_across_ranks: couple the global batch under an initialised ``torch.distributed`` process
+            group (default False).
+    """
 
-def _check_options(temperature, epsilon, n_iters, scale, gather_across_ranks):
-    temperature = _check_real(temperature, "temperature", positive=True)
-    epsilon = _check_real(epsilon, "epsilon", positive=True)
-    if isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral) or n_iters < 1:
-        raise ValueError(f"n_iters must be an int >= 1, got {n_iters!r}")
-    scale = _check_real(scale, "scale", positive=False)
-    if not isinstance(gather_across_ranks, bool):
-        raise ValueError(f"gather_across_ranks must be a bool, got {type(gather_across_ranks).__name__}")
-    return temperature, epsilon, int(n_iters), scale
+    temperature: float = 2.0
+    epsilon: float = 0.1
+    n_iters: int = 20
+    scale: float = 1.0
+    gather_across_ranks: bool = False
+
+    def __post_init__(self) -> None:
+        check_real(self.temperature, "temperature", low=0.0)
+        check_real(self.epsilon, "epsilon", low=0.0)
+        check_int(self.n_iters, "n_iters", low=1)
+        check_real(self.scale, "scale")
+        check_bool(self.gather_across_ranks, "gather_across_ranks")
 
 
 def _distributed_world() -> tuple[int, int]:
@@ -80,11 +80,11 @@ def sinkhorn_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    temperature: float = 2.0,
-    epsilon: float = 0.1,
-    n_iters: int = 20,
-    scale: float = 1.0,
-    gather_across_ranks: bool = False,
+    temperature: float = SinkhornOptions.temperature,
+    epsilon: float = SinkhornOptions.epsilon,
+    n_iters: int = SinkhornOptions.n_iters,
+    scale: float = SinkhornOptions.scale,
+    gather_across_ranks: bool = SinkhornOptions.gather_across_ranks,
     backend: str = "auto",
 ) -> torch.Tensor:
     """SinKD: the Sinkhorn-weighted L1 distance between the batch's student and teacher distributions.
@@ -98,10 +98,7 @@ def sinkhorn_loss(
         student_logits: ``[B, C]`` student logits (rows = samples, columns = classes).
         teacher_logits: ``[B', C]`` teacher logits, a constant (detached); ``B'`` may differ from
             ``B``; any float dtype.
-        temperature: softmax temperature T for both sides (default 2.0, the official value).
-        epsilon: entropic regularisation ε (default 0.1); any ε > 0 is finite in every dtype.
-        n_iters: Sinkhorn iterations, each a row then a column normalisation (default 20).
-        scale: output multiplier (default 1.0; the official code uses 1e-3 on GLUE, 8e-4 on T0).
+        temperature, epsilon, n_iters, scale: see :class:`SinkhornOptions`.
         gather_across_ranks: under an initialised ``torch.distributed`` process group, couple the
             global batch: every rank computes the loss over all ranks' rows (concatenated in rank
             order) and receives the gradient of that loss w.r.t. its own rows. Without a process
@@ -109,15 +106,25 @@ def sinkhorn_loss(
         backend: ``"auto"`` (compiled kernel if available, else the reference with one warning),
             ``"kernel"`` or ``"reference"``.
 
+    Shape:
+        ``student_logits [B, C]``, ``teacher_logits [B', C]`` → a scalar.
+
     Returns:
         A scalar in ``student_logits.dtype``; 0 (with a zero gradient) if ``B = 0`` or ``B' = 0``.
         Accumulation is fp32 (fp64 for fp64 students).
+
+    Example:
+        >>> student = torch.randn(16, 10, requires_grad=True)
+        >>> sinkhorn_loss(student, torch.randn(16, 10)).backward()
+
+    References:
+        Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation" (2024), and its
+        official code.
     """
+    options = SinkhornOptions(temperature=temperature, epsilon=epsilon, n_iters=n_iters, scale=scale,
+                              gather_across_ranks=gather_across_ranks)
     check_tensor(student_logits, "student_logits", ndim=2)
     check_tensor(teacher_logits, "teacher_logits", ndim=2)
-    temperature, epsilon, n_iters, scale = _check_options(
-        temperature, epsilon, n_iters, scale, gather_across_ranks)
-    check_option(backend, "backend", BACKENDS)
     device = check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     classes = student_logits.shape[1]
     if classes == 0:
@@ -133,42 +140,43 @@ def sinkhorn_loss(
         if world > 1:
             student_logits = _gather_rows(student_logits, rank, world)
             teacher_logits = _gather_rows(teacher_logits, rank, world)
-    if not use_kernel(LOSS, device, backend):
-        return sinkhorn_reference(student_logits, teacher_logits, temperature, epsilon, n_iters, scale)
+    if not use_kernel("sinkhorn", device, backend):
+        from .reference.sinkhorn import sinkhorn_reference
+
+        return sinkhorn_reference(student_logits, teacher_logits, options=options)
     teacher_acc = teacher_logits.to(accumulation_dtype(student_logits.dtype))
-    return torch.ops.kdloss.sinkhorn_fwd(student_logits, teacher_acc, temperature, epsilon, n_iters, scale)[0]
+    return torch.ops.kdloss.sinkhorn_fwd(student_logits, teacher_acc, float(temperature), float(epsilon),
+                                         int(n_iters), float(scale))[0]
 
 
-class SinkhornLoss(nn.Module):
+class SinkhornLoss(OptionsModule):
     """Module form of :func:`sinkhorn_loss`.
 
-    ``SinkhornLoss(temperature=2.0, epsilon=0.1, n_iters=20, scale=1.0, gather_across_ranks=False,
-    backend="auto")(student_logits [B, C], teacher_logits [B', C])`` → scalar.
+    Args:
+        temperature, epsilon, n_iters, scale, gather_across_ranks, backend: as in :func:`sinkhorn_loss`.
+
+    Shape:
+        ``forward(student_logits [B, C], teacher_logits [B', C])`` → a scalar.
+
+    Example:
+        >>> loss_fn = SinkhornLoss(temperature=2.0)
+        >>> loss_fn(torch.randn(16, 10, requires_grad=True), torch.randn(16, 10)).backward()
     """
 
     def __init__(
         self,
         *,
-        temperature: float = 2.0,
-        epsilon: float = 0.1,
-        n_iters: int = 20,
-        scale: float = 1.0,
-        gather_across_ranks: bool = False,
+        temperature: float = SinkhornOptions.temperature,
+        epsilon: float = SinkhornOptions.epsilon,
+        n_iters: int = SinkhornOptions.n_iters,
+        scale: float = SinkhornOptions.scale,
+        gather_across_ranks: bool = SinkhornOptions.gather_across_ranks,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        self.temperature, self.epsilon, self.n_iters, self.scale = _check_options(
-            temperature, epsilon, n_iters, scale, gather_across_ranks)
-        self.gather_across_ranks = gather_across_ranks
-        self.backend = check_option(backend, "backend", BACKENDS)
+        options = SinkhornOptions(temperature=temperature, epsilon=epsilon, n_iters=n_iters, scale=scale,
+                                  gather_across_ranks=gather_across_ranks)
+        super().__init__(options, backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return sinkhorn_loss(
-            student_logits, teacher_logits, temperature=self.temperature, epsilon=self.epsilon,
-            n_iters=self.n_iters, scale=self.scale, gather_across_ranks=self.gather_across_ranks,
-            backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, epsilon={self.epsilon}, n_iters={self.n_iters}, "
-                f"scale={self.scale}, gather_across_ranks={self.gather_across_ranks}, backend={self.backend!r}")
+        """See :func:`sinkhorn_loss`."""
+        return sinkhorn_loss(student_logits, teacher_logits, backend=self.backend, **self.option_kwargs())

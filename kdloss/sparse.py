@@ -1,4 +1,4 @@
-"""Building sparse teacher targets for :func:`kdloss.functional.topk_kl_loss` (spec §3.1).
+"""Building sparse teacher targets for :func:`kdloss.functional.topk_kl_loss`.
 
 * :func:`topk_teacher` — the teacher's top-k ids and full-softmax log-probs, for an online teacher
   or to build an offline cache (what DistillKit stores);
@@ -12,12 +12,9 @@ in fp32 at once.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from ._validation import accumulation_dtype, check_option, check_tensor
-from .topk_kl import check_positive
+from ._validation import accumulation_dtype, check_int, check_option, check_real, check_tensor
 
 __all__ = ["topk_teacher", "sample_teacher_targets"]
 
@@ -30,12 +27,6 @@ def _row_chunks(rows: int, vocab: int):
     step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
-
-
-def _check_count(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def _check_logits(teacher: torch.Tensor, name: str) -> int:
@@ -62,10 +53,10 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
         sorted by decreasing probability.
     """
     vocab = _check_logits(teacher_logits, "teacher_logits")
-    k = _check_count(k, "k", 1)
+    k = check_int(k, "k", low=1)
     if k > vocab:
         raise ValueError(f"k must be <= V = {vocab}, got {k}")
-    inv_t = 1.0 / check_positive(temperature, "temperature")
+    inv_t = 1.0 / check_real(temperature, "temperature", low=0.0)
     lead = teacher_logits.shape[:-1]
     flat = teacher_logits.reshape(-1, vocab)
     acc = accumulation_dtype(teacher_logits.dtype)
@@ -97,7 +88,7 @@ def sample_teacher_targets(
     values: str = "logits",
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RS-KD sampled targets (spec §3.1): ``n_samples`` ids drawn with replacement from the
+    """RS-KD sampled targets: ``n_samples`` ids drawn with replacement from the
     proposal ``q ∝ p^proposal_power``, each draw weighing ``(p/q) / n_samples``, so that the
     expected target equals the teacher distribution ``p = softmax(teacher / T)``.
 
@@ -119,10 +110,10 @@ def sample_teacher_targets(
         ``topk_kl_loss(student_logits, ids, weights.log(), tail="none")``.
     """
     vocab = _check_logits(teacher, "teacher")
-    n_samples = _check_count(n_samples, "n_samples", 1)
-    power = check_positive(proposal_power, "proposal_power")
+    n_samples = check_int(n_samples, "n_samples", low=1)
+    power = check_real(proposal_power, "proposal_power", low=0.0)
     check_option(values, "values", TEACHER_VALUES)
-    inv_t = 1.0 / check_positive(temperature, "temperature")
+    inv_t = 1.0 / check_real(temperature, "temperature", low=0.0)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     lead = teacher.shape[:-1]

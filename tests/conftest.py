@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from helpers import DEVICES
+
 settings.register_profile(
     "ci",
     max_examples=25,
@@ -22,9 +24,6 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
 @pytest.fixture(params=DEVICES)

@@ -21,7 +21,7 @@ def test_bench_quick_run_writes_table_and_csv(tmp_path):
 def test_bench_rss_column(tmp_path):
     out = tmp_path / "results.csv"
     result = subprocess.run([sys.executable, "-m", "kdloss.bench", "--quick", "--repeat", "1", "--dtype", "float32",
-                             "--loss", "trg", "--rss", "--csv", str(out)], capture_output=True, text=True, timeout=900)
+                             "--loss", "token_contextual", "--rss", "--csv", str(out)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     assert {r["backend"] for r in rows} == {"kdloss", "eager", "compile"}

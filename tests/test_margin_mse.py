@@ -17,8 +17,7 @@ from kdloss import MarginMSELoss
 from kdloss.functional import margin_mse_from_embeddings, margin_mse_loss
 from kdloss.reference import margin_mse_from_embeddings_reference, margin_mse_reference
 
-from conftest import cuda_only
-from helpers import assert_close_fp64, assert_within_lowp_bound, non_contiguous
+from helpers import assert_close_fp64, assert_within_lowp_bound, cuda_only, non_contiguous, raises_naming
 
 REDUCTIONS = ["mean", "sum", "none"]
 TEACHER_FORMATS = ["scores", "margins", "margins_1d"]
@@ -76,7 +75,7 @@ def test_reference_matches_spec_formula(fmt, reduction):
     margins = {"scores": lambda t: t[:, :1] - t[:, 1:], "margins": lambda t: t,
                "margins_1d": lambda t: t[:, None]}[fmt](teacher)
     expected = formula(pos.detach(), neg.detach(), margins, reduction)
-    assert_close_fp64(margin_mse_reference(pos, neg, teacher, reduction), expected, atol=1e-13)
+    assert_close_fp64(margin_mse_reference(pos, neg, teacher, reduction=reduction), expected, atol=1e-13)
 
 
 # [B] teacher margins exist only with one negative ([B] student_neg)
@@ -92,10 +91,10 @@ def test_scores_kernel_matches_reference_fp64(device, fmt, reduction, neg_1d):
     pos, neg = scores(33, n_neg, torch.float64, device, gen, neg_1d=neg_1d)
     teacher = make_teacher(fmt, 33, n_neg, torch.float64, device, gen)
     out = margin_mse_loss(pos, neg, teacher, reduction=reduction, backend="kernel")
-    ref = margin_mse_reference(pos, neg, teacher, reduction)
+    ref = margin_mse_reference(pos, neg, teacher, reduction=reduction)
     assert_close_fp64(out, ref)
     weight = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(device)
-    for g, r in zip(grads(out, (pos, neg), weight), grads(ref, (pos, neg), weight)):
+    for g, r in zip(grads(out, (pos, neg), weight), grads(ref, (pos, neg), weight), strict=False):
         assert_close_fp64(g, r)
 
 
@@ -107,10 +106,10 @@ def test_embedding_kernel_matches_reference_fp64(device, fmt, reduction):
     q, p, negs = embeddings(17, n_neg, 45, torch.float64, device, gen, neg_2d=fmt == "margins_1d")
     teacher = make_teacher(fmt, 17, n_neg, torch.float64, device, gen)
     out = margin_mse_from_embeddings(q, p, negs, teacher, reduction=reduction, backend="kernel")
-    ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction)
+    ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction=reduction)
     assert_close_fp64(out, ref)
     weight = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(device)
-    for g, r in zip(grads(out, (q, p, negs), weight), grads(ref, (q, p, negs), weight)):
+    for g, r in zip(grads(out, (q, p, negs), weight), grads(ref, (q, p, negs), weight), strict=False):
         assert_close_fp64(g, r)
 
 
@@ -134,13 +133,13 @@ def test_scores_low_precision_error_bound(device, dtype, reduction):
         w = torch.ones_like(out) if weight is None else weight.to(out.device, out.dtype)
         return out, torch.autograd.grad(out, (a, b), w)
 
-    exact, exact_g = run(lambda a, b: margin_mse_reference(a, b, teacher.double(), reduction), pos64, neg64)
+    exact, exact_g = run(lambda a, b: margin_mse_reference(a, b, teacher.double(), reduction=reduction), pos64, neg64)
     kern, kern_g = run(lambda a, b: margin_mse_loss(a, b, teacher.to(device), reduction=reduction,
                                                     backend="kernel"), pos, neg)
     naive, naive_g = run(lambda a, b: _naive_lowp_scores(a, b, teacher.to(device), reduction), pos, neg)
     assert kern.dtype == dtype
     assert_within_lowp_bound(kern.cpu(), naive.cpu(), exact, dtype, "loss")
-    for k, n_, e, name in zip(kern_g, naive_g, exact_g, ("grad_pos", "grad_neg")):
+    for k, n_, e, name in zip(kern_g, naive_g, exact_g, ("grad_pos", "grad_neg"), strict=False):
         assert_within_lowp_bound(k.cpu(), n_.cpu(), e, dtype, name)
 
 
@@ -164,7 +163,7 @@ def test_embedding_low_precision_error_bound(device, dtype):
     naive_out = naive(*low)
     naive_g = torch.autograd.grad(naive_out, low)
     assert_within_lowp_bound(kern.cpu(), naive_out.cpu(), exact, dtype, "loss")
-    for k, n_, e, name in zip(kern_g, naive_g, exact_g, ("grad_query", "grad_positive", "grad_negatives")):
+    for k, n_, e, name in zip(kern_g, naive_g, exact_g, ("grad_query", "grad_positive", "grad_negatives"), strict=False):
         assert_within_lowp_bound(k.cpu(), n_.cpu(), e, dtype, name)
 
 
@@ -187,9 +186,9 @@ def test_scores_property(batch, n_neg, fmt, reduction, contiguous, seed):
     if not contiguous:
         pos, neg, teacher = non_contiguous(pos), non_contiguous(neg), non_contiguous(teacher)
     out = margin_mse_loss(pos, neg, teacher, reduction=reduction, backend="kernel")
-    ref = margin_mse_reference(pos, neg, teacher, reduction)
+    ref = margin_mse_reference(pos, neg, teacher, reduction=reduction)
     assert_close_fp64(out, ref)
-    for g, r in zip(grads(out, (pos, neg)), grads(ref, (pos, neg))):
+    for g, r in zip(grads(out, (pos, neg)), grads(ref, (pos, neg)), strict=False):
         assert_close_fp64(g, r)
 
 
@@ -212,9 +211,9 @@ def test_embedding_property(batch, n_neg, dim, reduction, layout, seed):
     teacher = make_teacher("scores", batch, n_neg, torch.float64, gen=gen)
     inputs = (q, p, negs) if layout != "slice_of_stack" else (stack,)
     out = margin_mse_from_embeddings(q, p, negs, teacher, reduction=reduction, backend="kernel")
-    ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction)
+    ref = margin_mse_from_embeddings_reference(q, p, negs, teacher, reduction=reduction)
     assert_close_fp64(out, ref)
-    for g, r in zip(grads(out, inputs), grads(ref, inputs)):
+    for g, r in zip(grads(out, inputs), grads(ref, inputs), strict=False):
         assert_close_fp64(g, r)
 
 
@@ -245,7 +244,7 @@ def test_sentence_transformers_parity(n_neg, fmt, backend):
     expected = _st_loss().compute_loss_from_embeddings(st_inputs, labels)
     actual = margin_mse_from_embeddings(q, p, negs, labels, backend=backend)
     assert_close_fp64(actual, expected)
-    for a, e in zip(torch.autograd.grad(actual, (q, p, negs)), torch.autograd.grad(expected, (q, p, negs))):
+    for a, e in zip(torch.autograd.grad(actual, (q, p, negs)), torch.autograd.grad(expected, (q, p, negs)), strict=False):
         assert_close_fp64(a, e)
     # the same through precomputed scores (cross-encoder style)
     s_pos, s_neg = (q * p).sum(-1), torch.einsum("bd,bnd->bn", q, negs)
@@ -328,7 +327,7 @@ def test_torch_compile_fullgraph(device, dynamic, backend):
         out = compiled(*inputs, teacher)
         out_g = torch.autograd.grad(out, inputs)
         torch.testing.assert_close(out, eager)
-        for a, b in zip(out_g, eager_g):
+        for a, b in zip(out_g, eager_g, strict=False):
             torch.testing.assert_close(a, b)
 
 
@@ -351,9 +350,9 @@ def test_not_last_layer(device, reduction):
 
     for fn in (via_scores, via_embeddings):
         out = (fn() * 2 * weight).sum()
-        ref_out = (margin_mse_reference(*layer_scores(), teacher, reduction) * 2 * weight).sum()
+        ref_out = (margin_mse_reference(*layer_scores(), teacher, reduction=reduction) * 2 * weight).sum()
         assert_close_fp64(out, ref_out)
-        for a, b in zip(torch.autograd.grad(out, (q, p, negs)), torch.autograd.grad(ref_out, (q, p, negs))):
+        for a, b in zip(torch.autograd.grad(out, (q, p, negs)), torch.autograd.grad(ref_out, (q, p, negs)), strict=False):
             assert_close_fp64(a, b)
 
 
@@ -422,7 +421,7 @@ def test_cpu_results_independent_of_thread_count():
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
-        for x, y in zip(results[0], other):
+        for x, y in zip(results[0], other, strict=False):
             assert torch.equal(x, y)
 
 
@@ -448,7 +447,7 @@ def test_cpu_results_independent_of_thread_count():
 def test_bad_score_inputs(call, match):
     pos, neg = torch.randn(4), torch.randn(4, 3)
     teacher = torch.randn(4, 4)
-    with pytest.raises(ValueError, match=match):
+    with raises_naming(match):
         call(pos, neg, teacher)
 
 
@@ -466,7 +465,7 @@ def test_bad_score_inputs(call, match):
 )
 def test_bad_embedding_inputs(call, match):
     q, p, negs = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 3, 8)
-    with pytest.raises(ValueError, match=match):
+    with raises_naming(match):
         call(q, p, negs, torch.randn(4, 4))
 
 
@@ -546,7 +545,7 @@ def test_cuda_matches_cpu_kernel(dtype):
     b = margin_mse_from_embeddings(*gpu_in, teacher.cuda(), backend="kernel")
     tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 2e-2)
     torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol)
-    for x, y in zip(torch.autograd.grad(a, cpu_in), torch.autograd.grad(b, gpu_in)):
+    for x, y in zip(torch.autograd.grad(a, cpu_in), torch.autograd.grad(b, gpu_in), strict=False):
         torch.testing.assert_close(y.cpu(), x, rtol=tol, atol=tol)
 
 

@@ -19,8 +19,7 @@ from kdloss.functional import sinkhorn_loss
 from kdloss.reference import sinkhorn_reference
 from kdloss.reference.sinkhorn import sinkhorn_multiplicative
 
-from conftest import cuda_only
-from helpers import assert_close_fp64, assert_within_lowp_bound, non_contiguous
+from helpers import assert_close_fp64, assert_within_lowp_bound, cuda_only, non_contiguous, raises_naming
 
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -306,7 +305,7 @@ def test_cpu_results_independent_of_thread_count():
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
-        for x, y in zip(results[0], other):
+        for x, y in zip(results[0], other, strict=False):
             assert torch.equal(x, y)
 
 
@@ -321,16 +320,16 @@ def test_cpu_results_independent_of_thread_count():
         ({"teacher_logits": "t_long"}, "teacher_logits must be a floating-point tensor"),
         ({"teacher_logits": "t_meta"}, "teacher_logits must have the device of student_logits"),
         ({"student_logits": "s_list"}, "student_logits must be a torch.Tensor"),
-        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+        ({"temperature": 0.0}, r"temperature must be a number in \(0.0, inf\)"),
         ({"temperature": -1.0}, "temperature must be"),
         ({"temperature": "2"}, "temperature must be a real number"),
-        ({"epsilon": 0.0}, "epsilon must be a finite number > 0"),
+        ({"epsilon": 0.0}, r"epsilon must be a number in \(0.0, inf\)"),
         ({"epsilon": float("nan")}, "epsilon must be"),
         ({"epsilon": float("inf")}, "epsilon must be"),
-        ({"n_iters": 0}, "n_iters must be an int >= 1"),
-        ({"n_iters": 2.0}, "n_iters must be an int >= 1"),
-        ({"n_iters": True}, "n_iters must be an int >= 1"),
-        ({"scale": float("inf")}, "scale must be a finite number"),
+        ({"n_iters": 0}, r"n_iters must be an int in \[1, "),
+        ({"n_iters": 2.0}, "n_iters must be an int"),
+        ({"n_iters": True}, "n_iters must be an int"),
+        ({"scale": float("inf")}, r"scale must be a number in \(-inf, inf\)"),
         ({"scale": None}, "scale must be a real number"),
         ({"gather_across_ranks": 1}, "gather_across_ranks must be a bool"),
         ({"backend": "triton"}, "backend must be one of"),
@@ -350,10 +349,10 @@ def test_bad_inputs(kwargs, match):
             args[key] = tensors[value]
         else:
             options[key] = value
-    with pytest.raises(ValueError, match=match):
+    with raises_naming(match):
         sinkhorn_loss(args["student_logits"], args["teacher_logits"], **options)
     if options and "backend" not in options:
-        with pytest.raises(ValueError, match=match):
+        with raises_naming(match):
             SinkhornLoss(**options)
 
 

@@ -17,10 +17,8 @@ import kdloss
 from kdloss import TopKKLLoss
 from kdloss.functional import topk_kl_loss
 from kdloss.reference import teacher_log_targets, topk_kl_reference
-from kdloss.sparse import topk_teacher
 
-from conftest import cuda_only
-from helpers import assert_close_fp64
+from helpers import assert_close_fp64, cuda_only, raises_naming
 
 REDUCTIONS = ("mean", "sum", "none")
 VARIANTS = [  # (values, tail, student_support)
@@ -318,7 +316,6 @@ def test_gradcheck(device, values, tail, support):
                             temperature=1.3, reduction="none", backend="kernel")
 
     assert torch.autograd.gradcheck(fn, (z,))
-    assert torch.autograd.gradgradcheck is not None  # (double backward is not supported; see docs)
 
 
 def _op_args(device, dtype, reduction, full_support):
@@ -381,7 +378,7 @@ def test_not_last_layer(device, reduction):
 
     a, b = total("kernel"), total("reference")
     assert_close_fp64(a, b)
-    for ga, gb in zip(torch.autograd.grad(a, (hidden, weight)), torch.autograd.grad(b, (hidden, weight))):
+    for ga, gb in zip(torch.autograd.grad(a, (hidden, weight)), torch.autograd.grad(b, (hidden, weight)), strict=False):
         assert_close_fp64(ga, gb)
 
 
@@ -430,9 +427,9 @@ def _bad_calls():
 
 
 @pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_inputs_raise_value_error_naming_the_argument(index):
+def test_bad_inputs_raise_naming_the_argument(index):
     call, name = _bad_calls()[index]
-    with pytest.raises(ValueError, match=name):
+    with raises_naming(name):
         call()
 
 

@@ -1,20 +1,26 @@
 """Schemas, fake (meta) implementations and autograd formulas of every ``kdloss::`` op.
 
 Schemas are defined once, here in Python; the C++ files under ``csrc/`` only provide
-``TORCH_LIBRARY_IMPL(kdloss, CPU|CUDA, m)`` kernels for them. One submodule per loss.
+``TORCH_LIBRARY_IMPL(kdloss, CPU|CUDA, m)`` kernels for them. One submodule per loss with ops (the
+registry's ``ops`` flag), imported below in registry order.
+
+Op contract shared by every op: float tensors in the loss's input dtype unless stated, reductions as
+the integer codes of :data:`REDUCTION_CODES` (ATen's ``at::Reduction`` values), counted-mean divisors as
+0-d tensors in the accumulation dtype (so no host sync), and outputs that never alias inputs.
 """
 
+import importlib
+
 import torch
+
+from .._registry import LOSSES
 
 #: The ``kdloss`` operator namespace. Kept alive for the lifetime of the process.
 LIB = torch.library.Library("kdloss", "DEF")
 
+#: Reduction codes of every op; the values of ATen's ``at::Reduction`` enum (csrc/include/kdloss/codes.h).
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
-from . import margin_mse  # noqa: E402,F401  (registers the margin_mse ops)
-from . import topk_kl  # noqa: E402,F401  (registers the topk_kl ops)
-from . import fused_linear_topk_kl  # noqa: E402,F401  (registers the fused_linear_topk_kl ops)
-from . import sinkhorn  # noqa: E402,F401  (registers the sinkhorn ops)
-from . import plackett_luce  # noqa: E402,F401  (registers the plackett_luce ops)
-from . import token_contextual  # noqa: E402,F401  (registers the token_contextual ops)
-from . import token_graph  # noqa: E402,F401  (registers the token_graph ops)
+for _loss in LOSSES:
+    if _loss.ops:
+        importlib.import_module(f"{__name__}.{_loss.name}")

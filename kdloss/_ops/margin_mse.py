@@ -1,4 +1,4 @@
-"""``kdloss::margin_mse_*`` ops (spec §4): schemas, fakes and autograd.
+"""``kdloss::margin_mse_*`` ops: schemas, fakes and autograd.
 
 Op-level contract (the public functions in :mod:`kdloss.margin_mse` normalise user input first):
 

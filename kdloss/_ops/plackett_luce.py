@@ -1,4 +1,4 @@
-"""``kdloss::plackett_luce_*`` ops (spec §2): schemas, fakes and autograd.
+"""``kdloss::plackett_luce_*`` ops: schemas, fakes and autograd.
 
 Op-level contract (the public function in :mod:`kdloss.plackett_luce` normalises user input first):
 

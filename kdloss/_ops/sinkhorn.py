@@ -1,4 +1,4 @@
-"""``kdloss::sinkhorn_*`` ops (SinKD, spec §1): schemas, fakes and autograd.
+"""``kdloss::sinkhorn_*`` ops (SinKD): schemas, fakes and autograd.
 
 Op-level contract (the public function in :mod:`kdloss.sinkhorn` validates and normalises first):
 
@@ -12,7 +12,7 @@ potentials of every half-step, ``f [n_iters, B]`` (after each row step) and ``g 
 (after each column step), all in the accumulation dtype. The iterate after any half-step is
 ``−W/ε + f_i + g_j``, so the backward recomputes the plans it needs from ``W`` and these
 ``2·n_iters·(B + B')`` numbers instead of storing ``2·n_iters`` B×B' matrices.
-``sinkhorn_bwd`` runs the adjoint recursion of spec §1.5 and returns ``∂L/∂student_logits``.
+``sinkhorn_bwd`` runs the adjoint (reverse-mode) recursion of the iterations and returns ``∂L/∂student_logits``.
 """
 
 import torch

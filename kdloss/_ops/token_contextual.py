@@ -1,4 +1,4 @@
-"""``kdloss::token_contextual_*`` ops (TRG contextual loss, spec §5.2–5.3): schemas, fakes, autograd.
+"""``kdloss::token_contextual_*`` ops (TRG contextual loss): schemas, fakes, autograd.
 
 Op-level contract (:func:`kdloss.trg.token_contextual_loss` normalises user input first):
 

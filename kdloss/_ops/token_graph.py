@@ -1,4 +1,4 @@
-"""``kdloss::token_graph_*`` ops (TRG kNN-graph local-structure loss, spec §5.2–5.3): schemas,
+"""``kdloss::token_graph_*`` ops (TRG kNN-graph local-structure loss): schemas,
 fakes, autograd.
 
 Op-level contract (:func:`kdloss.trg.token_graph_loss` normalises user input and selects the

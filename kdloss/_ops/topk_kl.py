@@ -1,4 +1,4 @@
-"""``kdloss::topk_kl_*`` ops (spec §3): schemas, fakes and autograd.
+"""``kdloss::topk_kl_*`` ops: schemas, fakes and autograd.
 
 Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user input first):
 
@@ -14,7 +14,7 @@ Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user 
 ``topk_kl_fwd`` returns ``(loss, lse)``: the loss in the logits' dtype (``[N]`` for none, else a
 scalar) and the per-row log-sum-exp of ``logits/T`` over V (over K for ``full_support=False``) in
 the accumulation dtype, saved for the backward (not differentiable). ``topk_kl_bwd`` writes the
-dense ``[N, V]`` gradient from it in one pass (spec §3.4: ``g·(α·q_j + β_j·[j∈K])``).
+dense ``[N, V]`` gradient from it in one pass (``g·(α·q_j + β_j·[j∈K])``).
 """
 
 import torch

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from .. import _registry
+
 #: loss name → module defining its cases
 LOSSES = {name: f"kdloss.bench.{name}"
-          for name in ("margin_mse", "topk_kl", "fused_linear_topk_kl", "sinkhorn", "plackett_luce", "trg")}
+          for name in _registry.names() if _registry.get(name).bench}
 
 CSV_FIELDS = ["loss", "case", "shape", "dtype", "backend", "device", "median_ms", "peak_mib",
               "peak_rss_mib", "speedup_vs_eager", "threads", "torch", "machine"]
@@ -145,7 +147,8 @@ def _rss_in_subprocess(case_id: dict) -> float:
 
 
 def _rss_child(case_id: dict) -> int:
-    case = collect([case_id["loss_group"]], "cpu", [getattr(torch, case_id["dtype"])], case_id["quick"])[case_id["index"]]
+    found = collect([case_id["loss_group"]], "cpu", [getattr(torch, case_id["dtype"])], case_id["quick"])
+    case = found[case_id["index"]]
     print(step_peak_rss_mib(case.impls[case_id["backend"]], case.make_inputs()))
     return 0
 

@@ -44,6 +44,7 @@ def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
     for dtype in dtypes:
         for rows, hidden, vocab, k in shapes:
             out.append(Case("fused_linear_topk_kl", "renorm T=2", f"N={rows} H={hidden} V={vocab} k={k}", dtype,
-                            device, lambda r=rows, h=hidden, v=vocab, kk=k, d=dtype: make_inputs(r, h, v, kk, device, d),
+                            device,
+                            lambda r=rows, h=hidden, v=vocab, kk=k, d=dtype: make_inputs(r, h, v, kk, device, d),
                             {"kdloss": fused, "kdloss-unfused": unfused, "eager": eager, "compile": compiled}))
     return out

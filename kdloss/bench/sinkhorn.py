@@ -14,7 +14,7 @@ QUICK_SHAPES = [(32, 2)]
 
 
 def eager_official(zs, zt):
-    """The official SinKD forward (spec §1.1) in eager PyTorch: ~60 small ops, autograd through them.
+    """The official SinKD forward in eager PyTorch: ~60 small ops, autograd through them.
     CPU ``torch.cdist`` has no bf16/fp16 kernel; there the L1 cost is formed by broadcasting."""
     p_s = torch.softmax(zs / 2.0, dim=1)
     p_t = torch.softmax(zt / 2.0, dim=1)

@@ -1,17 +1,24 @@
-"""Readable pure-PyTorch references of every kdloss loss (the ground truth of the kernel tests).
+"""Readable pure-PyTorch references of every kdloss loss with a kernel (the ground truth of the kernel
+tests, the fuzzer and the ``backend="reference"`` fallback).
 
-They compute in the accumulation dtype (fp32, or fp64 for fp64 inputs) and return the student's
-dtype; gradients come from autograd.
+They compute in the accumulation dtype (fp32, or fp64 for fp64 inputs) and return the student's dtype;
+gradients come from autograd. One module per loss with a reference (``kdloss/reference/<loss>.py``);
+each module's ``__all__`` is exported here.
 """
 
-from .margin_mse import margin_mse_from_embeddings_reference, margin_mse_reference, teacher_is_scores, teacher_margins
-from .sinkhorn import sinkhorn_reference
-from .fused_linear_topk_kl import fused_linear_topk_kl_reference, linear_logits
-from .topk_kl import teacher_log_targets, topk_kl_reference
-from .plackett_luce import plackett_luce_reference, teacher_ranking
+import importlib
 
-__all__ = ["fused_linear_topk_kl_reference", "linear_logits", "sinkhorn_reference", "topk_kl_reference", "teacher_log_targets", "margin_mse_reference", "margin_mse_from_embeddings_reference", "teacher_margins", "teacher_is_scores"]
-__all__ += ["plackett_luce_reference", "teacher_ranking"]
-from .token_contextual import token_contextual_reference  # noqa: E402
-from .token_graph import token_contrastive_reference, token_graph_reference  # noqa: E402
-__all__ += ["token_contextual_reference", "token_graph_reference", "token_contrastive_reference"]
+from .._registry import LOSSES
+
+__all__ = []
+for _loss in LOSSES:
+    try:
+        _module = importlib.import_module(f"{__name__}.{_loss.name}")
+    except ModuleNotFoundError as _error:
+        if _error.name != f"{__name__}.{_loss.name}":
+            raise
+        continue
+    for _name in _module.__all__:
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)
+__all__.sort()

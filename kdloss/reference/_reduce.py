@@ -1,4 +1,4 @@
-"""The reduction shared by the references whose terms all count (spec §0)."""
+"""The reduction shared by the references whose terms all count."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fused linear head + top-k sparse KL: the unfused pure-PyTorch reference (spec §3.7).
+"""Fused linear head + top-k sparse KL: the unfused pure-PyTorch reference.
 
 ``topk_kl_reference(softcap(hidden @ weightᵀ + bias), ...)`` — it materialises the ``[N, V]``
 logits; the kernel path never does.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ..fused_linear_topk_kl import FusedLinearTopKKLOptions
 from .topk_kl import topk_kl_reference
+
+__all__ = ["fused_linear_topk_kl_reference", "linear_logits"]
 
 
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -20,9 +23,14 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-def fused_linear_topk_kl_reference(hidden, weight, teacher_ids, teacher_values, bias=None, labels=None, *,
-                                   softcap=None, **options) -> torch.Tensor:
+def fused_linear_topk_kl_reference(hidden, weight, teacher_ids, teacher_values, labels=None, *, bias=None,
+                                   num_items_in_batch=None, options: FusedLinearTopKKLOptions | None = None,
+                                   **option_kwargs) -> torch.Tensor:
     """Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``; the rest as
-    :func:`kdloss.reference.topk_kl_reference` (same keywords)."""
-    return topk_kl_reference(linear_logits(hidden, weight, bias, softcap), teacher_ids, teacher_values, labels,
-                             **options)
+    :func:`kdloss.reference.topk_kl_reference`. Options as a
+    :class:`~kdloss.fused_linear_topk_kl.FusedLinearTopKKLOptions` or its keywords (``chunk_size`` is
+    irrelevant here)."""
+    options = options or FusedLinearTopKKLOptions(**option_kwargs)
+    logits = linear_logits(hidden, weight, bias, options.softcap)
+    return topk_kl_reference(logits, teacher_ids, teacher_values, labels, options=options,
+                             num_items_in_batch=num_items_in_batch)

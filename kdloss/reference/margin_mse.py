@@ -1,29 +1,18 @@
-"""Margin-MSE reference (spec §4): ``mean_b,i ((s⁺_b − s⁻_bi) − (t⁺_b − t⁻_bi))²``."""
+"""Margin-MSE reference: ``mean_b,i ((s⁺_b − s⁻_bi) − (t⁺_b − t⁻_bi))²``.
+
+The label-format rule (:func:`kdloss.margin_mse.teacher_is_scores`) is shared pre-processing, imported from
+the loss module and tested on its own against sentence-transformers' precedence.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .._validation import accumulation_dtype
+from ..margin_mse import MarginMSEOptions, teacher_is_scores
 from ._reduce import reduce_terms
 
-
-def teacher_is_scores(teacher: torch.Tensor, batch: int, n_neg: int) -> bool:
-    """Reads the teacher label format from its shape (sentence-transformers precedence, spec §4.4).
-
-    True for ``[B, n+1]`` raw scores (positive first); False for ``[B]`` margins (n = 1 only) or
-    ``[B, n]`` margins. Anything else → ``ValueError``. For n = 1, ``[B, 2]`` is always raw scores.
-    """
-    shape = tuple(teacher.shape)
-    if shape == (batch, n_neg + 1):
-        return True
-    if shape == (batch, n_neg) or (shape == (batch,) and n_neg == 1):
-        return False
-    raise ValueError(
-        f"teacher must be [B, n+1] raw scores = {[batch, n_neg + 1]}, [B, n] margins = "
-        f"{[batch, n_neg]}" + (f" or [B] margins = {[batch]}" if n_neg == 1 else "")
-        + f", got shape {list(shape)}"
-    )
+__all__ = ["margin_mse_from_embeddings_reference", "margin_mse_reference", "teacher_margins"]
 
 
 def teacher_margins(teacher: torch.Tensor, batch: int, n_neg: int) -> torch.Tensor:
@@ -37,11 +26,14 @@ def margin_mse_reference(
     student_pos: torch.Tensor,
     student_neg: torch.Tensor,
     teacher: torch.Tensor,
-    reduction: str = "mean",
+    *,
+    options: MarginMSEOptions | None = None,
+    **option_kwargs,
 ) -> torch.Tensor:
     """Margin-MSE on scores. ``student_pos [B]``, ``student_neg [B]|[B, n]``, teacher as in
     :func:`teacher_margins`. Returns a scalar, or per-margin squared errors shaped like
     ``student_neg`` for ``reduction="none"``."""
+    reduction = (options or MarginMSEOptions(**option_kwargs)).reduction
     acc = accumulation_dtype(student_pos.dtype)
     neg = student_neg if student_neg.dim() == 2 else student_neg.unsqueeze(1)
     margins_t = teacher_margins(teacher.detach().to(acc), neg.shape[0], neg.shape[1])
@@ -54,10 +46,13 @@ def margin_mse_from_embeddings_reference(
     positive: torch.Tensor,
     negatives: torch.Tensor,
     teacher: torch.Tensor,
-    reduction: str = "mean",
+    *,
+    options: MarginMSEOptions | None = None,
+    **option_kwargs,
 ) -> torch.Tensor:
     """Margin-MSE with dot-product scores ``s = ⟨q, d⟩`` (sentence-transformers' default
     ``pairwise_dot_score``). ``query, positive [B, D]``, ``negatives [B, D]|[B, n, D]``."""
+    reduction = (options or MarginMSEOptions(**option_kwargs)).reduction
     acc = accumulation_dtype(query.dtype)
     q = query.to(acc)
     negs = negatives if negatives.dim() == 3 else negatives.unsqueeze(1)

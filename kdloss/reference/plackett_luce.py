@@ -1,4 +1,4 @@
-"""Plackett-Luce distillation (PLD) reference (spec §2, decision 2).
+"""Plackett-Luce distillation (PLD) reference.
 
 Per row with student logits ``s``, teacher logits ``t`` and label ``y``::
 
@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 
 from .._validation import accumulation_dtype
+from ..plackett_luce import PlackettLuceOptions
+
+__all__ = ["label_first", "plackett_luce_reference", "teacher_ranking"]
 
 
 def teacher_ranking(teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -36,22 +39,27 @@ def plackett_luce_reference(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    *,
     teacher_permutation: torch.Tensor | None = None,
+    num_items_in_batch=None,
+    options: PlackettLuceOptions | None = None,
+    **option_kwargs,
 ) -> torch.Tensor:
     """PLD loss. ``student_logits, teacher_logits [..., C]``, ``labels [...]`` (int),
-    ``teacher_permutation`` an optional cached :func:`teacher_ranking` ``[..., C]``.
+    ``teacher_permutation`` an optional cached :func:`teacher_ranking` ``[..., C]``; options as a
+    :class:`~kdloss.plackett_luce.PlackettLuceOptions` or its keywords; ``num_items_in_batch`` replaces
+    the mean's count.
 
     Returns a scalar (``"mean"``/``"sum"``) or ``[...]`` per-row losses (``"none"``), in the student's
     dtype. Computes in fp32 (fp64 for fp64 students); the teacher is a constant."""
+    options = options or PlackettLuceOptions(**option_kwargs)
+    temperature, ignore_index, reduction = options.temperature, options.ignore_index, options.reduction
     acc = accumulation_dtype(student_logits.dtype)
     classes = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     s = student_logits.reshape(-1, classes).to(acc)
     t = teacher_logits.detach().reshape(-1, classes).to(acc)
-    y = labels.reshape(-1).long()
+    y = labels.reshape(-1).to(torch.int64)
     keep = y != ignore_index
     y_safe = torch.where(keep, y, torch.zeros_like(y))
     if teacher_permutation is None:
@@ -68,5 +76,8 @@ def plackett_luce_reference(
         return rows.reshape(lead).to(student_logits.dtype)
     total = rows.sum()
     if reduction == "mean":
-        total = total / keep.sum().clamp(min=1).to(acc)
+        count = keep.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=total.device)
+        count = count.to(acc)
+        total = torch.where(count > 0, total / torch.where(count > 0, count, torch.ones_like(count)),
+                            torch.zeros_like(total))
     return total.to(student_logits.dtype)

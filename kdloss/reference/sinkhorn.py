@@ -1,4 +1,4 @@
-"""SinKD reference (spec §1, decision 1): batch-wise Sinkhorn distillation in the log domain.
+"""SinKD reference: batch-wise Sinkhorn distillation in the log domain.
 
 ``s_i = softmax(z_s[i]/T)``, ``t_j = softmax(z_t[j]/T)``, ``W_ij = ||s_i − t_j||_1``,
 ``x⁰ = −W/ε``; ``n_iters`` times: ``x ← x − lse_row(x)`` then ``x ← x − lse_col(x)``;
@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 
 from .._validation import accumulation_dtype
+from ..sinkhorn import SinkhornOptions
+
+__all__ = ["sinkhorn_cost", "sinkhorn_log_plan", "sinkhorn_multiplicative", "sinkhorn_reference"]
 
 
 def sinkhorn_cost(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -31,14 +34,16 @@ def sinkhorn_log_plan(cost: torch.Tensor, epsilon: float, n_iters: int) -> torch
 def sinkhorn_reference(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    temperature: float = 2.0,
-    epsilon: float = 0.1,
-    n_iters: int = 20,
-    scale: float = 1.0,
+    *,
+    options: SinkhornOptions | None = None,
+    **option_kwargs,
 ) -> torch.Tensor:
     """SinKD loss. ``student_logits [B, C]``, ``teacher_logits [B', C]`` (a constant); returns a
     scalar in the student's dtype, computed in fp32 (fp64 for fp64 students). ``B = 0`` or
-    ``B' = 0`` gives 0 (an empty plan)."""
+    ``B' = 0`` gives 0 (an empty plan). Options as a :class:`~kdloss.sinkhorn.SinkhornOptions` or its
+    keywords (``gather_across_ranks`` is the functional's business: pass the gathered rows)."""
+    options = options or SinkhornOptions(**option_kwargs)
+    temperature, epsilon, n_iters, scale = options.temperature, options.epsilon, options.n_iters, options.scale
     acc = accumulation_dtype(student_logits.dtype)
     s = torch.softmax(student_logits.to(acc) / temperature, dim=-1)
     t = torch.softmax(teacher_logits.detach().to(acc) / temperature, dim=-1)
@@ -58,7 +63,7 @@ def sinkhorn_multiplicative(
     scale: float = 1.0,
 ) -> torch.Tensor:
     """The official code's recursion, written out in the inputs' own dtype (no upcast): what eager
-    user code computes. Returns NaN where ``exp(−W/ε)`` underflows (spec §1.6)."""
+    user code computes. Returns NaN where ``exp(−W/ε)`` underflows."""
     s = torch.softmax(student_logits / temperature, dim=1)
     t = torch.softmax(teacher_logits.detach().to(s.dtype) / temperature, dim=1)
     cost = (s[:, None, :] - t[None, :, :]).abs().sum(-1)

@@ -1,8 +1,8 @@
-"""Token-wise contextual loss reference (TRG's L_inner; spec §5.2).
+"""Token-wise contextual loss reference (TRG's L_inner).
 
 Per image, ``CS = softmax_row(F·Fᵀ / √D)`` over its N tokens, computed for the student (width Ds)
 and the teacher (width Dt, a constant), and ``L = mean_{b,i,j} (CS^T_bij − CS^S_bij)²``
-(``nn.MSELoss`` default, over B·N·N). ASSUMPTIONS (spec §5.2): raw tokens (no normalisation),
+(``nn.MSELoss`` default, over B·N·N). The paper leaves these open; kdloss uses raw tokens (no normalisation),
 row-wise softmax, mean reduction.
 """
 
@@ -13,7 +13,10 @@ import math
 import torch
 
 from .._validation import accumulation_dtype
+from ..token_contextual import TokenContextualOptions
 from ._reduce import reduce_terms
+
+__all__ = ["contextual_similarity", "token_contextual_reference"]
 
 
 def contextual_similarity(tokens: torch.Tensor) -> torch.Tensor:
@@ -23,13 +26,19 @@ def contextual_similarity(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def token_contextual_reference(
-    student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, reduction: str = "mean"
+    student_tokens: torch.Tensor,
+    teacher_tokens: torch.Tensor,
+    *,
+    options: TokenContextualOptions | None = None,
+    **option_kwargs,
 ) -> torch.Tensor:
     """``student_tokens [B, N, Ds]``, ``teacher_tokens [B, N, Dt]`` → the loss in the student's dtype.
 
     ``reduction``: ``"mean"`` over B·N·N, ``"sum"``, or ``"none"`` → ``[B, N]``, the mean over the
-    N columns of each row (so that ``none.mean() == mean``).
+    N columns of each row (so that ``none.mean() == mean``). Options as a
+    :class:`~kdloss.token_contextual.TokenContextualOptions` or its keywords.
     """
+    reduction = (options or TokenContextualOptions(**option_kwargs)).reduction
     acc = accumulation_dtype(student_tokens.dtype)
     cs = contextual_similarity(student_tokens.to(acc))
     ct = contextual_similarity(teacher_tokens.detach().to(acc))

@@ -1,10 +1,10 @@
-"""Top-k sparse KL over a large vocabulary: readable pure-PyTorch reference (spec §3, decision 3).
+"""Top-k sparse KL over a large vocabulary: readable pure-PyTorch reference.
 
 Per row (position) with student logits ``z ∈ R^V``, kept teacher ids ``K`` and teacher values on
 ``K``:
 
 * teacher target ``p̂`` on ``K`` (+ an optional tail bucket ``r̂``) from :func:`teacher_log_targets`
-  (spec §3.1: power transform ``p^a``, ``a = teacher_temperature / temperature``);
+  (power transform ``p^a``, ``a = teacher_temperature / temperature``);
 * student ``log q = log_softmax(z / T)`` over the full vocabulary (or over ``K`` only with
   ``student_support="topk"``);
 * ``KL_row = Σ_K p̂ (log p̂ − log q) [+ r̂ (log r̂ − log r_s)]`` with xlogy semantics (slots of zero
@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import accumulation_dtype
+from .._topk import TopKKLOptions
+from .._validation import accumulation_dtype, comparable
+
+__all__ = ["TAIL_CLAMP", "reduce_rows", "teacher_log_targets", "topk_kl_reference"]
 
 NEG_INF = float("-inf")
-#: DistillKit's clamp of the student's kept mass in the tail-bucket term (spec §3.3, §3.5).
+#: DistillKit's clamp of the student's kept mass in the tail-bucket term.
 TAIL_CLAMP = 1e-8
 
 
@@ -46,7 +49,7 @@ def teacher_log_targets(
     tail: str = "renorm",
     power: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher log-targets ``log p̂`` on the kept ids and the tail bucket ``log r̂`` (spec §3.1).
+    """Teacher log-targets ``log p̂`` on the kept ids and the tail bucket ``log r̂``.
 
     Args:
         teacher_values: ``[..., k]`` stored log-probs (``values="logprobs"``) or logits
@@ -88,7 +91,7 @@ def _row_kl(z, ids, log_p, log_r, *, student_support, inv_temperature):
     zt_k = zt.gather(1, ids)
     if student_support == "full":
         log_q_k = zt_k - torch.logsumexp(zt, dim=1, keepdim=True)
-    else:  # student renormalised over K (spec §3.2, alternative)
+    else:  # student renormalised over K (the "topk" alternative)
         lse_k = torch.logsumexp(zt_k.masked_fill(~kept, NEG_INF), dim=1, keepdim=True)
         lse_k = torch.where(torch.isneginf(lse_k), torch.zeros_like(lse_k), lse_k)
         log_q_k = zt_k - lse_k
@@ -106,7 +109,7 @@ def _row_kl(z, ids, log_p, log_r, *, student_support, inv_temperature):
 def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
     """Reduces masked per-row losses: ``"none"`` keeps them, ``"sum"`` adds them, ``"mean"``
     divides the sum by ``divisor`` (the counted rows, or ``num_items_in_batch``); a divisor ≤ 0
-    gives 0, never NaN (spec §0)."""
+    gives 0, never NaN."""
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     if reduction == "none":
         return rows
@@ -115,7 +118,8 @@ def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, divisor
         return total
     divisor = torch.as_tensor(divisor, dtype=total.dtype, device=total.device)
     positive = divisor > 0
-    return torch.where(positive, total / torch.where(positive, divisor, torch.ones_like(divisor)), torch.zeros_like(total))
+    safe = torch.where(positive, divisor, torch.ones_like(divisor))
+    return torch.where(positive, total / safe, torch.zeros_like(total))
 
 
 def topk_kl_reference(
@@ -124,22 +128,21 @@ def topk_kl_reference(
     teacher_values: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    values: str = "logprobs",
-    tail: str = "renorm",
-    student_support: str = "full",
-    temperature: float = 1.0,
-    teacher_temperature: float = 1.0,
-    scale_by_t2: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     num_items_in_batch=None,
+    options: TopKKLOptions | None = None,
+    **option_kwargs,
 ) -> torch.Tensor:
-    """Top-k sparse KL, computed directly (see the module docstring and spec §3).
+    """Top-k sparse KL, computed directly (see the module docstring).
 
     Shapes: ``student_logits [..., V]``, ``teacher_ids [..., k]`` (int), ``teacher_values [..., k]``,
-    ``labels [...]`` (int, aligned with the logits; ``ignore_index`` rows do not count). Returns a
-    scalar, or ``[...]`` for ``reduction="none"``, in the student's dtype.
+    ``labels [...]`` (int, aligned with the logits; ``ignore_index`` rows do not count). Options come as
+    a :class:`~kdloss.topk_kl.TopKKLOptions` or as its keywords. Returns a scalar, or ``[...]`` for
+    ``reduction="none"``, in the student's dtype.
     """
+    options = options or TopKKLOptions(**option_kwargs)
+    values, tail, student_support = options.values, options.tail, options.student_support
+    temperature, teacher_temperature = options.temperature, options.teacher_temperature
+    ignore_index, reduction = options.ignore_index, options.reduction
     vocab = student_logits.shape[-1]
     k = teacher_ids.shape[-1]
     lead = student_logits.shape[:-1]
@@ -149,14 +152,14 @@ def topk_kl_reference(
     if labels is None:
         valid = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
     else:
-        valid = labels.reshape(-1) != ignore_index
+        valid = comparable(labels).reshape(-1) != ignore_index
     z = torch.where(valid[:, None], z, torch.zeros_like(z))  # ignored rows may hold anything
     log_p, log_r = teacher_log_targets(
         teacher_values.reshape(-1, k).to(acc), values=values, tail=tail,
         power=teacher_temperature / temperature,
     )
     rows = _row_kl(z, ids, log_p, log_r, student_support=student_support, inv_temperature=1.0 / temperature)
-    if scale_by_t2:
+    if options.scale_by_t2:
         rows = rows * (temperature * temperature)
     divisor = valid.sum() if num_items_in_batch is None else num_items_in_batch
     out = reduce_rows(rows, valid, reduction, divisor)

@@ -13,10 +13,13 @@ reference, for the value and every gradient, may not exceed the naive eager erro
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from .. import _registry
 
 # In fp32 the kernel and eager code round alike, and the cancellation in differences such as
 # (s⁺ − s⁻) − (t⁺ − t⁻) amplifies either's rounding relative to the result: on 400 random Margin-MSE
@@ -35,11 +38,25 @@ class Built:
 
 
 @dataclass
+class Example:
+    """One small, valid call of a loss's functional form, for the registry-wide contract tests.
+
+    ``args`` are the functional's positional tensors (``args[i]`` for ``i`` in ``differentiable``
+    require grad), ``options`` keyword options with non-default values.
+    """
+
+    args: tuple
+    options: dict
+    differentiable: tuple[int, ...] = (0,)
+
+
+@dataclass
 class LossSpec:
     """How the fuzzer, property tests and benchmarks exercise one loss.
 
     ``build(case, device, dtype) -> Built``; ``kernel``, ``reference`` and ``naive`` take
     ``(case, *inputs, **constants)`` and return the loss (``reference`` receives fp64 CPU copies).
+    ``example(device, dtype) -> Example`` is one small valid call of the functional form.
     """
 
     name: str
@@ -48,6 +65,7 @@ class LossSpec:
     kernel: Callable[..., torch.Tensor]
     reference: Callable[..., torch.Tensor]
     naive: Callable[..., torch.Tensor]
+    example: Callable[[torch.device, torch.dtype], Example]
     dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -72,12 +90,10 @@ def names() -> list[str]:
 
 
 def _load_specs() -> None:
-    from . import margin_mse  # noqa: F401  (one import per loss registers its spec)
-    from . import plackett_luce  # noqa: F401
-    from . import topk_kl  # noqa: F401
-    from . import sinkhorn  # noqa: F401
-    from . import token_contextual  # noqa: F401
-    from . import token_graph  # noqa: F401
+    """Imports ``kdloss.testing.<name>`` of every loss whose registry entry has a fuzz spec."""
+    for loss in _registry.LOSSES:
+        if loss.fuzz:
+            importlib.import_module(f"{__name__}.{loss.name}")
 
 
 @dataclass
@@ -105,7 +121,7 @@ def _outputs_and_grads(fn, case, inputs, constants, upstream_seed):
     weight = torch.rand(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     need = [x for x in inputs if x.requires_grad]
     grads = torch.autograd.grad(out, need, grad_outputs=weight, allow_unused=True) if need and out.requires_grad else ()
-    grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(need, grads))
+    grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(need, grads, strict=False))
     return [out.detach(), *grads]
 
 
@@ -149,7 +165,7 @@ def check_case(loss: str, case: dict, device="cpu", dtype=torch.float32) -> Chec
         naive = _outputs_and_grads(spec.naive, case, low, built.constants, built.upstream_seed)
     labels = ["value"] + [f"grad[{i}]" for i in range(len(exact) - 1)]
     results = []
-    for i, (k, e, label) in enumerate(zip(kernel, exact, labels)):
+    for i, (k, e, label) in enumerate(zip(kernel, exact, labels, strict=False)):
         if dtype == torch.float64:
             bound = FP64_RTOL * (1.0 + (e.abs().max().item() if e.numel() else 0.0))
         else:
@@ -177,8 +193,8 @@ def check_determinism(loss: str, case: dict, thread_counts=(1, 2, 3)) -> None:
             results.append(_outputs_and_grads(spec.kernel, case, built.inputs, built.constants, built.upstream_seed))
     finally:
         torch.set_num_threads(before)
-    for threads, other in zip((*thread_counts[1:], thread_counts[0]), results[1:]):
-        for a, b in zip(results[0], other):
+    for threads, other in zip((*thread_counts[1:], thread_counts[0]), results[1:], strict=False):
+        for a, b in zip(results[0], other, strict=False):
             if not torch.equal(a, b):
                 raise AssertionError(f"{loss}: results differ between 1 and {threads} threads for case {case}")
 

@@ -1,4 +1,4 @@
-"""Margin-MSE cases for the fuzzer, property tests and benchmarks (spec §4).
+"""Margin-MSE cases for the fuzzer, property tests and benchmarks.
 
 A case: ``kind`` ("scores" | "embeddings"), ``batch`` (0 allowed: empty batch), ``n_neg``, ``dim``,
 ``teacher`` label format ("scores" [B, n+1] | "margins" [B, n] | "margins_1d" [B], n = 1 only, which
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..functional import margin_mse_from_embeddings, margin_mse_loss
 from ..reference.margin_mse import margin_mse_from_embeddings_reference, margin_mse_reference
-from . import Built, LossSpec, non_contiguous, register
+from . import Built, Example, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -89,7 +89,7 @@ def kernel(case, *inputs, teacher):
 def reference(case, *inputs, teacher):
     args = views(case, *inputs)
     fn = margin_mse_reference if case["kind"] == "scores" else margin_mse_from_embeddings_reference
-    return fn(*args, teacher, case["reduction"])
+    return fn(*args, teacher, reduction=case["reduction"])
 
 
 def naive(case, *inputs, teacher):
@@ -110,4 +110,10 @@ def naive(case, *inputs, teacher):
     return out.reshape(neg.shape) if case["reduction"] == "none" else out
 
 
-SPEC = register(LossSpec("margin_mse", strategy, build, kernel, reference, naive))
+def example(device, dtype) -> Example:
+    gen = torch.Generator().manual_seed(0)
+    pos, neg, teacher = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((5,), (5, 3), (5, 4)))
+    return Example((pos.to(device, dtype), neg.to(device, dtype), teacher.to(device)), {"reduction": "sum"}, (0, 1))
+
+
+SPEC = register(LossSpec("margin_mse", strategy, build, kernel, reference, naive, example))

@@ -1,4 +1,4 @@
-"""PLD cases for the fuzzer, property tests and benchmarks (spec §2).
+"""PLD cases for the fuzzer, property tests and benchmarks.
 
 A case: ``lead`` (leading dims of the logits: ``[N]`` or ``[B, T]``; 0 rows allowed), ``classes``
 (C ≥ 1, including sizes that leave vector tails and cross the radix-sort threshold), ``ties``
@@ -16,7 +16,7 @@ import torch
 
 from ..functional import plackett_luce_loss
 from ..reference.plackett_luce import label_first, plackett_luce_reference, teacher_ranking
-from . import Built, LossSpec, non_contiguous, register
+from . import Built, Example, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
 IGNORE_INDEX = -100
@@ -71,12 +71,13 @@ def kernel(case, student, *, teacher, labels, permutation):
 
 
 def reference(case, student, *, teacher, labels, permutation):
-    return plackett_luce_reference(student, teacher, labels, case["temperature"], IGNORE_INDEX, case["reduction"],
-                                   None if permutation is None else permutation.cpu())
+    return plackett_luce_reference(student, teacher, labels, temperature=case["temperature"], ignore_index=IGNORE_INDEX,
+                                   reduction=case["reduction"],
+                                   teacher_permutation=None if permutation is None else permutation.cpu())
 
 
 def naive(case, student, *, teacher, labels, permutation):
-    """Eager code in the input dtype (the paper's App. C formula with the spec's tie rule): the
+    """Eager code in the input dtype (the paper's App. C formula with kdloss's tie rule: lower class index first): the
     ranking from the teacher as given, softmax / logcumsumexp / products in the student's dtype."""
     classes = student.shape[-1]
     lead = student.shape[:-1]
@@ -97,4 +98,11 @@ def naive(case, student, *, teacher, labels, permutation):
     return total / keep.sum().clamp(min=1) if case["reduction"] == "mean" else total
 
 
-SPEC = register(LossSpec("plackett_luce", strategy, build, kernel, reference, naive))
+def example(device, dtype) -> Example:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = (torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) for _ in range(2))
+    labels = torch.tensor([[1, IGNORE_INDEX, 3], [4, 5, 6]])
+    return Example((student.to(device, dtype), teacher.to(device, dtype), labels.to(device)), {"temperature": 1.3})
+
+
+SPEC = register(LossSpec("plackett_luce", strategy, build, kernel, reference, naive, example))

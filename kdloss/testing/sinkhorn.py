@@ -1,4 +1,4 @@
-"""SinKD cases for the fuzzer, property tests and benchmarks (spec §1).
+"""SinKD cases for the fuzzer, property tests and benchmarks.
 
 A case: ``batch`` B and ``batch_t`` B' (0 allowed: an empty plan, loss 0), ``classes`` C,
 ``temperature``, ``epsilon`` (down to 1e-3, where the multiplicative recursion underflows),
@@ -12,7 +12,7 @@ import torch
 
 from ..functional import sinkhorn_loss
 from ..reference.sinkhorn import sinkhorn_multiplicative, sinkhorn_reference
-from . import Built, LossSpec, non_contiguous, register
+from . import Built, Example, LossSpec, non_contiguous, register
 
 
 def strategy():
@@ -72,4 +72,10 @@ def naive(case, *inputs, teacher):
     return sinkhorn_multiplicative(_student(case, inputs), teacher, **_options(case))
 
 
-SPEC = register(LossSpec("sinkhorn", strategy, build, kernel, reference, naive))
+def example(device, dtype) -> Example:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((6, 4), (5, 4)))
+    return Example((student.to(device, dtype), teacher.to(device, dtype)), {"temperature": 1.5, "n_iters": 5})
+
+
+SPEC = register(LossSpec("sinkhorn", strategy, build, kernel, reference, naive, example))

@@ -1,4 +1,4 @@
-"""TRG contextual-loss cases for the fuzzer, property tests and benchmarks (spec §5.2).
+"""TRG contextual-loss cases for the fuzzer, property tests and benchmarks.
 
 A case: ``batch`` B (0 allowed), ``tokens`` N (0 allowed), widths ``ds`` and ``dt`` (may differ),
 ``reduction``, ``layout`` ("contiguous" | "strided": student's last dim not unit-stride | "slice":
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..functional import token_contextual_loss
 from ..reference.token_contextual import token_contextual_reference
-from . import Built, LossSpec, non_contiguous, register
+from . import Built, Example, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -62,7 +62,7 @@ def kernel(case, *inputs, teacher):
 
 
 def reference(case, *inputs, teacher):
-    return token_contextual_reference(_student(case, inputs), teacher, case["reduction"])
+    return token_contextual_reference(_student(case, inputs), teacher, reduction=case["reduction"])
 
 
 def naive(case, *inputs, teacher):
@@ -81,4 +81,10 @@ def naive(case, *inputs, teacher):
     return F.mse_loss(cs, ct, reduction=case["reduction"])
 
 
-SPEC = register(LossSpec("token_contextual", strategy, build, kernel, reference, naive))
+def example(device, dtype) -> Example:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = (torch.randn(2, 5, d, generator=gen, dtype=torch.float64) for d in (4, 6))
+    return Example((student.to(device, dtype), teacher.to(device, dtype)), {"reduction": "sum"})
+
+
+SPEC = register(LossSpec("token_contextual", strategy, build, kernel, reference, naive, example))

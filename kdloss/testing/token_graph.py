@@ -1,5 +1,4 @@
-"""TRG graph-loss (kNN local structure) cases for the fuzzer, property tests and benchmarks
-(spec §5.2).
+"""TRG graph-loss (kNN local structure) cases for the fuzzer, property tests and benchmarks.
 
 A case: ``nodes`` M (0 allowed), widths ``ds`` and ``dt`` (may differ), ``k`` edges per node (0
 allowed), ``graph`` — how the neighbours are chosen: ``"teacher"`` / ``"student"`` (kNN of that
@@ -15,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from ..functional import token_graph_loss
-from ..reference.token_graph import edge_logits, knn_indices, token_graph_reference
-from . import Built, LossSpec, non_contiguous, register
+from ..reference.token_graph import edge_logits, token_graph_reference
+from ..token_graph import knn_indices
+from . import Built, Example, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -78,7 +78,7 @@ def kernel(case, student, *, teacher, neighbours):
 
 
 def reference(case, student, *, teacher, neighbours):
-    return token_graph_reference(student, teacher, neighbours.shape[1], neighbours=neighbours, **_options(case))
+    return token_graph_reference(student, teacher, neighbours=neighbours, **_options(case))
 
 
 def naive(case, student, *, teacher, neighbours):
@@ -99,4 +99,10 @@ def naive(case, student, *, teacher, neighbours):
     return per_row.mean() if reduction == "mean" and per_row.numel() else per_row.sum()
 
 
-SPEC = register(LossSpec("token_graph", strategy, build, kernel, reference, naive))
+def example(device, dtype) -> Example:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = (torch.randn(9, d, generator=gen, dtype=torch.float64) for d in (4, 3))
+    return Example((student.to(device, dtype), teacher.to(device, dtype)), {"k": 3, "sigma": 4.0})
+
+
+SPEC = register(LossSpec("token_graph", strategy, build, kernel, reference, naive, example))

@@ -1,4 +1,4 @@
-"""Top-k sparse KL cases for the fuzzer, property tests and benchmarks (spec §3).
+"""Top-k sparse KL cases for the fuzzer, property tests and benchmarks.
 
 A case: ``rows`` (0 allowed), ``split`` (rows as ``[2, rows/2]`` leading dims when even), ``vocab``
 (small, or above the kernel's 2048-element LSE block so the running max is rescaled), ``k``,
@@ -17,7 +17,7 @@ import torch
 
 from ..functional import topk_kl_loss
 from ..reference.topk_kl import topk_kl_reference
-from . import Built, LossSpec, non_contiguous, register
+from . import Built, Example, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
 VARIANTS = (  # (values, tail, student_support)
@@ -91,6 +91,18 @@ def _teacher(case: dict, gen: torch.Generator, rows: int, usable: int):
     return ids, values
 
 
+def draw_labels(case: dict, gen: torch.Generator, rows: int, vocab: int) -> torch.Tensor | None:
+    """``[rows]`` labels in ``[0, vocab)`` with some (``case["labels"] == "some"``, ~30 %) or all ("all")
+    set to -100; None when ``case["labels"]`` is None."""
+    if case["labels"] is None:
+        return None
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    some = case["labels"] == "some"
+    ignored = torch.rand(rows, generator=gen) < 0.3 if some else torch.ones(rows, dtype=torch.bool)
+    labels[ignored] = -100
+    return labels
+
+
 def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     gen = torch.Generator().manual_seed(case["seed"])
     rows, vocab = case["rows"], case["vocab"]
@@ -100,12 +112,8 @@ def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     if case["student_pad"]:
         logits[:, usable:] = float("-inf")
     ids, values = _teacher(case, gen, rows, usable)
-    labels = None
-    if case["labels"] is not None:
-        labels = torch.randint(0, vocab, (rows,), generator=gen)
-        ignored = torch.rand(rows, generator=gen) < 0.3 if case["labels"] == "some" else torch.ones(rows, dtype=torch.bool)
-        labels[ignored] = -100
-        labels = labels.reshape(lead).to(device)
+    labels = draw_labels(case, gen, rows, vocab)
+    labels = None if labels is None else labels.reshape(lead).to(device)
     logits = logits.to(device, dtype)
     if case["layout"] == "rows":
         wide = torch.zeros(rows, vocab + 5, dtype=dtype, device=device)
@@ -150,4 +158,13 @@ def naive(case, student, *, teacher_ids, teacher_values, labels):
     return topk_kl_reference(_view(case, student), teacher_ids, teacher_values, labels, **options(case))
 
 
-SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive))
+def example(device, dtype) -> Example:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 40, generator=gen, dtype=torch.float64)
+    top = torch.randn(2, 3, 40, generator=gen, dtype=torch.float64).log_softmax(-1).topk(5)
+    labels = torch.tensor([[1, -100, 3], [4, 5, -100]])
+    args = (logits.to(device, dtype), top.indices.to(device), top.values.to(device, dtype), labels.to(device))
+    return Example(args, {"temperature": 2.0, "tail": "bucket"})
+
+
+SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive, example))

@@ -1,0 +1,129 @@
+"""Global-topology InfoNCE (TRG's ``L_global``): :func:`token_contrastive_loss` and
+:class:`TokenContrastiveLoss`. **Experimental; reference (pure PyTorch) only for now.**
+
+Logits ``sim(h^S_i, h^T_j) / τ`` over all node pairs of the projected student and teacher nodes; the
+positive of student node i is teacher node i, the negatives are the other teacher nodes; cross-entropy
+(log-softmax form), mean over nodes. TRG anneals τ from high to low (coarse to fine structure): see
+:func:`kdloss.trg.temperature_schedule`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._dispatch import use_kernel
+from ._options import OptionsModule
+from ._validation import REDUCTIONS, check_bool, check_option, check_real, check_same_device, check_tensor
+
+__all__ = ["TokenContrastiveLoss", "TokenContrastiveOptions", "token_contrastive_loss"]
+
+SIMILARITIES = ("cosine", "dot")
+
+
+@dataclass(frozen=True)
+class TokenContrastiveOptions:
+    """Options of :func:`token_contrastive_loss`.
+
+    Args:
+        temperature: τ > 0 (default 0.1).
+        similarity: ``"cosine"`` (default) or ``"dot"``.
+        symmetric: also average the teacher→student direction (default False: teacher-side negatives only).
+        detach_teacher: stop the gradient into ``teacher_emb`` (default False: TRG trains the teacher-side
+            projection head).
+        reduction: ``"mean"`` over nodes (default), ``"sum"`` or ``"none"`` (``[M]``).
+    """
+
+    temperature: float = 0.1
+    similarity: str = "cosine"
+    symmetric: bool = False
+    detach_teacher: bool = False
+    reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        check_real(self.temperature, "temperature", low=0.0)
+        check_option(self.similarity, "similarity", SIMILARITIES)
+        check_bool(self.symmetric, "symmetric")
+        check_bool(self.detach_teacher, "detach_teacher")
+        check_option(self.reduction, "reduction", REDUCTIONS)
+
+
+_D = TokenContrastiveOptions
+
+
+def token_contrastive_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    *,
+    temperature: float = _D.temperature,
+    similarity: str = _D.similarity,
+    symmetric: bool = _D.symmetric,
+    detach_teacher: bool = _D.detach_teacher,
+    reduction: str = _D.reduction,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Global-topology InfoNCE (TRG ``L_global``). **Experimental.**
+
+    Args:
+        student_emb: ``[M, E]`` projected student nodes.
+        teacher_emb: ``[M, E]`` projected teacher nodes. Unlike other losses' teachers it receives a
+            gradient by default (TRG trains the teacher-side projection head).
+        temperature, similarity, symmetric, detach_teacher, reduction: see :class:`TokenContrastiveOptions`.
+        backend: there is no compiled kernel yet: ``"kernel"`` raises :class:`kdloss.KernelUnavailableError`;
+            ``"auto"`` and ``"reference"`` run the pure-PyTorch implementation (``O(M²)`` memory).
+
+    Shape:
+        ``student_emb [M, E]``, ``teacher_emb [M, E]`` → a scalar, or ``[M]`` for ``"none"``.
+
+    Returns:
+        The loss in ``student_emb.dtype`` (computed in fp32, fp64 for fp64).
+
+    Example:
+        >>> hs, ht = torch.randn(32, 16, requires_grad=True), torch.randn(32, 16, requires_grad=True)
+        >>> token_contrastive_loss(hs, ht, temperature=0.2).backward()
+
+    References:
+        The TRG paper's global-topology term (no official code is public); van den Oord et al.,
+        "Representation Learning with Contrastive Predictive Coding" (InfoNCE, 2018).
+    """
+    options = TokenContrastiveOptions(temperature=temperature, similarity=similarity, symmetric=symmetric,
+                                      detach_teacher=detach_teacher, reduction=reduction)
+    check_tensor(student_emb, "student_emb", ndim=2)
+    check_tensor(teacher_emb, "teacher_emb", ndim=2)
+    device = check_same_device(student_emb=student_emb, teacher_emb=teacher_emb)
+    if teacher_emb.shape != student_emb.shape:
+        raise ValueError(f"teacher_emb must have the shape of student_emb {tuple(student_emb.shape)} "
+                         f"(project both to a common width E), got {tuple(teacher_emb.shape)}")
+    use_kernel("token_contrastive", device, backend)  # validates backend; "kernel" raises: there is none
+    from .reference.token_contrastive import token_contrastive_reference
+
+    return token_contrastive_reference(student_emb, teacher_emb, options=options)
+
+
+class TokenContrastiveLoss(OptionsModule):
+    """Module form of :func:`token_contrastive_loss` (experimental). Set ``loss_fn.temperature`` each step
+    from :func:`kdloss.trg.temperature_schedule` to anneal it.
+
+    Args:
+        temperature, similarity, symmetric, detach_teacher, reduction, backend: as in
+        :func:`token_contrastive_loss`.
+
+    Shape:
+        ``forward(student_emb [M, E], teacher_emb [M, E])``.
+
+    Example:
+        >>> loss_fn = TokenContrastiveLoss(temperature=0.2)
+        >>> loss_fn(torch.randn(32, 16, requires_grad=True), torch.randn(32, 16)).backward()
+    """
+
+    def __init__(self, *, temperature: float = _D.temperature, similarity: str = _D.similarity,
+                 symmetric: bool = _D.symmetric, detach_teacher: bool = _D.detach_teacher,
+                 reduction: str = _D.reduction, backend: str = "auto") -> None:
+        options = TokenContrastiveOptions(temperature=temperature, similarity=similarity, symmetric=symmetric,
+                                          detach_teacher=detach_teacher, reduction=reduction)
+        super().__init__(options, backend)
+
+    def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
+        """See :func:`token_contrastive_loss`."""
+        return token_contrastive_loss(student_emb, teacher_emb, backend=self.backend, **self.option_kwargs())
