@@ -292,11 +292,13 @@ def test_collator_pads_every_field():
     assert torch.isneginf(batch["teacher_logprobs"][0, 2]).all()  # T - 1 stored positions padded too
 
 
-@pytest.mark.parametrize("kwargs,match", [({"ce_weight": 1.5}, "ce_weight"), ({"top_k": 0}, "top_k"),
-                                          ({"tail": "x"}, "tail"), ({"fused": 1}, "fused"),
-                                          ({"temperature": 0.0}, "temperature")])
-def test_config_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("kwargs,error,match", [({"ce_weight": 1.5}, ValueError, "ce_weight"),
+                                                ({"top_k": 0}, ValueError, "top_k"), ({"tail": "x"}, ValueError, "tail"),
+                                                ({"fused": 1}, TypeError, "fused"),
+                                                ({"temperature": 0.0}, ValueError, "temperature"),
+                                                ({"teacher_ids_column": None}, TypeError, "teacher_ids_column")])
+def test_config_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
         DistillationConfig(**kwargs)
 
 

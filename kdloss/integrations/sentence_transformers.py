@@ -16,7 +16,6 @@ text columns), exactly like sentence-transformers' own losses:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ try:  # sentence-transformers >= 5.4: one merged forward for like-shaped candida
 except ImportError:  # pragma: no cover - older sentence-transformers
     _st_embed_columns = None
 
-from .._validation import BACKENDS, check_option
+from .._validation import BACKENDS, check_int, check_option, check_real
 from ..margin_mse import margin_mse_from_embeddings, margin_mse_loss
 from ..plackett_luce import plackett_luce_loss
 
@@ -70,30 +69,26 @@ def _name(fn) -> str:
 def _label_tensor(labels, what: str) -> Tensor:
     if isinstance(labels, (list, tuple)):
         if not labels or not all(isinstance(row, Tensor) for row in labels):
-            raise ValueError(f"{what} must be a tensor or a non-empty list of tensors")
+            raise TypeError(f"{what} must be a tensor or a non-empty list of tensors")
         labels = torch.stack(list(labels))
     if not isinstance(labels, Tensor):
-        raise ValueError(f"{what} must be a tensor of teacher scores, got {type(labels).__name__} "
+        raise TypeError(f"{what} must be a tensor of teacher scores, got {type(labels).__name__} "
                          f"(does the dataset have a 'label' or 'score' column?)")
     return labels.detach()
 
 
 def _check_similarity(similarity_fct) -> Callable | None:
     if similarity_fct is not None and not callable(similarity_fct):
-        raise ValueError(f"similarity_fct must be None (dot product) or a callable, got {similarity_fct!r}")
+        raise TypeError(f"similarity_fct must be None (dot product) or a callable, got {similarity_fct!r}")
     return similarity_fct
 
 
 def _check_label_index(value) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
-        raise ValueError(f"label_index must be None or an int >= 0, got {value!r}")
-    return None if value is None else int(value)
+    return None if value is None else check_int(value, "label_index", low=0)
 
 
 def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_real(value, name, low=0.0)
 
 
 class MarginMSELoss(nn.Module):
@@ -155,9 +150,8 @@ class _CrossEncoderScores(nn.Module):
         super().__init__()
         if getattr(model, "num_labels", 1) != 1:
             raise ValueError(f"{type(self).__name__} needs a CrossEncoder with num_labels=1, got {model.num_labels}")
-        if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or
-                                            not isinstance(mini_batch_size, numbers.Integral) or mini_batch_size < 1):
-            raise ValueError(f"mini_batch_size must be None or an int >= 1, got {mini_batch_size!r}")
+        if mini_batch_size is not None:
+            check_int(mini_batch_size, "mini_batch_size", low=1)
         self.model = model
         self.activation_fn = nn.Identity() if activation_fn is None else activation_fn
         self.mini_batch_size = mini_batch_size
@@ -214,9 +208,10 @@ class CrossEncoderMarginMSELoss(_CrossEncoderScores):
         return _MARGIN_MSE_CITATION
 
 
-def _targets(teacher: Tensor, label_index: int | None) -> Tensor:
+def _targets(teacher: Tensor, label_index: int | None) -> Tensor | None:
+    """The true document of each list: ``label_index``, or None (the teacher's top document)."""
     if label_index is None:
-        return teacher.argmax(dim=-1)
+        return None
     if label_index >= teacher.shape[-1]:
         raise ValueError(f"label_index {label_index} is out of range for lists of {teacher.shape[-1]} documents")
     return torch.full(teacher.shape[:-1], label_index, dtype=torch.int64, device=teacher.device)

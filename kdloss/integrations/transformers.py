@@ -41,10 +41,11 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
         "pip install 'kdloss[transformers]' (or pip install transformers accelerate)"
     ) from error
 
-from .._validation import BACKENDS, check_option
+from .._topk import TopKKLOptions
+from .._validation import BACKENDS, check_bool, check_int, check_option, check_real
 from ..fused_linear_topk_kl import fused_linear_topk_kl_loss
 from ..sparse import topk_teacher
-from ..topk_kl import check_options, topk_kl_loss
+from ..topk_kl import topk_kl_loss
 
 __all__ = [
     "DistillationConfig",
@@ -102,22 +103,17 @@ class DistillationConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        check_options(values=self.values, tail=self.tail, student_support=self.student_support,
+        TopKKLOptions(values=self.values, tail=self.tail, student_support=self.student_support,
                       temperature=self.temperature, teacher_temperature=self.teacher_temperature,
-                      scale_by_t2=self.scale_by_t2, ignore_index=self.ignore_index, reduction="mean")
-        weight = self.ce_weight
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0.0 <= weight <= 1.0:
-            raise ValueError(f"ce_weight must be a number in [0, 1], got {weight!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
-        if not isinstance(self.fused, bool):
-            raise ValueError(f"fused must be a bool, got {self.fused!r}")
-        chunk = self.chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk!r}")
+                      scale_by_t2=self.scale_by_t2, ignore_index=self.ignore_index)
+        check_real(self.ce_weight, "ce_weight", low=0.0, high=1.0, low_open=False, high_open=False)
+        check_int(self.top_k, "top_k", low=1)
+        check_bool(self.fused, "fused")
+        if self.chunk_size is not None:
+            check_int(self.chunk_size, "chunk_size", low=1)
         for name in ("teacher_ids_column", "teacher_values_column"):
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
+                raise TypeError(f"{name} must be a str, got {getattr(self, name)!r}")
         check_option(self.backend, "backend", BACKENDS)
 
     @property
