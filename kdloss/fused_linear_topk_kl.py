@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
+from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets
@@ -275,7 +276,7 @@ def fused_linear_topk_kl_loss(
         0.0 if softcap is None else float(softcap), chunk_size or default_chunk_size(vocab),
         needs_grad and reduction != "none",
     )
-    return loss.reshape(lead) if reduction == "none" else loss
+    return cast_loss(loss.reshape(lead) if reduction == "none" else loss, hidden.dtype)
 
 
 class FusedLinearTopKKLLoss(OptionsModule):

@@ -48,7 +48,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _fwd_fake(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
               full_support, reduction, softcap, chunk_size, compute_grad):
     rows = hidden.shape[0]
-    loss = hidden.new_empty((rows,) if reduction == _NONE else ())
+    loss = hidden.new_empty((rows,) if reduction == _NONE else (), dtype=_acc(hidden.dtype))
     lse = hidden.new_empty((rows,), dtype=_acc(hidden.dtype))
     if not compute_grad:
         return loss, lse, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
