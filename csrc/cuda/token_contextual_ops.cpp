@@ -4,7 +4,8 @@
 // of at most kChunkElements each, never a [B, N, N] tensor (spec §5.2–5.3).
 //
 //   student [B, N, Ds] (any float dtype), teacher [B, N, Dt] (any float dtype, a constant)
-//   forward → loss, stats_s, stats_t ([2, B, N]: row max, log-sum), rho ([B, N]); accumulation dtype
+//   forward → loss, stats_s, stats_t ([2, B, N]: row max, log-sum), rho ([B, N]); all in the
+//   accumulation dtype (the loss too)
 //   backward: per chunk, recompute S and T, form W = (dS + dSᵀ)/√Ds, grad rows = W · F_s
 //   (for bf16/fp16 students W is split into hi + lo half-precision parts: two tensor-core GEMMs
 //   with fp32 accumulation give the fp32 result to ~16 bits).
@@ -111,13 +112,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
                    "token_contextual");
     }
   }
+  // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
   at::Tensor loss;
   if (reduction == kNone) {
-    loss = (s.N > 0 ? row_loss.div(double(s.N)) : row_loss).to(student.scalar_type());
+    loss = s.N > 0 ? row_loss.div(double(s.N)) : row_loss;
   } else {
-    at::Tensor total = row_loss.sum();
-    if (reduction == kMean && s.B * s.N > 0) total = total.div(double(s.B) * double(s.N) * double(s.N));
-    loss = total.to(student.scalar_type());
+    loss = row_loss.sum();
+    if (reduction == kMean && s.B * s.N > 0) loss = loss.div(double(s.B) * double(s.N) * double(s.N));
   }
   return {loss, stats_s, stats_t, rho};
 }
