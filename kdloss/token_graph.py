@@ -161,8 +161,8 @@ def token_graph_loss(
         ``student_nodes [M, Ds]``, ``teacher_nodes [M, Dt]`` → a scalar, or ``[M]`` for ``"none"``.
 
     Returns:
-        The loss in ``student_nodes.dtype`` (computed in fp32, fp64 for fp64; fp32 under autocast). ``M = 0`` gives 0 with a
-        zero gradient.
+        The loss in ``student_nodes.dtype`` (computed in fp32, fp64 for fp64; fp32 under autocast).
+        ``M = 0`` gives 0 with a zero gradient.
 
     Example:
         >>> student = torch.randn(64, 32, requires_grad=True)

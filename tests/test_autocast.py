@@ -27,7 +27,7 @@ from kdloss.functional import (
 )
 from kdloss.sparse import topk_teacher
 
-from conftest import CUDA
+from helpers import CUDA
 
 RTOL, ATOL = 2e-5, 1e-6  # fp32 rounding (the kernels sum in a fixed order; references differ slightly)
 
@@ -43,6 +43,7 @@ class Case:
     loss: Callable
     reference: bool = True  # the loss has a reference backend to compare as well
     kernel: bool = True  # the loss has a compiled kernel
+    low: int | None = None  # how many leading inputs autocast makes low-precision (None: all)
 
 
 def _gen():
@@ -100,12 +101,11 @@ def fused_linear_topk_kl_case(device, dtype):
     labels = torch.randint(0, 40, (10,), generator=g)
     labels[::3] = -100
     ids, logp, labels = ids.to(device), logp.to(device), labels.to(device)
-    head = leaves["head"]
 
-    def loss(hidden, **kw):
+    def loss(hidden, head, **kw):
         return fused_linear_topk_kl_loss(hidden, head, ids, logp, labels=labels, chunk_size=4, temperature=2.0, **kw)
 
-    return Case(leaves, lambda p: (_project(p["x"], p["body"]),), loss)
+    return Case(leaves, lambda p: (_project(p["x"], p["body"]), p["head"]), loss, low=1)
 
 
 def sinkhorn_case(device, dtype):
@@ -176,7 +176,7 @@ def _backends(case: Case):
 
 def _leaf_grads(loss, leaves: dict) -> dict:
     names = list(leaves)
-    return dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
+    return dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names]), strict=True))
 
 
 def _fp32_loss(case: Case, inputs, backend):
@@ -197,12 +197,13 @@ def test_eager_loss_is_fp32_and_gradients_keep_each_dtype(name, device_type, dty
         with torch.autocast(device_type, dtype=dtype):
             inputs = case.produce(leaves)
             loss = case.loss(*inputs, backend=backend)
-        assert all(t.dtype == dtype for t in inputs), "autocast should have produced low-precision inputs"
+        low = inputs[:case.low]
+        assert all(t.dtype == dtype for t in low), "autocast should have produced low-precision inputs"
         assert loss.dtype == torch.float32, (backend, loss.dtype)
         torch.testing.assert_close(loss, _fp32_loss(case, inputs, backend), rtol=RTOL, atol=ATOL)
         input_grads = torch.autograd.grad(loss, inputs, retain_graph=True)
-        assert [g.dtype for g in input_grads] == [dtype] * len(inputs), backend
-        for (name_, leaf), grad in zip(leaves.items(), _leaf_grads(loss, leaves).values()):
+        assert [g.dtype for g in input_grads] == [t.dtype for t in inputs], backend
+        for (name_, leaf), grad in zip(leaves.items(), _leaf_grads(loss, leaves).values(), strict=True):
             assert grad.dtype == leaf.dtype, (backend, name_, grad.dtype, leaf.dtype)
             assert torch.isfinite(grad).all()
 
@@ -226,7 +227,7 @@ def test_compiled_loss_is_fp32_and_gradients_keep_each_dtype(name, device_type, 
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, eager_loss, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(loss, _fp32_loss(case, inputs, backend), rtol=RTOL, atol=ATOL)
-    for (name_, leaf), grad in zip(leaves.items(), _leaf_grads(loss, leaves).values()):
+    for (name_, leaf), grad in zip(leaves.items(), _leaf_grads(loss, leaves).values(), strict=True):
         assert grad.dtype == leaf.dtype, (name_, grad.dtype, leaf.dtype)
         assert torch.isfinite(grad).all()
 
@@ -239,8 +240,39 @@ def test_outside_autocast_a_bf16_input_gives_a_bf16_loss(name):
         inputs = case.produce(leaves)
         loss = case.loss(*inputs, backend=backend)
         assert loss.dtype == torch.bfloat16
-        # the fp32 loss rounded once to bf16 (the kernels never round an intermediate to bf16)
-        assert torch.equal(loss, _fp32_loss(case, inputs, backend).to(torch.bfloat16))
+        # the only difference autocast makes is the final rounding of the same fp32 loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = case.loss(*inputs, backend=backend)
+        assert inside.dtype == torch.float32 and torch.equal(loss, inside.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_fused_head_bf16_hidden_with_fp32_weight_outside_autocast(backend):
+    """The mixed pair autocast produces also works without autocast: fp32 logits (the hidden upcast
+    chunk by chunk), so an fp32 loss equal to the all-fp32 computation; gradients in each input's dtype."""
+    case = fused_linear_topk_kl_case("cpu", torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = case.produce(case.leaves)[0].detach().requires_grad_()
+    head = case.leaves["head"].detach().clone().requires_grad_()
+    loss = case.loss(hidden, head, backend=backend)
+    assert loss.dtype == torch.float32
+    hidden32 = hidden.detach().float().requires_grad_()
+    expected = case.loss(hidden32, head, backend=backend)
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+    grad_hidden, grad_head = torch.autograd.grad(loss, (hidden, head))
+    exp_hidden, exp_head = torch.autograd.grad(expected, (hidden32, head))
+    assert grad_hidden.dtype == torch.bfloat16 and grad_head.dtype == torch.float32
+    torch.testing.assert_close(grad_head, exp_head, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad_hidden, exp_hidden.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_fused_head_rejects_other_mixed_dtypes():
+    case = fused_linear_topk_kl_case("cpu", torch.bfloat16)
+    hidden = torch.randn(10, 8)
+    with pytest.raises(ValueError, match="weight"):
+        case.loss(hidden, case.leaves["head"].to(torch.bfloat16))  # fp32 hidden, bf16 weight
+    with pytest.raises(ValueError, match="weight"):
+        case.loss(hidden.double(), case.leaves["head"])  # fp64 hidden, fp32 weight
 
 
 def test_trg_module_under_autocast_returns_fp32_and_fp32_projection_grads():

@@ -13,8 +13,9 @@ Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user 
 
 ``topk_kl_fwd`` returns ``(loss, lse)``: the loss (``[N]`` for none, else a scalar) and the per-row
 log-sum-exp of ``logits/T`` over V (over K for ``full_support=False``), both in the accumulation
-dtype (the public function rounds the loss to the logits' dtype outside autocast); ``lse`` is saved for the backward (not differentiable). ``topk_kl_bwd`` writes the
-dense ``[N, V]`` gradient from it in one pass (``g·(α·q_j + β_j·[j∈K])``).
+dtype (the public function rounds the loss to the logits' dtype outside autocast); ``lse`` is saved
+for the backward (not differentiable). ``topk_kl_bwd`` writes the dense ``[N, V]`` gradient from it
+in one pass (``g·(α·q_j + β_j·[j∈K])``).
 """
 
 import torch
