@@ -275,6 +275,24 @@ def test_fused_head_rejects_other_mixed_dtypes():
         case.loss(hidden.double(), case.leaves["head"])  # fp64 hidden, fp32 weight
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_fp32_inputs_inside_autocast_give_the_fp32_result(name):
+    """fp32 tensors reaching a loss inside autocast (e.g. a model kept in fp32 around a bf16 region):
+    kdloss's own matrix products (fused-head chunks, kNN search, reference similarities) are not
+    rerouted to bf16, so the result is the one computed outside autocast."""
+    case = CASES[name]("cpu", torch.float32)
+    for backend in _backends(case):
+        inputs = case.produce(_leaves(case))
+        outside = case.loss(*inputs, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = case.loss(*inputs, backend=backend)
+        assert inside.dtype == torch.float32
+        assert torch.equal(inside, outside), (backend, inside, outside)
+        grads_inside = torch.autograd.grad(inside, inputs, retain_graph=True)
+        for got, expected in zip(grads_inside, torch.autograd.grad(outside, inputs), strict=True):
+            assert got.dtype == torch.float32 and torch.equal(got, expected), backend
+
+
 def test_trg_module_under_autocast_returns_fp32_and_fp32_projection_grads():
     torch.manual_seed(0)
     trg = kdloss.TRGLoss(student_dim=6, teacher_dim=9, embed_dim=4, num_samples=5, k=2, sigma=4.0)

@@ -13,6 +13,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -94,6 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
                                                                                 int64_t reduction) {
   const Shape s = check_inputs(student, teacher, reduction);
   c10::cuda::CUDAGuard guard(student.device());
+  // the chunk GEMMs pick their own dtypes: an enclosing autocast must not reroute them to fp16/bf16
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto acc = acc_type(student.scalar_type());
   const auto opts = student.options().dtype(acc);
   at::Tensor stats_s = at::zeros({2, s.B, s.N}, opts), stats_t = at::zeros({2, s.B, s.N}, opts);
@@ -149,6 +152,8 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
     TORCH_CHECK_VALUE(grad.numel() == 1, "grad must be a scalar, got ", grad.sizes());
   }
   c10::cuda::CUDAGuard guard(student.device());
+  // the chunk GEMMs pick their own dtypes: an enclosing autocast must not reroute them to fp16/bf16
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::Tensor grad_student = at::empty(student.sizes(), student.options());
   if (student.numel() == 0) return grad_student;
   const auto opts = student.options().dtype(acc);
