@@ -21,12 +21,14 @@ micro-batch losses add up, and every micro-batch must divide by the same ``d = N
 ``N`` now counts the positions of all micro-batches of the step on all ranks. Pass the labels of
 every micro-batch of the step at once: ``num_items_for_ddp([labels_1, …, labels_M])``.
 
-**Hugging Face.** ``Trainer`` computes ``num_items_in_batch`` as the count over the micro-batches
-of the step, summed over ranks when ``average_tokens_across_devices`` is on (``N``), and, in its
-*own* ``compute_loss``, multiplies the loss by the number of processes to undo DDP's averaging —
-which is the same as dividing by ``N / W``. A ``compute_loss`` override that calls a kdloss loss
-with that ``num_items_in_batch`` must multiply by ``self.accelerator.num_processes`` itself, or
-pass ``num_items_in_batch / num_processes`` — which is what this function computes.
+**Hugging Face.** ``Trainer`` (transformers 5) computes ``num_items_in_batch`` as the count of
+labels ≠ -100 over the micro-batches of the step (over ``labels[..., 1:]`` for causal LMs), summed
+over ranks when ``average_tokens_across_devices`` is on (the default): that is ``N``. Its *own*
+``compute_loss`` then multiplies the loss by the number of processes (when the model accepts loss
+kwargs), which undoes DDP's averaging — the same as dividing by ``N / W``. A ``compute_loss``
+override that passes Trainer's ``num_items_in_batch`` to a kdloss loss loses that factor: pass
+``num_items_in_batch / self.accelerator.num_processes`` instead (what this function computes from
+the labels), or multiply the loss by the number of processes.
 
 **Parameters used outside the DDP forward.** DDP synchronises a parameter's gradient only if the
 backward it takes part in follows a forward through the DDP wrapper *in the same iteration*.
@@ -44,11 +46,12 @@ backward it takes part in follows a forward through the DDP wrapper *in the same
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from ._validation import check_index_tensor, check_int, comparable
 
 __all__ = ["num_items_for_ddp", "register_loss", "world_size"]
 
@@ -86,8 +89,7 @@ def _check_integer_labels(tensors: list[torch.Tensor]) -> torch.device:
     device = tensors[0].device
     for i, t in enumerate(tensors):
         name = "labels" if len(tensors) == 1 else f"labels[{i}]"
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor (class or token ids), got dtype {t.dtype}")
+        check_index_tensor(t, name)
         if t.device != device:
             raise ValueError(f"{name} must be on {device} (the device of the first labels), got {t.device}")
     return device
@@ -111,7 +113,7 @@ def num_items_for_ddp(labels, ignore_index: int = -100, group=None) -> torch.Ten
 
     Args:
         labels: the labels exactly as the loss receives them (already shifted for causal LMs), an
-            integer tensor of any shape — or a list/tuple of them, the micro-batches of one
+            integer tensor (int64/int32/int16/uint16/int8/uint8) of any shape — or a list/tuple of them, the micro-batches of one
             optimizer step under gradient accumulation (pass the same result to every
             micro-batch's loss).
         ignore_index: label value of positions that do not count (default -100).
@@ -134,11 +136,10 @@ def num_items_for_ddp(labels, ignore_index: int = -100, group=None) -> torch.Ten
     """
     tensors = _label_tensors(labels)
     device = _check_integer_labels(tensors)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_int(ignore_index, "ignore_index")
     count = torch.zeros((), dtype=torch.int64, device=device)
     for t in tensors:
-        count = count + (t != ignore_index).sum(dtype=torch.int64)
+        count = count + (comparable(t) != ignore_index).sum(dtype=torch.int64)
     world = world_size(group)
     if world > 1:
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM, group=group)
@@ -170,12 +171,14 @@ def register_loss(model: nn.Module, loss: nn.Module, name: str = "distillation_l
         ``model`` (the same object), now holding ``loss`` as ``model.<name>``.
 
     Example:
-        >>> student = nn.Linear(4, 4)
-        >>> trg = kdloss.TRGLoss(student_dim=4, teacher_dim=8, embed_dim=16)
-        >>> register_loss(student, trg)
-        >>> ddp = torch.nn.parallel.DistributedDataParallel(student)          # doctest: +SKIP
-        >>> optimizer = torch.optim.AdamW(ddp.parameters())                   # doctest: +SKIP
-        >>> loss = ddp.module.distillation_loss(ddp(x_tokens), teacher_tokens)  # doctest: +SKIP
+        >>> from kdloss import TRGLoss
+        >>> student = register_loss(nn.Linear(4, 4), TRGLoss(student_dim=4, teacher_dim=8, embed_dim=16))
+        >>> sorted({name.split(".")[1] for name, _ in student.named_parameters() if "." in name})
+        ['student_proj', 'teacher_proj']
+        >>> # then, per process:
+        >>> # ddp = torch.nn.parallel.DistributedDataParallel(student)
+        >>> # optimizer = torch.optim.AdamW(ddp.parameters())
+        >>> # loss = ddp.module.distillation_loss(ddp(tokens), teacher_tokens)
     """
     from torch.nn.parallel import DistributedDataParallel
 

@@ -1,8 +1,8 @@
 """Data parallelism with two CPU processes (gloo): with ``num_items_in_batch=num_items_for_ddp(...)``
 the gradients DDP leaves on every rank equal the single-process gradient of the global mean (fp32
 rounding), with uneven counted tokens per rank, for the top-k KL, the fused head (hidden states
-through the DDP wrapper, the head weight a parameter of the wrapped module) and gradient
-accumulation over 2 micro-batches; the fused head fed by an unwrapped submodule is shown to skip
+through the DDP wrapper, the head weight a parameter of the wrapped module) and PLD, each also with
+gradient accumulation over 2 micro-batches; the fused head fed by an unwrapped submodule is shown to skip
 the synchronisation. ``register_loss`` keeps ``TRGLoss``'s projection heads equal on both ranks."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kdloss
 from kdloss.distributed import num_items_for_ddp, register_loss, world_size
-from kdloss.functional import fused_linear_topk_kl_loss, topk_kl_loss
+from kdloss.functional import fused_linear_topk_kl_loss, plackett_luce_loss, topk_kl_loss
 from kdloss.sparse import topk_teacher
 
 WORLD = 2
@@ -63,8 +63,9 @@ def micro_batch(rank: int, micro: int) -> dict:
     labels = torch.randint(0, VOCAB, (n,), generator=gen)
     labels[COUNTED[(rank, micro)]:] = -100
     labels = labels[torch.randperm(n, generator=gen)].reshape(POSITIONS)
-    ids, logp = topk_teacher(3 * torch.randn(*POSITIONS, VOCAB, generator=gen), K)
-    return {"x": x, "labels": labels, "ids": ids, "logp": logp}
+    teacher = 3 * torch.randn(*POSITIONS, VOCAB, generator=gen)
+    ids, logp = topk_teacher(teacher, K)
+    return {"x": x, "labels": labels, "ids": ids, "logp": logp, "teacher": teacher}
 
 
 def concat(batches: list[dict]) -> dict:
@@ -102,13 +103,21 @@ def naive_fused_step(ddp, batch, num_items=None):
                                      **TOPK_OPTIONS)
 
 
-STEPS = {"topk": topk_step, "fused": fused_step, "naive_fused": naive_fused_step}
+def pld_step(model_or_ddp, batch, num_items=None):
+    logits = model_or_ddp(batch["x"])
+    return plackett_luce_loss(logits, batch["teacher"], batch["labels"], temperature=2.0,
+                              num_items_in_batch=num_items)
+
+
+STEPS = {"topk": topk_step, "fused": fused_step, "naive_fused": naive_fused_step, "pld": pld_step}
 # scenario -> (step, micro-batches per optimizer step)
 SCENARIOS = {
     "topk": ("topk", 1),
     "fused": ("fused", 1),
     "topk_accumulate": ("topk", MICRO),
     "fused_accumulate": ("fused", MICRO),
+    "pld": ("pld", 1),
+    "pld_accumulate": ("pld", MICRO),
     "naive_fused": ("naive_fused", 1),
 }
 
@@ -252,7 +261,7 @@ def test_num_items_is_the_global_count_over_the_group_size(per_rank):
         assert results["num_items_tuple"].item() == every
 
 
-@pytest.mark.parametrize("scenario", ["topk", "fused", "topk_accumulate", "fused_accumulate"])
+@pytest.mark.parametrize("scenario", ["topk", "fused", "pld", "topk_accumulate", "fused_accumulate", "pld_accumulate"])
 def test_ddp_gradients_equal_the_single_process_gradient_of_the_global_mean(per_rank, scenario):
     step_name, micro = SCENARIOS[scenario]
     expected = single_process_gradients(step_name, micro)
@@ -266,14 +275,16 @@ def test_ddp_gradients_equal_the_single_process_gradient_of_the_global_mean(per_
     torch.testing.assert_close(mean_of_ranks, expected["loss"], rtol=RTOL, atol=ATOL)
 
 
-def test_local_normalisation_would_be_wrong(per_rank):
-    """The counts are uneven on purpose: each rank's own mean gives a different gradient, so the
-    equality above is a real test of ``num_items_for_ddp``."""
-    expected = single_process_gradients("topk", 1)
+@pytest.mark.parametrize("step_name", ["topk", "pld"])
+def test_local_normalisation_would_be_wrong(step_name):
+    """The counts are uneven on purpose: averaging each rank's own mean (what DDP does with the
+    default normalisation) gives a different gradient, so the equality above is a real test of
+    ``num_items_for_ddp``."""
+    expected = single_process_gradients(step_name, 1)
     local = []
     for rank in range(WORLD):
         model = make_model()
-        topk_step(model, micro_batch(rank, 0)).backward()
+        STEPS[step_name](model, micro_batch(rank, 0)).backward()
         local.append(grads_of(model))
     averaged = {name: (local[0][name] + local[1][name]) / 2 for name in local[0]}
     assert max_grad_diff(averaged, expected["grads"]) > 1e-3
