@@ -258,6 +258,23 @@ def test_compiled_student_matches_eager():
                           {n: p.grad for n, p in eager.named_parameters()})
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_autocast_bf16(fused):
+    """Inside CPU bf16 autocast (the student's matmuls in bf16, weights fp32) the loss is fp32 and
+    close to the fp32 loss; every parameter gets an fp32 gradient."""
+    teacher, batch = tiny_lm("llama", seed=1), _batch()
+    config = DistillationConfig(temperature=2.0, top_k=8, fused=fused, ce_weight=0.5)
+    expected = distillation_loss(tiny_lm("llama", seed=0), batch, teacher_model=teacher, config=config)
+    student = tiny_lm("llama", seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = distillation_loss(student, batch, teacher_model=teacher, config=config)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected.detach(), rtol=2e-2, atol=1e-3)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in student.parameters())
+
+
 def test_fused_head_refuses_a_head_it_cannot_reproduce():
     student = tiny_lm("llama", seed=0)
     student.config.final_logit_softcapping = 0.02  # Llama ignores it; the fused head would apply it

@@ -53,6 +53,7 @@ __all__ = [
     "DistillationCollator",
     "KDTrainer",
     "distillation_loss",
+    "shifted_labels",
     "unwrap_model",
 ]
 
