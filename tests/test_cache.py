@@ -232,20 +232,39 @@ def test_sigkill_mid_shard_then_resume(tmp_path):
     assert verify_cache(path) == []
 
 
-def test_orphan_shard_is_ignored_and_removed_on_resume(tmp_path):
-    """A crash between a shard's rename and the manifest update leaves an unlisted shard file."""
+def test_uncounted_shard_and_record_are_ignored_then_removed_on_resume(tmp_path):
+    """A crash after a shard's rename (or after its table record) but before the manifest update
+    leaves a shard file and a table record the manifest does not count."""
     rng = np.random.default_rng(3)
     sequences = [make_sequence(rng, 40, 2) for _ in range(4)]
-    write_cache(tmp_path / "c", sequences, 40, 2, shard_tokens=1)
-    (tmp_path / "c" / "shard-000009.kdc").write_bytes(b"garbage")
-    (tmp_path / "c" / "shard-000004.kdc.tmp").write_bytes(b"partial")
-    assert len(TopKCache(tmp_path / "c")) == 4 and verify_cache(tmp_path / "c") == []
-    with TopKCacheWriter(tmp_path / "c", vocab_size=40, k=2, shard_tokens=1, resume=True, durable=False) as writer:
+    path = tmp_path / "c"
+    write_cache(path, sequences, 40, 2, shard_tokens=1)
+    table_size = (path / "shards.bin").stat().st_size
+    (path / "shard-000004.kdc").write_bytes(b"garbage")
+    (path / "shard-000005.kdc.tmp").write_bytes(b"partial")
+    with open(path / "shards.bin", "ab") as table:
+        table.write(b"\x07" * 64)
+    assert len(TopKCache(path)) == 4 and verify_cache(path) == []
+    with TopKCacheWriter(path, vocab_size=40, k=2, shard_tokens=1, resume=True, durable=False) as writer:
+        assert len(writer) == 4 and (path / "shards.bin").stat().st_size == table_size
         writer.add(*sequences[0])
-    assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json"] + [f"shard-00000{i}.kdc" for i in range(5)]
+    expected = sorted(["manifest.json", "shards.bin"] + [f"shard-00000{i}.kdc" for i in range(5)])
+    assert sorted(os.listdir(path)) == expected and verify_cache(path) == []
+    np.testing.assert_array_equal(TopKCache(path)[4].ids.numpy(), sequences[0][1])
 
 
-# ------------------------------------------------------------------------------------------ corruption
+def test_open_reads_only_the_manifest(tmp_path):
+    rng = np.random.default_rng(10)
+    path = tmp_path / "c"
+    write_cache(path, [make_sequence(rng, 40, 2) for _ in range(30)], 40, 2, shard_tokens=1)
+    for number in range(1, 30):  # every shard but shard 0 replaced by garbage: opening must not notice
+        (path / f"shard-{number:06d}.kdc").write_bytes(b"garbage")
+    cache = TopKCache(path)
+    assert len(cache) == 30 and cache.num_shards == 30 and cache._table is None and cache._open == {}
+    cache[0]
+    assert list(cache._open) == [0]
+    with pytest.raises(CorruptCacheError, match="shard-000007.kdc"):
+        cache[7]
 
 
 def test_corrupt_and_truncated_shards_name_the_file(tmp_path, capsys):
@@ -273,11 +292,16 @@ def test_corrupt_and_truncated_shards_name_the_file(tmp_path, capsys):
         cache[4]
     np.testing.assert_array_equal(cache[1].ids.numpy(), sequences[1][1])
     assert any("shard-000002.kdc" in p for p in verify_cache(path))
-    # missing shard and damaged manifest
+    # missing shard, damaged table record, damaged manifest
     os.remove(shard2)
-    assert any("missing" in p for p in verify_cache(path))
+    assert any("shard-000002.kdc: missing" in p for p in verify_cache(path))
+    table = bytearray((path / "shards.bin").read_bytes())
+    table[16 + 64 * 1 + 8] ^= 1  # shard 1's sequence count
+    (path / "shards.bin").write_bytes(bytes(table))
+    with pytest.raises(CorruptCacheError, match=r"shards.bin: record 1 is damaged"):
+        TopKCache(path)[2]
     manifest = path / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"sequences": 2', '"sequences": 3', 1))
+    manifest.write_text(manifest.read_text().replace('"sequences": 6', '"sequences": 7', 1))
     with pytest.raises(CorruptCacheError, match="manifest.json"):
         TopKCache(path)
     assert cli(["verify", str(path)]) == 1
@@ -366,7 +390,7 @@ def test_collator_ids_reach_the_losses(tmp_path):
     vocab, k, hidden = 64, 5, 8
     cache = write_cache(tmp_path / "c", [make_sequence(rng, vocab, k) for _ in range(3)], vocab, k)
     batch = TopKCollator(student_vocab_size=vocab)([cache[i] for i in range(3)])
-    assert batch["teacher_ids"].dtype in (torch.uint16, torch.int32)
+    assert batch["teacher_ids"].dtype == torch.uint16  # the losses take uint16 ids as they are
     wide = TopKCollator(ids_dtype="int64")([cache[i] for i in range(3)])
     logits = torch.randn(*batch["input_ids"].shape, vocab, dtype=torch.float64)
     a = kdloss.functional.topk_kl_loss(logits, batch["teacher_ids"], batch["teacher_values"], batch["shift_labels"],
@@ -549,7 +573,7 @@ def test_distillkit_config_validation():
 
 
 def test_convert_distillkit(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     case = DISTILLKIT_ROWS["recommended_like"]
@@ -623,7 +647,7 @@ def test_vllm_prompt_logprobs(tmp_path):
 
 
 def test_cli_build_inspect_verify(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)

@@ -17,7 +17,7 @@ def _inspect(args) -> int:
     cache = TopKCache(args.path)
     tokens, size = cache.num_tokens, cache.num_bytes
     summary = {"path": cache.path, "metadata": cache.metadata, "sequences": len(cache), "tokens": tokens,
-               "rows": sum(int(s["rows"]) for s in cache.shards), "shards": len(cache.shards), "bytes": size,
+               "rows": cache.num_rows, "shards": cache.num_shards, "bytes": size,
                "bytes_per_token": size / tokens if tokens else 0.0}
     if args.json:
         print(json.dumps(summary, indent=1, sort_keys=True))

@@ -2,9 +2,15 @@
 
 A cache is a directory::
 
-    manifest.json          the committed state: metadata, encoding, the list of shards (+ checksums)
-    shard-000000.kdc       committed shards (immutable once listed in the manifest)
+    manifest.json          the committed state: metadata, encoding, shard count and totals (+ CRC-32)
+    shards.bin             the shard table: one fixed-size record per shard (first sequence, counts,
+                           size, BLAKE2b digest, CRC-32 of the record); records past the manifest's
+                           count are not committed
+    shard-000000.kdc       committed shards (immutable once counted by the manifest)
     shard-000001.kdc.tmp   at most one shard in flight (never read; removed on resume)
+
+Opening reads the small manifest only (O(1) in the number of shards); the shard table is
+memory-mapped and binary-searched, a record's CRC checked when its shard is first used.
 
 A shard file is ``header | sequence blocks | index | footer`` (little-endian throughout):
 
@@ -35,6 +41,12 @@ import numpy as np
 FORMAT_NAME = "kdloss-topk-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TABLE = "shards.bin"
+TABLE_MAGIC = b"KDSHARDS"
+TABLE_HEADER = struct.Struct("<8sII")  # magic, version, record size
+#: One shard table record (64 bytes); ``crc`` covers every other field.
+RECORD_DTYPE = np.dtype([("first", "<u8"), ("sequences", "<u8"), ("tokens", "<u8"), ("rows", "<u8"),
+                         ("bytes", "<u8"), ("number", "<u4"), ("crc", "<u4"), ("blake2b", "V16")])
 SHARD_MAGIC = b"KDTOPK\x01\x00"
 FOOTER_MAGIC = b"KDTOPKIX"
 FOOTER = struct.Struct("<8sQQII")
@@ -370,18 +382,68 @@ def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def manifest_bytes(metadata: dict, encoding: Encoding, shards: list) -> bytes:
-    """Serialised manifest: the content plus a CRC-32 of its canonical JSON."""
-    body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "metadata": metadata,
-            "encoding": encoding.to_json(), "shards": shards}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    body["crc32"] = crc32(canonical)
-    return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+def record_crc(record: np.ndarray) -> int:
+    """CRC-32 of a shard table record's fields other than ``crc``."""
+    raw = record.tobytes()
+    return crc32(raw[:44] + raw[48:])
 
 
-def read_manifest(directory: str) -> tuple[dict, Encoding, list]:
-    """``(metadata, encoding, shards)`` of the cache at ``directory``; :class:`CorruptCacheError`
-    naming the manifest when it is unreadable or altered, ``FileNotFoundError`` when absent."""
+def make_record(first: int, sequences: int, tokens: int, rows: int, size: int, number: int, digest: bytes) -> bytes:
+    """The 64 bytes of one shard table record."""
+    record = np.zeros(1, dtype=RECORD_DTYPE)
+    record[0] = (first, sequences, tokens, rows, size, number, 0, digest)
+    record["crc"] = record_crc(record[0])
+    return record.tobytes()
+
+
+def check_record(record, number: int, table_path: str) -> dict:
+    """Validates record ``number`` (CRC and shard number); returns it as a dict."""
+    if record_crc(record) != int(record["crc"]) or int(record["number"]) != number:
+        raise CorruptCacheError(f"{table_path}: record {number} is damaged (checksum mismatch)")
+    return {"file": shard_name(number), "first": int(record["first"]), "sequences": int(record["sequences"]),
+            "tokens": int(record["tokens"]), "rows": int(record["rows"]), "bytes": int(record["bytes"]),
+            "blake2b": bytes(record["blake2b"]).hex()}
+
+
+def table_header() -> bytes:
+    return TABLE_HEADER.pack(TABLE_MAGIC, FORMAT_VERSION, RECORD_DTYPE.itemsize)
+
+
+def check_table(fd: int, path: str, count: int) -> None:
+    """The shard table must start with its header and hold at least ``count`` records."""
+    size = os.fstat(fd).st_size
+    if size < TABLE_HEADER.size + count * RECORD_DTYPE.itemsize:
+        raise CorruptCacheError(f"{path}: {size} bytes, too short for the {count} shards the manifest counts "
+                                "(truncated shard table)")
+    if os.pread(fd, TABLE_HEADER.size, 0) != table_header():
+        raise CorruptCacheError(f"{path}: bad header (not a kdloss shard table, or damaged)")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The committed state: metadata, encoding, number of shards and totals."""
+
+    metadata: dict
+    encoding: Encoding
+    shards: int
+    sequences: int
+    tokens: int
+    rows: int
+    bytes: int
+
+    def to_bytes(self) -> bytes:
+        """Serialised manifest: the content plus a CRC-32 of its canonical JSON."""
+        body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "metadata": self.metadata,
+                "encoding": self.encoding.to_json(), "shards": self.shards, "sequences": self.sequences,
+                "tokens": self.tokens, "rows": self.rows, "bytes": self.bytes}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        body["crc32"] = crc32(canonical)
+        return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+
+
+def read_manifest(directory: str) -> Manifest:
+    """The manifest of the cache at ``directory``; :class:`CorruptCacheError` naming the file when it
+    is unreadable or altered, ``FileNotFoundError`` when there is no cache."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no kdloss cache at {directory!r} (not a directory)")
@@ -391,7 +453,7 @@ def read_manifest(directory: str) -> tuple[dict, Encoding, list]:
         with open(path, "rb") as handle:
             body = json.loads(handle.read().decode())
         stored = body.pop("crc32")
-    except (ValueError, KeyError, AttributeError, UnicodeDecodeError) as error:
+    except (ValueError, KeyError, AttributeError, TypeError, UnicodeDecodeError) as error:
         raise CorruptCacheError(f"{path}: not a valid kdloss manifest ({error})") from None
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     if crc32(canonical) != stored:
@@ -399,9 +461,10 @@ def read_manifest(directory: str) -> tuple[dict, Encoding, list]:
     if body.get("format") != FORMAT_NAME or body.get("format_version") != FORMAT_VERSION:
         raise CorruptCacheError(f"{path}: unsupported format {body.get('format')!r} "
                                 f"version {body.get('format_version')!r}")
-    encoding = Encoding.from_json(body["encoding"], path)
-    shards = body["shards"]
-    for entry in shards:
-        if not (isinstance(entry, dict) and SHARD_NAME.match(str(entry.get("file", "")))):
-            raise CorruptCacheError(f"{path}: invalid shard entry {entry!r}")
-    return body["metadata"], encoding, shards
+    try:
+        counts = [int(body[key]) for key in ("shards", "sequences", "tokens", "rows", "bytes")]
+        metadata = dict(body["metadata"])
+        int(metadata["vocab_size"]), int(metadata["k"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CorruptCacheError(f"{path}: incomplete manifest ({error})") from None
+    return Manifest(metadata, Encoding.from_json(body["encoding"], path), *counts)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import os
 from typing import NamedTuple
@@ -41,7 +40,10 @@ class _Shard:
 
     def __init__(self, path: str, entry: dict) -> None:
         self.path = path
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise fmt.CorruptCacheError(f"{path}: missing (the manifest lists it)") from None
         try:
             self.index, self.data_end = fmt.read_shard_index(fd, path, int(entry["bytes"]), int(entry["sequences"]))
             self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -55,24 +57,26 @@ class _Shard:
 class TopKCache:
     """A top-k teacher cache opened read-only (a map-style ``torch.utils.data.Dataset``).
 
-    Opening reads only ``manifest.json``: shards are memory-mapped lazily on first access, in
-    each process separately (after a ``fork`` the child re-opens them; a ``spawn``-ed worker
-    receives only the path), so the object is safe to hand to ``DataLoader`` workers.
-    Every access checks the sequence's CRC-32, and the first access to a shard checks its size
-    and index checksum: damage raises :class:`~kdloss.cache.CorruptCacheError` naming the file.
+    Opening reads only ``manifest.json`` (O(1) whatever the number of shards). The shard table
+    and the shards are memory-mapped lazily on first access, in each process separately (after
+    a ``fork`` the child re-opens them; a ``spawn``-ed worker receives only the path and
+    options), so the object is safe to hand to ``DataLoader`` workers. Every access checks the
+    sequence's CRC-32; the first access to a shard checks its table record, size and index
+    checksum: damage raises :class:`~kdloss.cache.CorruptCacheError` naming the file. A cache
+    being written shows the sequences committed when it was opened.
 
     Args:
         path: cache directory written by :class:`~kdloss.cache.TopKCacheWriter`.
         ids_dtype: dtype of ``seq.ids``: ``"int64"`` (default), ``"int32"``, or ``"storage"``
-            (the stored integer dtype as a numpy-compatible tensor: uint16 when the cache stores
-            uint16, int64 when bit-packed; torch supports few operations on uint16).
+            (the stored integer dtype: uint16 when the cache stores uint16, int64 when
+            bit-packed, uint32 otherwise; torch supports few operations on uint16/uint32).
         check_crc: verify each sequence's CRC-32 on read (default True; costs a pass over the bytes).
 
     Example::
 
         cache = TopKCache("cache/")
         seq = cache[0]                      # tokens [T], ids [R, k], values [R, k]
-        loss = kdloss.topk_kl_loss(logits[: len(seq.ids)], seq.ids, seq.values, **cache.loss_kwargs())
+        loss = kdloss.functional.topk_kl_loss(logits[: len(seq.ids)], seq.ids, seq.values, **cache.loss_kwargs())
     """
 
     def __init__(self, path, *, ids_dtype: str = "int64", check_crc: bool = True) -> None:
@@ -82,12 +86,17 @@ class TopKCache:
         if not isinstance(check_crc, bool):
             raise TypeError(f"check_crc must be a bool, got {check_crc!r}")
         self.ids_dtype, self.check_crc = ids_dtype, check_crc
-        self._metadata, self.encoding, self._entries = fmt.read_manifest(self.path)
-        self.k = int(self._metadata["k"])
-        self.vocab_size = int(self._metadata["vocab_size"])
-        counts = np.array([int(entry["sequences"]) for entry in self._entries], dtype=np.int64)
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        self._manifest = fmt.read_manifest(self.path)
+        self.encoding = self._manifest.encoding
+        self.k = int(self._manifest.metadata["k"])
+        self.vocab_size = int(self._manifest.metadata["vocab_size"])
+        self._table_path = os.path.join(self.path, fmt.TABLE)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._table = None  # (mmap, records) of the shard table, opened on first access
         self._open: dict[int, _Shard] = {}
+        self._records: dict[int, dict] = {}
         self._pid = os.getpid()
 
     # ------------------------------------------------------------------------------ metadata
@@ -96,47 +105,85 @@ class TopKCache:
     def metadata(self) -> dict:
         """The cache's metadata: ``vocab_size``, ``k``, ``values``, ``temperature``, ``kind``, the
         user's own keys, and ``encoding`` (how ids and values are stored)."""
-        return {**self._metadata, "encoding": self.encoding.to_json()}
+        return {**self._manifest.metadata, "encoding": self.encoding.to_json()}
 
     @property
     def num_tokens(self) -> int:
         """Total tokens over all sequences."""
-        return sum(int(entry["tokens"]) for entry in self._entries)
+        return self._manifest.tokens
+
+    @property
+    def num_rows(self) -> int:
+        """Total teacher rows (positions with stored targets)."""
+        return self._manifest.rows
 
     @property
     def num_bytes(self) -> int:
         """Total size of the shard files."""
-        return sum(int(entry["bytes"]) for entry in self._entries)
+        return self._manifest.bytes
+
+    @property
+    def num_shards(self) -> int:
+        """Number of committed shards."""
+        return self._manifest.shards
 
     @property
     def shards(self) -> list[dict]:
-        """The manifest's shard records (file, sequences, tokens, rows, bytes, blake2b)."""
-        return [dict(entry) for entry in self._entries]
+        """Every shard's record (file, first sequence, sequences, tokens, rows, bytes, blake2b);
+        reads the whole shard table."""
+        return [self._record(number) for number in range(self.num_shards)]
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments for :func:`kdloss.functional.topk_kl_loss` that follow from how the
         values were stored: ``values``, ``teacher_temperature`` and, for RS-KD sampled targets,
         ``tail="none"``."""
-        kwargs = {"values": self._metadata["values"], "teacher_temperature": float(self._metadata["temperature"])}
-        if self._metadata.get("kind") == "sampled":
+        metadata = self._manifest.metadata
+        kwargs = {"values": metadata["values"], "teacher_temperature": float(metadata["temperature"])}
+        if metadata.get("kind") == "sampled":
             kwargs["tail"] = "none"
         return kwargs
 
     def __len__(self) -> int:
-        return self._starts[-1]
+        return self._manifest.sequences
 
     def __repr__(self) -> str:
         return (f"TopKCache({self.path!r}, sequences={len(self)}, vocab_size={self.vocab_size}, k={self.k}, "
-                f"values={self._metadata['values']!r})")
+                f"values={self._manifest.metadata['values']!r})")
 
     # ------------------------------------------------------------------------------ access
 
-    def _shard(self, number: int) -> _Shard:
+    def _check_process(self) -> None:
         if os.getpid() != self._pid:  # forked: do not share mmaps with the parent
-            self._open, self._pid = {}, os.getpid()
+            self._reset()
+
+    def _table_records(self) -> np.ndarray:
+        self._check_process()
+        if self._table is None:
+            try:
+                fd = os.open(self._table_path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise fmt.CorruptCacheError(f"{self._table_path}: missing") from None
+            try:
+                fmt.check_table(fd, self._table_path, self.num_shards)
+                table = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            records = np.frombuffer(table, dtype=fmt.RECORD_DTYPE, count=self.num_shards, offset=fmt.TABLE_HEADER.size)
+            self._table = (table, records)
+        return self._table[1]
+
+    def _record(self, number: int) -> dict:
+        record = self._records.get(number)
+        if record is None:
+            record = fmt.check_record(self._table_records()[number], number, self._table_path)
+            self._records[number] = record
+        return record
+
+    def _shard(self, number: int) -> _Shard:
+        self._check_process()
         shard = self._open.get(number)
         if shard is None:
-            shard = _Shard(os.path.join(self.path, self._entries[number]["file"]), self._entries[number])
+            shard = _Shard(os.path.join(self.path, fmt.shard_name(number)), self._record(number))
             self._open[number] = shard
         return shard
 
@@ -147,9 +194,13 @@ class TopKCache:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
-            raise IndexError(f"sequence index out of range for a cache of {len(self)} sequences")
-        shard = bisect.bisect_right(self._starts, index) - 1
-        return shard, index - self._starts[shard]
+            raise IndexError(f"sequence index {index} out of range for a cache of {len(self)} sequences")
+        number = int(np.searchsorted(self._table_records()["first"], index, side="right")) - 1
+        record = self._record(max(number, 0))
+        local = index - record["first"]
+        if not 0 <= local < record["sequences"]:
+            raise fmt.CorruptCacheError(f"{self._table_path}: records out of order near shard {number}")
+        return max(number, 0), local
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(tokens [T] int64, ids [R, k], values [R, k] float32)`` as numpy arrays, ids in the
@@ -180,15 +231,20 @@ class TopKCache:
         return CachedSequence(torch.from_numpy(tokens), ids_tensor, torch.from_numpy(values), position)
 
     def close(self) -> None:
-        """Unmaps every open shard (the cache re-opens them on the next access)."""
+        """Unmaps the shard table and every open shard (they are re-opened on the next access)."""
         for shard in self._open.values():
             shard.close()
-        self._open = {}
+        if self._table is not None:
+            table, records = self._table
+            del records
+            self._table = None
+            table.close()
+        self._reset()
 
     def __getstate__(self) -> dict:
-        # spawn-ed DataLoader workers get the path and options only; they open shards themselves
+        # spawn-ed DataLoader workers get the path and options only; they open the files themselves
         state = dict(self.__dict__)
-        state["_open"] = {}
+        state.update(_table=None, _open={}, _records={})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -197,28 +253,36 @@ class TopKCache:
 
 
 def verify_cache(path) -> list[str]:
-    """Checks every shard of the cache at ``path``: presence, size, BLAKE2b digest, header/index
-    checksum and each sequence's CRC-32 and id range. Returns the problems found, each naming
-    its file ("" list when the cache is intact). A missing or damaged manifest raises."""
+    """Checks every shard of the cache at ``path``: its table record, presence, size, BLAKE2b
+    digest, header/index checksum and each sequence's CRC-32 and id range. Returns the problems
+    found, each naming its file (an empty list when the cache is intact). A missing or damaged
+    manifest raises :class:`~kdloss.cache.CorruptCacheError` (or ``FileNotFoundError``)."""
     cache = TopKCache(path)
     problems = []
-    for number, entry in enumerate(cache._entries):
-        shard_path = os.path.join(cache.path, entry["file"])
-        if not os.path.exists(shard_path):
-            problems.append(f"{shard_path}: missing")
-            continue
+    expected_first = 0
+    for number in range(cache.num_shards):
+        shard_path = os.path.join(cache.path, fmt.shard_name(number))
         try:
+            record = cache._record(number)
+            if record["first"] != expected_first:
+                raise fmt.CorruptCacheError(f"{cache._table_path}: record {number} starts at sequence "
+                                            f"{record['first']}, expected {expected_first}")
+            expected_first += record["sequences"]
+            if not os.path.exists(shard_path):
+                raise fmt.CorruptCacheError(f"{shard_path}: missing")
             digest = fmt.file_digest(shard_path)
-            if digest != entry["blake2b"]:
-                raise fmt.CorruptCacheError(f"{shard_path}: BLAKE2b digest {digest} differs from the manifest's "
-                                            f"{entry['blake2b']} (damaged or replaced shard)")
-            first = cache._starts[number]
-            for index in range(first, first + int(entry["sequences"])):
+            if digest != record["blake2b"]:
+                raise fmt.CorruptCacheError(f"{shard_path}: BLAKE2b digest {digest} differs from the recorded "
+                                            f"{record['blake2b']} (damaged or replaced shard)")
+            for index in range(record["first"], record["first"] + record["sequences"]):
                 _, ids, _ = cache.read(index)
                 if ids.size and int(ids.max()) >= cache.vocab_size:
                     raise fmt.CorruptCacheError(f"{shard_path}: sequence {index} holds id {int(ids.max())} >= "
                                                 f"vocab_size {cache.vocab_size}")
         except fmt.CorruptCacheError as error:
             problems.append(str(error))
+    if not problems and expected_first != len(cache):
+        problems.append(f"{os.path.join(cache.path, fmt.MANIFEST)}: counts {len(cache)} sequences, the shards hold "
+                        f"{expected_first}")
     cache.close()
     return problems

@@ -51,8 +51,10 @@ class TopKCacheWriter:
     """Writes a top-k teacher cache: one :meth:`add` per sequence, committed in shards.
 
     A shard is written to ``shard-N.kdc.tmp``, fsynced, renamed to ``shard-N.kdc`` (the directory
-    fsynced) and only then listed in ``manifest.json`` (itself replaced atomically), so a writer
-    killed at any point loses at most the shard in flight and leaves a cache that opens.
+    fsynced), its record appended to the shard table ``shards.bin`` (fsynced), and only then
+    counted by ``manifest.json`` (replaced atomically: temporary file, fsync, rename, directory
+    fsync). A writer killed at any point loses at most the shard in flight and leaves a cache
+    that opens; whatever the manifest does not count is ignored by readers and removed on resume.
 
     Args:
         path: cache directory (created if missing).
@@ -107,45 +109,70 @@ class TopKCacheWriter:
         self.encoding = fmt.choose_encoding(self.vocab_size, ids_format, values_format, value_span)
         self.metadata = {"vocab_size": self.vocab_size, "k": self.k, "values": values,
                          "temperature": self.temperature, "kind": kind, **_check_user_metadata(metadata)}
-        self._shards: list[dict] = []
+        self._committed = fmt.Manifest(self.metadata, self.encoding, 0, 0, 0, 0, 0)
         self._pending = None  # the shard in flight: file handle, hash, index records, tokens
         self._closed = False
         os.makedirs(self.path, exist_ok=True)
+        self._table_path = os.path.join(self.path, fmt.TABLE)
         if os.path.exists(os.path.join(self.path, fmt.MANIFEST)):
             if not resume:
                 raise FileExistsError(f"a kdloss cache already exists at {self.path!r}; pass resume=True to "
                                       "continue it, or choose another path")
             self._load_existing()
+        else:
+            fmt.atomic_write(self._table_path, fmt.table_header(), durable)
         self._remove_orphans()
+        self._truncate_table()
         self._write_manifest()
 
     # -------------------------------------------------------------------------------- state
 
     def _load_existing(self) -> None:
-        metadata, encoding, shards = fmt.read_manifest(self.path)
+        manifest = fmt.read_manifest(self.path)
+        metadata, encoding = manifest.metadata, manifest.encoding
         if metadata != self.metadata or encoding != self.encoding:
             theirs = {**metadata, "encoding": encoding.to_json()}
             ours = {**self.metadata, "encoding": self.encoding.to_json()}
             differ = sorted(key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key))
             details = ", ".join(f"{key}: {theirs.get(key)!r} there, {ours.get(key)!r} here" for key in differ)
             raise ValueError(f"cannot resume {self.path!r}: it was written with different settings ({details})")
-        self._shards = list(shards)
+        if manifest.shards == 0 and not os.path.exists(self._table_path):
+            fmt.atomic_write(self._table_path, fmt.table_header(), self.durable)
+        if manifest.shards:
+            if not os.path.exists(self._table_path):
+                raise fmt.CorruptCacheError(f"{self._table_path}: missing ({manifest.shards} shards are counted)")
+            with open(self._table_path, "rb") as handle:
+                fmt.check_table(handle.fileno(), self._table_path, manifest.shards)
+                offset = fmt.TABLE_HEADER.size + (manifest.shards - 1) * fmt.RECORD_DTYPE.itemsize
+                last = np.frombuffer(os.pread(handle.fileno(), fmt.RECORD_DTYPE.itemsize, offset), fmt.RECORD_DTYPE)[0]
+            record = fmt.check_record(last, manifest.shards - 1, self._table_path)
+            if record["first"] + record["sequences"] != manifest.sequences:
+                raise fmt.CorruptCacheError(f"{self._table_path}: the last record disagrees with {fmt.MANIFEST}")
+        self._committed = manifest
 
     def _remove_orphans(self) -> None:
-        """Removes in-flight ``.tmp`` shards and shard files the manifest does not list."""
-        listed = {entry["file"] for entry in self._shards}
+        """Removes in-flight ``.tmp`` shards and shard files the manifest does not count."""
         for name in os.listdir(self.path):
-            if fmt.TMP_NAME.match(name) or (fmt.SHARD_NAME.match(name) and name not in listed):
+            shard = fmt.SHARD_NAME.match(name)
+            if fmt.TMP_NAME.match(name) or (shard and int(shard.group(1)) >= self._committed.shards):
                 os.remove(os.path.join(self.path, name))
 
+    def _truncate_table(self) -> None:
+        """Drops shard table records past the committed count (left by a crash before the manifest update)."""
+        size = fmt.TABLE_HEADER.size + self._committed.shards * fmt.RECORD_DTYPE.itemsize
+        if os.path.getsize(self._table_path) > size:
+            with open(self._table_path, "r+b") as handle:
+                handle.truncate(size)
+                if self.durable:
+                    os.fsync(handle.fileno())
+
     def _write_manifest(self) -> None:
-        fmt.atomic_write(os.path.join(self.path, fmt.MANIFEST),
-                         fmt.manifest_bytes(self.metadata, self.encoding, self._shards), self.durable)
+        fmt.atomic_write(os.path.join(self.path, fmt.MANIFEST), self._committed.to_bytes(), self.durable)
 
     @property
     def num_committed(self) -> int:
         """Sequences in committed shards (what a reader sees)."""
-        return sum(entry["sequences"] for entry in self._shards)
+        return self._committed.sequences
 
     def __len__(self) -> int:
         """Sequences added so far: committed ones plus those in the shard in flight. Right after
@@ -221,7 +248,7 @@ class TopKCacheWriter:
         return number
 
     def _open_shard(self) -> dict:
-        number = int(fmt.SHARD_NAME.match(self._shards[-1]["file"]).group(1)) + 1 if self._shards else 0
+        number = self._committed.shards
         name = fmt.shard_name(number)
         handle = open(os.path.join(self.path, name + ".tmp"), "wb")
         header = fmt.shard_header(number, self.encoding, self.k)
@@ -253,9 +280,19 @@ class TopKCacheWriter:
         os.replace(final + ".tmp", final)
         if self.durable:
             fmt.fsync_dir(self.path)
-        self._shards.append({"file": pending["name"], "sequences": len(pending["index"]), "tokens": pending["tokens"],
-                             "rows": pending["rows"], "bytes": pending["offset"] + len(tail),
-                             "blake2b": pending["hash"].hexdigest()})
+        done = self._committed
+        size, count = pending["offset"] + len(tail), len(pending["index"])
+        record = fmt.make_record(done.sequences, count, pending["tokens"], pending["rows"], size, done.shards,
+                                 pending["hash"].digest())
+        with open(self._table_path, "r+b") as table:
+            table.seek(fmt.TABLE_HEADER.size + done.shards * fmt.RECORD_DTYPE.itemsize)
+            table.write(record)
+            table.truncate()
+            table.flush()
+            if self.durable:
+                os.fsync(table.fileno())
+        self._committed = fmt.Manifest(self.metadata, self.encoding, done.shards + 1, done.sequences + count,
+                                       done.tokens + pending["tokens"], done.rows + pending["rows"], done.bytes + size)
         self._write_manifest()
 
     def close(self) -> None:
