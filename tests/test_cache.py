@@ -112,6 +112,8 @@ def test_metadata_loss_kwargs_and_compact_sizes(tmp_path):
     header = len(shard_header(0, cache.encoding, 4))
     block = 20 + 10 * 4 * 2 + 10 * 4 * 2 + 4  # tokens, ids, values, padding to 8 bytes
     assert cache.num_bytes == header + block + 24 + 32  # + one index record + the footer
+    large = TopKCacheWriter(tmp_path / "large", vocab_size=151936, k=64, durable=False).encoding
+    assert (large.ids, large.id_bits, large.values, large.value_bits) == ("packed", 18, "quantized", 13)
     with pytest.raises(ValueError, match="reserved"):
         TopKCacheWriter(tmp_path / "r", vocab_size=10, k=2, metadata={"k": 3})
     with pytest.raises(ValueError, match="JSON"):

@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--quantization", help="DistillKit's compression config (YAML or JSON); default: "
                          "compression_config.yaml next to the data")
     convert.add_argument("--temperature", type=float, default=1.0)
-    convert.add_argument("--values-format", default="float16")
+    convert.add_argument("--values-format", default="auto")
     convert.add_argument("--shard-tokens", type=int)
     convert.add_argument("--resume", action="store_true")
     build = sub.add_parser("build", help="run a local Hugging Face causal LM teacher over token ids")
@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", help="torch dtype to load the teacher in, e.g. bfloat16")
     build.add_argument("--batch-size", type=int, default=8)
     build.add_argument("--shard-tokens", type=int, default=1 << 18)
-    build.add_argument("--values-format", default="float16")
+    build.add_argument("--values-format", default="auto")
     build.add_argument("--no-resume", action="store_true", help="refuse to continue an existing cache")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     bench = sub.add_parser("bench", help="open time and random-read throughput")

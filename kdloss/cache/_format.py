@@ -64,7 +64,15 @@ FP16_MAX = 65504.0
 
 
 class CorruptCacheError(ValueError):
-    """A cache file is damaged: truncated, altered or not a kdloss cache. The message names the file."""
+    """A cache file is damaged: truncated, altered or not a kdloss cache. The message names the file.
+
+    Example::
+
+        try:
+            seq = cache[i]
+        except CorruptCacheError as error:   # e.g. "…/shard-000003.kdc: checksum mismatch in sequence 17 …"
+            print(error)
+    """
 
 
 def shard_name(number: int) -> str:
@@ -134,6 +142,9 @@ def choose_encoding(vocab_size: int, ids_format: str, values_format: str, value_
         ids_format = "uint16" if vocab_size <= 1 << 16 else "packed"
     if ids_format == "uint16" and vocab_size > 1 << 16:
         raise ValueError(f"ids_format='uint16' holds vocab_size <= 65536, got vocab_size={vocab_size}")
+    if values_format == "auto":
+        # 2 + 2 bytes per slot with uint16 ids; beside bit-packed ids, 13-bit values keep a slot near 4 bytes
+        values_format = "float16" if ids_format == "uint16" else "q13"
     match = re.fullmatch(r"q(\d+)", values_format)
     if match:
         bits = int(match.group(1))
@@ -143,7 +154,8 @@ def choose_encoding(vocab_size: int, ids_format: str, values_format: str, value_
             raise ValueError(f"value_span must be a finite number > 0, got {value_span!r}")
         return Encoding(tokens, ids_format, bits_for(vocab_size), "quantized", bits, float(value_span))
     if values_format not in FLOAT_FORMATS:
-        raise ValueError(f"values_format must be one of float32, float16, bfloat16, q<bits>; got {values_format!r}")
+        raise ValueError(f"values_format must be 'auto', 'float32', 'float16', 'bfloat16' or 'q<bits>'; "
+                         f"got {values_format!r}")
     return Encoding(tokens, ids_format, bits_for(vocab_size), values_format)
 
 

@@ -19,7 +19,18 @@ __all__ = ["build_cache", "read_token_sequences"]
 def read_token_sequences(path) -> list[list[int]]:
     """Token-id sequences from a file: JSON lines (each a list of ints or an object with
     ``input_ids``), a ``.json`` list of lists, or a ``.parquet`` file with an ``input_ids`` column
-    (needs pyarrow)."""
+    (needs pyarrow).
+
+    Args:
+        path: the file.
+
+    Returns:
+        A list of token-id lists.
+
+    Example::
+
+        sequences = read_token_sequences("tokens.jsonl")   # lines like {"input_ids": [1, 2, 3]}
+    """
     path = os.fspath(path)
     if path.endswith(".parquet"):
         from .distillkit import _need_pyarrow
@@ -75,7 +86,7 @@ class _Progress:
 @torch.no_grad()
 def build_cache(model, sequences, out_path, *, k: int, temperature: float = 1.0, device: str = "cpu",
                 batch_size: int = 8, dtype: str | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                resume: bool = True, values_format: str = "float16", metadata: dict | None = None,
+                resume: bool = True, values_format: str = "auto", metadata: dict | None = None,
                 progress: bool = True) -> int:
     """Runs a causal LM teacher over ``sequences`` and stores its top-k log-probs.
 
@@ -99,6 +110,10 @@ def build_cache(model, sequences, out_path, *, k: int, temperature: float = 1.0,
 
     Returns:
         The number of sequences in the cache.
+
+    Example::
+
+        build_cache("models/teacher", read_token_sequences("tokens.jsonl"), "cache/", k=64, device="cuda")
     """
     teacher = _load_model(model, device, dtype)
     vocab_size = int(getattr(getattr(teacher, "config", None), "vocab_size", 0) or 0)

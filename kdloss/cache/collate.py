@@ -40,6 +40,10 @@ def apply_vocab_policy(ids: np.ndarray, values: np.ndarray, student_vocab_size: 
     Returns:
         ``(ids, values, empty_rows)``: new arrays, and a bool ``[R]`` mask of rows whose every
         slot was dropped (they carry no target; the collator ignores them).
+
+    Example::
+
+        ids, values, empty = apply_vocab_policy(seq.ids.numpy(), seq.values.numpy(), 151665, "drop")
     """
     outside = (ids >= student_vocab_size) & (values != -np.inf)
     if not outside.any():

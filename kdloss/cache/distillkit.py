@@ -90,6 +90,18 @@ class DistillKitQuantization:
     ``term_dtype`` (float32), ``residual_bins`` (dicts with ``scale_dtype``, ``element_bits``,
     ``num_elements``), ``delta_encoding`` (default True), ``error_diffusion`` (encoding only),
     ``normalize_t`` (False).
+
+    Args:
+        d, k, exact_k, exact_dtype, polynomial_terms, term_dtype, residual_bins, delta_encoding,
+            error_diffusion, normalize_t: DistillKit's fields, as above.
+
+    Returns:
+        ``logprob_bytes``, ``index_bits``, ``index_bytes`` and ``bytes_per_token()`` describe the
+        byte layout of one position.
+
+    Example::
+
+        config = DistillKitQuantization.from_dict(yaml.safe_load(open("compression_config.yaml")))
     """
 
     d: int
@@ -355,6 +367,14 @@ def read_distillkit_rows(source, quantization=None):
             path to its YAML/JSON) for compressed rows; None looks for ``compression_config.yaml``
             next to the data. Raw rows (``token_ids``/``top_values``, or Axolotl-style
             ``target_token_ids``/``target_logprobs``) need none.
+
+    Returns:
+        An iterator over the rows, in file order (files sorted by name length, then name).
+
+    Example::
+
+        for tokens, ids, logprobs in read_distillkit_rows("distillkit_out/"):
+            ...
     """
     pyarrow = _need_pyarrow()
     source = os.fspath(source)
@@ -398,7 +418,7 @@ def read_distillkit_rows(source, quantization=None):
 
 
 def convert_distillkit(parquet_path, out_path, vocab_size: int, quantization=None, *, temperature: float = 1.0,
-                       values_format: str = "float16", shard_tokens: int | None = None, resume: bool = False,
+                       values_format: str = "auto", shard_tokens: int | None = None, resume: bool = False,
                        metadata: dict | None = None, progress=None) -> int:
     """Converts a DistillKit teacher dataset (Parquet) into a kdloss cache.
 
@@ -427,6 +447,13 @@ def convert_distillkit(parquet_path, out_path, vocab_size: int, quantization=Non
         ImportError: pyarrow is not installed (``pip install 'kdloss[cache]'``).
         ValueError: unknown columns, malformed rows, ids out of range, or a config that does not
             match the bytes.
+
+    Example::
+
+        convert_distillkit("distillkit_out/", "cache/", vocab_size=151936, quantization={
+            "d": 151936, "k": 128, "exact_k": 16, "exact_dtype": "bfloat16",
+            "polynomial_terms": [0, 1, 2, 3, 4, "sqrt"], "term_dtype": "float32", "residual_bins": [],
+            "delta_encoding": False, "error_diffusion": False})
     """
     rows = read_distillkit_rows(parquet_path, quantization)
     first = next(rows, None)

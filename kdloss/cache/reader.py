@@ -27,6 +27,10 @@ class CachedSequence(NamedTuple):
         values: ``[R, k]`` float32 log-probs or logits (``cache.metadata["values"]``); ``-inf``
             marks a slot with zero probability.
         index: position of the sequence in the cache.
+
+    Example::
+
+        tokens, ids, values, index = TopKCache("cache/")[0]
     """
 
     tokens: torch.Tensor
@@ -71,6 +75,9 @@ class TopKCache:
             (the stored integer dtype: uint16 when the cache stores uint16, int64 when
             bit-packed, uint32 otherwise; torch supports few operations on uint16/uint32).
         check_crc: verify each sequence's CRC-32 on read (default True; costs a pass over the bytes).
+
+    Returns:
+        ``cache[i]``: a :class:`CachedSequence`; ``len(cache)``: the number of sequences.
 
     Example::
 
@@ -256,7 +263,19 @@ def verify_cache(path) -> list[str]:
     """Checks every shard of the cache at ``path``: its table record, presence, size, BLAKE2b
     digest, header/index checksum and each sequence's CRC-32 and id range. Returns the problems
     found, each naming its file (an empty list when the cache is intact). A missing or damaged
-    manifest raises :class:`~kdloss.cache.CorruptCacheError` (or ``FileNotFoundError``)."""
+    manifest raises :class:`~kdloss.cache.CorruptCacheError` (or ``FileNotFoundError``).
+
+    Args:
+        path: the cache directory.
+
+    Returns:
+        A list of messages, one per damaged shard (``python -m kdloss.cache verify`` prints them).
+
+    Example::
+
+        for problem in verify_cache("cache/"):
+            print(problem)
+    """
     cache = TopKCache(path)
     problems = []
     expected_first = 0

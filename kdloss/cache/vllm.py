@@ -16,7 +16,12 @@ LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed
 class VLLMTopK(NamedTuple):
     """Top-k rows from vLLM: ``ids [R, k]`` int64, ``values [R, k]`` float32, the ``temperature``
     they were generated at, and ``values_kind`` (``"logprobs"`` or ``"logits"``), to pass to
-    :class:`~kdloss.cache.TopKCacheWriter` (``temperature=``, ``values=``)."""
+    :class:`~kdloss.cache.TopKCacheWriter` (``temperature=``, ``values=``).
+
+    Example::
+
+        ids, values, temperature, values_kind = from_vllm_prompt_logprobs(prompt_logprobs, 64)
+    """
 
     ids: np.ndarray
     values: np.ndarray
@@ -75,6 +80,12 @@ def from_vllm_prompt_logprobs(prompt_logprobs, k: int, *, temperature: float = 1
     Returns:
         :class:`VLLMTopK` with ``temperature`` set as described and ``values_kind`` ``"logprobs"``
         or ``"logits"`` from ``logprobs_mode``.
+
+    Example::
+
+        out = llm.generate({"prompt_token_ids": tokens}, SamplingParams(prompt_logprobs=64, max_tokens=1))[0]
+        rows = from_vllm_prompt_logprobs(out.prompt_logprobs, 64)
+        writer.add(tokens, rows.ids, rows.values, temperature=rows.temperature)
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")

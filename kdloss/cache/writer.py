@@ -72,12 +72,17 @@ class TopKCacheWriter:
         kind: ``"topk"`` (default) or ``"sampled"`` (RS-KD targets: use the loss with ``tail="none"``).
         ids_format: ``"auto"`` (uint16 when V <= 65536, else bit-packed ``ceil(log2 V)`` bits),
             ``"uint16"``, ``"uint32"`` or ``"packed"``.
-        values_format: ``"float16"`` (default), ``"bfloat16"``, ``"float32"`` (exact) or
+        values_format: ``"auto"`` (default: ``"float16"`` beside uint16 ids, ``"q13"`` beside
+            bit-packed or uint32 ids), ``"float16"``, ``"bfloat16"``, ``"float32"`` (exact) or
             ``"q<bits>"`` (e.g. ``"q13"``): uniform quantisation of each value's distance below its
             row maximum with a step of ``value_span / (2**bits - 2)`` nats (values deeper than
-            ``value_span`` below the maximum are stored at that depth).
+            ``value_span`` below the maximum are stored at that depth); the row maximum is kept
+            exactly (float32).
         value_span: range of the quantised formats in nats (default 40).
         durable: fsync files and directories (default True; False only for throwaway caches).
+
+    Returns:
+        A context manager; leaving it (or :meth:`close`) commits the shard in flight.
 
     Example::
 
@@ -89,7 +94,7 @@ class TopKCacheWriter:
 
     def __init__(self, path, vocab_size: int, k: int, values: str = "logprobs", temperature: float = 1.0,
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, resume: bool = False, metadata: dict | None = None, *,
-                 kind: str = "topk", ids_format: str = "auto", values_format: str = "float16",
+                 kind: str = "topk", ids_format: str = "auto", values_format: str = "auto",
                  value_span: float = 40.0, durable: bool = True) -> None:
         self.path = os.fspath(path)
         self.vocab_size = _check_int(vocab_size, "vocab_size", 1)
