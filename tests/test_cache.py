@@ -429,6 +429,11 @@ def test_vocab_policy(tmp_path):
     loss = kdloss.functional.topk_kl_loss(logits, batch["teacher_ids"], batch["teacher_values"],
                                           batch["shift_labels"], **cache.loss_kwargs())
     assert torch.isfinite(loss)
+    # an id beyond the student's vocabulary in a zero-probability slot is harmless under "error"
+    padded_ids, padded_values = ids[:1].copy(), values[:1].copy()
+    padded_ids[0, 1], padded_values[0, 1] = 115, -np.inf
+    safe_ids, safe_values, _ = apply_vocab_policy(padded_ids, padded_values, student_vocab, "error")
+    assert safe_ids[0].tolist() == [5, 0, 7, 8] and np.array_equal(safe_values, padded_values)
     # logits: dropping alone renormalises (softmax over the kept logits)
     new_ids, new_values, empty = apply_vocab_policy(ids, values, student_vocab, "drop", "logits")
     np.testing.assert_array_equal(new_values[0, [0, 2, 3]], values[0, [0, 2, 3]])
@@ -600,15 +605,15 @@ def test_convert_distillkit(tmp_path):
     np.testing.assert_array_equal(seq.ids.numpy(), np.array(case["ids"]))
     np.testing.assert_allclose(seq.values.numpy(), np.array(case["expected"]), rtol=2e-6, atol=2e-6)
     # raw rows, through the CLI; an id beyond vocab_size is rejected naming the row
-    raw = pa.table({"input_ids": pa.array([[1, 2, 3], [4, 5]], pa.list_(pa.int64())),
-                    "token_ids": pa.array([[[1, 2], [3, 4]], [[5, 6]]], pa.list_(pa.list_(pa.int64()))),
-                    "top_values": pa.array([[[-0.5, -1.0], [-0.1, -3.0]], [[-0.2, -2.0]]],
+    raw = pa.table({"input_ids": pa.array([[0], [1, 2, 3], [4, 5]], pa.list_(pa.int64())),  # a 1-token row first
+                    "token_ids": pa.array([[], [[1, 2], [3, 4]], [[5, 6]]], pa.list_(pa.list_(pa.int64()))),
+                    "top_values": pa.array([[], [[-0.5, -1.0], [-0.1, -3.0]], [[-0.2, -2.0]]],
                                            pa.list_(pa.list_(pa.float32())))})
     pq.write_table(raw, tmp_path / "raw.parquet")
     assert cli(["convert", str(tmp_path / "raw.parquet"), str(tmp_path / "raw_out"), "--vocab-size", "10"]) == 0
     converted = TopKCache(tmp_path / "raw_out")
-    assert len(converted) == 2 and converted[1].ids.tolist() == [[5, 6]]
-    with pytest.raises(ValueError, match="DistillKit row 1: ids must lie"):
+    assert len(converted) == 3 and converted[0].ids.shape == (0, 2) and converted[2].ids.tolist() == [[5, 6]]
+    with pytest.raises(ValueError, match="DistillKit row 2: ids must lie"):
         convert_distillkit(tmp_path / "raw.parquet", tmp_path / "small", vocab_size=6)
 
 

@@ -29,7 +29,8 @@ def apply_vocab_policy(ids: np.ndarray, values: np.ndarray, student_vocab_size: 
     Args:
         ids, values: ``[R, k]`` teacher ids and values (not modified).
         student_vocab_size: the student's vocabulary size.
-        policy: ``"error"`` raises ``ValueError`` if any such id carries probability;
+        policy: ``"error"`` raises ``ValueError`` if any such id carries probability (such ids
+            in zero-probability ``-inf`` slots are replaced by 0 under either policy);
             ``"drop"`` gives those slots zero probability (value ``-inf``, id 0) and, for
             log-probs, rescales the kept slots so that the row's total top-k mass is unchanged
             (the dropped mass is spread over the kept ids in proportion). For logits, dropping
@@ -45,14 +46,18 @@ def apply_vocab_policy(ids: np.ndarray, values: np.ndarray, student_vocab_size: 
 
         ids, values, empty = apply_vocab_policy(seq.ids.numpy(), seq.values.numpy(), 151665, "drop")
     """
-    outside = (ids >= student_vocab_size) & (values != -np.inf)
-    if not outside.any():
-        return ids, values, np.zeros(ids.shape[0], dtype=bool)
-    if policy == "error":
+    beyond = ids >= student_vocab_size
+    outside = beyond & (values != -np.inf)
+    no_rows = np.zeros(ids.shape[0], dtype=bool)
+    if not beyond.any():
+        return ids, values, no_rows
+    if policy == "error" and outside.any():
         raise ValueError(f"teacher id {int(ids[outside].max())} >= the student's vocab_size {student_vocab_size}"
                          f"{where}: the teacher's vocabulary is larger; pass vocab_policy='drop' to drop such "
                          "ids and renormalise, if the vocabularies agree below the student's size")
-    ids = np.where(outside, 0, ids)
+    ids = np.where(beyond, 0, ids)  # slots without probability keep none, under an id the student has
+    if not outside.any():
+        return ids, values, no_rows
     kept_values = np.where(outside, -np.inf, values)
     empty = np.all(kept_values == -np.inf, axis=1)
     if values_kind == "logprobs":

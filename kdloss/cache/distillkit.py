@@ -22,6 +22,7 @@ sum (fp32) restores them, rounded to ``exact_dtype``. The ``k`` ids are packed M
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import numbers
 import os
@@ -456,20 +457,24 @@ def convert_distillkit(parquet_path, out_path, vocab_size: int, quantization=Non
             "delta_encoding": False, "error_diffusion": False})
     """
     rows = read_distillkit_rows(parquet_path, quantization)
-    first = next(rows, None)
-    if first is None:
-        raise ValueError(f"{parquet_path}: no rows")
-    k = first[1].shape[1]
+    leading = []  # rows before the first one with positions, which tells k
+    for row in rows:
+        leading.append(row)
+        if row[1].shape[0]:
+            break
+    if not leading or not leading[-1][1].shape[0]:
+        raise ValueError(f"{parquet_path}: no rows with teacher positions")
+    k = leading[-1][1].shape[1]
     kwargs = {} if shard_tokens is None else {"shard_tokens": shard_tokens}
     info = {"source": "distillkit", "source_path": os.path.abspath(os.fspath(parquet_path))}
     info.update(metadata or {})
     with TopKCacheWriter(out_path, vocab_size=vocab_size, k=k, values="logprobs", temperature=temperature,
                          resume=resume, metadata=info, values_format=values_format, **kwargs) as writer:
         done = len(writer)
-        for number, (tokens, ids, logprobs) in enumerate(_chain(first, rows)):
+        for number, (tokens, ids, logprobs) in enumerate(itertools.chain(leading, rows)):
             if number < done:
                 continue
-            if ids.shape[0] == 0 and tokens.shape[0] <= 1:
+            if ids.shape[0] == 0:
                 ids, logprobs = ids.reshape(0, k), logprobs.reshape(0, k)
             try:
                 writer.add(tokens, ids, logprobs)
@@ -478,9 +483,4 @@ def convert_distillkit(parquet_path, out_path, vocab_size: int, quantization=Non
             if progress is not None:
                 progress(number + 1)
         return len(writer)
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
