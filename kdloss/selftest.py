@@ -6,8 +6,8 @@
 Stages, in this order, each in its own subprocess with its own time budget, so that a failure, a hang
 or a CUDA error in one stage cannot stop or poison the next:
 
-* ``build`` — every kernel (CPU, and CUDA for ``--device cuda``) compiled in parallel: a thread pool
-  over the losses sharing ``$MAX_JOBS`` compiler jobs (default: every core);
+* ``build`` — every kernel (CPU, and CUDA for ``--device cuda``) compiled in parallel, one fresh
+  interpreter per kernel, sharing ``$MAX_JOBS`` compiler jobs (default: every core);
 * ``tests`` — pytest: every test marked ``cuda`` (``--device cpu``: ``tests/test_cuda.py`` pointed at
   the CPU through ``$KDLOSS_TEST_DEVICE``);
 * ``fuzz`` — the parity fuzzer (:mod:`kdloss.fuzz`) for every loss and dtype on the device, sharing
@@ -189,37 +189,78 @@ def _last_line(exc: BaseException, limit: int = 400) -> str:
     return tail[-limit:]
 
 
+BUILD_MARK = "KDLOSS-BUILD "
+BUILD_SOME = f"""
+import json, sys, time
+from kdloss import _build
+for name, device in zip(sys.argv[1::2], sys.argv[2::2]):
+    start = time.perf_counter()
+    try:
+        _build.build(name, device)
+        row = {{"kernel": name, "device": device, "status": "pass"}}
+    except Exception as exc:
+        row = {{"kernel": name, "device": device, "status": "fail", "error": f"{{type(exc).__name__}}: {{exc}}"}}
+    row["seconds"] = time.perf_counter() - start
+    print("{BUILD_MARK}" + json.dumps(row), flush=True)
+"""
+
+
+def _build_group(jobs: list[tuple[str, str]], env: dict, on_row) -> None:
+    """Builds (or finds cached) ``jobs`` one after the other in one fresh interpreter (no build state
+    is shared with the other groups, which run in parallel); ``on_row(row, output)`` per kernel."""
+    args = [item for job in jobs for item in job]
+    proc = subprocess.Popen([sys.executable, "-c", BUILD_SOME, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    output: list[str] = []
+    done = set()
+    for line in proc.stdout:
+        if line.startswith(BUILD_MARK):
+            row = json.loads(line[len(BUILD_MARK):])
+            done.add((row["kernel"], row["device"]))
+            on_row(row, "".join(output))
+            output = []
+        else:
+            output.append(line)
+    proc.wait()
+    for name, device in jobs:  # the interpreter died before reporting these
+        if (name, device) not in done:
+            on_row({"kernel": name, "device": device, "status": "fail", "seconds": 0.0,
+                    "error": f"build process exited with code {proc.returncode}"}, "".join(output))
+
+
+def _error_summary(row: dict, output: str) -> str:
+    lines = [ln.strip() for ln in (output + "\n" + row.get("error", "")).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"\berror\b|Error", ln)]
+    return " | ".join(errors[:3] if errors else lines[-3:])[-1500:]
+
+
 def worker_build(opts, deadline: float, report: Reporter) -> int:
-    """Compiles every kernel in parallel; one row per (kernel, device)."""
+    """Compiles every kernel in parallel: the (kernel, device) jobs are dealt round-robin to as many
+    interpreters as ``$MAX_JOBS`` allows at two compiler jobs each; one row per kernel."""
     devices = ["cuda", "cpu"] if opts.device == "cuda" else ["cpu"]
-    if "cuda" in devices:
-        # set once here: _build only sets it around each build, which races between threads
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _build.cuda_arch_list())
     jobs = [(name, device) for device in devices for name in kernel_names(opts.loss)]  # CUDA first: slowest
     total = max_jobs()
     workers = max(1, min(len(jobs), total // 2 or 1))
-    os.environ["MAX_JOBS"] = str(max(1, total // workers))
+    env = {**os.environ, "MAX_JOBS": str(max(1, total // workers)), "PYTHONUNBUFFERED": "1"}
+    if "cuda" in devices:
+        env.setdefault("TORCH_CUDA_ARCH_LIST", _build.cuda_arch_list())
     rows: list[dict] = []
-    details = {"kernels": rows, "max_jobs": total, "parallel_builds": workers,
-               "jobs_per_build": int(os.environ["MAX_JOBS"]), "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST")}
-
+    details = {"kernels": rows, "max_jobs": total, "parallel_builds": workers, "jobs_per_build": int(env["MAX_JOBS"]),
+               "arch_list": env.get("TORCH_CUDA_ARCH_LIST")}
     rows_lock = threading.Lock()
 
-    def one(job):
-        name, device = job
-        start = time.perf_counter()
-        try:
-            _build.build(name, device)
-            row = {"kernel": name, "device": device, "status": "pass", "seconds": time.perf_counter() - start}
-        except Exception as exc:
-            row = {"kernel": name, "device": device, "status": "fail", "seconds": time.perf_counter() - start,
-                   "error": _last_line(exc, 1500)}
+    def on_row(row: dict, output: str) -> None:
+        if row["status"] != "pass":
+            row["error"] = _error_summary(row, output)
         with rows_lock:
+            print(f"--- {row['kernel']} {row['device']}: {row['status']} in {row['seconds']:.1f} s\n{output}",
+                  flush=True)
             rows.append(row)
             report("fail", f"{len(rows)} of {len(jobs)} built so far", details)
 
+    groups = [jobs[i::workers] for i in range(workers)]
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, jobs))
+        list(pool.map(lambda group: _build_group(group, env, on_row), groups))
     failed = [r for r in rows if r["status"] != "pass"]
     counts = Counter(r["device"] for r in rows if r["status"] == "pass")
     built = ", ".join(f"{n} {d}" for d, n in sorted(counts.items()))
@@ -227,7 +268,7 @@ def worker_build(opts, deadline: float, report: Reporter) -> int:
         reason = f"{len(failed)} of {len(rows)} kernels failed to build: " + "; ".join(
             f"{r['kernel']}/{r['device']}: {r['error'][-200:]}" for r in failed[:3])
     else:
-        reason = f"{len(rows)} kernels built ({built}) with {workers} parallel builds x {os.environ['MAX_JOBS']} jobs"
+        reason = f"{len(rows)} kernels built ({built}) in {workers} parallel processes x {env['MAX_JOBS']} jobs"
     report("fail" if failed else "pass", reason, details, final=True)
     return 1 if failed else 0
 
@@ -750,6 +791,7 @@ def run_stages(ctx: Context, stages: list[str], budgets: dict, total: float) -> 
                 result = RUNNERS[name](ctx, budget)
             except Exception as exc:  # the harness itself failing is a stage failure, not a crash
                 result = StageResult(name, "fail", f"selftest error: {_last_line(exc)}", 0.0, budget)
+        result.name = name
         results.append(result)
         print(f"[selftest] {name}: {result.status} ({result.seconds:.1f} s) {result.reason}", flush=True)
     return results
