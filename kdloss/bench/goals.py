@@ -27,7 +27,7 @@ from ..functional import margin_mse_loss, plackett_luce_loss, sinkhorn_loss, tok
 from . import margin_mse as margin_bench
 from . import plackett_luce as pld_bench
 from . import sinkhorn as sinkhorn_bench
-from . import trg as trg_bench
+from . import token_contextual as contextual_bench
 from .fused_linear_topk_kl import eager as fused_eager
 from .fused_linear_topk_kl import fused, unfused
 from .topk_kl import TEMPERATURE, eager_distillkit
@@ -145,9 +145,9 @@ def make_pld(device: str, dtype: torch.dtype, B: int, C: int):
 
 
 def make_contextual(device: str, dtype: torch.dtype, B: int, N: int, D: int):
-    inputs = _from_maker(trg_bench._maker(B, N, D, device, dtype))
+    inputs = _from_maker(contextual_bench._maker(B, N, D, device, dtype))
     impls = {"kdloss": lambda s, t: token_contextual_loss(s, t, backend="kernel"),
-             "eager": trg_bench.eager, "compile": _compiled(trg_bench.eager)}
+             "eager": contextual_bench.eager, "compile": _compiled(contextual_bench.eager)}
     return inputs, impls
 
 
