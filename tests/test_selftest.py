@@ -144,3 +144,55 @@ def test_a_kernel_that_fails_to_build_is_reported_with_its_error():
     selftest._build_group([("no_such_loss", "cpu")], selftest._child_env(), lambda row, output: rows.append(row))
     assert [(r["kernel"], r["status"]) for r in rows] == [("no_such_loss", "fail")]
     assert "no_such_loss" in rows[0]["error"] and "Error" in rows[0]["error"]
+
+
+def test_goals_are_judged_on_gpu_time_and_memory_and_rendered():
+    from kdloss.bench.goals import GOALS
+
+    topk = next(g for g in GOALS if g.loss == "topk_kl")
+    assert topk.time_goal_ms("NVIDIA H100 80GB HBM3") == 4.0
+    assert abs(topk.time_goal_ms("NVIDIA H200") - 4.0 / 1.4) < 1e-12  # memory-bound: scaled on an H200
+    margin = next(g for g in GOALS if g.loss == "margin_mse")
+    assert margin.time_goal_ms("NVIDIA H200") == 0.03  # launch-bound: not scaled
+
+    def row(kdloss_result, limit=None):
+        return {"results": {"kdloss": kdloss_result}, "goal_ms_here": 2.0, "memory_limit_mib": limit}
+
+    measured = {"median_ms": 2.5, "gpu_ms": 1.5, "extra_mib": 10.0}
+    cases = [
+        (row(measured), "met"),  # judged on the GPU time, not the launch-bound median
+        (row({**measured, "gpu_ms": float("nan")}), "missed: time 2.500 ms > 2.000 ms"),  # no profiler: median
+        (row(measured, limit=5.0), "missed: memory 10 MiB > 5 MiB"),
+        (row({"error": "RuntimeError: boom"}), "error"),
+    ]
+    for r, verdict in cases:
+        selftest.judge_goal(topk, r, "cuda", "NVIDIA H200", quick=False)
+        assert r["verdict"] == verdict
+    selftest.judge_goal(topk, r, "cpu", "x86_64 CPU", quick=True)
+    assert r["verdict"].startswith("n/a")
+
+    bench = {"device_name": "NVIDIA H200", "goals": [{
+        "loss": "topk_kl", "workload": "top-k KL", "shape": "N=16384 V=151936 k=64", "dtype": "bfloat16",
+        "goal_ms_h100": 4.0, "goal_ms_here": 2.857, "memory_goal": "within 10%", "memory_limit_mib": 474.8,
+        "reference_h100": "eager 55.6 ms", "verdict": "met",
+        "results": {"kdloss": {**measured, "peak_mib": 4758.0}, "eager": {"median_ms": 40.1},
+                    "compile": {"skipped": "budget spent (12 s left)"}, "liger-fljsd": {"error": "ImportError: x"}}}]}
+    summary = {"device": "cuda", "quick": False, "command": "python -m kdloss.selftest", "started": "now",
+               "seconds": 1.0, "total_budget_s": 465.0, "passed": True, "exit_code": 0,
+               "environment": selftest.environment(),
+               "stages": [{"name": "bench", "status": "pass", "reason": "1 of 1 goals met", "seconds": 1.0,
+                           "budget_s": 110.0, "details": bench}]}
+    markdown = selftest.render_markdown(summary)
+    line = next(ln for ln in markdown.splitlines() if ln.startswith("| top-k KL |"))
+    assert "≤ 4.000 | ≤ 2.857 | 2.500 | 1.500 | 10.0 |" in line and "skipped (budget spent" in line
+    assert "liger-fljsd error: ImportError: x" in line and line.endswith("| met |")
+
+
+def test_tests_stage_runs_every_cuda_test_on_a_gpu_and_test_cuda_on_the_cpu(tmp_path):
+    gpu = selftest.Context("cuda", False, ["topk_kl"], tmp_path / "log", tmp_path)
+    cmd, env = selftest.pytest_command(gpu, tmp_path / "junit.xml")
+    assert "-m cuda" in " ".join(cmd) and str(selftest.TESTS_DIR) in cmd and env["KDLOSS_TEST_DEVICE"] == "cuda"
+    assert cmd[cmd.index("-k") + 1] == "(topk_kl)"
+    cpu = selftest.Context("cpu", True, None, tmp_path / "log", tmp_path)
+    cmd, env = selftest.pytest_command(cpu, tmp_path / "junit.xml")
+    assert str(selftest.TESTS_DIR / "test_cuda.py") in cmd and env["KDLOSS_TEST_DEVICE"] == "cpu"
