@@ -7,13 +7,13 @@ the pure-PyTorch references live in :mod:`kdloss.reference`. The losses are thos
 
 import importlib
 
-from . import functional, sparse
+from . import distributed, functional, sparse
 from ._build import KernelUnavailableError
 from ._registry import LOSSES
 
 __version__ = "0.1.0"
 
-__all__ = ["KernelUnavailableError", "__version__", "functional", "reference", "sparse"]
+__all__ = ["KernelUnavailableError", "__version__", "distributed", "functional", "reference", "sparse"]
 for _loss in LOSSES:
     _module = importlib.import_module(f"{__name__}.{_loss.name}")
     for _name in (*_loss.modules, *_loss.functionals):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
+from ._autocast import cast_loss, no_autocast
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets
@@ -69,17 +70,28 @@ class FusedLinearTopKKLOptions(TopKKLOptions):
 
 
 def chunk_logits(hidden_c, weight, bias, softcap: float):
-    """``[C, V]`` logits of a chunk of rows (soft-capped when ``softcap > 0``)."""
+    """``[C, V]`` logits of a chunk of rows in the weight's dtype (soft-capped when ``softcap > 0``).
+    ``hidden_c`` is already in that dtype (see :func:`_chunk_rows`)."""
     logits = hidden_c @ weight.T if bias is None else torch.addmm(bias, hidden_c, weight.T)
     return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
 
 
+def _chunk_rows(hidden, s, weight):
+    """The chunk ``hidden[s]`` in the weight's dtype: a bf16/fp16 hidden with an fp32 weight (what
+    autocast produces) is upcast one chunk at a time — the weight is never copied."""
+    return hidden[s].to(weight.dtype)
+
+
 def _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden_c, grad_weight, grad_bias):
-    """Back through the soft-cap and the GEMM: ``grad_hidden_c = G·W``, ``grad_weight += Gᵀ·h``,
-    ``grad_bias += Σ_rows G`` (``grad_weight``/``grad_bias`` may be None when not needed)."""
+    """Back through the soft-cap and the GEMM: ``grad_hidden_c = G·W`` (rounded to its own dtype),
+    ``grad_weight += Gᵀ·h``, ``grad_bias += Σ_rows G`` (``grad_weight``/``grad_bias`` may be None when
+    not needed). ``hidden_c`` and ``G`` are in the weight's dtype."""
     if softcap > 0:  # d/dx c·tanh(x/c) = 1 − tanh² = 1 − (z/c)²
         grad_logits = grad_logits * (1 - (capped / softcap) ** 2)
-    torch.mm(grad_logits, weight, out=grad_hidden_c)
+    if grad_hidden_c.dtype == weight.dtype:
+        torch.mm(grad_logits, weight, out=grad_hidden_c)
+    else:
+        grad_hidden_c.copy_(grad_logits @ weight)
     if grad_weight is not None:
         grad_weight.addmm_(grad_logits.T, hidden_c)
     if grad_bias is not None:
@@ -104,32 +116,44 @@ def _teacher_slice(s, ids, target_logp, tail_logp, valid):
     return ids[s], target_logp[s], tail_logp[s], valid[s]
 
 
-def _fwd_impl(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
-              full_support, reduction, softcap, chunk_size, compute_grad):
+def _fwd_impl(hidden, weight, bias, *args):
+    # an enclosing autocast must not reroute the chunk GEMMs (their dtypes are chosen here)
+    with no_autocast(hidden.device.type):
+        return _fwd_chunks(hidden, weight, bias, *args)
+
+
+def _bwd_impl(grad, lse, hidden, weight, bias, *args):
+    with no_autocast(hidden.device.type):
+        return _bwd_chunks(grad, lse, hidden, weight, bias, *args)
+
+
+def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                full_support, reduction, softcap, chunk_size, compute_grad):
     if compute_grad and reduction == _NONE:
         raise ValueError("compute_grad needs a scalar reduction (the upstream gradient of 'none' is per row)")
     rows = hidden.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     lse = torch.empty(rows, dtype=acc, device=hidden.device)
-    row_losses = torch.empty(rows, dtype=hidden.dtype, device=hidden.device) if reduction == _NONE else None
+    row_losses = torch.empty(rows, dtype=acc, device=hidden.device) if reduction == _NONE else None
     partial = []
     grads = _grad_buffers(hidden, weight, bias) if compute_grad else None
-    one = torch.ones((), dtype=hidden.dtype, device=hidden.device)
+    one = torch.ones((), dtype=acc, device=hidden.device)
     for s in _chunks(rows, chunk_size):
         teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
-        capped = chunk_logits(hidden[s], weight, bias, softcap)
+        hidden_c = _chunk_rows(hidden, s, weight)
+        capped = chunk_logits(hidden_c, weight, bias, softcap)
         # "sum" per chunk; the mean's divisor is applied once, below
         loss_c, lse[s] = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, divisor, inv_temperature, scale,
                                                       full_support, _NONE if reduction == _NONE else _SUM)
         if reduction == _NONE:
             row_losses[s] = loss_c
         else:
-            partial.append(loss_c.to(acc))
+            partial.append(loss_c)
         if compute_grad:
             grad_logits = torch.ops.kdloss.topk_kl_bwd(one, lse[s], capped, *teacher, divisor, inv_temperature,
                                                        scale, full_support, reduction)
             grad_hidden, grad_weight, grad_bias = grads
-            _accumulate_chunk_grads(grad_logits, capped, hidden[s], weight, softcap, grad_hidden[s], grad_weight,
+            _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden[s], grad_weight,
                                     grad_bias)
     if reduction == _NONE:
         loss = row_losses
@@ -139,23 +163,24 @@ def _fwd_impl(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor,
             positive = divisor > 0
             total = torch.where(positive, total / torch.where(positive, divisor, torch.ones_like(divisor)),
                                 torch.zeros_like(total))
-        loss = total.to(hidden.dtype)
+        loss = total  # in the accumulation dtype, like the top-k kernels' loss
     if grads is None:  # distinct empty tensors: outputs must not alias
         return loss, lse, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
     grad_hidden, grad_weight, grad_bias = grads
     return loss, lse, grad_hidden, grad_weight, (hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
 
 
-def _bwd_impl(grad, lse, hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
-              full_support, reduction, softcap, chunk_size):
+def _bwd_chunks(grad, lse, hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature,
+                scale, full_support, reduction, softcap, chunk_size):
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden, weight, bias)
     for s in _chunks(hidden.shape[0], chunk_size):
         teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
-        capped = chunk_logits(hidden[s], weight, bias, softcap)
+        hidden_c = _chunk_rows(hidden, s, weight)
+        capped = chunk_logits(hidden_c, weight, bias, softcap)
         grad_c = grad[s] if reduction == _NONE else grad
         grad_logits = torch.ops.kdloss.topk_kl_bwd(grad_c, lse[s], capped, *teacher, divisor, inv_temperature,
                                                    scale, full_support, reduction)
-        _accumulate_chunk_grads(grad_logits, capped, hidden[s], weight, softcap, grad_hidden[s], grad_weight, grad_bias)
+        _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden[s], grad_weight, grad_bias)
     return grad_hidden, grad_weight, (hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
 
 
@@ -176,14 +201,19 @@ def _check_head(hidden, weight, bias) -> int:
     if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (from hidden) and V >= 1, "
                          f"got shape {tuple(weight.shape)}")
-    check_same_dtype(hidden=hidden, weight=weight)
+    if weight.dtype != hidden.dtype and not (hidden.dtype in _LOW_PRECISION and weight.dtype == torch.float32):
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), or be float32 with a bfloat16/"
+                         f"float16 hidden (what autocast produces), got {weight.dtype}")
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be [V] with V = {weight.shape[0]} (from weight), "
                              f"got shape {tuple(bias.shape)}")
-        check_same_dtype(hidden=hidden, bias=bias)
+        check_same_dtype(weight=weight, bias=bias)
     return weight.shape[0]
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 _D = FusedLinearTopKKLOptions
@@ -215,10 +245,13 @@ def fused_linear_topk_kl_loss(
     Args:
         hidden: ``[N, H]`` (or ``[..., H]``) student hidden states before the LM head.
         weight: ``[V, H]`` LM-head weight (the tensor you are given — a full weight, or whatever your
-            FSDP/ZeRO-3 wrapper has gathered; nothing is read from a model), same dtype as ``hidden``.
+            FSDP/ZeRO-3 wrapper has gathered; nothing is read from a model): the dtype of ``hidden``, or
+            fp32 with a bf16/fp16 ``hidden`` (what ``torch.autocast`` produces from an fp32 model). In the
+            mixed case each chunk of ``hidden`` is upcast to fp32 and the logits come from fp32 GEMMs;
+            the weight is never copied.
         teacher_ids, teacher_values, labels: ``[..., k]``, ``[..., k]``, ``[...]`` (leading dims of
             ``hidden``), as in :func:`kdloss.topk_kl_loss`.
-        bias: optional ``[V]`` LM-head bias.
+        bias: optional ``[V]`` LM-head bias, in the dtype of ``weight``.
         softcap: optional Gemma-style final-logit soft-cap ``c``: logits ``c·tanh(z / c)`` (applied before
             the softmax). None (default) for none.
         chunk_size: rows per chunk (default :func:`default_chunk_size`: about 2**24 logits per chunk).
@@ -232,10 +265,12 @@ def fused_linear_topk_kl_loss(
         ``labels [...]``, ``bias [V]``.
 
     Returns:
-        The loss in ``hidden.dtype`` (a scalar, or ``[...]`` for ``reduction="none"``). Gradients flow to
-        ``hidden``, ``weight`` and ``bias``. For scalar reductions they are computed during the forward
-        (one GEMM pass) and held until the backward; the gradient of ``weight`` is accumulated over
-        chunks in ``weight.dtype``.
+        The loss in the dtype of the logits (``hidden.dtype``; fp32 for a bf16/fp16 ``hidden`` with an
+        fp32 ``weight``), and in fp32 under autocast like autocast's fp32 ops (a scalar, or ``[...]``
+        for ``reduction="none"``). Gradients flow to ``hidden``, ``weight`` and ``bias``, each in its own
+        dtype. For scalar reductions they are computed during the forward (one GEMM pass) and held
+        until the backward; the gradient of ``weight`` is accumulated over chunks in ``weight.dtype``.
+        The chunk GEMMs run in the dtypes above whether or not autocast is on.
 
     Example:
         >>> hidden = torch.randn(6, 16, requires_grad=True)
@@ -260,11 +295,13 @@ def fused_linear_topk_kl_loss(
     device = check_same_device(**tensors)
     num_items = check_num_items(num_items_in_batch, reduction, device)
     check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
+    logits_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if not use_kernel("fused_linear_topk_kl", device, backend):
         from .reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
 
-        return fused_linear_topk_kl_reference(hidden, weight, teacher_ids, teacher_values, labels, bias=bias,
+        loss = fused_linear_topk_kl_reference(hidden, weight, teacher_ids, teacher_values, labels, bias=bias,
                                               options=options, num_items_in_batch=num_items)
+        return cast_loss(loss, logits_dtype)
     acc = accumulation_dtype(hidden.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, flat.shape[0], options, acc)
@@ -275,7 +312,7 @@ def fused_linear_topk_kl_loss(
         0.0 if softcap is None else float(softcap), chunk_size or default_chunk_size(vocab),
         needs_grad and reduction != "none",
     )
-    return loss.reshape(lead) if reduction == "none" else loss
+    return cast_loss(loss.reshape(lead) if reduction == "none" else loss, logits_dtype)
 
 
 class FusedLinearTopKKLLoss(OptionsModule):

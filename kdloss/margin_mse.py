@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
+from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._validation import (
@@ -92,7 +93,8 @@ def margin_mse_loss(
         ``student_pos [B]``, ``student_neg [B]`` or ``[B, n]``, ``teacher [B, n+1]``, ``[B]`` or ``[B, n]``.
 
     Returns:
-        The loss in ``student_pos.dtype`` (a scalar unless ``reduction="none"``). Empty batches give 0.
+        The loss in ``student_pos.dtype`` (fp32 under autocast; a scalar unless ``reduction="none"``).
+        Empty batches give 0.
 
     Example:
         >>> pos, neg = torch.randn(8, requires_grad=True), torch.randn(8, 3, requires_grad=True)
@@ -126,7 +128,7 @@ def margin_mse_loss(
         student_pos, neg, _teacher_for_op(teacher, student_pos.dtype), is_scores,
         _ops.REDUCTION_CODES[reduction],
     )
-    return out.reshape(student_neg.shape) if reduction == "none" else out
+    return cast_loss(out.reshape(student_neg.shape) if reduction == "none" else out, student_pos.dtype)
 
 
 def margin_mse_from_embeddings(
@@ -153,7 +155,8 @@ def margin_mse_from_embeddings(
         :func:`margin_mse_loss`.
 
     Returns:
-        The loss in ``query.dtype``; ``reduction="none"`` gives ``negatives.shape[:-1]``.
+        The loss in ``query.dtype`` (fp32 under autocast); ``reduction="none"`` gives
+        ``negatives.shape[:-1]``.
         Gradients flow to query, positive and negatives (fused backward).
 
     Example:
@@ -190,7 +193,7 @@ def margin_mse_from_embeddings(
         query, positive, negs, _teacher_for_op(teacher, query.dtype), is_scores,
         _ops.REDUCTION_CODES[reduction],
     )
-    return out.reshape(negatives.shape[:-1]) if reduction == "none" else out
+    return cast_loss(out.reshape(negatives.shape[:-1]) if reduction == "none" else out, query.dtype)
 
 
 class MarginMSELoss(OptionsModule):

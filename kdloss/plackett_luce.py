@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
+from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._validation import (
@@ -169,7 +170,7 @@ def plackett_luce_loss(
         ``student_logits [..., C]``, ``teacher_logits [..., C]``, ``labels [...]``.
 
     Returns:
-        The loss in ``student_logits.dtype``: a scalar, or ``[...]`` for ``"none"``.
+        The loss in ``student_logits.dtype`` (fp32 under autocast): a scalar, or ``[...]`` for ``"none"``.
 
     Example:
         >>> student = torch.randn(8, 10, requires_grad=True)
@@ -207,9 +208,8 @@ def plackett_luce_loss(
     )
     if num_items is not None:
         divisor = mean_divisor(flat_labels != options.ignore_index, num_items, acc)
-        out = (out.to(acc) / torch.where(divisor > 0, divisor, torch.ones_like(divisor))
-               * (divisor > 0)).to(out.dtype)
-    return out.reshape(shape[:-1]) if reduction == "none" else out
+        out = out / torch.where(divisor > 0, divisor, torch.ones_like(divisor)) * (divisor > 0)
+    return cast_loss(out.reshape(shape[:-1]) if reduction == "none" else out, student_logits.dtype)
 
 
 class PlackettLuceLoss(OptionsModule):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._validation import accumulation_dtype, check_bool, check_int, check_real, check_same_device, check_tensor
@@ -110,7 +111,7 @@ def sinkhorn_loss(
         ``student_logits [B, C]``, ``teacher_logits [B', C]`` → a scalar.
 
     Returns:
-        A scalar in ``student_logits.dtype``; 0 (with a zero gradient) if ``B = 0`` or ``B' = 0``.
+        A scalar in ``student_logits.dtype`` (fp32 under autocast); 0 (with a zero gradient) if ``B = 0`` or ``B' = 0``.
         Accumulation is fp32 (fp64 for fp64 students).
 
     Example:
@@ -145,8 +146,9 @@ def sinkhorn_loss(
 
         return sinkhorn_reference(student_logits, teacher_logits, options=options)
     teacher_acc = teacher_logits.to(accumulation_dtype(student_logits.dtype))
-    return torch.ops.kdloss.sinkhorn_fwd(student_logits, teacher_acc, float(temperature), float(epsilon),
+    loss = torch.ops.kdloss.sinkhorn_fwd(student_logits, teacher_acc, float(temperature), float(epsilon),
                                          int(n_iters), float(scale))[0]
+    return cast_loss(loss, student_logits.dtype)
 
 
 class SinkhornLoss(OptionsModule):

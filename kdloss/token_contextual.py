@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
+from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._validation import REDUCTIONS, check_option, check_same_device, check_tensor
@@ -71,7 +72,8 @@ def token_contextual_loss(
         ``student_tokens [B, N, Ds]``, ``teacher_tokens [B, N, Dt]`` → a scalar, or ``[B, N]`` for ``"none"``.
 
     Returns:
-        The loss in ``student_tokens.dtype`` (computed in fp32, fp64 for fp64). Empty inputs give 0.
+        The loss in ``student_tokens.dtype`` (computed in fp32, fp64 for fp64; returned in fp32 under
+        autocast). Empty inputs give 0.
 
     Example:
         >>> student = torch.randn(2, 16, 32, requires_grad=True)
@@ -90,7 +92,7 @@ def token_contextual_loss(
     outputs = torch.ops.kdloss.token_contextual_fwd(
         student_tokens.contiguous(), teacher_tokens.detach().contiguous(), _ops.REDUCTION_CODES[reduction]
     )
-    return outputs[0]
+    return cast_loss(outputs[0], student_tokens.dtype)
 
 
 class TokenContextualLoss(OptionsModule):

@@ -77,7 +77,7 @@ def token_contrastive_loss(
         ``student_emb [M, E]``, ``teacher_emb [M, E]`` → a scalar, or ``[M]`` for ``"none"``.
 
     Returns:
-        The loss in ``student_emb.dtype`` (computed in fp32, fp64 for fp64).
+        The loss in ``student_emb.dtype`` (computed in fp32, fp64 for fp64; fp32 under autocast).
 
     Example:
         >>> hs, ht = torch.randn(32, 16, requires_grad=True), torch.randn(32, 16, requires_grad=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
+from ._autocast import cast_loss, no_autocast
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._validation import (
@@ -77,7 +78,8 @@ def knn_indices(nodes: torch.Tensor, k: int) -> torch.Tensor:
     if m == 0 or k == 0:
         return torch.empty(m, k, dtype=torch.long, device=nodes.device)
     x = nodes.detach().to(accumulation_dtype(nodes.dtype))
-    dist = torch.cdist(x, x).pow(2)
+    with no_autocast(x.device.type):  # distances in the accumulation dtype even inside autocast
+        dist = torch.cdist(x, x).pow(2)
     dist.fill_diagonal_(float("inf"))
     return dist.topk(k, dim=1, largest=False).indices
 
@@ -159,8 +161,8 @@ def token_graph_loss(
         ``student_nodes [M, Ds]``, ``teacher_nodes [M, Dt]`` → a scalar, or ``[M]`` for ``"none"``.
 
     Returns:
-        The loss in ``student_nodes.dtype`` (computed in fp32, fp64 for fp64). ``M = 0`` gives 0 with a
-        zero gradient.
+        The loss in ``student_nodes.dtype`` (computed in fp32, fp64 for fp64; fp32 under autocast).
+        ``M = 0`` gives 0 with a zero gradient.
 
     Example:
         >>> student = torch.randn(64, 32, requires_grad=True)
@@ -184,7 +186,7 @@ def token_graph_loss(
         float(sigma), _ops.token_graph.EDGE_CODES[edge], _ops.token_graph.DIRECTION_CODES[kl_direction],
         _ops.REDUCTION_CODES[reduction],
     )
-    return outputs[0]
+    return cast_loss(outputs[0], student_nodes.dtype)
 
 
 class TokenGraphLoss(OptionsModule):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
+from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets
@@ -129,7 +130,7 @@ def topk_kl_loss(
         logits, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc), 1.0 / options.temperature,
         options.scale, options.student_support == "full", _ops.REDUCTION_CODES[reduction],
     )
-    return loss.reshape(lead) if reduction == "none" else loss
+    return cast_loss(loss.reshape(lead) if reduction == "none" else loss, student_logits.dtype)
 
 
 class TopKKLLoss(OptionsModule):

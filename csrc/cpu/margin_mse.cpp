@@ -7,6 +7,7 @@
 //   teacher [B, n+1] raw scores (positive first) if teacher_is_scores else [B, n] margins,
 //           in the accumulation dtype (fp32, or fp64 for fp64 students)
 //   reduction: 0 = none ([B, n] squared errors), 1 = mean over B·n, 2 = sum
+//   the loss (any reduction) is returned in the accumulation dtype
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -82,12 +83,15 @@ void write_reduced(at::Tensor& out, const std::vector<Acc<scalar_t>>& row_sums, 
   acc_t total = ordered_sum(row_sums.data(), B);
   // An empty batch has no margins: the mean is 0 (never 0/0 = NaN, spec §0).
   if (reduction == kMean && B * n > 0) total = total / static_cast<acc_t>(static_cast<double>(B) * n);
-  out.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(total);
+  out.data_ptr<acc_t>()[0] = total;
 }
 
+// The loss is returned in the accumulation dtype (fp32; fp64 for fp64 students): the Python
+// entry point rounds it to the student's dtype only outside autocast.
 at::Tensor allocate_loss(const at::Tensor& like, int64_t reduction, int64_t B, int64_t n) {
-  if (reduction == kNone) return at::empty({B, n}, like.options());
-  return at::empty({}, like.options());
+  const auto opts = like.options().dtype(like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  if (reduction == kNone) return at::empty({B, n}, opts);
+  return at::empty({}, opts);
 }
 
 void check_reduction(int64_t reduction) {
@@ -132,7 +136,7 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
     const scalar_t* pos_p = pos.data_ptr<scalar_t>();
     const scalar_t* neg_p = neg.data_ptr<scalar_t>();
     const acc_t* tea_p = tea.data_ptr<acc_t>();
-    scalar_t* none_p = reduction == kNone ? out.data_ptr<scalar_t>() : nullptr;
+    acc_t* none_p = reduction == kNone ? out.data_ptr<acc_t>() : nullptr;
     std::vector<acc_t> row_sums(reduction == kNone ? 0 : B);
     at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
@@ -149,7 +153,7 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
 
 // Backward of one row: grad_neg_row[i] = −g_i, returns Σ_i g_i = ∂L/∂s⁺, with
 // g_i = coef·e_i·grad_row[i] (reduction none) or coef·e_i (coef already holds 2·scale·grad).
-// in_t as in score_row_forward; grad_t is the student dtype; out_t the gradient rows' type.
+// in_t as in score_row_forward; grad_t is the upstream gradient's type; out_t the gradient rows' type.
 template <typename in_t, typename grad_t, typename out_t>
 Acc<grad_t> score_row_backward(Acc<grad_t> s_pos, const in_t* s_neg /*[n]*/,
                                const TeacherRow<Acc<grad_t>>& t, int64_t n, Acc<grad_t> coef,
@@ -188,12 +192,13 @@ Acc<scalar_t> backward_coef(const scalar_t* grad, int64_t reduction, int64_t B, 
          (reduction == kNone ? acc_t(1) : static_cast<acc_t>(grad[0]));
 }
 
-// The upstream gradient: [B, n] for reduction none, one element otherwise; returned contiguous in `dtype`.
-at::Tensor checked_grad(const at::Tensor& grad, at::ScalarType dtype, int64_t reduction, int64_t B, int64_t n) {
+// The upstream gradient: [B, n] for reduction none, one element otherwise; returned contiguous in
+// the accumulation dtype of `student` (the loss's own dtype: never rounded to the student's).
+at::Tensor checked_grad(const at::Tensor& grad, const at::Tensor& student, int64_t reduction, int64_t B, int64_t n) {
   check_cpu_float(grad, "grad");
   TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1,
                     "grad has ", grad.numel(), " elements, which does not match the reduction");
-  return grad.to(dtype).contiguous();
+  return grad.to(student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const at::Tensor& student_pos,
@@ -205,13 +210,13 @@ std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const 
   check_teacher(teacher, student_pos, B, n, teacher_is_scores);
   const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
   const auto tea = teacher.contiguous();
-  const auto g = checked_grad(grad, pos.scalar_type(), reduction, B, n);
+  const auto g = checked_grad(grad, pos, reduction, B, n);
   at::Tensor grad_pos = at::empty({B}, pos.options());
   at::Tensor grad_neg = at::empty({B, n}, neg.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pos.scalar_type(), "margin_mse_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const scalar_t* g_p = g.data_ptr<scalar_t>();
+    const acc_t* g_p = g.data_ptr<acc_t>();
     const scalar_t* pos_p = pos.data_ptr<scalar_t>();
     const scalar_t* neg_p = neg.data_ptr<scalar_t>();
     const acc_t* tea_p = tea.data_ptr<acc_t>();
@@ -321,7 +326,7 @@ at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positiv
     using acc_t = Acc<scalar_t>;
     const auto rows = embedding_rows<scalar_t>(q, p, negs);
     const acc_t* tea_p = tea.data_ptr<acc_t>();
-    scalar_t* none_p = reduction == kNone ? out.data_ptr<scalar_t>() : nullptr;
+    acc_t* none_p = reduction == kNone ? out.data_ptr<acc_t>() : nullptr;
     std::vector<acc_t> row_sums(reduction == kNone ? 0 : B);
     at::parallel_for(0, B, row_grain((n + 1) * D), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> s_neg(n);
@@ -378,14 +383,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_mse_emb_bwd(
   const auto q = unit_inner_stride(query), p = unit_inner_stride(positive);
   const auto negs = unit_inner_stride(negatives);
   const auto tea = teacher.contiguous();
-  const auto g = checked_grad(grad, q.scalar_type(), reduction, B, n);
+  const auto g = checked_grad(grad, q, reduction, B, n);
   at::Tensor grad_q = at::empty({B, D}, q.options());
   at::Tensor grad_p = at::empty({B, D}, q.options());
   at::Tensor grad_n = at::empty({B, n, D}, q.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "margin_mse_emb_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const scalar_t* g_p = g.data_ptr<scalar_t>();
+    const acc_t* g_p = g.data_ptr<acc_t>();
     const auto rows = embedding_rows<scalar_t>(q, p, negs);
     const acc_t* tea_p = tea.data_ptr<acc_t>();
     const bool none = reduction == kNone;

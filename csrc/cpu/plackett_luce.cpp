@@ -5,7 +5,8 @@
 //   student [R, C] logits (any float dtype, last dim unit-stride), teacher [R, C] logits in the
 //   accumulation dtype, labels [R] int64 (class or ignore_index), teacher_permutation [R, C] int64
 //   or none, order [R, C] int32 (π*, written by the forward, read by the backward).
-//   reduction: 0 = none ([R]), 1 = mean over counted rows, 2 = sum.
+//   reduction: 0 = none ([R]), 1 = mean over counted rows, 2 = sum; the loss is returned in the
+//   accumulation dtype.
 //
 // Per row (π* = label first, then the other classes by descending teacher logit, ties → lower
 // class index first; x_j = s[π*_j]; log α_j = log_softmax(t / τ)[π*_j]):
@@ -366,7 +367,9 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
   const auto s = unit_inner_stride(student);
   const auto t = teacher.contiguous();
   const auto y = labels.contiguous();
-  at::Tensor out = reduction == kNone ? at::empty({R}, s.options()) : at::empty({}, s.options());
+  // the loss is returned in the accumulation dtype (fp32; fp64 for fp64 students)
+  const auto loss_opts = s.options().dtype(s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor out = reduction == kNone ? at::empty({R}, loss_opts) : at::empty({}, loss_opts);
   at::Tensor order = at::empty({R, C}, s.options().dtype(at::kInt));
   std::vector<int8_t> status(R, kOk);
 
@@ -408,14 +411,13 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
     });
     raise_status(status, y, C, ignore_index);
     if (reduction == kNone) {
-      scalar_t* o = out.data_ptr<scalar_t>();
-      for (int64_t r = 0; r < R; ++r) o[r] = static_cast<scalar_t>(row_loss[r]);
+      std::copy(row_loss.begin(), row_loss.end(), out.data_ptr<acc_t>());
     } else {
       acc_t total = ordered_sum(row_loss.data(), R);
       const int64_t count = counted_rows(y_p, R, ignore_index);
       // no counted row: the mean is 0, never 0/0 (spec §0)
       if (reduction == kMean && count > 0) total = total / static_cast<acc_t>(count);
-      out.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(total);
+      out.data_ptr<acc_t>()[0] = total;
     }
   });
   return {out, order};
@@ -440,8 +442,9 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "plackett_luce_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const auto g = grad.to(s.scalar_type()).contiguous();
-    const scalar_t* g_p = g.data_ptr<scalar_t>();
+    // the upstream gradient in the accumulation dtype (the loss's own dtype; never rounded to the student's)
+    const auto g = grad.to(t.scalar_type()).contiguous();
+    const acc_t* g_p = g.data_ptr<acc_t>();
     const scalar_t* s_p = s.data_ptr<scalar_t>();
     const int64_t s_stride = s.stride(0);
     const acc_t* t_p = t.data_ptr<acc_t>();
@@ -452,7 +455,7 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
     const int64_t count = counted_rows(y_p, R, ignore_index);
     acc_t scale = acc_t(1);
     if (reduction == kMean) scale = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
-    const acc_t scalar_grad = reduction == kNone ? acc_t(0) : static_cast<acc_t>(g_p[0]) * scale;
+    const acc_t scalar_grad = reduction == kNone ? acc_t(0) : g_p[0] * scale;
     at::parallel_for(0, R, row_grain(8 * C), [&](int64_t begin, int64_t end) {
       Scratch<acc_t> sc(C);
       for (int64_t r = begin; r < end; ++r) {
@@ -480,7 +483,7 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
           std::fill(out_row, out_row + C, scalar_t(0));
           continue;
         }
-        const acc_t coef = reduction == kNone ? static_cast<acc_t>(g_p[r]) : scalar_grad;
+        const acc_t coef = reduction == kNone ? g_p[r] : scalar_grad;
         row_backward<scalar_t>(s_p + r * s_stride, t_p + r * C, o, C, inv_tau, coef, sc, out_row);
       }
     });

@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto zs = student_logits.stride(1) == 1 ? student_logits : student_logits.contiguous();
   const auto zt = teacher_logits.contiguous();
   const auto acc_opts = zt.options();
-  at::Tensor loss = at::empty({}, student_logits.options());
+  at::Tensor loss = at::empty({}, acc_opts);  // the loss is returned in the accumulation dtype
   at::Tensor probs_s = at::empty({B, C}, acc_opts), probs_t = at::empty({Bt, C}, acc_opts);
   at::Tensor cost = at::empty({B, Bt}, acc_opts);
   at::Tensor f_hist = at::zeros({n_iters, B}, acc_opts), g_hist = at::zeros({n_iters, Bt}, acc_opts);
@@ -269,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         std::copy(Wi, Wi + Bt, cost_p + i * Bt);
       }
     });
-    loss.fill_(static_cast<double>(static_cast<acc_t>(scale) * ordered_sum(row_sums.data(), B)));
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(scale) * ordered_sum(row_sums.data(), B);
   });
   return {loss, probs_s, probs_t, cost, f_hist, g_hist};
 }

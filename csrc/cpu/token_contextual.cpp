@@ -298,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
   at::Tensor stats_s = at::empty({2, p.B, p.N}, opts);
   at::Tensor stats_t = at::empty({2, p.B, p.N}, opts);
   at::Tensor rho = at::empty({p.B, p.N}, opts);
-  at::Tensor out = at::empty(reduction == kNone ? at::IntArrayRef{p.B, p.N} : at::IntArrayRef{}, student_in.options());
+  // the loss is returned in the accumulation dtype
+  at::Tensor out = at::empty(reduction == kNone ? at::IntArrayRef{p.B, p.N} : at::IntArrayRef{}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_fwd", [&] {
     using acc_t = Acc<scalar_t>;
     const int64_t N = p.N, rows_total = p.B * p.N;
@@ -316,13 +317,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
       }
     });
     if (reduction == kNone) {
-      scalar_t* o = out.data_ptr<scalar_t>();
-      for (int64_t row = 0; row < rows_total; ++row) o[row] = static_cast<scalar_t>(row_sums[row] / static_cast<acc_t>(N));
+      acc_t* o = out.data_ptr<acc_t>();
+      for (int64_t row = 0; row < rows_total; ++row) o[row] = row_sums[row] / static_cast<acc_t>(N);
     } else {
       acc_t total = ordered_sum(row_sums.data(), rows_total);
       if (reduction == kMean && rows_total > 0)
         total = total / (static_cast<acc_t>(rows_total) * static_cast<acc_t>(N));
-      *out.data_ptr<scalar_t>() = static_cast<scalar_t>(total);
+      *out.data_ptr<acc_t>() = total;
     }
   });
   return {out, stats_s, stats_t, rho};

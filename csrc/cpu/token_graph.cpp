@@ -151,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
   const at::Tensor xt = teacher_in.contiguous();
   const at::Tensor nb = neighbours_in.contiguous();
   check_neighbour_range(nb.const_data_ptr<int64_t>(), o.M * o.k, o.M);
-  at::Tensor out = at::empty(reduction == kNone ? at::IntArrayRef{o.M} : at::IntArrayRef{}, student_in.options());
+  // the loss is returned in the accumulation dtype
+  at::Tensor out = at::empty(reduction == kNone ? at::IntArrayRef{o.M} : at::IntArrayRef{}, student_in.options().dtype(acc));
   at::Tensor coef = at::empty({o.M, o.k}, student_in.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_graph_fwd", [&] {
     using acc_t = Acc<scalar_t>;
@@ -169,12 +170,11 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
       });
     }
     if (reduction == kNone) {
-      scalar_t* dst = out.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < o.M; ++i) dst[i] = static_cast<scalar_t>(row_loss[i]);
+      std::copy(row_loss.begin(), row_loss.end(), out.data_ptr<acc_t>());
     } else {
       acc_t total = ordered_sum(row_loss.data(), o.M);
       if (reduction == kMean && o.M > 0) total /= static_cast<acc_t>(o.M);
-      *out.data_ptr<scalar_t>() = static_cast<scalar_t>(total);
+      *out.data_ptr<acc_t>() = total;
     }
   });
   return {out, coef};

@@ -298,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
   const int64_t N = logits.size(0), V = logits.size(1), k = ids.size(1);
   const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
   at::Tensor lse = at::empty({N}, target_logp.options());
-  at::Tensor loss = at::empty(reduction == kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, logits.options());
+  // the loss is returned in the accumulation dtype, like lse
+  at::Tensor loss = at::empty(reduction == kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd", [&] {
     using acc_t = Acc<scalar_t>;
@@ -321,9 +322,9 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
         rows[n] = static_cast<acc_t>(scale) * row_kl(row, inv_t, row_lse, full_support);
       }
     });
-    scalar_t* out = loss.data_ptr<scalar_t>();
+    acc_t* out = loss.data_ptr<acc_t>();
     if (reduction == kNone) {
-      for (int64_t n = 0; n < N; ++n) out[n] = static_cast<scalar_t>(rows[n]);
+      std::copy(rows.begin(), rows.end(), out);
       return;
     }
     acc_t total = ordered_sum(rows.data(), N);
@@ -331,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
       const acc_t d = divisor.item<acc_t>();
       total = d > acc_t(0) ? total / d : acc_t(0);
     }
-    out[0] = static_cast<scalar_t>(total);
+    out[0] = total;
   });
   return {loss, lse};
 }

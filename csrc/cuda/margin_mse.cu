@@ -32,18 +32,17 @@ __device__ __forceinline__ A reduction_scale(int reduction, int64_t batch, int64
   return reduction == kMean ? A(1) / (A(batch) * A(n)) : A(1);
 }
 
-// Upstream gradient of margin (b, i), already multiplied by the reduction scale.
-template <typename T>
-__device__ __forceinline__ Acc<T> upstream(const T* grad, int reduction, int64_t b, int64_t i,
-                                           int64_t n, Acc<T> scale) {
-  return (reduction == kNone ? to_acc(grad[b * n + i]) : to_acc(grad[0])) * scale;
+// Upstream gradient of margin (b, i) (accumulation type), already multiplied by the reduction scale.
+template <typename A>
+__device__ __forceinline__ A upstream(const A* grad, int reduction, int64_t b, int64_t i, int64_t n, A scale) {
+  return (reduction == kNone ? grad[b * n + i] : grad[0]) * scale;
 }
 
 // ---- scores: one warp per row --------------------------------------------------------------
 
 template <typename T>
 __global__ void scores_fwd_kernel(const T* __restrict__ pos, const T* __restrict__ neg,
-                                  Teacher<Acc<T>> teacher, int64_t batch, T* __restrict__ out_none,
+                                  Teacher<Acc<T>> teacher, int64_t batch, Acc<T>* __restrict__ out_none,
                                   Acc<T>* __restrict__ row_sums) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
@@ -55,7 +54,7 @@ __global__ void scores_fwd_kernel(const T* __restrict__ pos, const T* __restrict
   for (int64_t i = lane; i < n; i += 32) {
     const A e = (s_pos - to_acc(neg[b * n + i])) - teacher.margin(b, i);
     acc += e * e;
-    if (out_none) out_none[b * n + i] = from_acc<T>(e * e);
+    if (out_none) out_none[b * n + i] = e * e;
   }
   acc = warp_sum(acc);
   if (lane == 0 && row_sums) row_sums[b] = acc;
@@ -63,7 +62,7 @@ __global__ void scores_fwd_kernel(const T* __restrict__ pos, const T* __restrict
 
 template <typename T>
 __global__ void scores_bwd_kernel(const T* __restrict__ pos, const T* __restrict__ neg,
-                                  Teacher<Acc<T>> teacher, int64_t batch, const T* __restrict__ grad,
+                                  Teacher<Acc<T>> teacher, int64_t batch, const Acc<T>* __restrict__ grad,
                                   int reduction, T* __restrict__ grad_pos, T* __restrict__ grad_neg) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
@@ -83,10 +82,10 @@ __global__ void scores_bwd_kernel(const T* __restrict__ pos, const T* __restrict
   if (lane == 0) grad_pos[b] = from_acc<T>(acc);
 }
 
-// Sums row_sums[0..batch) in a fixed order and writes the (scaled) scalar loss.
+// Sums row_sums[0..batch) in a fixed order and writes the (scaled) scalar loss (accumulation type).
 template <typename T>
 __global__ void finalize_kernel(const Acc<T>* __restrict__ row_sums, int64_t batch, int64_t n,
-                                int reduction, T* __restrict__ out) {
+                                int reduction, Acc<T>* __restrict__ out) {
   using A = Acc<T>;
   __shared__ A scratch[32];
   A acc = A(0);
@@ -94,7 +93,7 @@ __global__ void finalize_kernel(const Acc<T>* __restrict__ row_sums, int64_t bat
   acc = block_sum(acc, scratch);
   if (threadIdx.x == 0) {
     if (reduction == kMean && batch * n > 0) acc /= A(batch) * A(n);
-    out[0] = from_acc<T>(acc);
+    out[0] = acc;
   }
 }
 
@@ -133,7 +132,7 @@ __device__ void row_scores(const EmbRows<T>& rows, int64_t b, int64_t n, Acc<T>*
 }
 
 template <typename T>
-__global__ void emb_fwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, T* __restrict__ out_none,
+__global__ void emb_fwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, Acc<T>* __restrict__ out_none,
                                Acc<T>* __restrict__ row_sums) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -145,7 +144,7 @@ __global__ void emb_fwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, T* __re
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const A e = (scores[0] - scores[1 + i]) - teacher.margin(b, i);
     acc += e * e;
-    if (out_none) out_none[b * n + i] = from_acc<T>(e * e);
+    if (out_none) out_none[b * n + i] = e * e;
   }
   acc = block_sum(acc, scratch);
   if (threadIdx.x == 0 && row_sums) row_sums[b] = acc;
@@ -153,7 +152,7 @@ __global__ void emb_fwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, T* __re
 
 template <typename T>
 __global__ void emb_bwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, int64_t batch,
-                               const T* __restrict__ grad, int reduction, T* __restrict__ grad_q,
+                               const Acc<T>* __restrict__ grad, int reduction, T* __restrict__ grad_q,
                                T* __restrict__ grad_p, T* __restrict__ grad_n) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -204,7 +203,7 @@ unsigned warp_row_blocks(int64_t batch) {
 template <typename T>
 void launch_finalize(const MarginMSEProblem& p, void* workspace, void* out, cudaStream_t stream) {
   finalize_kernel<T><<<1, 1024, 0, stream>>>(static_cast<const Acc<T>*>(workspace), p.batch, p.n_neg,
-                                            p.reduction, static_cast<T*>(out));
+                                            p.reduction, static_cast<Acc<T>*>(out));
 }
 
 }  // namespace
@@ -219,7 +218,7 @@ cudaError_t margin_mse_fwd_cuda(const MarginMSEProblem& p, const MarginMSEScores
     if (p.batch > 0) {
       scores_fwd_kernel<T><<<warp_row_blocks(p.batch), kThreads, 0, stream>>>(
           static_cast<const T*>(s.pos), static_cast<const T*>(s.neg), make_teacher<T>(p), p.batch,
-          none ? static_cast<T*>(out) : nullptr, none ? nullptr : static_cast<Acc<T>*>(workspace));
+          none ? static_cast<Acc<T>*>(out) : nullptr, none ? nullptr : static_cast<Acc<T>*>(workspace));
     }
     if (!none) launch_finalize<T>(p, workspace, out, stream);
     return cudaGetLastError();
@@ -233,7 +232,7 @@ cudaError_t margin_mse_bwd_cuda(const MarginMSEProblem& p, const MarginMSEScores
     if (p.batch > 0) {
       scores_bwd_kernel<T><<<warp_row_blocks(p.batch), kThreads, 0, stream>>>(
           static_cast<const T*>(s.pos), static_cast<const T*>(s.neg), make_teacher<T>(p), p.batch,
-          static_cast<const T*>(grad), p.reduction, static_cast<T*>(grad_pos), static_cast<T*>(grad_neg));
+          static_cast<const Acc<T>*>(grad), p.reduction, static_cast<T*>(grad_pos), static_cast<T*>(grad_neg));
     }
     return cudaGetLastError();
   });
@@ -247,7 +246,7 @@ cudaError_t margin_mse_emb_fwd_cuda(const MarginMSEProblem& p, const MarginMSEEm
     const size_t smem = sizeof(Acc<T>) * (p.n_neg + 1);
     if (p.batch > 0) {
       emb_fwd_kernel<T><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(
-          make_rows<T>(e), make_teacher<T>(p), none ? static_cast<T*>(out) : nullptr,
+          make_rows<T>(e), make_teacher<T>(p), none ? static_cast<Acc<T>*>(out) : nullptr,
           none ? nullptr : static_cast<Acc<T>*>(workspace));
     }
     if (!none) launch_finalize<T>(p, workspace, out, stream);
@@ -263,7 +262,7 @@ cudaError_t margin_mse_emb_bwd_cuda(const MarginMSEProblem& p, const MarginMSEEm
     const size_t smem = 2 * sizeof(Acc<T>) * (p.n_neg + 1);
     if (p.batch > 0) {
       emb_bwd_kernel<T><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(
-          make_rows<T>(e), make_teacher<T>(p), p.batch, static_cast<const T*>(grad), p.reduction,
+          make_rows<T>(e), make_teacher<T>(p), p.batch, static_cast<const Acc<T>*>(grad), p.reduction,
           static_cast<T*>(grad_query), static_cast<T*>(grad_positive), static_cast<T*>(grad_negatives));
     }
     return cudaGetLastError();

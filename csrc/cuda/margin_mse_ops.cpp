@@ -33,8 +33,10 @@ MarginMSEProblem make_problem(const at::Tensor& student, const at::Tensor& teach
           static_cast<int>(reduction)};
 }
 
+// The loss is returned in the accumulation dtype (rounded to the students' dtype in Python outside autocast).
 at::Tensor allocate_loss(const at::Tensor& like, int64_t reduction, int64_t B, int64_t n) {
-  return reduction == kNone ? at::empty({B, n}, like.options()) : at::empty({}, like.options());
+  const auto opts = like.options().dtype(acc_type(like.scalar_type()));
+  return reduction == kNone ? at::empty({B, n}, opts) : at::empty({}, opts);
 }
 
 at::Tensor workspace(const at::Tensor& like, int64_t B) {
@@ -46,7 +48,7 @@ at::Tensor checked_grad(const at::Tensor& grad, const at::Tensor& like, int64_t 
   check_cuda(grad, like, "grad");
   TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1, "grad has ",
                     grad.numel(), " elements, which does not match the reduction");
-  return grad.to(like.scalar_type()).contiguous();
+  return grad.to(acc_type(like.scalar_type())).contiguous();  // never rounded to the student's dtype
 }
 
 void check_scores(const at::Tensor& pos, const at::Tensor& neg) {

@@ -243,7 +243,7 @@ __device__ void suffix_scan(const RowView<T>& v, ScanStorage& storage, F&& f) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order,
                                                            const uint8_t* __restrict__ row_state,
-                                                           T* __restrict__ out_none, Acc<T>* __restrict__ row_loss) {
+                                                           Acc<T>* __restrict__ out_none, Acc<T>* __restrict__ row_loss) {
   using A = Acc<T>;
   using Scan = cub::BlockScan<A, kThreads>;
   __shared__ typename Scan::TempStorage storage;
@@ -262,15 +262,16 @@ __global__ void __launch_bounds__(kThreads) fwd_row_kernel(PlackettLuceProblem p
     loss = quiet_nan<A>();
   }
   if (threadIdx.x == 0) {
-    if (out_none) out_none[row] = from_acc<T>(loss);
+    if (out_none) out_none[row] = loss;
     else row_loss[row] = loss;
   }
 }
 
-// Sum of the row losses in a fixed order; the mean divides by the number of counted rows.
+// Sum of the row losses in a fixed order; the mean divides by the number of counted rows. The loss
+// is written in the accumulation type.
 template <typename T>
 __global__ void finalize_kernel(const Acc<T>* __restrict__ row_loss, const int64_t* __restrict__ labels, int64_t rows,
-                                int64_t ignore_index, int reduction, T* __restrict__ out) {
+                                int64_t ignore_index, int reduction, Acc<T>* __restrict__ out) {
   using A = Acc<T>;
   __shared__ A scratch[33];
   __shared__ A count_scratch[33];
@@ -283,7 +284,7 @@ __global__ void finalize_kernel(const Acc<T>* __restrict__ row_loss, const int64
   count = block_sum(count, count_scratch);
   if (threadIdx.x == 0) {
     if (reduction == kMean && count > A(0)) acc /= count;
-    out[0] = from_acc<T>(acc);
+    out[0] = acc;
   }
 }
 
@@ -302,7 +303,7 @@ __global__ void scale_kernel(const int64_t* __restrict__ labels, int64_t rows, i
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) bwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order,
-                                                           const T* __restrict__ grad, const Acc<T>* __restrict__ scale,
+                                                           const Acc<T>* __restrict__ grad, const Acc<T>* __restrict__ scale,
                                                            Acc<T>* __restrict__ vbuf, T* __restrict__ grad_student) {
   using A = Acc<T>;
   using Scan = cub::BlockScan<A, kThreads>;
@@ -326,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) bwd_row_kernel(PlackettLuceProblem p
   A* vrow = vbuf + row * C;
   suffix_scan(v, storage, [&](int64_t j, A, A lse) { vrow[j] = v.log_alpha(j) - lse; });
   __syncthreads();  // vrow written by other threads of this block
-  const A coef = p.reduction == kNone ? to_acc(grad[row]) : to_acc(grad[0]) * scale[0];
+  const A coef = p.reduction == kNone ? grad[row] : grad[0] * scale[0];
   T* g = grad_student + row * C;
   RunningCarry<A> carry(neg_inf<A>());
   for (int64_t base = 0; base < C; base += kTile) {
@@ -486,12 +487,12 @@ cudaError_t plackett_luce_fwd_cuda(const PlackettLuceProblem& p, void* out, int3
         label_first_kernel<int32_t><<<grid, kThreads, 0, stream>>>(ranking, p.labels, p.classes, p.ignore_index,
                                                                    false, nullptr, order, row_state);
       }
-      fwd_row_kernel<T><<<grid, kThreads, 0, stream>>>(p, order, row_state, none ? static_cast<T*>(out) : nullptr,
+      fwd_row_kernel<T><<<grid, kThreads, 0, stream>>>(p, order, row_state, none ? static_cast<A*>(out) : nullptr,
                                                        row_loss);
     }
     if (!none) {
       finalize_kernel<T><<<1, 1024, 0, stream>>>(row_loss, p.labels, p.rows, p.ignore_index, p.reduction,
-                                                 static_cast<T*>(out));
+                                                 static_cast<A*>(out));
     }
     return cudaGetLastError();
   });
@@ -513,7 +514,7 @@ cudaError_t plackett_luce_bwd_cuda(const PlackettLuceProblem& p, const int32_t* 
     A* vbuf = reinterpret_cast<A*>(ws + align_up(sizeof(A)));
     scale_kernel<A><<<1, 1024, 0, stream>>>(p.labels, p.rows, p.ignore_index, p.reduction, scale);
     bwd_row_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
-        p, order, static_cast<const T*>(grad), scale, vbuf, static_cast<T*>(grad_student));
+        p, order, static_cast<const A*>(grad), scale, vbuf, static_cast<T*>(grad_student));
     return cudaGetLastError();
   });
 }

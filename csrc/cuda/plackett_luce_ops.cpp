@@ -80,8 +80,9 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
   const c10::cuda::CUDAGuard guard(student.device());
   const Call call = prepare(student, teacher, labels, teacher_permutation, temperature, ignore_index, reduction);
   const auto& p = call.problem;
-  at::Tensor out = reduction == kNone ? at::empty({p.rows}, call.student.options())
-                                      : at::empty({}, call.student.options());
+  // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
+  const auto loss_opts = call.student.options().dtype(acc_type(call.student.scalar_type()));
+  at::Tensor out = reduction == kNone ? at::empty({p.rows}, loss_opts) : at::empty({}, loss_opts);
   at::Tensor order = at::empty({p.rows, p.classes}, call.student.options().dtype(at::kInt));
   size_t bytes = 0;
   check_launch(plackett_luce_fwd_workspace(p, &bytes), "plackett_luce");
@@ -105,7 +106,7 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
   TORCH_CHECK_VALUE(order.scalar_type() == at::kInt && order.sizes() == student.sizes(),
                     "order must be int32 of shape ", student.sizes(), ", got ", order.scalar_type(), " ",
                     order.sizes());
-  const auto g = grad.to(student.scalar_type()).contiguous();
+  const auto g = grad.to(acc_type(student.scalar_type())).contiguous();
   const auto ord = order.contiguous();
   at::Tensor grad_student = at::zeros({p.rows, p.classes}, call.student.options());
   const size_t bytes = plackett_luce_bwd_workspace(p);

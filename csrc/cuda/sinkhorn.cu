@@ -172,16 +172,16 @@ __device__ void loss_rows(const A* W, const A* f, const A* g, int64_t B, int64_t
   }
 }
 
-// out = scale · Σ partial (block 0 only; fixed order)
+// out = scale · Σ partial (block 0 only; fixed order), in the accumulation type
 template <typename T>
-__device__ void finalize(const Acc<T>* partial, int64_t n, double scale, T* out) {
+__device__ void finalize(const Acc<T>* partial, int64_t n, double scale, Acc<T>* out) {
   using A = Acc<T>;
   __shared__ A scratch[32];
   if (blockIdx.x != 0) return;
   A v = A(0);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v += partial[i];
   const A total = block_sum(v, scratch);
-  if (threadIdx.x == 0) *out = from_acc<T>(static_cast<A>(scale) * total);
+  if (threadIdx.x == 0) *out = static_cast<A>(scale) * total;
 }
 
 template <typename T>
@@ -189,7 +189,7 @@ struct FwdArgs {
   const T* student;
   int64_t student_stride;
   const Acc<T>* teacher;
-  T* loss;
+  Acc<T>* loss;
   Acc<T>*ps, *pt, *W, *f, *g, *partial;
   int64_t B, Bt, C, n;
   Acc<T> temp, eps;
@@ -363,7 +363,7 @@ __device__ void cost_bwd(const Acc<T>* Wbar, const Acc<T>* s, const Acc<T>* t, i
 
 template <typename T>
 struct BwdArgs {
-  const T* grad;
+  const Acc<T>* grad;
   const Acc<T>*ps, *pt, *W, *f, *g;
   T* out;
   Acc<T>*X, *colsum, *rowsum, *sbar;
@@ -371,7 +371,7 @@ struct BwdArgs {
   Acc<T> inv_temp, eps;
   double scale;
 
-  __device__ Acc<T> gs() const { return to_acc(*grad) * static_cast<Acc<T>>(scale); }
+  __device__ Acc<T> gs() const { return *grad * static_cast<Acc<T>>(scale); }
   __device__ const Acc<T>* fk(int64_t k) const { return f + (k - 1) * B; }   // after row step k (1-based)
   __device__ const Acc<T>* gk(int64_t k) const { return k ? g + (k - 1) * Bt : nullptr; }  // after column step k
 };
@@ -441,7 +441,7 @@ cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int
     using T = decltype(tag);
     using A = Acc<T>;
     FwdArgs<T> a{static_cast<const T*>(student), student_stride, static_cast<const A*>(teacher),
-                 static_cast<T*>(loss), static_cast<A*>(probs_s), static_cast<A*>(probs_t),
+                 static_cast<A*>(loss), static_cast<A*>(probs_s), static_cast<A*>(probs_t),
                  static_cast<A*>(cost), static_cast<A*>(f), static_cast<A*>(g), static_cast<A*>(workspace),
                  p.batch, p.batch_t, p.classes, p.n_iters, static_cast<A>(p.temperature),
                  static_cast<A>(p.epsilon), p.scale};
@@ -476,7 +476,7 @@ cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const 
     A* colsum = X + p.batch * p.batch_t;
     A* rowsum = colsum + p.batch_t;
     A* sbar = rowsum + p.batch;
-    BwdArgs<T> a{static_cast<const T*>(grad), static_cast<const A*>(probs_s), static_cast<const A*>(probs_t),
+    BwdArgs<T> a{static_cast<const A*>(grad), static_cast<const A*>(probs_s), static_cast<const A*>(probs_t),
                  static_cast<const A*>(cost), static_cast<const A*>(f), static_cast<const A*>(g),
                  static_cast<T*>(grad_student), X, colsum, rowsum, sbar, p.batch, p.batch_t, p.classes,
                  p.n_iters, static_cast<A>(1.0 / p.temperature), static_cast<A>(p.epsilon), p.scale};

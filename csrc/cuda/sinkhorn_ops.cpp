@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto zs = student_logits.stride(1) == 1 && B > 0 ? student_logits : student_logits.contiguous();
   const auto zt = teacher_logits.contiguous();
   const auto opts = zt.options();
-  at::Tensor loss = at::zeros({}, student_logits.options());
+  at::Tensor loss = at::zeros({}, opts);  // the loss is returned in the accumulation dtype
   at::Tensor probs_s = at::zeros({B, C}, opts), probs_t = at::zeros({Bt, C}, opts);
   at::Tensor cost = at::empty({B, Bt}, opts);
   at::Tensor f = at::zeros({n_iters, B}, opts), g = at::zeros({n_iters, Bt}, opts);
@@ -84,7 +84,7 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad_student = at::zeros({B, C}, student_logits.options());
   if (B == 0 || Bt == 0) return grad_student;
-  const auto g_scalar = grad.to(student_logits.scalar_type()).contiguous();
+  const auto g_scalar = grad.to(acc).contiguous();
   const auto ps = probs_s.contiguous(), pt = probs_t.contiguous(), W = cost.contiguous();
   const auto fh = f_hist.contiguous(), gh = g_hist.contiguous();
   const SinkhornProblem p{dtype, B, Bt, C, n_iters, temperature, epsilon, scale};

@@ -4,7 +4,8 @@
 // of at most kChunkElements each, never a [B, N, N] tensor (spec §5.2–5.3).
 //
 //   student [B, N, Ds] (any float dtype), teacher [B, N, Dt] (any float dtype, a constant)
-//   forward → loss, stats_s, stats_t ([2, B, N]: row max, log-sum), rho ([B, N]); accumulation dtype
+//   forward → loss, stats_s, stats_t ([2, B, N]: row max, log-sum), rho ([B, N]); all in the
+//   accumulation dtype (the loss too)
 //   backward: per chunk, recompute S and T, form W = (dS + dSᵀ)/√Ds, grad rows = W · F_s
 //   (for bf16/fp16 students W is split into hi + lo half-precision parts: two tensor-core GEMMs
 //   with fp32 accumulation give the fp32 result to ~16 bits).
@@ -12,6 +13,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -93,6 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
                                                                                 int64_t reduction) {
   const Shape s = check_inputs(student, teacher, reduction);
   c10::cuda::CUDAGuard guard(student.device());
+  // the chunk GEMMs pick their own dtypes: an enclosing autocast must not reroute them to fp16/bf16
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto acc = acc_type(student.scalar_type());
   const auto opts = student.options().dtype(acc);
   at::Tensor stats_s = at::zeros({2, s.B, s.N}, opts), stats_t = at::zeros({2, s.B, s.N}, opts);
@@ -111,13 +115,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
                    "token_contextual");
     }
   }
+  // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
   at::Tensor loss;
   if (reduction == kNone) {
-    loss = (s.N > 0 ? row_loss.div(double(s.N)) : row_loss).to(student.scalar_type());
+    loss = s.N > 0 ? row_loss.div(double(s.N)) : row_loss;
   } else {
-    at::Tensor total = row_loss.sum();
-    if (reduction == kMean && s.B * s.N > 0) total = total.div(double(s.B) * double(s.N) * double(s.N));
-    loss = total.to(student.scalar_type());
+    loss = row_loss.sum();
+    if (reduction == kMean && s.B * s.N > 0) loss = loss.div(double(s.B) * double(s.N) * double(s.N));
   }
   return {loss, stats_s, stats_t, rho};
 }
@@ -148,6 +152,8 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
     TORCH_CHECK_VALUE(grad.numel() == 1, "grad must be a scalar, got ", grad.sizes());
   }
   c10::cuda::CUDAGuard guard(student.device());
+  // the chunk GEMMs pick their own dtypes: an enclosing autocast must not reroute them to fp16/bf16
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::Tensor grad_student = at::empty(student.sizes(), student.options());
   if (student.numel() == 0) return grad_student;
   const auto opts = student.options().dtype(acc);

@@ -69,7 +69,7 @@ __device__ __forceinline__ A warp_logsumexp(const A* z, int64_t k, int lane) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fwd_nodes_kernel(TokenGraphProblem p, Acc<T>* coef, Acc<T>* zt_all,
-                                                             Acc<T>* row_loss, T* loss_none) {
+                                                             Acc<T>* row_loss, Acc<T>* loss_none) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -109,13 +109,13 @@ __global__ void __launch_bounds__(kThreads) fwd_nodes_kernel(TokenGraphProblem p
   }
   if (lane == 0) {
     row_loss[i] = loss;
-    if (loss_none) loss_none[i] = from_acc<T>(loss);
+    if (loss_none) loss_none[i] = loss;
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Acc<T>* row_loss, int64_t rows,
-                                                                    int reduction, T* out) {
+                                                                    int reduction, Acc<T>* out) {
   using A = Acc<T>;
   __shared__ A scratch[32];
   A s = 0;
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Acc<T>
   s = block_sum(s, scratch);
   if (threadIdx.x == 0) {
     if (reduction == 1 && rows > 0) s /= static_cast<A>(rows);
-    out[0] = from_acc<T>(s);
+    out[0] = s;
   }
 }
 
@@ -200,11 +200,11 @@ cudaError_t token_graph_fwd_cuda(const TokenGraphProblem& p, void* loss, void* c
     using A = Acc<T>;
     A* zt = static_cast<A*>(workspace);
     A* rows = zt + p.nodes * p.k;
-    T* loss_none = p.reduction == 0 ? static_cast<T*>(loss) : nullptr;
+    A* loss_none = p.reduction == 0 ? static_cast<A*>(loss) : nullptr;
     if (p.nodes > 0)
       fwd_nodes_kernel<T><<<grid_for(p.nodes), kThreads, 0, stream>>>(p, static_cast<A*>(coef), zt, rows, loss_none);
     if (p.reduction != 0)
-      finalize_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(rows, p.nodes, p.reduction, static_cast<T*>(loss));
+      finalize_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(rows, p.nodes, p.reduction, static_cast<A*>(loss));
     return cudaGetLastError();
   });
 }

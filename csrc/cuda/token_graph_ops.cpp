@@ -76,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student, co
   const auto call = prepare(student, &teacher, neighbours, sigma, edge, direction, reduction);
   const int64_t M = call.problem.nodes, k = call.problem.k;
   const auto acc_options = call.student.options().dtype(acc_type(call.student.scalar_type()));
-  at::Tensor loss = reduction == kNone ? at::empty({M}, call.student.options()) : at::empty({}, call.student.options());
+  // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
+  at::Tensor loss = reduction == kNone ? at::empty({M}, acc_options) : at::empty({}, acc_options);
   at::Tensor coef = at::empty({M, k}, acc_options);
   at::Tensor workspace = at::empty({token_graph_workspace_size(M, k)}, acc_options);
   check_launch(token_graph_fwd_cuda(call.problem, loss.data_ptr(), coef.data_ptr(), workspace.data_ptr(),

@@ -192,7 +192,7 @@ __device__ void kept_sums(const Slots<T>& row, Acc<T> inv_t, Acc<T> lse, Acc<T>*
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fwd_rows_kernel(TopKKLProblem p, Acc<T>* row_loss, Acc<T>* lse_out,
-                                                            T* loss_none) {
+                                                            Acc<T>* loss_none) {
   using A = Acc<T>;
   __shared__ Lse<A> lse_scratch[33];
   __shared__ A sum_scratch[32];
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) fwd_rows_kernel(TopKKLProblem p, Acc
     if (threadIdx.x == 0) {
       row_loss[n] = A(0);
       lse_out[n] = A(0);
-      if (loss_none) loss_none[n] = from_acc<T>(A(0));
+      if (loss_none) loss_none[n] = A(0);
     }
     return;
   }
@@ -221,12 +221,12 @@ __global__ void __launch_bounds__(kThreads) fwd_rows_kernel(TopKKLProblem p, Acc
   const A value = static_cast<A>(p.scale) * kl;
   row_loss[n] = value;
   lse_out[n] = lse;
-  if (loss_none) loss_none[n] = from_acc<T>(value);
+  if (loss_none) loss_none[n] = value;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Acc<T>* row_loss, int64_t rows,
-                                                                    const Acc<T>* divisor, int reduction, T* out) {
+                                                                    const Acc<T>* divisor, int reduction, Acc<T>* out) {
   using A = Acc<T>;
   __shared__ A scratch[32];
   A s = 0;
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Acc<T>
   s = block_sum(s, scratch);
   if (threadIdx.x == 0) {
     if (reduction == 1) s = divisor[0] > A(0) ? s / divisor[0] : A(0);
-    out[0] = from_acc<T>(s);
+    out[0] = s;
   }
 }
 
@@ -267,7 +267,7 @@ __device__ void write_dense(T* out, const T* z, int64_t V, Acc<T> inv_t, Acc<T> 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_rows_kernel(TopKKLProblem p, const T* grad, const Acc<T>* lse_in,
+__global__ void __launch_bounds__(kThreads) bwd_rows_kernel(TopKKLProblem p, const Acc<T>* grad, const Acc<T>* lse_in,
                                                             T* grad_logits) {
   using A = Acc<T>;
   __shared__ A sum_scratch[32];
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) bwd_rows_kernel(TopKKLProblem p, con
   const int64_t n = blockIdx.x;
   T* out = grad_logits + n * p.vocab;
   const A inv_t = static_cast<A>(p.inv_temperature);
-  A g = to_acc(grad[p.reduction == 0 ? n : 0]) * static_cast<A>(p.scale) * inv_t;
+  A g = grad[p.reduction == 0 ? n : 0] * static_cast<A>(p.scale) * inv_t;
   if (p.reduction == 1) {
     const A d = static_cast<const A*>(p.divisor)[0];
     g = d > A(0) ? g / d : A(0);
@@ -320,13 +320,13 @@ cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void
     using T = decltype(tag);
     using A = Acc<T>;
     A* rows = static_cast<A*>(workspace);
-    T* loss_none = p.reduction == 0 ? static_cast<T*>(loss) : nullptr;
+    A* loss_none = p.reduction == 0 ? static_cast<A*>(loss) : nullptr;
     if (p.rows > 0)
       fwd_rows_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p, rows, static_cast<A*>(lse),
                                                                                  loss_none);
     if (p.reduction != 0)
       finalize_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(rows, p.rows, static_cast<const A*>(p.divisor),
-                                                            p.reduction, static_cast<T*>(loss));
+                                                            p.reduction, static_cast<A*>(loss));
     return cudaGetLastError();
   });
 }
@@ -338,7 +338,7 @@ cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const voi
     using T = decltype(tag);
     using A = Acc<T>;
     bwd_rows_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
-        p, static_cast<const T*>(grad), static_cast<const A*>(lse), static_cast<T*>(grad_logits));
+        p, static_cast<const A*>(grad), static_cast<const A*>(lse), static_cast<T*>(grad_logits));
     return cudaGetLastError();
   });
 }

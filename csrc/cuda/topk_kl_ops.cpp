@@ -72,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
                             full_support, reduction);
   const int64_t N = call.problem.rows;
   const auto acc_options = call.logits.options().dtype(acc_type(call.logits.scalar_type()));
-  at::Tensor loss = reduction == kNone ? at::empty({N}, call.logits.options()) : at::empty({}, call.logits.options());
+  // the loss is returned in the accumulation dtype (rounded to the logits' in Python outside autocast)
+  at::Tensor loss = reduction == kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
   at::Tensor lse = at::empty({N}, acc_options);
   at::Tensor workspace = at::empty({topk_kl_workspace_size(N)}, acc_options);
   check_launch(topk_kl_fwd_cuda(call.problem, loss.data_ptr(), lse.data_ptr(), workspace.data_ptr(),
@@ -93,7 +94,7 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::
   check_cuda(grad, call.logits, "grad");
   TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == N : grad.numel() == 1, "grad has ", grad.numel(),
                     " elements, which does not match the reduction");
-  const auto g = grad.to(call.logits.scalar_type()).contiguous();
+  const auto g = grad.to(acc_type(call.logits.scalar_type())).contiguous();
   const auto lse_c = lse.contiguous();
   at::Tensor out = at::empty({N, V}, call.logits.options());
   check_launch(topk_kl_bwd_cuda(call.problem, g.data_ptr(), lse_c.data_ptr(), out.data_ptr(),

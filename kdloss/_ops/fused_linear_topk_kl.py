@@ -14,7 +14,9 @@ is O(chunk_size × V) plus the gradients themselves.
   each chunk's logits from the saved per-row log-sum-exp.
 
 Op-level tensors are as for ``kdloss::topk_kl_*`` (see :mod:`kdloss._ops.topk_kl`) plus
-``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]`` (or None) of one float dtype. ``softcap`` is
+``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]`` (or None) of one float dtype — or a bf16/fp16
+``hidden`` with an fp32 ``weight``/``bias`` (computed in fp32, chunk by chunk). The loss and ``lse``
+are in the accumulation dtype of ``hidden`` (fp32; fp64 for fp64); each gradient in its input's dtype. ``softcap`` is
 0 for none. Both ops are implemented in Python on top of the topk_kl kernels, for every device
 that has them (:mod:`kdloss.fused_linear_topk_kl`); this module holds their schemas, fakes and
 autograd formula only.
@@ -48,7 +50,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _fwd_fake(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
               full_support, reduction, softcap, chunk_size, compute_grad):
     rows = hidden.shape[0]
-    loss = hidden.new_empty((rows,) if reduction == _NONE else ())
+    loss = hidden.new_empty((rows,) if reduction == _NONE else (), dtype=_acc(hidden.dtype))
     lse = hidden.new_empty((rows,), dtype=_acc(hidden.dtype))
     if not compute_grad:
         return loss, lse, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
@@ -81,7 +83,9 @@ def _backward(ctx, grad_loss, *_unused):
     if ctx.precomputed:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         # out of place: with retain_graph the backward may run again on the same buffers
-        grads = [grad_hidden * grad_loss, grad_weight * grad_loss, grad_bias * grad_loss if ctx.has_bias else None]
+        # the upstream gradient is in the accumulation dtype: scale there, round once to each input's dtype
+        grads = [(g * grad_loss).to(g.dtype) if g is not None else None
+                 for g in (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None)]
     else:
         lse, hidden, weight, bias, *teacher = ctx.saved_tensors
         grads = list(torch.ops.kdloss.fused_linear_topk_kl_bwd(grad_loss, lse, hidden, weight, bias, *teacher,

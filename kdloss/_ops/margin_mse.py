@@ -8,6 +8,9 @@ Op-level contract (the public functions in :mod:`kdloss.margin_mse` normalise us
 * ``teacher`` — ``[B, n+1]`` raw scores (positive first) when ``teacher_is_scores`` else ``[B, n]``
   margins, in the accumulation dtype (fp32; fp64 for fp64 students); a constant (no gradient);
 * ``reduction`` — 0 none (``[B, n]`` squared errors), 1 mean over the B·n margins, 2 sum.
+
+The forwards return the loss in the accumulation dtype (the public functions round it to the
+students' dtype outside autocast); the backwards take an upstream gradient of any float dtype.
 """
 
 import torch
@@ -34,7 +37,7 @@ LIB.define(
 
 def _loss_like(student: torch.Tensor, batch: int, n_neg: int, reduction: int) -> torch.Tensor:
     shape = (batch, n_neg) if reduction == 0 else ()
-    return student.new_empty(shape)
+    return student.new_empty(shape, dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.register_fake("kdloss::margin_mse_fwd")

@@ -9,7 +9,8 @@ Op-level contract (the public function in :mod:`kdloss.plackett_luce` normalises
   ranking of all C classes (the label is moved to the front by the kernel);
 * ``reduction`` — 0 none (``[R]``), 1 mean over counted rows, 2 sum.
 
-The forward also returns ``order [R, C]`` int32, the permutation π* it used (label first), so the
+The forward returns the loss in the accumulation dtype (the public function rounds it to the
+student's dtype outside autocast) and ``order [R, C]`` int32, the permutation π* it used (label first), so the
 backward needs no second sort. Ignored rows hold the identity there.
 """
 
@@ -30,7 +31,8 @@ LIB.define(
 @torch.library.register_fake("kdloss::plackett_luce_fwd")
 def _plackett_luce_fwd_fake(student, teacher, labels, teacher_permutation, temperature, ignore_index, reduction):
     rows, classes = student.shape
-    loss = student.new_empty((rows,) if reduction == 0 else ())
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = student.new_empty((rows,) if reduction == 0 else (), dtype=acc)
     order = student.new_empty((rows, classes), dtype=torch.int32)
     return loss, order
 

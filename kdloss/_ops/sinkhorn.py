@@ -6,7 +6,8 @@ Op-level contract (the public function in :mod:`kdloss.sinkhorn` validates and n
   accumulation dtype (fp32; fp64 for fp64 students); ``C ≥ 1``; ``B`` or ``B'`` may be 0 (loss 0);
 * ``temperature > 0``, ``epsilon > 0``, ``n_iters ≥ 1``, ``scale`` finite.
 
-``sinkhorn_fwd`` returns the loss (a scalar in the student's dtype) and, for the backward, the
+``sinkhorn_fwd`` returns the loss (a scalar in the accumulation dtype; the public function rounds
+it to the student's dtype outside autocast) and, for the backward, the
 softmax probabilities ``[B, C]`` / ``[B', C]``, the cost matrix ``W [B, B']`` and the dual
 potentials of every half-step, ``f [n_iters, B]`` (after each row step) and ``g [n_iters, B']``
 (after each column step), all in the accumulation dtype. The iterate after any half-step is
@@ -39,7 +40,7 @@ def _sinkhorn_fwd_fake(student_logits, teacher_logits, temperature, epsilon, n_i
     batch_t = teacher_logits.shape[0]
     acc = _acc(student_logits.dtype)
     return (
-        student_logits.new_empty(()),
+        student_logits.new_empty((), dtype=acc),
         student_logits.new_empty((batch, classes), dtype=acc),
         student_logits.new_empty((batch_t, classes), dtype=acc),
         student_logits.new_empty((batch, batch_t), dtype=acc),

@@ -6,7 +6,8 @@ Op-level contract (:func:`kdloss.trg.token_contextual_loss` normalises user inpu
 * ``teacher [B, N, Dt]`` — any float dtype, detached (a constant), contiguous;
 * ``reduction`` — 0 none (``[B, N]`` row means), 1 mean over B·N·N, 2 sum.
 
-The forward also returns the O(B·N) state the backward needs, so that it never stores a
+The forward returns the loss in the accumulation dtype (the public function rounds it to the
+student's dtype outside autocast) and the O(B·N) state the backward needs, so that it never stores a
 ``[B, N, N]`` tensor, all in the accumulation dtype (fp32, fp64 for fp64 students):
 
 * ``stats_student``, ``stats_teacher`` ``[2, B, N]``: per row of the scaled similarities, the max
@@ -31,8 +32,8 @@ LIB.define(
 @torch.library.register_fake("kdloss::token_contextual_fwd")
 def _fwd_fake(student, teacher, reduction):
     batch, n = student.shape[0], student.shape[1]
-    loss = student.new_empty((batch, n) if reduction == 0 else ())
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = student.new_empty((batch, n) if reduction == 0 else (), dtype=acc)
     stats = [student.new_empty((2, batch, n), dtype=acc) for _ in range(2)]
     return loss, *stats, student.new_empty((batch, n), dtype=acc)
 

@@ -11,7 +11,8 @@ neighbours first):
 * ``sigma`` > 0; ``edge`` 0 kernel ``exp(−d²/2σ)`` / 1 log kernel ``−d²/2σ``; ``direction``
   0 ``KL(p^S‖p^T)`` / 1 ``KL(p^T‖p^S)``; ``reduction`` 0 none (``[M]``) / 1 mean over M / 2 sum.
 
-``token_graph_fwd`` returns ``(loss, coef)``: the loss in the student's dtype and the per-edge
+``token_graph_fwd`` returns ``(loss, coef)``: the loss in the accumulation dtype (the public
+function rounds it to the student's dtype outside autocast) and the per-edge
 coefficient ``coef[i, j] = ∂L_i/∂d²_ij`` (``[M, k]``, accumulation dtype; not differentiable) —
 the O(M·k) state the backward needs. ``token_graph_bwd`` turns it into the gradient
 ``∂L/∂x_i = Σ_{edges (i,j) or (j,i)} 2·g·coef·(x_i − x_j)`` with ``g`` the upstream gradient
@@ -41,8 +42,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("kdloss::token_graph_fwd")
 def _fwd_fake(student, teacher, neighbours, sigma, edge, direction, reduction):
     m = student.shape[0]
-    loss = student.new_empty((m,) if reduction == 0 else ())
-    return loss, student.new_empty(neighbours.shape, dtype=_acc_dtype(student.dtype))
+    acc = _acc_dtype(student.dtype)
+    loss = student.new_empty((m,) if reduction == 0 else (), dtype=acc)
+    return loss, student.new_empty(neighbours.shape, dtype=acc)
 
 
 @torch.library.register_fake("kdloss::token_graph_bwd")

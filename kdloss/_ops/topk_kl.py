@@ -11,10 +11,11 @@ Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user 
 * ``inv_temperature`` = 1/T, ``scale`` = T² or 1, ``full_support`` (student log-softmax over V, else
   over K), ``reduction`` 0 none / 1 mean / 2 sum.
 
-``topk_kl_fwd`` returns ``(loss, lse)``: the loss in the logits' dtype (``[N]`` for none, else a
-scalar) and the per-row log-sum-exp of ``logits/T`` over V (over K for ``full_support=False``) in
-the accumulation dtype, saved for the backward (not differentiable). ``topk_kl_bwd`` writes the
-dense ``[N, V]`` gradient from it in one pass (``g·(α·q_j + β_j·[j∈K])``).
+``topk_kl_fwd`` returns ``(loss, lse)``: the loss (``[N]`` for none, else a scalar) and the per-row
+log-sum-exp of ``logits/T`` over V (over K for ``full_support=False``), both in the accumulation
+dtype (the public function rounds the loss to the logits' dtype outside autocast); ``lse`` is saved
+for the backward (not differentiable). ``topk_kl_bwd`` writes the dense ``[N, V]`` gradient from it
+in one pass (``g·(α·q_j + β_j·[j∈K])``).
 """
 
 import torch
@@ -37,8 +38,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
                       full_support, reduction):
     rows = logits.shape[0]
-    loss = logits.new_empty((rows,) if reduction == 0 else ())
-    return loss, logits.new_empty((rows,), dtype=_acc_dtype(logits.dtype))
+    acc = _acc_dtype(logits.dtype)
+    loss = logits.new_empty((rows,) if reduction == 0 else (), dtype=acc)
+    return loss, logits.new_empty((rows,), dtype=acc)
 
 
 @torch.library.register_fake("kdloss::topk_kl_bwd")

@@ -1,9 +1,10 @@
 """Readable pure-PyTorch references of every kdloss loss with a kernel (the ground truth of the kernel
 tests, the fuzzer and the ``backend="reference"`` fallback).
 
-They compute in the accumulation dtype (fp32, or fp64 for fp64 inputs) and return the student's dtype;
-gradients come from autograd. One module per loss with a reference (``kdloss/reference/<loss>.py``);
-each module's ``__all__`` is exported here.
+They compute in the accumulation dtype (fp32, or fp64 for fp64 inputs) and return the student's dtype
+(the accumulation dtype inside ``torch.autocast``, like the kernels); gradients come from autograd.
+One module per loss with a reference (``kdloss/reference/<loss>.py``); each module's ``__all__`` is
+exported here.
 """
 
 import importlib

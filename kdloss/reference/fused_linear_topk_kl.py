@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import no_autocast
 from ..fused_linear_topk_kl import FusedLinearTopKKLOptions
 from .topk_kl import topk_kl_reference
 
@@ -16,8 +17,10 @@ __all__ = ["fused_linear_topk_kl_reference", "linear_logits"]
 
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   softcap: float | None = None) -> torch.Tensor:
-    """``hidden @ weightᵀ + bias``, then Gemma-style ``c·tanh(z / c)`` when ``softcap`` is given."""
-    logits = hidden @ weight.T
+    """``hidden @ weightᵀ + bias``, then Gemma-style ``c·tanh(z / c)`` when ``softcap`` is given. A
+    bf16/fp16 ``hidden`` with an fp32 ``weight`` is upcast; the GEMM never runs under autocast."""
+    with no_autocast(hidden.device.type):
+        logits = hidden.to(weight.dtype) @ weight.T
     if bias is not None:
         logits = logits + bias
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import cast_loss
 from .._validation import accumulation_dtype
 from ..plackett_luce import PlackettLuceOptions
 
@@ -73,11 +74,11 @@ def plackett_luce_reference(
     rows = (log_alpha.exp() * (suffix_lse - s_perm)).sum(-1)
     rows = torch.where(keep, rows, torch.zeros_like(rows))
     if reduction == "none":
-        return rows.reshape(lead).to(student_logits.dtype)
+        return cast_loss(rows.reshape(lead), student_logits.dtype)
     total = rows.sum()
     if reduction == "mean":
         count = keep.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=total.device)
         count = count.to(acc)
         total = torch.where(count > 0, total / torch.where(count > 0, count, torch.ones_like(count)),
                             torch.zeros_like(total))
-    return total.to(student_logits.dtype)
+    return cast_loss(total, student_logits.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import cast_loss
 from .._validation import accumulation_dtype
 from ..sinkhorn import SinkhornOptions
 
@@ -39,7 +40,7 @@ def sinkhorn_reference(
     **option_kwargs,
 ) -> torch.Tensor:
     """SinKD loss. ``student_logits [B, C]``, ``teacher_logits [B', C]`` (a constant); returns a
-    scalar in the student's dtype, computed in fp32 (fp64 for fp64 students). ``B = 0`` or
+    scalar in the student's dtype (fp32 under autocast), computed in fp32 (fp64 for fp64 students). ``B = 0`` or
     ``B' = 0`` gives 0 (an empty plan). Options as a :class:`~kdloss.sinkhorn.SinkhornOptions` or its
     keywords (``gather_across_ranks`` is the functional's business: pass the gathered rows)."""
     options = options or SinkhornOptions(**option_kwargs)
@@ -48,10 +49,10 @@ def sinkhorn_reference(
     s = torch.softmax(student_logits.to(acc) / temperature, dim=-1)
     t = torch.softmax(teacher_logits.detach().to(acc) / temperature, dim=-1)
     if s.shape[0] == 0 or t.shape[0] == 0:  # an empty plan: 0 with a zero gradient
-        return (s.sum() * 0).to(student_logits.dtype)
+        return cast_loss(s.sum() * 0, student_logits.dtype)
     cost = sinkhorn_cost(s, t)
     log_plan = sinkhorn_log_plan(cost, epsilon, n_iters)
-    return (scale * (torch.exp(log_plan) * cost).sum()).to(student_logits.dtype)
+    return cast_loss(scale * (torch.exp(log_plan) * cost).sum(), student_logits.dtype)
 
 
 def sinkhorn_multiplicative(

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .._autocast import cast_loss, no_autocast
 from .._validation import accumulation_dtype
 from ..token_contextual import TokenContextualOptions
 from ._reduce import reduce_terms
@@ -32,7 +33,8 @@ def token_contextual_reference(
     options: TokenContextualOptions | None = None,
     **option_kwargs,
 ) -> torch.Tensor:
-    """``student_tokens [B, N, Ds]``, ``teacher_tokens [B, N, Dt]`` → the loss in the student's dtype.
+    """``student_tokens [B, N, Ds]``, ``teacher_tokens [B, N, Dt]`` → the loss in the student's dtype
+    (fp32 under autocast).
 
     ``reduction``: ``"mean"`` over B·N·N, ``"sum"``, or ``"none"`` → ``[B, N]``, the mean over the
     N columns of each row (so that ``none.mean() == mean``). Options as a
@@ -40,11 +42,12 @@ def token_contextual_reference(
     """
     reduction = (options or TokenContextualOptions(**option_kwargs)).reduction
     acc = accumulation_dtype(student_tokens.dtype)
-    cs = contextual_similarity(student_tokens.to(acc))
-    ct = contextual_similarity(teacher_tokens.detach().to(acc))
+    with no_autocast(student_tokens.device.type):  # the similarity GEMMs stay in acc
+        cs = contextual_similarity(student_tokens.to(acc))
+        ct = contextual_similarity(teacher_tokens.detach().to(acc))
     squared = (ct - cs) ** 2
     batch, n = student_tokens.shape[0], student_tokens.shape[1]
     if reduction == "none":
         out = squared.mean(-1) if n > 0 else squared.sum(-1)
-        return out.reshape(batch, n).to(student_tokens.dtype)
+        return cast_loss(out.reshape(batch, n), student_tokens.dtype)
     return reduce_terms(squared, reduction, student_tokens.dtype)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._autocast import no_autocast
 from .._validation import accumulation_dtype
 from ..token_contrastive import TokenContrastiveOptions
 from ._reduce import reduce_terms
@@ -40,7 +41,8 @@ def token_contrastive_reference(
         return reduce_terms(hs.sum(-1), reduction, student_emb.dtype)
     if similarity == "cosine":
         hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
-    logits = hs @ ht.T / temperature
+    with no_autocast(hs.device.type):  # the similarity GEMM stays in the accumulation dtype
+        logits = hs @ ht.T / temperature
     target = torch.arange(m, device=hs.device)
     per_row = F.cross_entropy(logits, target, reduction="none")
     if symmetric:

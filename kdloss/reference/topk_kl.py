@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import cast_loss
 from .._topk import TopKKLOptions
 from .._validation import accumulation_dtype, comparable
 
@@ -137,7 +138,7 @@ def topk_kl_reference(
     Shapes: ``student_logits [..., V]``, ``teacher_ids [..., k]`` (int), ``teacher_values [..., k]``,
     ``labels [...]`` (int, aligned with the logits; ``ignore_index`` rows do not count). Options come as
     a :class:`~kdloss.topk_kl.TopKKLOptions` or as its keywords. Returns a scalar, or ``[...]`` for
-    ``reduction="none"``, in the student's dtype.
+    ``reduction="none"``, in the student's dtype (fp32 under autocast).
     """
     options = options or TopKKLOptions(**option_kwargs)
     values, tail, student_support = options.values, options.tail, options.student_support
@@ -164,4 +165,4 @@ def topk_kl_reference(
     divisor = valid.sum() if num_items_in_batch is None else num_items_in_batch
     out = reduce_rows(rows, valid, reduction, divisor)
     out = out.reshape(lead) if reduction == "none" else out
-    return out.to(student_logits.dtype)
+    return cast_loss(out, student_logits.dtype)

@@ -1,8 +1,8 @@
 // Launchers of the Margin-MSE CUDA kernels (csrc/cuda/margin_mse.cu), called by the torch glue in
 // csrc/cuda/margin_mse_ops.cpp. Raw pointers only, so the .cu needs no torch headers.
 //
-// Element pointers are of the dtype `dtype`; `teacher` and `workspace` are of its accumulation
-// type (fp32, fp64 for fp64). Score tensors are contiguous; embedding rows are unit-stride in D.
+// Element pointers are of the dtype `dtype`; `teacher`, `workspace`, the loss `out` and the
+// upstream `grad` are of its accumulation type (fp32, fp64 for fp64). Score tensors are contiguous; embedding rows are unit-stride in D.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -35,10 +35,10 @@ struct MarginMSEEmbeddings {
 // Number of accumulation-type elements the forward launchers need as `workspace`.
 int64_t margin_mse_workspace_size(int64_t batch);
 
-// out: [B, n] (none) or [] (mean/sum), dtype `dtype`.
+// out: [B, n] (none) or [] (mean/sum), accumulation type.
 cudaError_t margin_mse_fwd_cuda(const MarginMSEProblem& p, const MarginMSEScores& s, void* out,
                                 void* workspace, cudaStream_t stream);
-// grad: [B, n] (none) or [] ; grad_pos [B], grad_neg [B, n].
+// grad: [B, n] (none) or [] (accumulation type); grad_pos [B], grad_neg [B, n].
 cudaError_t margin_mse_bwd_cuda(const MarginMSEProblem& p, const MarginMSEScores& s, const void* grad,
                                 void* grad_pos, void* grad_neg, cudaStream_t stream);
 cudaError_t margin_mse_emb_fwd_cuda(const MarginMSEProblem& p, const MarginMSEEmbeddings& e, void* out,

@@ -29,12 +29,12 @@ struct PlackettLuceProblem {
 
 // Bytes of device workspace the forward needs (includes the CUB segmented-sort scratch for large C).
 cudaError_t plackett_luce_fwd_workspace(const PlackettLuceProblem& p, size_t* bytes);
-// out: [R] (none) or [] (mean/sum) in the student dtype; order: [R, C] int32 π* (label first).
+// out: [R] (none) or [] (mean/sum) in the accumulation type; order: [R, C] int32 π* (label first).
 cudaError_t plackett_luce_fwd_cuda(const PlackettLuceProblem& p, void* out, int32_t* order, void* workspace,
                                    size_t workspace_bytes, cudaStream_t stream);
 
 size_t plackett_luce_bwd_workspace(const PlackettLuceProblem& p);
-// grad: [R] (none) or [] ; grad_student: [R, C] contiguous, zero-filled by the caller.
+// grad: [R] (none) or [] in the accumulation type; grad_student: [R, C] contiguous, zero-filled by the caller.
 cudaError_t plackett_luce_bwd_cuda(const PlackettLuceProblem& p, const int32_t* order, const void* grad,
                                    void* grad_student, void* workspace, cudaStream_t stream);
 

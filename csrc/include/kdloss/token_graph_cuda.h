@@ -1,8 +1,8 @@
 // Launchers of the TRG graph-loss CUDA kernels (csrc/cuda/token_graph.cu), called by the torch glue
 // in csrc/cuda/token_graph_ops.cpp. Raw pointers only, so the .cu needs no torch headers.
 //
-// `student` and `grad_student` are of the dtype `dtype`; `teacher`, `coef`, `grad` (as passed) and
-// `workspace` are of its accumulation type (fp32, fp64 for fp64). All tensors are contiguous. See
+// `student` and `grad_student` are of the dtype `dtype`; `teacher`, `coef`, the loss, `grad` (as
+// passed) and `workspace` are of its accumulation type (fp32, fp64 for fp64). All tensors are contiguous. See
 // kdloss/_ops/token_graph.py for the op-level contract.
 #pragma once
 
@@ -28,7 +28,7 @@ struct TokenGraphProblem {
 // Accumulation-type elements the forward needs as `workspace` (teacher edge logits, per-node losses).
 int64_t token_graph_workspace_size(int64_t nodes, int64_t k);
 
-// loss: [M] (none) or [] in `dtype`; coef: [M, k] accumulation type (∂L_i/∂d²_ij).
+// loss: [M] (none) or [] in the accumulation type; coef: [M, k] accumulation type (∂L_i/∂d²_ij).
 cudaError_t token_graph_fwd_cuda(const TokenGraphProblem& p, void* loss, void* coef, void* workspace,
                                  cudaStream_t stream);
 

@@ -2,7 +2,7 @@
 // in csrc/cuda/topk_kl_ops.cpp. Raw pointers only, so the .cu needs no torch headers.
 //
 // `logits` and `grad_logits` are of the dtype `dtype`; `target_logp`, `tail_logp`, `divisor`,
-// `lse` and `workspace` are of its accumulation type (fp32, fp64 for fp64). See
+// `lse`, the loss, its upstream `grad` and `workspace` are of its accumulation type (fp32, fp64 for fp64). See
 // kdloss/_ops/topk_kl.py for the op-level contract.
 #pragma once
 
@@ -32,10 +32,10 @@ struct TopKKLProblem {
 // Accumulation-type elements the forward needs as `workspace` (per-row losses).
 int64_t topk_kl_workspace_size(int64_t rows);
 
-// loss: [N] (none) or [] in `dtype`; lse: [N] accumulation type.
+// loss: [N] (none) or [] and lse: [N], accumulation type.
 cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void* workspace, cudaStream_t stream);
 
-// grad: [N] (none) or [] in `dtype`; grad_logits: [N, V] contiguous in `dtype`.
+// grad: [N] (none) or [] in the accumulation type; grad_logits: [N, V] contiguous in `dtype`.
 cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* lse, void* grad_logits,
                              cudaStream_t stream);
 
