@@ -6,8 +6,8 @@ empty shards), the pairs {0, 1} and {2, 3} (2 processes each, run side by side),
 DTensor inputs, the FSDP2 recipe, and SinKD / the token contrastive term with an explicit ``group``.
 The workers record (actual, expected) tensors; the tests below compare them.
 
-fp64: ``|actual − expected| ≤ 1e-10 · (1 + max|expected|)``. fp32 (error rule with the single-process
-kdloss result as the naive computation): ``err(actual) ≤ err(single-process fp32) + 16·eps·(1 + scale)``,
+fp64: ``|actual − expected| ≤ 1e-10 · (1 + max|expected|)``. fp32 and bf16 (error rule with the single-process
+kdloss result as the naive computation): ``err(actual) ≤ err(single-process, same dtype) + 16·eps·(1 + scale)``,
 errors against the fp64 single-process result.
 """
 
@@ -104,10 +104,10 @@ def _topk_case(group, sizes, rank, options, reduction, num_items, dtype, seed, b
         loss = topk_kl_loss(z, ids, vals, labels, **kwargs)
         exact[dt] = (loss.detach(), _grad(loss, z, None if upstream is None else upstream.to(dt))[0][:, shard])
     local = full[:, shard].to(dtype).requires_grad_()
-    if module:
+    if module:  # and leading dims [3, 3, ...]
         call_kwargs = {"num_items_in_batch": kwargs.pop("num_items_in_batch", None)}
-        loss = TopKKLLoss(**kwargs, backend=backend, vocab_parallel_group=group)(local, ids, vals, labels,
-                                                                                  **call_kwargs)
+        loss = TopKKLLoss(**kwargs, backend=backend, vocab_parallel_group=group)(
+            local.view(3, 3, -1), ids.view(3, 3, k), vals.view(3, 3, k), labels.view(3, 3), **call_kwargs)
     else:
         loss = topk_kl_loss(local, ids, vals, labels, **kwargs, backend=backend, vocab_parallel_group=group)
     grad = _grad(loss, local, None if upstream is None else upstream.to(dtype))[0]
@@ -165,8 +165,9 @@ def _topk_cases(group, sizes, rank, prefix):
                                            seed=10 * v + t, module=(reduction == "sum"), sharp=(t == 1))
     options = dict(values="logprobs", tail="bucket", student_support="full", temperature=2.0)
     for tail in ("renorm", "bucket"):
-        results[f"{prefix}/fp32-{tail}"] = _topk_case(group, sizes, rank, dict(options, tail=tail), "mean", None,
-                                                      torch.float32, seed=5)
+        for dtype in (torch.float32, torch.bfloat16):
+            results[f"{prefix}/{dtype}-{tail}"] = _topk_case(group, sizes, rank, dict(options, tail=tail), "mean",
+                                                             None, dtype, seed=5)
     results[f"{prefix}/reference-bucket"] = _topk_case(group, sizes, rank, options, "mean", None, torch.float64,
                                                        seed=6, backend="reference")
     return results
@@ -181,7 +182,8 @@ def _fused_cases(group, sizes, rank, prefix):
                 group, sizes, rank, options, reduction, torch.float64, seed=20 + v,
                 softcap=3.0 if v == 1 else None)
     options = dict(values="logprobs", tail="renorm", student_support="full")
-    results[f"{prefix}/fp32"] = _fused_case(group, sizes, rank, options, "mean", torch.float32, seed=30)
+    for dtype in (torch.float32, torch.bfloat16):
+        results[f"{prefix}/{dtype}"] = _fused_case(group, sizes, rank, options, "mean", dtype, seed=30)
     results[f"{prefix}/no-bias-one-chunk"] = _fused_case(group, sizes, rank, options, "sum", torch.float64, seed=31,
                                                          bias=False, chunk_size=None)
     results[f"{prefix}/partial-hidden"] = _fused_case(group, sizes, rank, options, "mean", torch.float64, seed=32,
@@ -470,7 +472,7 @@ def _check(per_rank, prefix: str, ranks=range(WORLD)) -> int:
 
 def test_topk_kl_4_ranks_uneven_shards_every_variant(per_rank):
     # shards [7, 6, 6, 4] with k = 5: the 4-wide shard takes the small-shard path, the others the kernel's
-    assert _check(per_rank, "world4/") == WORLD * (len(VARIANTS) * len(TEMPERATURES) * len(REDUCTIONS) + 3) * 2
+    assert _check(per_rank, "world4/") == WORLD * (len(VARIANTS) * len(TEMPERATURES) * len(REDUCTIONS) + 5) * 2
 
 
 def test_topk_kl_2_ranks_in_two_groups_side_by_side(per_rank):
