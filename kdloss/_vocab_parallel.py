@@ -253,6 +253,7 @@ def combine(gathered: torch.Tensor, slots: Slots, cfg: Config) -> Rows:
 
 
 def reduce_rows(loss_rows: torch.Tensor, divisor: torch.Tensor, reduction: int) -> torch.Tensor:
+    """The rows (none), their sum, or their sum ÷ ``divisor`` (mean; a divisor ≤ 0 gives 0)."""
     if reduction == _NONE:
         return loss_rows
     total = loss_rows.sum()
@@ -275,8 +276,7 @@ def row_grads(grad: torch.Tensor, rows: int, divisor: torch.Tensor, counted: tor
 def shard_grad(logits, slots: Slots, rows: Rows, g: torch.Tensor, cfg: Config) -> torch.Tensor:
     """``[N, V_r]`` gradient of the loss w.r.t. this shard's logits, for row gradients ``g [N]``."""
     acc = slots.log_p.dtype
-    n, vocab_local = logits.shape
-    k = slots.ids.shape[1]
+    vocab_local, k = logits.shape[1], slots.ids.shape[1]
     if vocab_local == 0:
         return torch.zeros_like(logits)
     inv_t = cfg.inv_temperature
@@ -319,6 +319,7 @@ def _dense_part(logits, free, rows: Rows, g, counted, cfg: Config) -> torch.Tens
 
 
 def _small_shard_grad(logits, slots: Slots, rows: Rows, coeff, live, slot_grad, q, cfg: Config) -> torch.Tensor:
+    """The gradient of a shard with ``V_r ≤ k`` densely in the accumulation dtype (one rounding)."""
     acc = slots.log_p.dtype
     if cfg.full_support:
         dense = torch.exp(logits.to(acc) * cfg.inv_temperature - rows.lse[:, None])
