@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -61,7 +62,7 @@ BUDGETS = {
     ("cuda", False): {"build": 150, "tests": 150, "fuzz": 40, "sanitizer": 75, "bench": 100},
     ("cuda", True): {"build": 150, "tests": 60, "fuzz": 15, "sanitizer": 40, "bench": 40},
     ("cpu", False): {"build": 600, "tests": 900, "fuzz": 120, "sanitizer": 60, "bench": 300},
-    ("cpu", True): {"build": 300, "tests": 120, "fuzz": 40, "sanitizer": 40, "bench": 60},
+    ("cpu", True): {"build": 300, "tests": 120, "fuzz": 40, "sanitizer": 40, "bench": 90},
 }
 TOTALS = {("cuda", False): 465, ("cuda", True): 300, ("cpu", False): 2400, ("cpu", True): 600}
 GRACE_S = 15  # a worker that overruns its budget by this much is killed
@@ -685,7 +686,7 @@ def stage_tests(ctx: Context, budget: float) -> StageResult:
     junit = ctx.tmp / "junit.xml"
     cmd, env = pytest_command(ctx, junit)
     rc, seconds, tail = run_logged(cmd, "tests", ctx, budget, env, cwd=PACKAGE_ROOT)
-    details: dict = {"command": " ".join(cmd), "env": env}
+    details: dict = {"command": shlex.join(cmd), "env": env}
     if rc is None or not junit.exists():
         why = f"killed after its time budget ({budget:.0f} s)" if rc is None else f"pytest exited with code {rc}"
         return StageResult("tests", "fail", f"{why}: {_tail_line(tail)}", seconds, budget, details)
