@@ -32,6 +32,7 @@ from ._validation import (
     check_tensor,
     mean_divisor,
 )
+from ._vocab_parallel import fused_linear_topk_kl_vocab_parallel, is_dtensor
 
 __all__ = ["FusedLinearTopKKLLoss", "FusedLinearTopKKLOptions", "default_chunk_size", "fused_linear_topk_kl_loss"]
 
@@ -239,6 +240,8 @@ def fused_linear_topk_kl_loss(
     reduction: str = _D.reduction,
     num_items_in_batch: int | torch.Tensor | None = None,
     backend: str = "auto",
+    vocab_parallel_group=None,
+    all_reduce_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """Top-k sparse KL of the logits ``softcap(hidden @ weightᵀ + bias)`` without materialising them.
 
@@ -259,6 +262,16 @@ def fused_linear_topk_kl_loss(
         values, tail, student_support, temperature, teacher_temperature, scale_by_t2, ignore_index,
         reduction, num_items_in_batch, backend: as in :func:`kdloss.topk_kl_loss`
             (``backend="reference"`` materialises the logits).
+        vocab_parallel_group: vocabulary (tensor) parallelism (default None: off). A process group (or 1-D
+            ``DeviceMesh``) over which the head's rows are split: ``weight`` (and ``bias``) are then this
+            rank's contiguous rows ``[V_r, H]`` (group-rank order, sizes may differ), ``hidden`` and the
+            teacher are the same on every rank of the group, teacher ids are global. A ``DTensor`` weight
+            sharded on dim 0 is handled this way (with ``hidden`` a DTensor replicated on that mesh
+            dimension, or this argument given to confirm it). See docs/fused_linear_topk_kl.md.
+        all_reduce_hidden_grad: with ``vocab_parallel_group``, sum the gradient of ``hidden`` over the group
+            in the backward (default True: what the replicated input of a column-parallel layer needs).
+            Set False when your framework reduces it already (for example Megatron's
+            ``copy_to_tensor_model_parallel_region`` or a sequence-parallel gather in front of the head).
 
     Shape:
         ``hidden [..., H]``, ``weight [V, H]``, ``teacher_ids [..., k]``, ``teacher_values [..., k]``,
@@ -287,6 +300,11 @@ def fused_linear_topk_kl_loss(
         teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
         reduction=reduction, softcap=softcap, chunk_size=chunk_size,
     )
+    if vocab_parallel_group is not None or is_dtensor(weight):
+        return fused_linear_topk_kl_vocab_parallel(
+            hidden, weight, teacher_ids, teacher_values, labels, bias=bias, options=options,
+            num_items_in_batch=num_items_in_batch, backend=backend, group=vocab_parallel_group,
+            all_reduce_hidden_grad=all_reduce_hidden_grad)
     vocab = _check_head(hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
     check_teacher(teacher_ids, teacher_values, labels, lead, "hidden [..., H]")
@@ -323,6 +341,8 @@ class FusedLinearTopKKLLoss(OptionsModule):
     Args:
         softcap, chunk_size, values, tail, student_support, temperature, teacher_temperature, scale_by_t2,
         ignore_index, reduction, backend: as in :func:`fused_linear_topk_kl_loss`.
+        vocab_parallel_group, all_reduce_hidden_grad: as in :func:`fused_linear_topk_kl_loss`; plain attributes
+            (runtime state, not options).
 
     Shape:
         ``forward(hidden [..., H], weight [V, H], teacher_ids [..., k], teacher_values [..., k],
@@ -349,6 +369,8 @@ class FusedLinearTopKKLLoss(OptionsModule):
         ignore_index: int = _D.ignore_index,
         reduction: str = _D.reduction,
         backend: str = "auto",
+        vocab_parallel_group=None,
+        all_reduce_hidden_grad: bool = True,
     ) -> None:
         options = FusedLinearTopKKLOptions(
             values=values, tail=tail, student_support=student_support, temperature=temperature,
@@ -356,6 +378,8 @@ class FusedLinearTopKKLLoss(OptionsModule):
             reduction=reduction, softcap=softcap, chunk_size=chunk_size,
         )
         super().__init__(options, backend)
+        self.vocab_parallel_group = vocab_parallel_group
+        self.all_reduce_hidden_grad = all_reduce_hidden_grad
 
     def forward(
         self,
@@ -371,4 +395,5 @@ class FusedLinearTopKKLLoss(OptionsModule):
         """See :func:`fused_linear_topk_kl_loss`."""
         return fused_linear_topk_kl_loss(hidden, weight, teacher_ids, teacher_values, labels, bias=bias,
                                          num_items_in_batch=num_items_in_batch, backend=self.backend,
-                                         **self.option_kwargs())
+                                         vocab_parallel_group=self.vocab_parallel_group,
+                                         all_reduce_hidden_grad=self.all_reduce_hidden_grad, **self.option_kwargs())

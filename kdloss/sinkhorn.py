@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ._autocast import cast_loss
+from ._collectives import gather_rows, group_rank_world
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._validation import accumulation_dtype, check_bool, check_int, check_real, check_same_device, check_tensor
@@ -48,35 +49,6 @@ class SinkhornOptions:
         check_bool(self.gather_across_ranks, "gather_across_ranks")
 
 
-def _distributed_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) when torch.distributed is not in use."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _gather_rows(local: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Concatenates every rank's ``[B_r, C]`` rows in rank order (local batch sizes may differ).
-
-    The other ranks' rows are constants; this rank's rows are ``local`` itself, so autograd gives
-    each rank exactly ∂L/∂(its own rows) of the global loss, with no communication in backward."""
-    dist = torch.distributed
-    sizes = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
-    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
-    dist.all_gather(all_sizes, sizes)
-    counts = [int(s.item()) for s in all_sizes]
-    longest = max(counts)
-    # gloo has no bf16/fp16 collectives everywhere: gather in the accumulation dtype (exact)
-    wire = local.detach().to(accumulation_dtype(local.dtype))
-    padded = wire.new_zeros((longest, local.shape[1]))
-    padded[: local.shape[0]] = wire
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    rows = [local if r == rank else parts[r][: counts[r]].to(local.dtype) for r in range(world)]
-    return torch.cat(rows, dim=0)
-
-
 def sinkhorn_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -86,6 +58,7 @@ def sinkhorn_loss(
     n_iters: int = SinkhornOptions.n_iters,
     scale: float = SinkhornOptions.scale,
     gather_across_ranks: bool = SinkhornOptions.gather_across_ranks,
+    group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """SinKD: the Sinkhorn-weighted L1 distance between the batch's student and teacher distributions.
@@ -104,6 +77,9 @@ def sinkhorn_loss(
             global batch: every rank computes the loss over all ranks' rows (concatenated in rank
             order) and receives the gradient of that loss w.r.t. its own rows. Without a process
             group this is the local loss.
+        group: the process group (or 1-D ``DeviceMesh``) whose ranks are coupled by
+            ``gather_across_ranks`` (default None: the default group), e.g. the data-parallel group of a
+            DP × TP mesh.
         backend: ``"auto"`` (compiled kernel if available, else the reference with one warning),
             ``"kernel"`` or ``"reference"``.
 
@@ -136,11 +112,9 @@ def sinkhorn_loss(
             f"got shape {tuple(teacher_logits.shape)}"
         )
     teacher_logits = teacher_logits.detach()
-    if gather_across_ranks:
-        rank, world = _distributed_world()
-        if world > 1:
-            student_logits = _gather_rows(student_logits, rank, world)
-            teacher_logits = _gather_rows(teacher_logits, rank, world)
+    if gather_across_ranks and group_rank_world(group)[1] > 1:
+        student_logits = gather_rows(student_logits, group)
+        teacher_logits = gather_rows(teacher_logits, group)
     if not use_kernel("sinkhorn", device, backend):
         from .reference.sinkhorn import sinkhorn_reference
 
@@ -156,6 +130,7 @@ class SinkhornLoss(OptionsModule):
 
     Args:
         temperature, epsilon, n_iters, scale, gather_across_ranks, backend: as in :func:`sinkhorn_loss`.
+        group: as in :func:`sinkhorn_loss`; a plain attribute (runtime state, not an option).
 
     Shape:
         ``forward(student_logits [B, C], teacher_logits [B', C])`` → a scalar.
@@ -173,12 +148,15 @@ class SinkhornLoss(OptionsModule):
         n_iters: int = SinkhornOptions.n_iters,
         scale: float = SinkhornOptions.scale,
         gather_across_ranks: bool = SinkhornOptions.gather_across_ranks,
+        group=None,
         backend: str = "auto",
     ) -> None:
         options = SinkhornOptions(temperature=temperature, epsilon=epsilon, n_iters=n_iters, scale=scale,
                                   gather_across_ranks=gather_across_ranks)
         super().__init__(options, backend)
+        self.group = group
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """See :func:`sinkhorn_loss`."""
-        return sinkhorn_loss(student_logits, teacher_logits, backend=self.backend, **self.option_kwargs())
+        return sinkhorn_loss(student_logits, teacher_logits, group=self.group, backend=self.backend,
+                             **self.option_kwargs())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._collectives import gather_rows, group_rank_world
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._validation import REDUCTIONS, check_bool, check_option, check_real, check_same_device, check_tensor
@@ -33,6 +34,8 @@ class TokenContrastiveOptions:
         detach_teacher: stop the gradient into ``teacher_emb`` (default False: TRG trains the teacher-side
             projection head).
         reduction: ``"mean"`` over nodes (default), ``"sum"`` or ``"none"`` (``[M]``).
+        gather_across_ranks: under an initialised ``torch.distributed`` process group, use every rank's
+            nodes as one global set of nodes (negatives from all ranks; default False).
     """
 
     temperature: float = 0.1
@@ -40,6 +43,7 @@ class TokenContrastiveOptions:
     symmetric: bool = False
     detach_teacher: bool = False
     reduction: str = "mean"
+    gather_across_ranks: bool = False
 
     def __post_init__(self) -> None:
         check_real(self.temperature, "temperature", low=0.0)
@@ -47,6 +51,7 @@ class TokenContrastiveOptions:
         check_bool(self.symmetric, "symmetric")
         check_bool(self.detach_teacher, "detach_teacher")
         check_option(self.reduction, "reduction", REDUCTIONS)
+        check_bool(self.gather_across_ranks, "gather_across_ranks")
 
 
 _D = TokenContrastiveOptions
@@ -61,6 +66,8 @@ def token_contrastive_loss(
     symmetric: bool = _D.symmetric,
     detach_teacher: bool = _D.detach_teacher,
     reduction: str = _D.reduction,
+    gather_across_ranks: bool = _D.gather_across_ranks,
+    group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Global-topology InfoNCE (TRG ``L_global``). **Experimental.**
@@ -70,11 +77,20 @@ def token_contrastive_loss(
         teacher_emb: ``[M, E]`` projected teacher nodes. Unlike other losses' teachers it receives a
             gradient by default (TRG trains the teacher-side projection head).
         temperature, similarity, symmetric, detach_teacher, reduction: see :class:`TokenContrastiveOptions`.
+        gather_across_ranks: under an initialised ``torch.distributed`` process group, every rank
+            all-gathers the student and teacher nodes of ``group`` (local ``M`` may differ) and computes
+            the loss over the concatenated nodes (rank order): each node's negatives are the nodes of all
+            ranks. Each rank receives the gradient of that global loss w.r.t. its own nodes (the other
+            ranks' nodes are constants; no communication in backward). ``"none"`` then returns the
+            global ``[M_global]`` vector, identical on every rank. Without a process group: the local loss.
+        group: the process group (or 1-D ``DeviceMesh``) coupled by ``gather_across_ranks`` (default
+            None: the default group).
         backend: there is no compiled kernel yet: ``"kernel"`` raises :class:`kdloss.KernelUnavailableError`;
             ``"auto"`` and ``"reference"`` run the pure-PyTorch implementation (``O(M²)`` memory).
 
     Shape:
-        ``student_emb [M, E]``, ``teacher_emb [M, E]`` → a scalar, or ``[M]`` for ``"none"``.
+        ``student_emb [M, E]``, ``teacher_emb [M, E]`` → a scalar, or ``[M]`` for ``"none"`` (``[M_global]``
+        with ``gather_across_ranks``).
 
     Returns:
         The loss in ``student_emb.dtype`` (computed in fp32, fp64 for fp64; fp32 under autocast).
@@ -88,7 +104,8 @@ def token_contrastive_loss(
         "Representation Learning with Contrastive Predictive Coding" (InfoNCE, 2018).
     """
     options = TokenContrastiveOptions(temperature=temperature, similarity=similarity, symmetric=symmetric,
-                                      detach_teacher=detach_teacher, reduction=reduction)
+                                      detach_teacher=detach_teacher, reduction=reduction,
+                                      gather_across_ranks=gather_across_ranks)
     check_tensor(student_emb, "student_emb", ndim=2)
     check_tensor(teacher_emb, "teacher_emb", ndim=2)
     device = check_same_device(student_emb=student_emb, teacher_emb=teacher_emb)
@@ -96,6 +113,9 @@ def token_contrastive_loss(
         raise ValueError(f"teacher_emb must have the shape of student_emb {tuple(student_emb.shape)} "
                          f"(project both to a common width E), got {tuple(teacher_emb.shape)}")
     use_kernel("token_contrastive", device, backend)  # validates backend; "kernel" raises: there is none
+    if gather_across_ranks and group_rank_world(group)[1] > 1:
+        student_emb = gather_rows(student_emb, group)
+        teacher_emb = gather_rows(teacher_emb.detach() if detach_teacher else teacher_emb, group)
     from .reference.token_contrastive import token_contrastive_reference
 
     return token_contrastive_reference(student_emb, teacher_emb, options=options)
@@ -106,8 +126,9 @@ class TokenContrastiveLoss(OptionsModule):
     from :func:`kdloss.trg.temperature_schedule` to anneal it.
 
     Args:
-        temperature, similarity, symmetric, detach_teacher, reduction, backend: as in
+        temperature, similarity, symmetric, detach_teacher, reduction, gather_across_ranks, backend: as in
         :func:`token_contrastive_loss`.
+        group: as in :func:`token_contrastive_loss`; a plain attribute (runtime state, not an option).
 
     Shape:
         ``forward(student_emb [M, E], teacher_emb [M, E])``.
@@ -119,11 +140,15 @@ class TokenContrastiveLoss(OptionsModule):
 
     def __init__(self, *, temperature: float = _D.temperature, similarity: str = _D.similarity,
                  symmetric: bool = _D.symmetric, detach_teacher: bool = _D.detach_teacher,
-                 reduction: str = _D.reduction, backend: str = "auto") -> None:
+                 reduction: str = _D.reduction, gather_across_ranks: bool = _D.gather_across_ranks, group=None,
+                 backend: str = "auto") -> None:
         options = TokenContrastiveOptions(temperature=temperature, similarity=similarity, symmetric=symmetric,
-                                          detach_teacher=detach_teacher, reduction=reduction)
+                                          detach_teacher=detach_teacher, reduction=reduction,
+                                          gather_across_ranks=gather_across_ranks)
         super().__init__(options, backend)
+        self.group = group
 
     def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
         """See :func:`token_contrastive_loss`."""
-        return token_contrastive_loss(student_emb, teacher_emb, backend=self.backend, **self.option_kwargs())
+        return token_contrastive_loss(student_emb, teacher_emb, group=self.group, backend=self.backend,
+                                      **self.option_kwargs())

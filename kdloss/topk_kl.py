@@ -23,6 +23,7 @@ from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets
 from ._validation import accumulation_dtype, check_num_items, check_same_device, check_tensor, mean_divisor
+from ._vocab_parallel import is_dtensor, topk_kl_vocab_parallel
 
 __all__ = ["TopKKLLoss", "TopKKLOptions", "topk_kl_loss"]
 
@@ -52,6 +53,7 @@ def topk_kl_loss(
     reduction: str = _D.reduction,
     num_items_in_batch: int | torch.Tensor | None = None,
     backend: str = "auto",
+    vocab_parallel_group=None,
 ) -> torch.Tensor:
     """KL(teacher ‖ student) with a sparse top-k teacher over a large vocabulary.
 
@@ -85,6 +87,13 @@ def topk_kl_loss(
             :func:`kdloss.distributed.num_items_for_ddp` under data parallelism). A count ≤ 0 gives 0.
         backend: ``"auto"`` (kernel, or the pure-PyTorch reference with one warning if the kernel cannot
             be built), ``"kernel"`` or ``"reference"``.
+        vocab_parallel_group: vocabulary parallelism (default None: off). A ``torch.distributed`` process
+            group (or 1-D ``DeviceMesh``) over which the vocabulary is split: ``student_logits`` is then
+            this rank's contiguous shard ``[..., V_r]`` (shards in group-rank order, sizes may differ),
+            the teacher ids and labels are global, and every rank of the group passes the same rows and
+            teacher. The loss is the full-vocabulary loss (the same on every rank) and the gradient is
+            its gradient w.r.t. this shard; nothing of size V is communicated. A ``DTensor`` sharded on
+            its last dimension is handled this way with its mesh's group. See docs/topk_kl.md.
 
     Shape:
         ``student_logits [..., V]``, ``teacher_ids [..., k]``, ``teacher_values [..., k]``, ``labels [...]``.
@@ -107,6 +116,10 @@ def topk_kl_loss(
     options = TopKKLOptions(values=values, tail=tail, student_support=student_support, temperature=temperature,
                             teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2,
                             ignore_index=ignore_index, reduction=reduction)
+    if vocab_parallel_group is not None or is_dtensor(student_logits):
+        return topk_kl_vocab_parallel(student_logits, teacher_ids, teacher_values, labels, options=options,
+                                      num_items_in_batch=num_items_in_batch, backend=backend,
+                                      group=vocab_parallel_group)
     vocab = _check_logits(student_logits)
     lead = tuple(student_logits.shape[:-1])
     check_teacher(teacher_ids, teacher_values, labels, lead, "student_logits [..., V]")
@@ -142,6 +155,7 @@ class TopKKLLoss(OptionsModule):
     Args:
         values, tail, student_support, temperature, teacher_temperature, scale_by_t2, ignore_index,
         reduction, backend: as in :func:`topk_kl_loss`.
+        vocab_parallel_group: as in :func:`topk_kl_loss`; a plain attribute (runtime state, not an option).
 
     Shape:
         ``forward(student_logits [..., V], teacher_ids [..., k], teacher_values [..., k], labels [...] = None,
@@ -166,11 +180,13 @@ class TopKKLLoss(OptionsModule):
         ignore_index: int = _D.ignore_index,
         reduction: str = _D.reduction,
         backend: str = "auto",
+        vocab_parallel_group=None,
     ) -> None:
         options = TopKKLOptions(values=values, tail=tail, student_support=student_support, temperature=temperature,
                                 teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2,
                                 ignore_index=ignore_index, reduction=reduction)
         super().__init__(options, backend)
+        self.vocab_parallel_group = vocab_parallel_group
 
     def forward(
         self,
@@ -183,4 +199,5 @@ class TopKKLLoss(OptionsModule):
     ) -> torch.Tensor:
         """See :func:`topk_kl_loss`."""
         return topk_kl_loss(student_logits, teacher_ids, teacher_values, labels,
-                            num_items_in_batch=num_items_in_batch, backend=self.backend, **self.option_kwargs())
+                            num_items_in_batch=num_items_in_batch, backend=self.backend,
+                            vocab_parallel_group=self.vocab_parallel_group, **self.option_kwargs())

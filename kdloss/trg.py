@@ -122,6 +122,8 @@ class TRGLoss(nn.Module):
         k, sigma, graph, edge, kl_direction: as in :func:`token_graph_loss`.
         temperature, similarity, symmetric, detach_teacher: as in :func:`token_contrastive_loss`;
             update ``self.temperature`` from :func:`temperature_schedule` during training.
+        gather_across_ranks, group: as in :func:`token_contrastive_loss`, for the contrastive term only
+            (negatives from every rank of ``group``); the other terms are per image.
         backend: passed to the contextual and graph terms (the contrastive term is reference only).
 
     The logit-KD and cross-entropy terms of the paper's total are left to the caller. With
@@ -142,7 +144,8 @@ class TRGLoss(nn.Module):
                  gamma: float = 1.0, embed_dim: int = 256, num_samples: int | None = 64, k: int = 8,
                  sigma: float = 1.0, graph: str = "teacher", edge: str = "kernel",
                  kl_direction: str = "student_teacher", temperature: float = 0.1, similarity: str = "cosine",
-                 symmetric: bool = False, detach_teacher: bool = False, backend: str = "auto") -> None:
+                 symmetric: bool = False, detach_teacher: bool = False, gather_across_ranks: bool = False,
+                 group=None, backend: str = "auto") -> None:
         super().__init__()
         check_int(student_dim, "student_dim", low=1)
         check_int(teacher_dim, "teacher_dim", low=1)
@@ -156,7 +159,8 @@ class TRGLoss(nn.Module):
         self.graph_loss = TokenGraphLoss(k=k, sigma=sigma, graph=graph, edge=edge, kl_direction=kl_direction,
                                          backend=backend)
         self.contrastive_loss = TokenContrastiveLoss(temperature=temperature, similarity=similarity,
-                                                     symmetric=symmetric, detach_teacher=detach_teacher)
+                                                     symmetric=symmetric, detach_teacher=detach_teacher,
+                                                     gather_across_ranks=gather_across_ranks, group=group)
         self.backend = check_option(backend, "backend", BACKENDS)
         self.student_proj = nn.Linear(student_dim, embed_dim)
         self.teacher_proj = nn.Linear(teacher_dim, embed_dim)

@@ -25,6 +25,25 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def _is_cuda(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value == "cuda" or value.startswith("cuda:")
+    if isinstance(value, (tuple, list)):
+        return any(_is_cuda(v) for v in value)
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test parametrised with a CUDA device (the ``device`` fixture, or a parameter such as
+    ``"cuda"``) gets the ``cuda`` mark, so ``pytest -m cuda`` runs all CUDA tests of every loss."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(_is_cuda(v) for v in callspec.params.values()):
+            item.add_marker(pytest.mark.cuda)
+
 
 @pytest.fixture(params=DEVICES)
 def device(request):

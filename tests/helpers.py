@@ -20,7 +20,12 @@ __all__ = ["CUDA", "DEVICES", "assert_close_fp64", "assert_within_lowp_bound", "
 CUDA = torch.cuda.is_available()
 #: Every device with kdloss kernels on this machine (CPU always; CUDA when a GPU exists).
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+_needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def cuda_only(test):
+    """Marks a test ``cuda`` (``pytest -m cuda`` selects it) and skips it where no CUDA device exists."""
+    return pytest.mark.cuda(_needs_cuda(test))
 
 
 def assert_close_fp64(actual: torch.Tensor, expected: torch.Tensor, rtol=1e-10, atol=1e-12):

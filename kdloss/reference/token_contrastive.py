@@ -27,7 +27,9 @@ def token_contrastive_reference(
     node (the diagonal), negatives = the other teacher nodes; cross-entropy, mean over nodes.
     ``symmetric=True`` averages with the teacher→student direction. The teacher receives a gradient
     unless ``detach_teacher`` (TRG trains its projection head). Options as a
-    :class:`~kdloss.token_contrastive.TokenContrastiveOptions` or its keywords."""
+    :class:`~kdloss.token_contrastive.TokenContrastiveOptions` or its keywords. ``gather_across_ranks`` is
+    applied by :func:`kdloss.token_contrastive_loss` before it calls this (the inputs here are the nodes
+    already gathered)."""
     options = options or TokenContrastiveOptions(**option_kwargs)
     temperature, similarity, symmetric = options.temperature, options.similarity, options.symmetric
     detach_teacher, reduction = options.detach_teacher, options.reduction

@@ -1,0 +1,116 @@
+"""CUDA kernels of every registered loss, generic over the fuzz specs (kdloss.testing): parity with the
+CPU kernel and the float64 reference in every dtype, bitwise determinism run to run, no host sync in
+backward, inputs on a second GPU, and misaligned, row-padded and strided inputs.
+
+The cases are the fixed ones of :mod:`kdloss.testing.device`. The device under test is
+``$KDLOSS_TEST_DEVICE`` (default ``cuda``); every test but the first is marked ``cuda`` and skipped
+where that device does not exist. ``python -m kdloss.selftest --device cpu`` points the same tests at
+the CPU so that CI exercises them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kdloss import testing
+from kdloss.testing.device import CASES, LAYOUTS, compare_devices, run_case, upstream_gradient
+
+TARGET = os.environ.get("KDLOSS_TEST_DEVICE", "cuda")
+ON_TARGET = torch.device(TARGET).type == "cpu" or torch.cuda.is_available()
+TWO_GPUS = torch.device(TARGET).type == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+def losses() -> list[str]:
+    """Every loss with a fuzz spec (the losses whose kernels these tests cover)."""
+    return testing.names()
+
+
+def on_target(test):
+    """Marks a test ``cuda`` and skips it where the device under test does not exist."""
+    return pytest.mark.cuda(pytest.mark.skipif(not ON_TARGET, reason=f"needs a {TARGET} device")(test))
+
+
+def _id(value) -> str:
+    return str(value).replace("torch.", "")
+
+
+CASE_IDS = [(loss, name) for loss in losses() for name in CASES.get(loss, {})]
+PARITY = [(loss, name, dtype) for loss, name in CASE_IDS for dtype in testing.get(loss).dtypes]
+TWO_DTYPES = [(loss, name, dtype) for loss, name in CASE_IDS for dtype in (torch.float32, torch.bfloat16)]
+OTHER_LAYOUTS = [layout for layout in LAYOUTS if layout != "contiguous"]
+
+
+def _assert_ok(result, what: str) -> None:
+    assert result.ok, f"{what}: {result}\n" + "\n".join(result.details)
+
+
+def test_every_registered_loss_has_device_cases():
+    """A loss registered without fixed device cases would silently get no CUDA coverage; the cases must
+    also still fit the spec's case format (they build on the CPU)."""
+    missing = sorted(set(losses()) - set(CASES))
+    assert not missing, f"add cases for {missing} to kdloss/testing/device.py"
+    for loss, name in CASE_IDS:
+        case = CASES[loss][name]
+        assert case.get("layout", "contiguous") == "contiguous", (loss, name)
+        built = testing.get(loss).build(case, torch.device("cpu"), torch.float32)
+        assert any(x.requires_grad and x.numel() > 0 for x in built.inputs), (loss, name)
+
+
+@on_target
+@pytest.mark.parametrize("loss, name, dtype", PARITY, ids=_id)
+def test_matches_cpu_kernel_and_reference(loss, name, dtype):
+    _assert_ok(compare_devices(loss, CASES[loss][name], TARGET, dtype), f"{loss}/{name}")
+
+
+@on_target
+@pytest.mark.parametrize("layout", OTHER_LAYOUTS)
+@pytest.mark.parametrize("loss, name, dtype", TWO_DTYPES, ids=_id)
+def test_misaligned_padded_and_strided_inputs(loss, name, dtype, layout):
+    """Every input and constant in ``layout`` on the device; compared with contiguous CPU inputs."""
+    _assert_ok(compare_devices(loss, CASES[loss][name], TARGET, dtype, layout), f"{loss}/{name}/{layout}")
+
+
+@on_target
+@pytest.mark.parametrize("loss, name, dtype", TWO_DTYPES, ids=_id)
+def test_bitwise_deterministic_run_to_run(loss, name, dtype):
+    case = CASES[loss][name]
+    first = run_case(loss, case, TARGET, dtype).outputs
+    for _ in range(2):
+        again = run_case(loss, case, TARGET, dtype).outputs
+        for index, (a, b) in enumerate(zip(first, again, strict=True)):
+            assert torch.equal(a, b), f"{loss}/{name}: output {index} (0: value, then gradients) differs between runs"
+
+
+@on_target
+@pytest.mark.parametrize("loss, name, dtype", TWO_DTYPES, ids=_id)
+def test_no_host_sync_in_backward(loss, name, dtype):
+    """Backward of the kernel under ``torch.cuda.set_sync_debug_mode("error")``: any synchronising call
+    (``.item()``, a device-to-host copy, a ``nonzero``) raises."""
+    spec = testing.get(loss)
+    case = CASES[loss][name]
+    built = spec.build(case, torch.device(TARGET), dtype)
+    out = spec.kernel(case, *built.inputs, **built.constants)
+    weight = upstream_gradient(out, built.upstream_seed)
+    need = [x for x in built.inputs if x.requires_grad]
+    if torch.device(TARGET).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = torch.autograd.grad(out, need, grad_outputs=weight, allow_unused=True)
+    finally:
+        if torch.device(TARGET).type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert any(g is not None for g in grads), f"{loss}/{name}: no gradient reached the inputs"
+
+
+@on_target
+@pytest.mark.skipif(not TWO_GPUS, reason="needs two CUDA devices")
+@pytest.mark.parametrize("loss, name", CASE_IDS, ids=_id)
+def test_inputs_on_the_second_gpu(loss, name):
+    """Inputs on cuda:1 while cuda:0 is current: outputs stay on cuda:1 and match the CPU kernel."""
+    torch.cuda.set_device(0)
+    _assert_ok(compare_devices(loss, CASES[loss][name], "cuda:1", torch.float32), f"{loss}/{name}")
+    assert torch.cuda.current_device() == 0
