@@ -2,7 +2,7 @@
 
 First a random-weight teacher (built from a config) is run once over the dataset, and its top-16
 ids and full-softmax log-probs per position are stored as the dataset columns ``teacher_ids`` /
-``teacher_logprobs`` (``[T, 16]`` per sequence; position t holds the distribution over token t+1),
+``teacher_values`` (``[T, 16]`` per sequence; position t holds the distribution over token t+1),
 the format DistillKit-style teacher caches use. Training then needs no teacher: ``KDTrainer``
 keeps these columns (``remove_unused_columns`` stays at its default, True), pads variable-length
 sequences with ``DistillationCollator`` (teacher values padded with -inf) and applies
@@ -24,7 +24,7 @@ TOP_K = 16
 
 @torch.no_grad()
 def store_teacher_targets(teacher, rows: list[dict]) -> list[dict]:
-    """Adds ``teacher_ids`` / ``teacher_logprobs`` ([T, k] lists) to each row."""
+    """Adds ``teacher_ids`` / ``teacher_values`` ([T, k] lists) to each row."""
     from kdloss.sparse import topk_teacher
 
     teacher.eval()
@@ -32,7 +32,7 @@ def store_teacher_targets(teacher, rows: list[dict]) -> list[dict]:
         logits = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0]
         ids, logprobs = topk_teacher(logits, TOP_K)
         row["teacher_ids"] = ids.tolist()
-        row["teacher_logprobs"] = logprobs.half().float().tolist()  # stored in fp16, as caches do
+        row["teacher_values"] = logprobs.half().float().tolist()  # stored in fp16, as caches do
     return rows
 
 

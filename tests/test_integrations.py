@@ -74,7 +74,7 @@ def token_rows(count: int = 4, length: int = 10, seed: int = 0, stored_k: int | 
         if stored_k is not None:
             with torch.no_grad():
                 ids_k, logprobs = topk_teacher(teacher(input_ids=ids[None]).logits[0], stored_k)
-            row["teacher_ids"], row["teacher_logprobs"] = ids_k.tolist(), logprobs.tolist()
+            row["teacher_ids"], row["teacher_values"] = ids_k.tolist(), logprobs.tolist()
         rows.append(row)
     return rows
 
@@ -102,8 +102,12 @@ def quiet(trainer):
 
 def reference_gradients(student, rows, config, teacher=None):
     """Loss and gradients of the global mean over all rows, one call, one process."""
+    return reference_gradients_of_batch(student, DistillationCollator()(rows), config, teacher)
+
+
+def reference_gradients_of_batch(student, batch, config, teacher=None):
     student.zero_grad(set_to_none=True)
-    loss = distillation_loss(student, DistillationCollator()(rows), teacher_model=teacher, config=config)
+    loss = distillation_loss(student, batch, teacher_model=teacher, config=config)
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in student.named_parameters() if p.grad is not None}
     student.zero_grad(set_to_none=True)
@@ -145,6 +149,26 @@ def test_kdtrainer_accumulation_equals_global_mean(arch, fused, online):
     mixed = 0.75 * logged(trainer, "kd_loss") + 0.25 * logged(trainer, "ce_loss")
     assert mixed == pytest.approx(logged(trainer), rel=1e-5)
     assert logged(trainer, "kd_loss") != pytest.approx(logged(trainer, "ce_loss"), rel=1e-3)
+
+
+def test_kdtrainer_trains_from_a_kdloss_cache(tmp_path):
+    """Stored targets from kdloss.cache (build_cache → TopKCache → TopKCollator): the cache's own
+    column names and loss options plug into KDTrainer; accumulation 2 equals the global mean."""
+    from kdloss.cache import TopKCache, TopKCollator, build_cache
+
+    sequences = [row["input_ids"][: 6 + 2 * i] for i, row in enumerate(token_rows(count=4))]
+    build_cache(tiny_lm("llama", seed=1), sequences, str(tmp_path / "cache"), k=8, batch_size=4, progress=False)
+    cache = TopKCache(str(tmp_path / "cache"))
+    collate = TopKCollator(student_vocab_size=VOCAB)
+    config = DistillationConfig(temperature=2.0, **cache.loss_kwargs())
+    expected_loss, expected = reference_gradients_of_batch(tiny_lm("llama", seed=0), collate([cache[i] for i in
+                                                                                             range(4)]), config)
+    grab = GradientGrab()
+    trainer = quiet(KDTrainer(model=tiny_lm("llama", seed=0), args=training_args(), train_dataset=cache,
+                              data_collator=collate, callbacks=[grab], distillation=config))
+    trainer.train()
+    assert_same_gradients(grab.grads, expected)
+    assert logged(trainer) == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_own_compute_loss_with_trainer_equals_global_mean():
@@ -235,7 +259,7 @@ def test_plain_loss_is_topk_kl_of_shifted_logits():
     student, batch = tiny_lm("llama", seed=0), _batch(token_rows(stored_k=8, teacher=tiny_lm("llama", seed=1)))
     loss = distillation_loss(student, batch, config=DistillationConfig(temperature=2.0))
     logits = student(input_ids=batch["input_ids"]).logits[:, :-1]
-    expected = topk_kl_loss(logits, batch["teacher_ids"][:, :-1], batch["teacher_logprobs"][:, :-1],
+    expected = topk_kl_loss(logits, batch["teacher_ids"][:, :-1], batch["teacher_values"][:, :-1],
                             batch["labels"][:, 1:], temperature=2.0)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     assert shifted_labels({"labels": torch.tensor([[5, 6, 7]])}).tolist() == [[6, 7, -100]]
@@ -298,15 +322,15 @@ def test_online_teacher_with_larger_vocabulary_is_truncated():
 
 
 def test_collator_pads_every_field():
-    rows = [{"input_ids": [5, 6, 7], "teacher_ids": [[1, 2], [3, 4]], "teacher_logprobs": [[-0.1, -2.0]] * 2},
-            {"input_ids": [8], "teacher_ids": [[9, 1]], "teacher_logprobs": [[-0.5, -1.0]]}]
+    rows = [{"input_ids": [5, 6, 7], "teacher_ids": [[1, 2], [3, 4]], "teacher_values": [[-0.1, -2.0]] * 2},
+            {"input_ids": [8], "teacher_ids": [[9, 1]], "teacher_values": [[-0.5, -1.0]]}]
     batch = DistillationCollator(pad_token_id=0)(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
     assert batch["teacher_ids"].shape == (2, 3, 2) and batch["teacher_ids"][1, 1:].eq(0).all()
-    assert torch.isneginf(batch["teacher_logprobs"][1, 1:]).all()
-    assert torch.isneginf(batch["teacher_logprobs"][0, 2]).all()  # T - 1 stored positions padded too
+    assert torch.isneginf(batch["teacher_values"][1, 1:]).all()
+    assert torch.isneginf(batch["teacher_values"][0, 2]).all()  # T - 1 stored positions padded too
 
 
 @pytest.mark.parametrize("kwargs,error,match", [({"ce_weight": 1.5}, ValueError, "ce_weight"),

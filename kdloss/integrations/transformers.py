@@ -4,7 +4,7 @@ Two teachers and two student heads, in any combination:
 
 * **online teacher**: a teacher model runs on the same batch; its top-k ids and log-probs per
   position come from :func:`kdloss.sparse.topk_teacher`;
-* **stored top-k targets**: the dataset carries ``teacher_ids`` / ``teacher_logprobs`` columns of
+* **stored top-k targets**: the dataset carries ``teacher_ids`` / ``teacher_values`` columns of
   shape ``[T, k]`` per sequence (position ``t`` holds the teacher's distribution over token
   ``t + 1``, aligned with the student's logits at ``t``);
 * **plain head**: the student's logits ``[B, T, V]`` go to :func:`kdloss.functional.topk_kl_loss`;
@@ -81,7 +81,7 @@ class DistillationConfig:
         chunk_size: rows per chunk of the fused head (default: kdloss's choice).
         ignore_index: label value of positions that do not count (-100).
         teacher_ids_column, teacher_values_column: names of the stored-target columns
-            (``"teacher_ids"``, ``"teacher_logprobs"``).
+            (``"teacher_ids"``, ``"teacher_values"``).
         backend: ``"auto"``, ``"kernel"`` or ``"reference"``.
 
     Example:
@@ -100,7 +100,7 @@ class DistillationConfig:
     chunk_size: int | None = None
     ignore_index: int = -100
     teacher_ids_column: str = "teacher_ids"
-    teacher_values_column: str = "teacher_logprobs"
+    teacher_values_column: str = "teacher_values"
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -499,7 +499,7 @@ class DistillationCollator:
     pad_token_id: int = 0
     ignore_index: int = -100
     teacher_ids_column: str = "teacher_ids"
-    teacher_values_column: str = "teacher_logprobs"
+    teacher_values_column: str = "teacher_values"
     pad_to_multiple_of: int | None = None
 
     def _padding(self) -> dict[str, Any]:
