@@ -1,13 +1,5 @@
-// Margin-MSE CPU kernels (spec §4). Schemas live in kdloss/_ops/margin_mse.py; this file only
-// implements them for the CPU dispatch key.
-//
-// Shapes (validated in Python; re-checked here for the kernel's own memory safety):
-//   student_pos [B], student_neg [B, n]                     (scores)
-//   query [B, D], positive [B, D], negatives [B, n, D]       (embeddings; scores are dot products)
-//   teacher [B, n+1] raw scores (positive first) if teacher_is_scores else [B, n] margins,
-//           in the accumulation dtype (fp32, or fp64 for fp64 students)
-//   reduction: 0 = none ([B, n] squared errors), 1 = mean over B·n, 2 = sum
-//   the loss (any reduction) is returned in the accumulation dtype
+// Margin-MSE CPU kernels (spec §4) for the CPU dispatch key. The op contract (shapes, dtypes,
+// reductions) is documented once, with the schemas, in kdloss/_ops/margin_mse.py.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -19,8 +11,6 @@
 namespace kdloss {
 namespace cpu {
 namespace {
-
-constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 
 // Teacher margin t⁺ − t⁻_i of one row, read from raw scores or from stored margins.
 template <typename acc_t>
@@ -43,8 +33,8 @@ struct TeacherRow {
 };
 
 // Scale applied to grad_output·2e: 1/(B·n) for mean, 1 otherwise.
-inline double reduction_scale(int64_t reduction, int64_t B, int64_t n) {
-  return reduction == kMean ? 1.0 / (static_cast<double>(B) * static_cast<double>(n)) : 1.0;
+inline double reduction_scale(Reduction reduction, int64_t B, int64_t n) {
+  return reduction == Reduction::kMean ? 1.0 / (static_cast<double>(B) * static_cast<double>(n)) : 1.0;
 }
 
 // Squared errors of one row: writes e² to `out_row` when given, returns Σ_i e². The negative
@@ -77,32 +67,27 @@ Acc<out_t> score_row_forward(Acc<out_t> s_pos, const in_t* s_neg /*[n]*/,
 
 // Reduces per-row sums in a thread-count independent order and writes the scalar loss.
 template <typename scalar_t>
-void write_reduced(at::Tensor& out, const std::vector<Acc<scalar_t>>& row_sums, int64_t reduction,
+void write_reduced(at::Tensor& out, const std::vector<Acc<scalar_t>>& row_sums, Reduction reduction,
                    int64_t B, int64_t n) {
   using acc_t = Acc<scalar_t>;
   acc_t total = ordered_sum(row_sums.data(), B);
   // An empty batch has no margins: the mean is 0 (never 0/0 = NaN, spec §0).
-  if (reduction == kMean && B * n > 0) total = total / static_cast<acc_t>(static_cast<double>(B) * n);
+  if (reduction == Reduction::kMean && B * n > 0) total = total / static_cast<acc_t>(static_cast<double>(B) * n);
   out.data_ptr<acc_t>()[0] = total;
 }
 
 // The loss is returned in the accumulation dtype (fp32; fp64 for fp64 students): the Python
 // entry point rounds it to the student's dtype only outside autocast.
-at::Tensor allocate_loss(const at::Tensor& like, int64_t reduction, int64_t B, int64_t n) {
-  const auto opts = like.options().dtype(like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  if (reduction == kNone) return at::empty({B, n}, opts);
+at::Tensor allocate_loss(const at::Tensor& like, Reduction reduction, int64_t B, int64_t n) {
+  const auto opts = like.options().dtype(acc_type(like.scalar_type()));
+  if (reduction == Reduction::kNone) return at::empty({B, n}, opts);
   return at::empty({}, opts);
-}
-
-void check_reduction(int64_t reduction) {
-  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
-                    "reduction code must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
 void check_teacher(const at::Tensor& teacher, const at::Tensor& student, int64_t B, int64_t n,
                    bool teacher_is_scores) {
   check_cpu_float(teacher, "teacher");
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_type(student.scalar_type());
   TORCH_CHECK_VALUE(teacher.scalar_type() == acc_dtype, "teacher must be ", acc_dtype, ", got ",
                     teacher.scalar_type());
   const int64_t cols = teacher_is_scores ? n + 1 : n;
@@ -122,9 +107,9 @@ void check_scores(const at::Tensor& student_pos, const at::Tensor& student_neg) 
 }
 
 at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& student_neg,
-                          const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
+                          const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction_code) {
   check_scores(student_pos, student_neg);
-  check_reduction(reduction);
+  const Reduction reduction = check_reduction(reduction_code);
   const int64_t B = student_neg.size(0), n = student_neg.size(1);
   check_teacher(teacher, student_pos, B, n, teacher_is_scores);
   const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
@@ -136,8 +121,8 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
     const scalar_t* pos_p = pos.data_ptr<scalar_t>();
     const scalar_t* neg_p = neg.data_ptr<scalar_t>();
     const acc_t* tea_p = tea.data_ptr<acc_t>();
-    acc_t* none_p = reduction == kNone ? out.data_ptr<acc_t>() : nullptr;
-    std::vector<acc_t> row_sums(reduction == kNone ? 0 : B);
+    acc_t* none_p = reduction == Reduction::kNone ? out.data_ptr<acc_t>() : nullptr;
+    std::vector<acc_t> row_sums(reduction == Reduction::kNone ? 0 : B);
     at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const TeacherRow<acc_t> t(tea_p, b, n, teacher_is_scores);
@@ -146,7 +131,7 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
         if (!row_sums.empty()) row_sums[b] = s;
       }
     });
-    if (reduction != kNone) write_reduced<scalar_t>(out, row_sums, reduction, B, n);
+    if (reduction != Reduction::kNone) write_reduced<scalar_t>(out, row_sums, reduction, B, n);
   });
   return out;
 }
@@ -186,31 +171,23 @@ Acc<grad_t> score_row_backward(Acc<grad_t> s_pos, const in_t* s_neg /*[n]*/,
 
 // 2·scale·grad for a scalar upstream gradient, 2·scale for reduction none (grad loaded per margin).
 template <typename scalar_t>
-Acc<scalar_t> backward_coef(const scalar_t* grad, int64_t reduction, int64_t B, int64_t n) {
+Acc<scalar_t> backward_coef(const scalar_t* grad, Reduction reduction, int64_t B, int64_t n) {
   using acc_t = Acc<scalar_t>;
   return acc_t(2) * static_cast<acc_t>(reduction_scale(reduction, B, n)) *
-         (reduction == kNone ? acc_t(1) : static_cast<acc_t>(grad[0]));
-}
-
-// The upstream gradient: [B, n] for reduction none, one element otherwise; returned contiguous in
-// the accumulation dtype of `student` (the loss's own dtype: never rounded to the student's).
-at::Tensor checked_grad(const at::Tensor& grad, const at::Tensor& student, int64_t reduction, int64_t B, int64_t n) {
-  check_cpu_float(grad, "grad");
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1,
-                    "grad has ", grad.numel(), " elements, which does not match the reduction");
-  return grad.to(student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+         (reduction == Reduction::kNone ? acc_t(1) : static_cast<acc_t>(grad[0]));
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const at::Tensor& student_pos,
                                                   const at::Tensor& student_neg, const at::Tensor& teacher,
-                                                  bool teacher_is_scores, int64_t reduction) {
+                                                  bool teacher_is_scores, int64_t reduction_code) {
   check_scores(student_pos, student_neg);
-  check_reduction(reduction);
+  const Reduction reduction = check_reduction(reduction_code);
   const int64_t B = student_neg.size(0), n = student_neg.size(1);
   check_teacher(teacher, student_pos, B, n, teacher_is_scores);
   const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
   const auto tea = teacher.contiguous();
-  const auto g = checked_grad(grad, pos, reduction, B, n);
+  // the upstream gradient in the accumulation dtype (the loss's own dtype: never rounded to the student's)
+  const auto g = checked_grad(grad, reduction, {B, n}, acc_type(pos.scalar_type()));
   at::Tensor grad_pos = at::empty({B}, pos.options());
   at::Tensor grad_neg = at::empty({B, n}, neg.options());
 
@@ -222,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const 
     const acc_t* tea_p = tea.data_ptr<acc_t>();
     scalar_t* gpos_p = grad_pos.data_ptr<scalar_t>();
     scalar_t* gneg_p = grad_neg.data_ptr<scalar_t>();
-    const bool none = reduction == kNone;
+    const bool none = reduction == Reduction::kNone;
     const acc_t coef = backward_coef(g_p, reduction, B, n);
     at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
@@ -298,11 +275,6 @@ void check_embeddings(const at::Tensor& query, const at::Tensor& positive, const
                     "query, positive and negatives must share one dtype");
 }
 
-// Makes the last dimension unit-stride (a copy only when it is not).
-at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
 template <typename scalar_t>
 EmbeddingRows<scalar_t> embedding_rows(const at::Tensor& q, const at::Tensor& p, const at::Tensor& negs) {
   return {q.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), negs.data_ptr<scalar_t>(),
@@ -312,9 +284,9 @@ EmbeddingRows<scalar_t> embedding_rows(const at::Tensor& q, const at::Tensor& p,
 
 at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positive,
                               const at::Tensor& negatives, const at::Tensor& teacher,
-                              bool teacher_is_scores, int64_t reduction) {
+                              bool teacher_is_scores, int64_t reduction_code) {
   check_embeddings(query, positive, negatives);
-  check_reduction(reduction);
+  const Reduction reduction = check_reduction(reduction_code);
   const int64_t B = negatives.size(0), n = negatives.size(1), D = negatives.size(2);
   check_teacher(teacher, query, B, n, teacher_is_scores);
   const auto q = unit_inner_stride(query), p = unit_inner_stride(positive);
@@ -326,8 +298,8 @@ at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positiv
     using acc_t = Acc<scalar_t>;
     const auto rows = embedding_rows<scalar_t>(q, p, negs);
     const acc_t* tea_p = tea.data_ptr<acc_t>();
-    acc_t* none_p = reduction == kNone ? out.data_ptr<acc_t>() : nullptr;
-    std::vector<acc_t> row_sums(reduction == kNone ? 0 : B);
+    acc_t* none_p = reduction == Reduction::kNone ? out.data_ptr<acc_t>() : nullptr;
+    std::vector<acc_t> row_sums(reduction == Reduction::kNone ? 0 : B);
     at::parallel_for(0, B, row_grain((n + 1) * D), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> s_neg(n);
       for (int64_t b = begin; b < end; ++b) {
@@ -337,7 +309,7 @@ at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positiv
         if (!row_sums.empty()) row_sums[b] = total;
       }
     });
-    if (reduction != kNone) write_reduced<scalar_t>(out, row_sums, reduction, B, n);
+    if (reduction != Reduction::kNone) write_reduced<scalar_t>(out, row_sums, reduction, B, n);
   });
   return out;
 }
@@ -375,15 +347,15 @@ void weighted_rows(scalar_t* out, const Acc<scalar_t>* coef, const scalar_t* fir
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_mse_emb_bwd(
     const at::Tensor& grad, const at::Tensor& query, const at::Tensor& positive,
-    const at::Tensor& negatives, const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
+    const at::Tensor& negatives, const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction_code) {
   check_embeddings(query, positive, negatives);
-  check_reduction(reduction);
+  const Reduction reduction = check_reduction(reduction_code);
   const int64_t B = negatives.size(0), n = negatives.size(1), D = negatives.size(2);
   check_teacher(teacher, query, B, n, teacher_is_scores);
   const auto q = unit_inner_stride(query), p = unit_inner_stride(positive);
   const auto negs = unit_inner_stride(negatives);
   const auto tea = teacher.contiguous();
-  const auto g = checked_grad(grad, q, reduction, B, n);
+  const auto g = checked_grad(grad, reduction, {B, n}, acc_type(q.scalar_type()));
   at::Tensor grad_q = at::empty({B, D}, q.options());
   at::Tensor grad_p = at::empty({B, D}, q.options());
   at::Tensor grad_n = at::empty({B, n, D}, q.options());
@@ -393,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_mse_emb_bwd(
     const acc_t* g_p = g.data_ptr<acc_t>();
     const auto rows = embedding_rows<scalar_t>(q, p, negs);
     const acc_t* tea_p = tea.data_ptr<acc_t>();
-    const bool none = reduction == kNone;
+    const bool none = reduction == Reduction::kNone;
     const acc_t coef_scale = backward_coef(g_p, reduction, B, n);
     scalar_t* gq_p = grad_q.data_ptr<scalar_t>();
     scalar_t* gp_p = grad_p.data_ptr<scalar_t>();

@@ -1,12 +1,6 @@
-// Plackett-Luce distillation (PLD) CPU kernels (spec §2, decision 2). Schemas live in
-// kdloss/_ops/plackett_luce.py; this file only implements them for the CPU dispatch key.
-//
-// Shapes (validated in Python; re-checked here for the kernel's own memory safety):
-//   student [R, C] logits (any float dtype, last dim unit-stride), teacher [R, C] logits in the
-//   accumulation dtype, labels [R] int64 (class or ignore_index), teacher_permutation [R, C] int64
-//   or none, order [R, C] int32 (π*, written by the forward, read by the backward).
-//   reduction: 0 = none ([R]), 1 = mean over counted rows, 2 = sum; the loss is returned in the
-//   accumulation dtype.
+// Plackett-Luce distillation (PLD) CPU kernels (spec §2, decision 2) for the CPU dispatch key. The
+// op contract (shapes, dtypes, reductions; order [R, C] int32 = π*, written by the forward, read by
+// the backward) is documented once, with the schemas, in kdloss/_ops/plackett_luce.py.
 //
 // Per row (π* = label first, then the other classes by descending teacher logit, ties → lower
 // class index first; x_j = s[π*_j]; log α_j = log_softmax(t / τ)[π*_j]):
@@ -32,7 +26,6 @@ namespace kdloss {
 namespace cpu {
 namespace {
 
-constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 constexpr int8_t kOk = 0, kBadLabel = 1, kBadPermutation = 2, kBadOrder = 3;
 
 // Order-preserving unsigned images of floats (ascending), with −0 and +0 mapped to one key.
@@ -296,24 +289,18 @@ void row_backward(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* orde
   for (int64_t j = 0; j < C; ++j) grad_row[order[j]] = static_cast<scalar_t>(g[j]);
 }
 
-void check_reduction(int64_t reduction) {
-  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
-                    "reduction code must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-}
-
 // Checks shared by both directions; returns (R, C).
 std::pair<int64_t, int64_t> check_inputs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
-                                         double temperature, int64_t reduction) {
+                                         double temperature) {
   check_cpu_float(student, "student_logits");
   check_cpu_float(teacher, "teacher_logits");
-  check_reduction(reduction);
   TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be [R, C], got ", student.sizes());
   const int64_t R = student.size(0), C = student.size(1);
   TORCH_CHECK_VALUE(C >= 1, "student_logits must have at least one class, got C = ", C);
   TORCH_CHECK_VALUE(C <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 classes are supported");
   TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher_logits must have shape ", student.sizes(), ", got ",
                     teacher.sizes());
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_type(student.scalar_type());
   TORCH_CHECK_VALUE(teacher.scalar_type() == acc_dtype, "teacher_logits must be ", acc_dtype, ", got ",
                     teacher.scalar_type());
   TORCH_CHECK_VALUE(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
@@ -323,10 +310,6 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& student, const at::Te
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
                     temperature);
   return {R, C};
-}
-
-at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
 void raise_status(const std::vector<int8_t>& status, const at::Tensor& labels, int64_t C, int64_t ignore_index) {
@@ -355,8 +338,10 @@ int64_t counted_rows(const int64_t* y, int64_t R, int64_t ignore_index) {
 std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                      const at::Tensor& labels,
                                                      const c10::optional<at::Tensor>& teacher_permutation,
-                                                     double temperature, int64_t ignore_index, int64_t reduction) {
-  const auto [R, C] = check_inputs(student, teacher, labels, temperature, reduction);
+                                                     double temperature, int64_t ignore_index,
+                                                     int64_t reduction_code) {
+  const Reduction reduction = check_reduction(reduction_code);
+  const auto [R, C] = check_inputs(student, teacher, labels, temperature);
   at::Tensor perm;
   if (teacher_permutation.has_value()) {
     perm = teacher_permutation->contiguous();
@@ -368,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
   const auto t = teacher.contiguous();
   const auto y = labels.contiguous();
   // the loss is returned in the accumulation dtype (fp32; fp64 for fp64 students)
-  const auto loss_opts = s.options().dtype(s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor out = reduction == kNone ? at::empty({R}, loss_opts) : at::empty({}, loss_opts);
+  const auto loss_opts = s.options().dtype(acc_type(s.scalar_type()));
+  at::Tensor out = reduction == Reduction::kNone ? at::empty({R}, loss_opts) : at::empty({}, loss_opts);
   at::Tensor order = at::empty({R, C}, s.options().dtype(at::kInt));
   std::vector<int8_t> status(R, kOk);
 
@@ -410,13 +395,13 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
       }
     });
     raise_status(status, y, C, ignore_index);
-    if (reduction == kNone) {
+    if (reduction == Reduction::kNone) {
       std::copy(row_loss.begin(), row_loss.end(), out.data_ptr<acc_t>());
     } else {
       acc_t total = ordered_sum(row_loss.data(), R);
       const int64_t count = counted_rows(y_p, R, ignore_index);
       // no counted row: the mean is 0, never 0/0 (spec §0)
-      if (reduction == kMean && count > 0) total = total / static_cast<acc_t>(count);
+      if (reduction == Reduction::kMean && count > 0) total = total / static_cast<acc_t>(count);
       out.data_ptr<acc_t>()[0] = total;
     }
   });
@@ -425,11 +410,11 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
 
 at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
                              const at::Tensor& labels, const at::Tensor& order, double temperature,
-                             int64_t ignore_index, int64_t reduction) {
-  const auto [R, C] = check_inputs(student, teacher, labels, temperature, reduction);
-  check_cpu_float(grad, "grad");
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == R : grad.numel() == 1, "grad has ", grad.numel(),
-                    " elements, which does not match the reduction");
+                             int64_t ignore_index, int64_t reduction_code) {
+  const Reduction reduction = check_reduction(reduction_code);
+  const auto [R, C] = check_inputs(student, teacher, labels, temperature);
+  // the upstream gradient in the accumulation dtype (the loss's own dtype; never rounded to the student's)
+  const auto g = checked_grad(grad, reduction, {R}, acc_type(student.scalar_type()));
   TORCH_CHECK_VALUE(order.device().is_cpu() && order.scalar_type() == at::kInt && order.sizes() == student.sizes(),
                     "order must be a CPU int32 tensor of shape ", student.sizes(), ", got ", order.scalar_type(), " ",
                     order.sizes());
@@ -442,8 +427,6 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "plackett_luce_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    // the upstream gradient in the accumulation dtype (the loss's own dtype; never rounded to the student's)
-    const auto g = grad.to(t.scalar_type()).contiguous();
     const acc_t* g_p = g.data_ptr<acc_t>();
     const scalar_t* s_p = s.data_ptr<scalar_t>();
     const int64_t s_stride = s.stride(0);
@@ -454,8 +437,8 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
     const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature);
     const int64_t count = counted_rows(y_p, R, ignore_index);
     acc_t scale = acc_t(1);
-    if (reduction == kMean) scale = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
-    const acc_t scalar_grad = reduction == kNone ? acc_t(0) : g_p[0] * scale;
+    if (reduction == Reduction::kMean) scale = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+    const acc_t scalar_grad = reduction == Reduction::kNone ? acc_t(0) : g_p[0] * scale;
     at::parallel_for(0, R, row_grain(8 * C), [&](int64_t begin, int64_t end) {
       Scratch<acc_t> sc(C);
       for (int64_t r = begin; r < end; ++r) {
@@ -483,7 +466,7 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
           std::fill(out_row, out_row + C, scalar_t(0));
           continue;
         }
-        const acc_t coef = reduction == kNone ? g_p[r] : scalar_grad;
+        const acc_t coef = reduction == Reduction::kNone ? g_p[r] : scalar_grad;
         row_backward<scalar_t>(s_p + r * s_stride, t_p + r * C, o, C, inv_tau, coef, sc, out_row);
       }
     });

@@ -1,9 +1,5 @@
-// SinKD CPU kernels (spec §1, decision 1). Schemas live in kdloss/_ops/sinkhorn.py; this file only
-// implements them for the CPU dispatch key.
-//
-// Shapes (validated in Python; re-checked here for the kernels' own memory safety):
-//   student_logits [B, C] (any float dtype), teacher_logits [B', C] in the accumulation dtype
-//   (fp32, or fp64 for fp64 students); B or B' may be 0 (loss 0), C >= 1, n_iters >= 1.
+// SinKD CPU kernels (spec §1, decision 1) for the CPU dispatch key. The op contract (shapes, dtypes,
+// options) is documented once, with the schemas, in kdloss/_ops/sinkhorn.py.
 //
 // Forward, all in the accumulation dtype:
 //   s = softmax(z_s / T), t = softmax(z_t / T)            rows; parallel over rows
@@ -199,7 +195,7 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK_VALUE(student.size(1) >= 1, "student_logits must have at least one class");
   TORCH_CHECK_VALUE(teacher.dim() == 2 && teacher.size(1) == student.size(1),
                     "teacher_logits must be [B', ", student.size(1), "], got ", teacher.sizes());
-  const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(student.scalar_type());
   TORCH_CHECK_VALUE(teacher.scalar_type() == acc, "teacher_logits must be ", acc, ", got ", teacher.scalar_type());
 }
 
@@ -284,7 +280,7 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
                     "student_logits must be [B, C] with C >= 1, got ", student_logits.sizes());
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one element, got ", grad.numel());
   const int64_t B = student_logits.size(0), C = student_logits.size(1);
-  const auto acc = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(student_logits.scalar_type());
   for (const auto* t : {&probs_s, &probs_t, &cost, &f_hist, &g_hist}) {
     check_cpu_float(*t, "saved tensor");
     TORCH_CHECK_VALUE(t->scalar_type() == acc && t->dim() == 2, "saved tensors must be 2-D ", acc);

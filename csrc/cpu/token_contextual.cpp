@@ -1,9 +1,8 @@
-// TRG token-wise contextual loss, CPU kernels (spec §5.2–5.3). Schemas live in
-// kdloss/_ops/token_contextual.py; this file only implements them for the CPU dispatch key.
-//
-//   student [B, N, Ds] (any float dtype), teacher [B, N, Dt] (any float dtype, a constant)
+// TRG token-wise contextual loss, CPU kernels (spec §5.2–5.3) for the CPU dispatch key. The op
+// contract (shapes, dtypes, reductions) is documented once, with the schemas, in
+// kdloss/_ops/token_contextual.py. Features F_s [B, N, Ds], F_t [B, N, Dt]:
 //   S = F_s F_sᵀ/√Ds, T = F_t F_tᵀ/√Dt per image; A = softmax_row(S), P = softmax_row(T)
-//   loss = Σ_{b,i,j} (P − A)² / (B·N·N)   (reduction 1; 2 = sum; 0 = [B, N] row means)
+//   loss = Σ_{b,i,j} (P − A)² / (B·N·N)   (mean; the sum drops the divisor; none: [B, N] row means)
 //
 // Nothing of size N×N is ever stored. Work is split into tiles of at most kRows rows of one image
 // (spread evenly); a task computes its tile's similarity rows (≤ kRows×N per side, in a buffer
@@ -39,7 +38,6 @@ namespace kdloss {
 namespace cpu {
 namespace {
 
-constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 constexpr int64_t kMR = 4;     // micro-kernel rows (4 rows × 2 vectors = 8 accumulators)
 constexpr int64_t kRows = 48;  // rows per tile (a multiple of kMR): one task's work unit
 
@@ -98,15 +96,6 @@ Problem problem_of(const at::Tensor& student, const at::Tensor& teacher) {
   p.scale_s = 1.0 / std::sqrt(static_cast<double>(p.Ds));
   p.scale_t = 1.0 / std::sqrt(static_cast<double>(p.Dt));
   return p;
-}
-
-at::ScalarType acc_dtype(const at::Tensor& student) {
-  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_reduction(int64_t reduction) {
-  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
-                    "reduction code must be 0, 1 or 2, got ", reduction);
 }
 
 void check_row_stats(const at::Tensor& t, const Problem& p, at::ScalarType acc, const char* name) {
@@ -289,17 +278,17 @@ acc_t contextual_row(const acc_t* srow, const acc_t* trow, int64_t N, acc_t a_ma
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Tensor& student_in,
                                                                                 const at::Tensor& teacher_in,
-                                                                                int64_t reduction) {
+                                                                                int64_t reduction_code) {
   const Problem p = problem_of(student_in, teacher_in);
-  check_reduction(reduction);
-  const auto acc = acc_dtype(student_in);
+  const Reduction reduction = check_reduction(reduction_code);
+  const auto acc = acc_type(student_in.scalar_type());
   const Features fs(student_in, p, acc, false), ft(teacher_in, p, acc, false);
   const auto opts = at::TensorOptions().dtype(acc);
   at::Tensor stats_s = at::empty({2, p.B, p.N}, opts);
   at::Tensor stats_t = at::empty({2, p.B, p.N}, opts);
   at::Tensor rho = at::empty({p.B, p.N}, opts);
   // the loss is returned in the accumulation dtype
-  at::Tensor out = at::empty(reduction == kNone ? at::IntArrayRef{p.B, p.N} : at::IntArrayRef{}, opts);
+  at::Tensor out = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{p.B, p.N} : at::IntArrayRef{}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_fwd", [&] {
     using acc_t = Acc<scalar_t>;
     const int64_t N = p.N, rows_total = p.B * p.N;
@@ -316,12 +305,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
         row_sums[row] = contextual_row(srow, trow, N, ss.max[row], ss.logsum[row], st.max[row], st.logsum[row], rh[row]);
       }
     });
-    if (reduction == kNone) {
+    if (reduction == Reduction::kNone) {
       acc_t* o = out.data_ptr<acc_t>();
       for (int64_t row = 0; row < rows_total; ++row) o[row] = row_sums[row] / static_cast<acc_t>(N);
     } else {
       acc_t total = ordered_sum(row_sums.data(), rows_total);
-      if (reduction == kMean && rows_total > 0)
+      if (reduction == Reduction::kMean && rows_total > 0)
         total = total / (static_cast<acc_t>(rows_total) * static_cast<acc_t>(N));
       *out.data_ptr<acc_t>() = total;
     }
@@ -342,12 +331,12 @@ void store_row(scalar_t* out, const Acc<scalar_t>* v, int64_t D) {
 
 // c_i, the per-row scale of G = c (A − P): ∂loss/∂A_ij = c_i (A_ij − P_ij).
 template <typename acc_t>
-std::vector<acc_t> row_coefficients(const acc_t* g, int64_t reduction, int64_t rows_total, int64_t N) {
+std::vector<acc_t> row_coefficients(const acc_t* g, Reduction reduction, int64_t rows_total, int64_t N) {
   std::vector<acc_t> coef(rows_total);
   const acc_t nn = static_cast<acc_t>(N);
   for (int64_t row = 0; row < rows_total; ++row) {
-    if (reduction == kNone) coef[row] = acc_t(2) * g[row] / nn;
-    else if (reduction == kMean) coef[row] = acc_t(2) * g[0] / (static_cast<acc_t>(rows_total) * nn);
+    if (reduction == Reduction::kNone) coef[row] = acc_t(2) * g[row] / nn;
+    else if (reduction == Reduction::kMean) coef[row] = acc_t(2) * g[0] / (static_cast<acc_t>(rows_total) * nn);
     else coef[row] = acc_t(2) * g[0];
   }
   return coef;
@@ -387,26 +376,19 @@ void gradient_weights(acc_t* ss, const acc_t* st, int64_t ld, int64_t rows, int6
 
 at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& student_in,
                                 const at::Tensor& teacher_in, const at::Tensor& stats_s_in,
-                                const at::Tensor& stats_t_in, const at::Tensor& rho_in, int64_t reduction) {
+                                const at::Tensor& stats_t_in, const at::Tensor& rho_in, int64_t reduction_code) {
   const Problem p = problem_of(student_in, teacher_in);
-  check_reduction(reduction);
-  check_cpu_float(grad_in, "grad");
-  const auto acc = acc_dtype(student_in);
+  const Reduction reduction = check_reduction(reduction_code);
+  const auto acc = acc_type(student_in.scalar_type());
   check_row_stats(stats_s_in, p, acc, "stats_student");
   check_row_stats(stats_t_in, p, acc, "stats_teacher");
   check_row_state(rho_in, p, acc, "rho");
-  if (reduction == kNone) {
-    TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == p.B && grad_in.size(1) == p.N,
-                      "grad must be [B, N] for reduction none, got ", grad_in.sizes());
-  } else {
-    TORCH_CHECK_VALUE(grad_in.numel() == 1, "grad must be a scalar, got ", grad_in.sizes());
-  }
+  const at::Tensor grad = checked_grad(grad_in, reduction, {p.B, p.N}, acc);
   at::Tensor grad_student = at::empty(student_in.sizes(), student_in.options());
   if (student_in.numel() == 0) return grad_student;
   const Features fs(student_in, p, acc, true), ft(teacher_in, p, acc, false);
   at::Tensor stats_s = stats_s_in.contiguous(), stats_t = stats_t_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
-  const at::Tensor grad = grad_in.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_bwd", [&] {
     using acc_t = Acc<scalar_t>;
     const int64_t N = p.N, rows_total = p.B * N;

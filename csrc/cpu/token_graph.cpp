@@ -1,8 +1,6 @@
-// TRG kNN-graph local-structure loss, CPU kernels (spec §5.2–5.3). Schemas live in
-// kdloss/_ops/token_graph.py; this file only implements them for the CPU dispatch key.
-//
-//   student x [M, Ds] (any float dtype), teacher y [M, Dt] (accumulation dtype, a constant),
-//   neighbours nb [M, k] (int64, chosen in Python without gradient)
+// TRG kNN-graph local-structure loss, CPU kernels (spec §5.2–5.3) for the CPU dispatch key. The op
+// contract (shapes, dtypes, codes, reductions) is documented once, with the schemas, in
+// kdloss/_ops/token_graph.py. Student x [M, Ds], teacher y [M, Dt], neighbours nb [M, k]:
 //   d_ij = ‖x_i − x_nb(i,j)‖², ℓ_ij = −d_ij / (2σ), logits z_ij = exp(ℓ_ij) (edge 0) or ℓ_ij (edge 1)
 //   log p_i = log_softmax_j(z_i) (max-shifted), same for the teacher
 //   L_i = KL(p^S_i ‖ p^T_i) (direction 0) or KL(p^T_i ‖ p^S_i) (direction 1)
@@ -31,17 +29,6 @@
 namespace kdloss {
 namespace cpu {
 namespace {
-
-constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
-
-at::ScalarType acc_dtype(const at::Tensor& student) {
-  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_reduction(int64_t reduction) {
-  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
-                    "reduction code must be 0, 1 or 2, got ", reduction);
-}
 
 // student [M, Ds], neighbours [M, k] int64 with every entry in [0, M).
 void check_graph(const at::Tensor& student, const at::Tensor& neighbours) {
@@ -133,10 +120,10 @@ Acc<scalar_t> node_forward(const scalar_t* xs, const Acc<scalar_t>* xt, const in
 
 std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                    const at::Tensor& neighbours_in, double sigma, int64_t edge,
-                                                   int64_t direction, int64_t reduction) {
+                                                   int64_t direction, int64_t reduction_code) {
   check_graph(student_in, neighbours_in);
-  check_reduction(reduction);
-  const auto acc = acc_dtype(student_in);
+  const Reduction reduction = check_reduction(reduction_code);
+  const auto acc = acc_type(student_in.scalar_type());
   check_cpu_float(teacher_in, "teacher");
   TORCH_CHECK_VALUE(teacher_in.dim() == 2 && teacher_in.size(0) == student_in.size(0) &&
                         teacher_in.scalar_type() == acc,
@@ -152,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
   const at::Tensor nb = neighbours_in.contiguous();
   check_neighbour_range(nb.const_data_ptr<int64_t>(), o.M * o.k, o.M);
   // the loss is returned in the accumulation dtype
-  at::Tensor out = at::empty(reduction == kNone ? at::IntArrayRef{o.M} : at::IntArrayRef{}, student_in.options().dtype(acc));
+  at::Tensor out = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{o.M} : at::IntArrayRef{}, student_in.options().dtype(acc));
   at::Tensor coef = at::empty({o.M, o.k}, student_in.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_graph_fwd", [&] {
     using acc_t = Acc<scalar_t>;
@@ -169,11 +156,11 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
                                                c + i * o.k);
       });
     }
-    if (reduction == kNone) {
+    if (reduction == Reduction::kNone) {
       std::copy(row_loss.begin(), row_loss.end(), out.data_ptr<acc_t>());
     } else {
       acc_t total = ordered_sum(row_loss.data(), o.M);
-      if (reduction == kMean && o.M > 0) total /= static_cast<acc_t>(o.M);
+      if (reduction == Reduction::kMean && o.M > 0) total /= static_cast<acc_t>(o.M);
       *out.data_ptr<acc_t>() = total;
     }
   });
@@ -217,27 +204,20 @@ void gradient_row(const scalar_t* x, int64_t D, int64_t i, const int64_t* other,
 }
 
 at::Tensor token_graph_bwd(const at::Tensor& grad_in, const at::Tensor& student_in, const at::Tensor& neighbours_in,
-                           const at::Tensor& coef_in, int64_t reduction) {
+                           const at::Tensor& coef_in, int64_t reduction_code) {
   check_graph(student_in, neighbours_in);
-  check_reduction(reduction);
-  check_cpu_float(grad_in, "grad");
-  const auto acc = acc_dtype(student_in);
+  const Reduction reduction = check_reduction(reduction_code);
+  const auto acc = acc_type(student_in.scalar_type());
   const int64_t M = student_in.size(0), D = student_in.size(1), k = neighbours_in.size(1);
   TORCH_CHECK_VALUE(coef_in.device().is_cpu() && coef_in.scalar_type() == acc && coef_in.sizes() == neighbours_in.sizes(),
                     "coef must be a CPU tensor [M, k] of dtype ", acc, ", got ", coef_in.sizes(), " ",
                     coef_in.scalar_type());
-  if (reduction == kNone) {
-    TORCH_CHECK_VALUE(grad_in.dim() == 1 && grad_in.size(0) == M, "grad must be [M] for reduction none, got ",
-                      grad_in.sizes());
-  } else {
-    TORCH_CHECK_VALUE(grad_in.numel() == 1, "grad must be a scalar, got ", grad_in.sizes());
-  }
+  const at::Tensor grad = checked_grad(grad_in, reduction, {M}, acc);
   at::Tensor grad_student = at::empty({M, D}, student_in.options());
   if (grad_student.numel() == 0) return grad_student;
   const at::Tensor xs = student_in.contiguous();
   const at::Tensor nb_t = neighbours_in.contiguous();
   const at::Tensor coef_t = coef_in.contiguous();
-  const at::Tensor grad = grad_in.to(acc).contiguous();
   const int64_t* nb = nb_t.const_data_ptr<int64_t>();
   const int64_t edges = M * k;
   check_neighbour_range(nb, edges, M);
@@ -256,10 +236,10 @@ at::Tensor token_graph_bwd(const at::Tensor& grad_in, const at::Tensor& student_
     const acc_t* c = coef_t.const_data_ptr<acc_t>();
     // w_e = 2·g_i·c_e with the reduction's scale folded in
     std::vector<acc_t> w(edges);
-    const acc_t scalar_g = reduction == kNone ? acc_t(0)
-                           : reduction == kMean ? g[0] / static_cast<acc_t>(M)
+    const acc_t scalar_g = reduction == Reduction::kNone ? acc_t(0)
+                           : reduction == Reduction::kMean ? g[0] / static_cast<acc_t>(M)
                                                 : g[0];
-    for (int64_t e = 0; e < edges; ++e) w[e] = acc_t(2) * (reduction == kNone ? g[e / k] : scalar_g) * c[e];
+    for (int64_t e = 0; e < edges; ++e) w[e] = acc_t(2) * (reduction == Reduction::kNone ? g[e / k] : scalar_g) * c[e];
     const scalar_t* x = xs.const_data_ptr<scalar_t>();
     scalar_t* out = grad_student.data_ptr<scalar_t>();
     const int64_t avg_degree = 2 * k + 1;

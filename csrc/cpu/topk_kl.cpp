@@ -1,14 +1,5 @@
-// Top-k sparse KL CPU kernels (spec §3). Schemas live in kdloss/_ops/topk_kl.py; this file only
-// implements them for the CPU dispatch key.
-//
-// Shapes (validated in Python; re-checked here for the kernel's own memory safety):
-//   logits      [N, V]  any float dtype, unit stride along V, any row stride
-//   ids         [N, k]  int64 in [0, V)
-//   target_logp [N, k]  teacher log p̂ (accumulation dtype); −inf slots are not part of K
-//   tail_logp   [N]     tail bucket log r̂ (−inf: no tail term)
-//   valid       [N]     bool; invalid rows are never read, give 0 and a zero gradient
-//   divisor     []      "mean" denominator; ≤ 0 gives 0
-//   reduction: 0 = none ([N] losses), 1 = mean, 2 = sum
+// Top-k sparse KL CPU kernels (spec §3) for the CPU dispatch key. The op contract (shapes, dtypes,
+// reductions) is documented once, with the schemas, in kdloss/_ops/topk_kl.py.
 //
 // Forward: one streaming pass per row (blocked online max/Σexp in the accumulation type), then
 // O(k) gathers; saves only the row's log-sum-exp. Backward: recomputes q = exp(z/T − lse) and
@@ -28,7 +19,6 @@ namespace kdloss {
 namespace cpu {
 namespace {
 
-constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 // Elements per block of the online log-sum-exp: the block is re-read from L1 for Σexp.
 constexpr int64_t kBlock = 2048;
 // DistillKit's clamp of the student's kept mass in the tail-bucket term (spec §3.3).
@@ -244,21 +234,16 @@ void dense_softmax_row(scalar_t* out, const scalar_t* z, int64_t V, Acc<scalar_t
   for (; j < V; ++j) out[j] = static_cast<scalar_t>(c * std::exp(static_cast<acc_t>(z[j]) * inv_t - lse));
 }
 
-void check_reduction(int64_t reduction) {
-  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
-                    "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-}
-
 void check_acc_tensor(const at::Tensor& t, const char* name, at::ScalarType acc, at::IntArrayRef shape) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == acc, name, " must have dtype ", acc, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-// Re-checks the op-level contract (see the header comment) and returns the ids, contiguous.
+// Re-checks the op-level contract (kdloss/_ops/topk_kl.py) and returns the ids, contiguous.
 at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp,
                         const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor,
-                        double inv_temperature, int64_t reduction) {
+                        double inv_temperature) {
   check_cpu_float(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -268,14 +253,13 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const a
                     "ids must be an int64 CPU tensor [N, k] with N = ", N, ", got ", ids.scalar_type(), " ",
                     ids.sizes());
   const int64_t k = ids.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(logits.scalar_type());
   check_acc_tensor(target_logp, "target_logp", acc, {N, k});
   check_acc_tensor(tail_logp, "tail_logp", acc, {N});
   check_acc_tensor(divisor, "divisor", acc, {});
   TORCH_CHECK_VALUE(valid.device().is_cpu() && valid.scalar_type() == at::kBool && valid.sizes() == at::IntArrayRef{N},
                     "valid must be a bool CPU tensor [N]");
   TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "inv_temperature must be > 0");
-  check_reduction(reduction);
   auto ids_c = ids.contiguous();
   const int64_t* p = ids_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < N * k; ++i)
@@ -293,13 +277,14 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
                                                const at::Tensor& target_logp, const at::Tensor& tail_logp,
                                                const at::Tensor& valid, const at::Tensor& divisor,
                                                double inv_temperature, double scale, bool full_support,
-                                               int64_t reduction) {
-  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, reduction);
+                                               int64_t reduction_code) {
+  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature);
+  const Reduction reduction = check_reduction(reduction_code);
   const int64_t N = logits.size(0), V = logits.size(1), k = ids.size(1);
   const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
   at::Tensor lse = at::empty({N}, target_logp.options());
   // the loss is returned in the accumulation dtype, like lse
-  at::Tensor loss = at::empty(reduction == kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
+  at::Tensor loss = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd", [&] {
     using acc_t = Acc<scalar_t>;
@@ -323,12 +308,12 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
       }
     });
     acc_t* out = loss.data_ptr<acc_t>();
-    if (reduction == kNone) {
+    if (reduction == Reduction::kNone) {
       std::copy(rows.begin(), rows.end(), out);
       return;
     }
     acc_t total = ordered_sum(rows.data(), N);
-    if (reduction == kMean) {
+    if (reduction == Reduction::kMean) {
       const acc_t d = divisor.item<acc_t>();
       total = d > acc_t(0) ? total / d : acc_t(0);
     }
@@ -340,14 +325,12 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
 at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& logits, const at::Tensor& ids,
                        const at::Tensor& target_logp, const at::Tensor& tail_logp, const at::Tensor& valid,
                        const at::Tensor& divisor, double inv_temperature, double scale, bool full_support,
-                       int64_t reduction) {
-  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, reduction);
+                       int64_t reduction_code) {
+  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature);
+  const Reduction reduction = check_reduction(reduction_code);
   const int64_t N = logits.size(0), V = logits.size(1), k = ids.size(1);
   check_acc_tensor(lse, "lse", target_logp.scalar_type(), {N});
-  check_cpu_float(grad, "grad");
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == N : grad.numel() == 1, "grad has ", grad.numel(),
-                    " elements, which does not match the reduction");
-  const auto g = grad.to(target_logp.scalar_type()).contiguous();
+  const auto g = checked_grad(grad, reduction, {N}, target_logp.scalar_type());
   const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
   const auto lse_c = lse.contiguous();
   at::Tensor out = at::empty({N, V}, logits.options());
@@ -362,8 +345,8 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::
     const bool* ok_p = ok.const_data_ptr<bool>();
     // ∂loss/∂KL_row · 1/T, without the per-row upstream gradient of reduction "none"
     acc_t row_scale = static_cast<acc_t>(scale) * inv_t;
-    if (reduction != kNone) row_scale *= g_p[0];
-    if (reduction == kMean) {
+    if (reduction != Reduction::kNone) row_scale *= g_p[0];
+    if (reduction == Reduction::kMean) {
       const acc_t d = divisor.item<acc_t>();
       row_scale = d > acc_t(0) ? row_scale / d : acc_t(0);
     }
@@ -371,7 +354,7 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* out_row = out_p + n * V;
-        const acc_t gr = ok_p[n] ? (reduction == kNone ? row_scale * g_p[n] : row_scale) : acc_t(0);
+        const acc_t gr = ok_p[n] ? (reduction == Reduction::kNone ? row_scale * g_p[n] : row_scale) : acc_t(0);
         if (gr == acc_t(0)) {
           std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
           continue;

@@ -5,8 +5,10 @@
 //   bf16/fp16 to fp32 in registers.
 // * `ordered_sum`: a pairwise sum whose order depends only on the length, never on the thread
 //   count, so reductions are bitwise reproducible across `torch.set_num_threads`.
-// * `check_*`: TORCH_CHECK_VALUE wrappers (ValueError in Python) for the kernels' own
-//   preconditions; the Python entry points validate user input before reaching them.
+// * `check_cpu_float`: a TORCH_CHECK_VALUE wrapper (ValueError in Python) for the kernels' own
+//   preconditions, next to the checks shared with the CUDA glue (kdloss/op_checks.h: reduction
+//   codes, accumulation dtype, unit inner stride, upstream gradient); the Python entry points
+//   validate user input before reaching them.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -18,6 +20,8 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+
+#include "kdloss/op_checks.h"
 
 namespace kdloss {
 namespace cpu {
@@ -86,6 +90,13 @@ inline void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name,
                     " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// The upstream gradient `grad` of an op's loss, a CPU tensor (see kdloss::upstream_grad).
+inline at::Tensor checked_grad(const at::Tensor& grad, Reduction reduction, at::IntArrayRef none_shape,
+                               at::ScalarType dtype) {
+  check_cpu_float(grad, "grad");
+  return upstream_grad(grad, reduction, none_shape, dtype);
 }
 
 }  // namespace cpu
