@@ -10,7 +10,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
-constexpr int kNone = 0, kMean = 1;
 
 template <typename A>
 struct Teacher {
@@ -28,14 +27,14 @@ struct Teacher {
 };
 
 template <typename A>
-__device__ __forceinline__ A reduction_scale(int reduction, int64_t batch, int64_t n) {
-  return reduction == kMean ? A(1) / (A(batch) * A(n)) : A(1);
+__device__ __forceinline__ A reduction_scale(Reduction reduction, int64_t batch, int64_t n) {
+  return reduction == Reduction::kMean ? A(1) / (A(batch) * A(n)) : A(1);
 }
 
 // Upstream gradient of margin (b, i) (accumulation type), already multiplied by the reduction scale.
 template <typename A>
-__device__ __forceinline__ A upstream(const A* grad, int reduction, int64_t b, int64_t i, int64_t n, A scale) {
-  return (reduction == kNone ? grad[b * n + i] : grad[0]) * scale;
+__device__ __forceinline__ A upstream(const A* grad, Reduction reduction, int64_t b, int64_t i, int64_t n, A scale) {
+  return (reduction == Reduction::kNone ? grad[b * n + i] : grad[0]) * scale;
 }
 
 // ---- scores: one warp per row --------------------------------------------------------------
@@ -63,7 +62,7 @@ __global__ void scores_fwd_kernel(const T* __restrict__ pos, const T* __restrict
 template <typename T>
 __global__ void scores_bwd_kernel(const T* __restrict__ pos, const T* __restrict__ neg,
                                   Teacher<Acc<T>> teacher, int64_t batch, const Acc<T>* __restrict__ grad,
-                                  int reduction, T* __restrict__ grad_pos, T* __restrict__ grad_neg) {
+                                  Reduction reduction, T* __restrict__ grad_pos, T* __restrict__ grad_neg) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
   const int64_t b = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -82,20 +81,14 @@ __global__ void scores_bwd_kernel(const T* __restrict__ pos, const T* __restrict
   if (lane == 0) grad_pos[b] = from_acc<T>(acc);
 }
 
-// Sums row_sums[0..batch) in a fixed order and writes the (scaled) scalar loss (accumulation type).
-template <typename T>
-__global__ void finalize_kernel(const Acc<T>* __restrict__ row_sums, int64_t batch, int64_t n,
-                                int reduction, Acc<T>* __restrict__ out) {
-  using A = Acc<T>;
-  __shared__ A scratch[32];
-  A acc = A(0);
-  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) acc += row_sums[b];
-  acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) {
-    if (reduction == kMean && batch * n > 0) acc /= A(batch) * A(n);
-    out[0] = acc;
+// Divisor of the mean over the B·n margins.
+struct MarginCount {
+  int64_t batch, n;
+  template <typename A>
+  __device__ A operator()(A*) const {
+    return A(batch) * A(n);
   }
-}
+};
 
 // ---- embeddings: one block per row, one warp per candidate (0 = positive, 1+i = negative i) ----
 
@@ -152,7 +145,7 @@ __global__ void emb_fwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, Acc<T>*
 
 template <typename T>
 __global__ void emb_bwd_kernel(EmbRows<T> rows, Teacher<Acc<T>> teacher, int64_t batch,
-                               const Acc<T>* __restrict__ grad, int reduction, T* __restrict__ grad_q,
+                               const Acc<T>* __restrict__ grad, Reduction reduction, T* __restrict__ grad_q,
                                T* __restrict__ grad_p, T* __restrict__ grad_n) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -196,14 +189,13 @@ EmbRows<T> make_rows(const MarginMSEEmbeddings& e) {
           e.neg_stride0, e.neg_stride1};
 }
 
-unsigned warp_row_blocks(int64_t batch) {
-  return static_cast<unsigned>((batch + kWarpsPerBlock - 1) / kWarpsPerBlock);
-}
+unsigned warp_row_blocks(int64_t batch) { return blocks_for(batch, kWarpsPerBlock); }
 
+// Sums the per-row sums in the workspace into the scalar loss.
 template <typename T>
-void launch_finalize(const MarginMSEProblem& p, void* workspace, void* out, cudaStream_t stream) {
-  finalize_kernel<T><<<1, 1024, 0, stream>>>(static_cast<const Acc<T>*>(workspace), p.batch, p.n_neg,
-                                            p.reduction, static_cast<Acc<T>*>(out));
+void launch_reduce(const MarginMSEProblem& p, void* workspace, void* out, cudaStream_t stream) {
+  launch_finalize(static_cast<const Acc<T>*>(workspace), p.batch,
+                  mean_or_sum(p.reduction, MarginCount{p.batch, p.n_neg}), static_cast<Acc<T>*>(out), stream);
 }
 
 }  // namespace
@@ -212,22 +204,22 @@ int64_t margin_mse_workspace_size(int64_t batch) { return batch > 0 ? batch : 1;
 
 cudaError_t margin_mse_fwd_cuda(const MarginMSEProblem& p, const MarginMSEScores& s, void* out,
                                 void* workspace, cudaStream_t stream) {
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const bool none = p.reduction == kNone;
+    const bool none = p.reduction == Reduction::kNone;
     if (p.batch > 0) {
       scores_fwd_kernel<T><<<warp_row_blocks(p.batch), kThreads, 0, stream>>>(
           static_cast<const T*>(s.pos), static_cast<const T*>(s.neg), make_teacher<T>(p), p.batch,
           none ? static_cast<Acc<T>*>(out) : nullptr, none ? nullptr : static_cast<Acc<T>*>(workspace));
     }
-    if (!none) launch_finalize<T>(p, workspace, out, stream);
+    if (!none) launch_reduce<T>(p, workspace, out, stream);
     return cudaGetLastError();
   });
 }
 
 cudaError_t margin_mse_bwd_cuda(const MarginMSEProblem& p, const MarginMSEScores& s, const void* grad,
                                 void* grad_pos, void* grad_neg, cudaStream_t stream) {
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (p.batch > 0) {
       scores_bwd_kernel<T><<<warp_row_blocks(p.batch), kThreads, 0, stream>>>(
@@ -240,16 +232,16 @@ cudaError_t margin_mse_bwd_cuda(const MarginMSEProblem& p, const MarginMSEScores
 
 cudaError_t margin_mse_emb_fwd_cuda(const MarginMSEProblem& p, const MarginMSEEmbeddings& e, void* out,
                                     void* workspace, cudaStream_t stream) {
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const bool none = p.reduction == kNone;
+    const bool none = p.reduction == Reduction::kNone;
     const size_t smem = sizeof(Acc<T>) * (p.n_neg + 1);
     if (p.batch > 0) {
-      emb_fwd_kernel<T><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(
+      emb_fwd_kernel<T><<<one_block_per_row(p.batch), kThreads, smem, stream>>>(
           make_rows<T>(e), make_teacher<T>(p), none ? static_cast<Acc<T>*>(out) : nullptr,
           none ? nullptr : static_cast<Acc<T>*>(workspace));
     }
-    if (!none) launch_finalize<T>(p, workspace, out, stream);
+    if (!none) launch_reduce<T>(p, workspace, out, stream);
     return cudaGetLastError();
   });
 }
@@ -257,11 +249,11 @@ cudaError_t margin_mse_emb_fwd_cuda(const MarginMSEProblem& p, const MarginMSEEm
 cudaError_t margin_mse_emb_bwd_cuda(const MarginMSEProblem& p, const MarginMSEEmbeddings& e,
                                     const void* grad, void* grad_query, void* grad_positive,
                                     void* grad_negatives, cudaStream_t stream) {
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const size_t smem = 2 * sizeof(Acc<T>) * (p.n_neg + 1);
     if (p.batch > 0) {
-      emb_bwd_kernel<T><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(
+      emb_bwd_kernel<T><<<one_block_per_row(p.batch), kThreads, smem, stream>>>(
           make_rows<T>(e), make_teacher<T>(p), p.batch, static_cast<const Acc<T>*>(grad), p.reduction,
           static_cast<T*>(grad_query), static_cast<T*>(grad_positive), static_cast<T*>(grad_negatives));
     }

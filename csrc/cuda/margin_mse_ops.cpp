@@ -13,42 +13,31 @@ namespace kdloss {
 namespace cuda {
 namespace {
 
-constexpr int64_t kNone = 0;
 // Shared memory holds 2·(n+1) accumulators per block (emb kernels); 48 KiB default limit.
 constexpr int64_t kMaxNegativesEmb = 2047;
 
 void check_launch(cudaError_t err) { cuda::check_launch(err, "margin_mse"); }
 
 MarginMSEProblem make_problem(const at::Tensor& student, const at::Tensor& teacher, int64_t B, int64_t n,
-                              bool teacher_is_scores, int64_t reduction) {
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ", reduction);
+                              bool teacher_is_scores, Reduction reduction) {
   check_cuda(teacher, student, "teacher");
-  const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(student.scalar_type());
   TORCH_CHECK_VALUE(teacher.scalar_type() == acc, "teacher must be ", acc, ", got ", teacher.scalar_type());
   const int64_t cols = teacher_is_scores ? n + 1 : n;
   TORCH_CHECK_VALUE(teacher.dim() == 2 && teacher.size(0) == B && teacher.size(1) == cols,
                     "teacher must have shape [", B, ", ", cols, "], got ", teacher.sizes());
   TORCH_CHECK_VALUE(teacher.is_contiguous(), "teacher must be contiguous");
-  return {dtype_code(student.scalar_type()), B, n, teacher.data_ptr(), teacher_is_scores,
-          static_cast<int>(reduction)};
+  return {dtype_code(student.scalar_type()), B, n, teacher.data_ptr(), teacher_is_scores, reduction};
 }
 
 // The loss is returned in the accumulation dtype (rounded to the students' dtype in Python outside autocast).
-at::Tensor allocate_loss(const at::Tensor& like, int64_t reduction, int64_t B, int64_t n) {
+at::Tensor allocate_loss(const at::Tensor& like, Reduction reduction, int64_t B, int64_t n) {
   const auto opts = like.options().dtype(acc_type(like.scalar_type()));
-  return reduction == kNone ? at::empty({B, n}, opts) : at::empty({}, opts);
+  return reduction == Reduction::kNone ? at::empty({B, n}, opts) : at::empty({}, opts);
 }
 
 at::Tensor workspace(const at::Tensor& like, int64_t B) {
-  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::empty({margin_mse_workspace_size(B)}, like.options().dtype(acc));
-}
-
-at::Tensor checked_grad(const at::Tensor& grad, const at::Tensor& like, int64_t reduction, int64_t B, int64_t n) {
-  check_cuda(grad, like, "grad");
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == B * n : grad.numel() == 1, "grad has ",
-                    grad.numel(), " elements, which does not match the reduction");
-  return grad.to(acc_type(like.scalar_type())).contiguous();  // never rounded to the student's dtype
+  return at::empty({margin_mse_workspace_size(B)}, like.options().dtype(acc_type(like.scalar_type())));
 }
 
 void check_scores(const at::Tensor& pos, const at::Tensor& neg) {
@@ -68,8 +57,9 @@ struct ScoresCall {
 };
 
 ScoresCall prepare_scores(const at::Tensor& student_pos, const at::Tensor& student_neg, const at::Tensor& teacher,
-                          bool teacher_is_scores, int64_t reduction) {
+                          bool teacher_is_scores, int64_t reduction_code) {
   check_scores(student_pos, student_neg);
+  const Reduction reduction = check_reduction(reduction_code);
   ScoresCall call{student_pos.contiguous(), student_neg.contiguous(), teacher.contiguous(),
                   student_neg.size(0), student_neg.size(1), {}};
   call.problem = make_problem(call.pos, call.tea, call.B, call.n, teacher_is_scores, reduction);
@@ -80,7 +70,7 @@ at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& stude
                           const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(student_pos.device());
   const auto call = prepare_scores(student_pos, student_neg, teacher, teacher_is_scores, reduction);
-  at::Tensor out = allocate_loss(call.pos, reduction, call.B, call.n);
+  at::Tensor out = allocate_loss(call.pos, call.problem.reduction, call.B, call.n);
   at::Tensor ws = workspace(call.pos, call.B);
   check_launch(margin_mse_fwd_cuda(call.problem, call.scores(), out.data_ptr(), ws.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream()));
@@ -92,16 +82,12 @@ std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const 
                                                   bool teacher_is_scores, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(student_pos.device());
   const auto call = prepare_scores(student_pos, student_neg, teacher, teacher_is_scores, reduction);
-  const auto g = checked_grad(grad, call.pos, reduction, call.B, call.n);
+  const auto g = checked_grad(grad, call.pos, call.problem.reduction, {call.B, call.n}, acc_type(call.pos.scalar_type()));
   at::Tensor grad_pos = at::empty({call.B}, call.pos.options());
   at::Tensor grad_neg = at::empty({call.B, call.n}, call.pos.options());
   check_launch(margin_mse_bwd_cuda(call.problem, call.scores(), g.data_ptr(), grad_pos.data_ptr(),
                                    grad_neg.data_ptr(), c10::cuda::getCurrentCUDAStream()));
   return {grad_pos, grad_neg};
-}
-
-at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
 MarginMSEEmbeddings embeddings(const at::Tensor& q, const at::Tensor& p, const at::Tensor& negs) {
@@ -132,8 +118,9 @@ struct EmbeddingsCall {
 };
 
 EmbeddingsCall prepare_embeddings(const at::Tensor& query, const at::Tensor& positive, const at::Tensor& negatives,
-                                  const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
+                                  const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction_code) {
   check_embeddings(query, positive, negatives);
+  const Reduction reduction = check_reduction(reduction_code);
   EmbeddingsCall call{unit_inner_stride(query), unit_inner_stride(positive), unit_inner_stride(negatives),
                       teacher.contiguous(), negatives.size(0), negatives.size(1), negatives.size(2), {}};
   call.problem = make_problem(call.q, call.tea, call.B, call.n, teacher_is_scores, reduction);
@@ -144,7 +131,7 @@ at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positiv
                               const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(query.device());
   const auto call = prepare_embeddings(query, positive, negatives, teacher, teacher_is_scores, reduction);
-  at::Tensor out = allocate_loss(call.q, reduction, call.B, call.n);
+  at::Tensor out = allocate_loss(call.q, call.problem.reduction, call.B, call.n);
   at::Tensor ws = workspace(call.q, call.B);
   check_launch(margin_mse_emb_fwd_cuda(call.problem, call.rows(), out.data_ptr(), ws.data_ptr(),
                                        c10::cuda::getCurrentCUDAStream()));
@@ -158,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_mse_emb_bwd(const at::Tens
                                                               int64_t reduction) {
   const c10::cuda::CUDAGuard guard(query.device());
   const auto call = prepare_embeddings(query, positive, negatives, teacher, teacher_is_scores, reduction);
-  const auto g = checked_grad(grad, call.q, reduction, call.B, call.n);
+  const auto g = checked_grad(grad, call.q, call.problem.reduction, {call.B, call.n}, acc_type(call.q.scalar_type()));
   at::Tensor grad_q = at::empty({call.B, call.D}, call.q.options());
   at::Tensor grad_p = at::empty({call.B, call.D}, call.q.options());
   at::Tensor grad_n = at::empty({call.B, call.n, call.D}, call.q.options());

@@ -10,7 +10,8 @@
 //   2. label_first_kernel: π* = label, then the ranking without the label (and checks).
 //   3. fwd_row_kernel: suffix log-sum-exp scan of x_j = s[π*_j] (BlockScan with a log-add-exp
 //      operator and a running carry, tiles from the end), L = Σ α_j (lse_j − x_j).
-//   4. finalize_kernel: fixed-order sum of the row losses (mean over counted rows).
+//   4. finalize_kernel (kdloss/cuda_utils.cuh): fixed-order sum of the row losses (mean over
+//      counted rows).
 // Backward (closed form, spec §2.5): the same suffix scan stores v_j = log α_j − lse_j, then a
 // prefix log-add-exp scan gives P_j and ∂L/∂x_j = exp(x_j + P_j) − α_j, scattered to s[π*_j].
 // All reductions and scans are deterministic (fixed block size, no floating-point atomics).
@@ -31,7 +32,7 @@ constexpr int kThreads = 256;
 constexpr int kItems = 8;                    // elements per thread per scan tile
 constexpr int kTile = kThreads * kItems;     // 2048
 constexpr int64_t kBlockSortMax = kThreads * 8;  // block radix sort up to 2048 classes
-constexpr int kNone = 0, kMean = 1;
+constexpr int64_t kMaxGridStrideBlocks = 4096;   // grid of the element-wise (grid-stride) kernels
 
 template <typename A>
 __device__ __forceinline__ A neg_inf();
@@ -267,38 +268,27 @@ __global__ void __launch_bounds__(kThreads) fwd_row_kernel(PlackettLuceProblem p
   }
 }
 
-// Sum of the row losses in a fixed order; the mean divides by the number of counted rows. The loss
-// is written in the accumulation type.
-template <typename T>
-__global__ void finalize_kernel(const Acc<T>* __restrict__ row_loss, const int64_t* __restrict__ labels, int64_t rows,
-                                int64_t ignore_index, int reduction, Acc<T>* __restrict__ out) {
-  using A = Acc<T>;
-  __shared__ A scratch[33];
-  __shared__ A count_scratch[33];
-  A acc = A(0), count = A(0);
-  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
-    acc += row_loss[r];
-    count += labels[r] != ignore_index ? A(1) : A(0);
+// The number of counted rows (label != ignore_index): the divisor of the mean. Block-wide (every
+// thread of the block calls it), valid in thread 0.
+struct CountedRows {
+  const int64_t* labels;
+  int64_t rows, ignore_index;
+  template <typename A>
+  __device__ A operator()(A* scratch) const {
+    A count = A(0);
+    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) count += labels[r] != ignore_index ? A(1) : A(0);
+    return block_sum(count, scratch);
   }
-  acc = block_sum(acc, scratch);
-  count = block_sum(count, count_scratch);
-  if (threadIdx.x == 0) {
-    if (reduction == kMean && count > A(0)) acc /= count;
-    out[0] = acc;
-  }
-}
+};
 
 // ---- backward -----------------------------------------------------------------------------
 
 // scale[0] = upstream factor of the scalar losses: 1/(counted rows) for mean (0 if none), else 1.
 template <typename A>
-__global__ void scale_kernel(const int64_t* __restrict__ labels, int64_t rows, int64_t ignore_index, int reduction,
-                             A* __restrict__ scale) {
+__global__ void scale_kernel(CountedRows counted, Reduction reduction, A* __restrict__ scale) {
   __shared__ A scratch[33];
-  A count = A(0);
-  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) count += labels[r] != ignore_index ? A(1) : A(0);
-  count = block_sum(count, scratch);
-  if (threadIdx.x == 0) scale[0] = reduction == kMean ? (count > A(0) ? A(1) / count : A(0)) : A(1);
+  const A count = counted(scratch);
+  if (threadIdx.x == 0) scale[0] = reduction == Reduction::kMean ? (count > A(0) ? A(1) / count : A(0)) : A(1);
 }
 
 template <typename T>
@@ -327,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) bwd_row_kernel(PlackettLuceProblem p
   A* vrow = vbuf + row * C;
   suffix_scan(v, storage, [&](int64_t j, A, A lse) { vrow[j] = v.log_alpha(j) - lse; });
   __syncthreads();  // vrow written by other threads of this block
-  const A coef = p.reduction == kNone ? grad[row] : grad[0] * scale[0];
+  const A coef = p.reduction == Reduction::kNone ? grad[row] : grad[0] * scale[0];
   T* g = grad_student + row * C;
   RunningCarry<A> carry(neg_inf<A>());
   for (int64_t base = 0; base < C; base += kTile) {
@@ -357,11 +347,11 @@ __global__ void __launch_bounds__(kThreads) bwd_row_kernel(PlackettLuceProblem p
 size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
 
 bool block_sort_path(const PlackettLuceProblem& p) {
-  return p.permutation == nullptr && static_cast<DType>(p.dtype) != DType::kFloat64 && p.classes <= kBlockSortMax;
+  return p.permutation == nullptr && p.dtype != DType::kFloat64 && p.classes <= kBlockSortMax;
 }
 
 size_t acc_size(const PlackettLuceProblem& p) {
-  return static_cast<DType>(p.dtype) == DType::kFloat64 ? sizeof(double) : sizeof(float);
+  return p.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
 }
 
 // Forward workspace: row_loss [R] acc | row_state [R] u8 | ranking [R·C] i32 (sorting) |
@@ -384,7 +374,7 @@ cudaError_t segmented_sort_bytes(int64_t rows, int64_t C, size_t* bytes) {
 
 cudaError_t fwd_layout(const PlackettLuceProblem& p, FwdLayout* L) {
   const size_t R = static_cast<size_t>(p.rows), RC = R * static_cast<size_t>(p.classes);
-  const bool fp64 = static_cast<DType>(p.dtype) == DType::kFloat64;
+  const bool fp64 = p.dtype == DType::kFloat64;
   const size_t key_size = fp64 ? sizeof(uint64_t) : sizeof(uint32_t);
   size_t at = 0;
   L->row_loss = at;
@@ -417,10 +407,7 @@ cudaError_t fwd_layout(const PlackettLuceProblem& p, FwdLayout* L) {
   return cudaSuccess;
 }
 
-unsigned grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
-}
+unsigned grid_for(int64_t n) { return blocks_for(n, kThreads, kMaxGridStrideBlocks); }
 
 template <typename A, typename K>
 cudaError_t segmented_ranking(const PlackettLuceProblem& p, const FwdLayout& L, unsigned char* ws, int32_t* ranking,
@@ -440,7 +427,7 @@ cudaError_t segmented_ranking(const PlackettLuceProblem& p, const FwdLayout& L, 
 
 cudaError_t launch_block_sort(const PlackettLuceProblem& p, int32_t* ranking, cudaStream_t stream) {
   const float* t = static_cast<const float*>(p.teacher);
-  const unsigned grid = static_cast<unsigned>(p.rows);
+  const unsigned grid = one_block_per_row(p.rows);
   if (p.classes <= kThreads) block_sort_kernel<1><<<grid, kThreads, 0, stream>>>(t, p.classes, ranking);
   else if (p.classes <= 2 * kThreads) block_sort_kernel<2><<<grid, kThreads, 0, stream>>>(t, p.classes, ranking);
   else if (p.classes <= 4 * kThreads) block_sort_kernel<4><<<grid, kThreads, 0, stream>>>(t, p.classes, ranking);
@@ -465,13 +452,13 @@ cudaError_t plackett_luce_fwd_cuda(const PlackettLuceProblem& p, void* out, int3
   if (workspace_bytes < L.total) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   uint8_t* row_state = ws + L.row_state;
-  const bool none = p.reduction == kNone;
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+  const bool none = p.reduction == Reduction::kNone;
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     A* row_loss = reinterpret_cast<A*>(ws + L.row_loss);
     if (p.rows > 0) {
-      const unsigned grid = static_cast<unsigned>(p.rows);
+      const unsigned grid = one_block_per_row(p.rows);
       if (p.permutation) {
         int32_t* counts = reinterpret_cast<int32_t*>(ws + L.counts);
         cudaError_t e = cudaMemsetAsync(counts, 0, sizeof(int32_t) * p.rows * p.classes, stream);
@@ -491,8 +478,8 @@ cudaError_t plackett_luce_fwd_cuda(const PlackettLuceProblem& p, void* out, int3
                                                        row_loss);
     }
     if (!none) {
-      finalize_kernel<T><<<1, 1024, 0, stream>>>(row_loss, p.labels, p.rows, p.ignore_index, p.reduction,
-                                                 static_cast<A*>(out));
+      launch_finalize(row_loss, p.rows, mean_or_sum(p.reduction, CountedRows{p.labels, p.rows, p.ignore_index}),
+                      static_cast<A*>(out), stream);
     }
     return cudaGetLastError();
   });
@@ -507,13 +494,14 @@ cudaError_t plackett_luce_bwd_cuda(const PlackettLuceProblem& p, const int32_t* 
                                    void* grad_student, void* workspace, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     A* scale = reinterpret_cast<A*>(ws);
     A* vbuf = reinterpret_cast<A*>(ws + align_up(sizeof(A)));
-    scale_kernel<A><<<1, 1024, 0, stream>>>(p.labels, p.rows, p.ignore_index, p.reduction, scale);
-    bwd_row_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
+    scale_kernel<A><<<kSingleBlock, kFinalizeThreads, 0, stream>>>(
+        CountedRows{p.labels, p.rows, p.ignore_index}, p.reduction, scale);
+    bwd_row_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(
         p, order, static_cast<const A*>(grad), scale, vbuf, static_cast<T*>(grad_student));
     return cudaGetLastError();
   });

@@ -17,12 +17,6 @@ namespace kdloss {
 namespace cuda {
 namespace {
 
-constexpr int64_t kNone = 0;
-
-at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
 // Validated inputs of one call and the launcher's problem description.
 struct Call {
   at::Tensor student, teacher, labels, permutation;
@@ -31,9 +25,9 @@ struct Call {
 
 Call prepare(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
              const c10::optional<at::Tensor>& teacher_permutation, double temperature, int64_t ignore_index,
-             int64_t reduction) {
+             int64_t reduction_code) {
   TORCH_CHECK_VALUE(student.is_cuda(), "student_logits must be a CUDA tensor");
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ", reduction);
+  const Reduction reduction = check_reduction(reduction_code);
   TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be [R, C], got ", student.sizes());
   const int64_t R = student.size(0), C = student.size(1);
   TORCH_CHECK_VALUE(C >= 1, "student_logits must have at least one class, got C = ", C);
@@ -69,7 +63,7 @@ Call prepare(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
                   call.permutation.defined() ? call.permutation.data_ptr<int64_t>() : nullptr,
                   temperature,
                   ignore_index,
-                  static_cast<int>(reduction)};
+                  reduction};
   return call;
 }
 
@@ -82,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
   const auto& p = call.problem;
   // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
   const auto loss_opts = call.student.options().dtype(acc_type(call.student.scalar_type()));
-  at::Tensor out = reduction == kNone ? at::empty({p.rows}, loss_opts) : at::empty({}, loss_opts);
+  at::Tensor out = p.reduction == Reduction::kNone ? at::empty({p.rows}, loss_opts) : at::empty({}, loss_opts);
   at::Tensor order = at::empty({p.rows, p.classes}, call.student.options().dtype(at::kInt));
   size_t bytes = 0;
   check_launch(plackett_luce_fwd_workspace(p, &bytes), "plackett_luce");
@@ -99,14 +93,11 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
   const c10::cuda::CUDAGuard guard(student.device());
   const Call call = prepare(student, teacher, labels, c10::nullopt, temperature, ignore_index, reduction);
   const auto& p = call.problem;
-  check_cuda(grad, student, "grad");
+  const auto g = checked_grad(grad, student, p.reduction, {p.rows}, acc_type(student.scalar_type()));
   check_cuda(order, student, "order");
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == p.rows : grad.numel() == 1, "grad has ", grad.numel(),
-                    " elements, which does not match the reduction");
   TORCH_CHECK_VALUE(order.scalar_type() == at::kInt && order.sizes() == student.sizes(),
                     "order must be int32 of shape ", student.sizes(), ", got ", order.scalar_type(), " ",
                     order.sizes());
-  const auto g = grad.to(acc_type(student.scalar_type())).contiguous();
   const auto ord = order.contiguous();
   at::Tensor grad_student = at::zeros({p.rows, p.classes}, call.student.options());
   const size_t bytes = plackett_luce_bwd_workspace(p);

@@ -172,18 +172,6 @@ __device__ void loss_rows(const A* W, const A* f, const A* g, int64_t B, int64_t
   }
 }
 
-// out = scale · Σ partial (block 0 only; fixed order), in the accumulation type
-template <typename T>
-__device__ void finalize(const Acc<T>* partial, int64_t n, double scale, Acc<T>* out) {
-  using A = Acc<T>;
-  __shared__ A scratch[32];
-  if (blockIdx.x != 0) return;
-  A v = A(0);
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v += partial[i];
-  const A total = block_sum(v, scratch);
-  if (threadIdx.x == 0) *out = static_cast<A>(scale) * total;
-}
-
 template <typename T>
 struct FwdArgs {
   const T* student;
@@ -211,7 +199,7 @@ __global__ void __launch_bounds__(kFusedThreads) fwd_fused_kernel(FwdArgs<T> a) 
   }
   loss_rows(a.W, a.f + (a.n - 1) * a.B, a.g + (a.n - 1) * a.Bt, a.B, a.Bt, a.eps, a.partial);
   __syncthreads();
-  finalize(a.partial, a.B, a.scale, a.loss);
+  finalize(a.partial, a.B, Scaled{a.scale}, a.loss);  // loss = scale · Σ partial (block 0, fixed order)
 }
 
 template <typename T>
@@ -234,10 +222,6 @@ __global__ void __launch_bounds__(kThreads) col_step_kernel(FwdArgs<T> a, int64_
 template <typename T>
 __global__ void __launch_bounds__(kThreads) loss_rows_kernel(FwdArgs<T> a) {
   loss_rows(a.W, a.f + (a.n - 1) * a.B, a.g + (a.n - 1) * a.Bt, a.B, a.Bt, a.eps, a.partial);
-}
-template <typename T>
-__global__ void __launch_bounds__(kThreads) finalize_kernel(FwdArgs<T> a) {
-  finalize(a.partial, a.B, a.scale, a.loss);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -418,10 +402,7 @@ __global__ void __launch_bounds__(kThreads) cost_bwd_kernel(BwdArgs<T> a) {
   cost_bwd(a.X, a.ps, a.pt, a.B, a.Bt, a.C, a.inv_temp, a.sbar, a.out);
 }
 
-unsigned blocks_for(int64_t units, int64_t per_block) {
-  const int64_t b = (units + per_block - 1) / per_block;
-  return static_cast<unsigned>(b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
-}
+unsigned grid_for(int64_t units, int64_t per_block) { return blocks_for(units, per_block, kMaxBlocks); }
 
 }  // namespace
 
@@ -437,7 +418,7 @@ cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int
                               const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost,
                               void* f, void* g, void* workspace, cudaStream_t stream) {
   if (p.batch < 1 || p.batch_t < 1 || p.classes < 1 || p.n_iters < 1) return cudaErrorInvalidValue;
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     FwdArgs<T> a{static_cast<const T*>(student), student_stride, static_cast<const A*>(teacher),
@@ -446,20 +427,20 @@ cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int
                  p.batch, p.batch_t, p.classes, p.n_iters, static_cast<A>(p.temperature),
                  static_cast<A>(p.epsilon), p.scale};
     if (p.batch * p.batch_t <= kFusedMaxElems) {
-      fwd_fused_kernel<T><<<1, kFusedThreads, 0, stream>>>(a);
+      fwd_fused_kernel<T><<<kSingleBlock, kFusedThreads, 0, stream>>>(a);
       return cudaGetLastError();
     }
     const int warps = kThreads / 32;
-    const unsigned row_blocks = blocks_for(p.batch, warps), col_blocks = blocks_for(p.batch_t, 32);
+    const unsigned row_blocks = grid_for(p.batch, warps), col_blocks = grid_for(p.batch_t, 32);
     softmax_kernel<T><<<row_blocks, kThreads, 0, stream>>>(a, false);
-    softmax_kernel<T><<<blocks_for(p.batch_t, warps), kThreads, 0, stream>>>(a, true);
-    cost_kernel<T><<<blocks_for(p.batch * p.batch_t, kThreads), kThreads, 0, stream>>>(a);
+    softmax_kernel<T><<<grid_for(p.batch_t, warps), kThreads, 0, stream>>>(a, true);
+    cost_kernel<T><<<grid_for(p.batch * p.batch_t, kThreads), kThreads, 0, stream>>>(a);
     for (int64_t k = 0; k < p.n_iters; ++k) {
       row_step_kernel<T><<<row_blocks, kThreads, 0, stream>>>(a, k);
       col_step_kernel<T><<<col_blocks, kThreads, 0, stream>>>(a, k);
     }
     loss_rows_kernel<T><<<row_blocks, kThreads, 0, stream>>>(a);
-    finalize_kernel<T><<<1, kThreads, 0, stream>>>(a);
+    launch_finalize(a.partial, a.B, Scaled{a.scale}, a.loss, stream, kThreads);
     return cudaGetLastError();
   });
 }
@@ -468,7 +449,7 @@ cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const 
                               const void* probs_t, const void* cost, const void* f, const void* g,
                               void* grad_student, void* workspace, cudaStream_t stream) {
   if (p.batch < 1 || p.batch_t < 1 || p.classes < 1 || p.n_iters < 1) return cudaErrorInvalidValue;
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     A* ws = static_cast<A*>(workspace);
@@ -481,12 +462,12 @@ cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const 
                  static_cast<T*>(grad_student), X, colsum, rowsum, sbar, p.batch, p.batch_t, p.classes,
                  p.n_iters, static_cast<A>(1.0 / p.temperature), static_cast<A>(p.epsilon), p.scale};
     if (p.batch * p.batch_t <= kFusedMaxElems) {
-      bwd_fused_kernel<T><<<1, kFusedThreads, 0, stream>>>(a);
+      bwd_fused_kernel<T><<<kSingleBlock, kFusedThreads, 0, stream>>>(a);
       return cudaGetLastError();
     }
     const int warps = kThreads / 32;
-    const unsigned row_blocks = blocks_for(p.batch, warps), col_blocks = blocks_for(p.batch_t, 32);
-    const unsigned elem_blocks = blocks_for(p.batch * p.batch_t, kThreads);
+    const unsigned row_blocks = grid_for(p.batch, warps), col_blocks = grid_for(p.batch_t, 32);
+    const unsigned elem_blocks = grid_for(p.batch * p.batch_t, kThreads);
     bwd_init_kernel<T><<<elem_blocks, kThreads, 0, stream>>>(a);
     col_sums_kernel<T><<<col_blocks, kThreads, 0, stream>>>(a);
     for (int64_t k = p.n_iters; k >= 1; --k) {

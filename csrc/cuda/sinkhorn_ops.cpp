@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto acc = acc_type(student_logits.scalar_type());
   TORCH_CHECK_VALUE(teacher_logits.scalar_type() == acc, "teacher_logits must be ", acc, ", got ",
                     teacher_logits.scalar_type());
-  const int dtype = dtype_code(student_logits.scalar_type());
+  const DType dtype = dtype_code(student_logits.scalar_type());
   c10::cuda::CUDAGuard guard(student_logits.device());
   const auto zs = student_logits.stride(1) == 1 && B > 0 ? student_logits : student_logits.contiguous();
   const auto zt = teacher_logits.contiguous();
@@ -80,7 +80,7 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   TORCH_CHECK_VALUE(cost.size(0) == B && cost.size(1) == Bt, "cost must be [B, B'], got ", cost.sizes());
   TORCH_CHECK_VALUE(n_iters >= 1 && f_hist.size(1) == B && g_hist.size(0) == n_iters && g_hist.size(1) == Bt,
                     "potentials must be [n_iters, B] and [n_iters, B']");
-  const int dtype = dtype_code(student_logits.scalar_type());
+  const DType dtype = dtype_code(student_logits.scalar_type());
   c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad_student = at::zeros({B, C}, student_logits.options());
   if (B == 0 || Bt == 0) return grad_student;

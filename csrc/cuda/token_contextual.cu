@@ -65,17 +65,17 @@ __global__ void fwd_rows_kernel(const A* __restrict__ sims_s,  // [B, rows, N]
   }
 }
 
-// c_i of G = c (A − P) for row `row` of [B, N] (spec §5.3; reduction 0 none, 1 mean, 2 sum).
+// c_i of G = c (A − P) for row `row` of [B, N] (spec §5.3).
 template <typename A>
-__device__ __forceinline__ A row_coef(const A* grad, int64_t reduction, int64_t row, int64_t B, int64_t N) {
+__device__ __forceinline__ A row_coef(const A* grad, Reduction reduction, int64_t row, int64_t B, int64_t N) {
   const A n = static_cast<A>(N);
-  if (reduction == 0) return A(2) * grad[row] / n;
-  if (reduction == 1) return A(2) * grad[0] / (static_cast<A>(B) * n * n);
+  if (reduction == Reduction::kNone) return A(2) * grad[row] / n;
+  if (reduction == Reduction::kMean) return A(2) * grad[0] / (static_cast<A>(B) * n * n);
   return A(2) * grad[0];
 }
 
 template <typename A, typename H>
-__global__ void bwd_weights_kernel(ContextualChunk c, int64_t reduction, const A* __restrict__ grad,
+__global__ void bwd_weights_kernel(ContextualChunk c, Reduction reduction, const A* __restrict__ grad,
                                    const A* __restrict__ stats_s, const A* __restrict__ stats_t,  // [2, B, N]
                                    const A* __restrict__ rho,                                     // [B, N]
                                    A* __restrict__ sims_s,     // [B, rows, N] in: S raw, out: W
@@ -118,10 +118,10 @@ __global__ void bwd_weights_kernel(ContextualChunk c, int64_t reduction, const A
 }
 
 template <typename A>
-cudaError_t launch_bwd(const ContextualChunk& c, int64_t reduction, const void* grad, const void* stats_s,
+cudaError_t launch_bwd(const ContextualChunk& c, Reduction reduction, const void* grad, const void* stats_s,
                        const void* stats_t, const void* rho, void* sims_s, const void* sims_t, int split_dtype,
                        void* row_max, void* w_hi, void* w_lo, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(c.batch * c.rows));
+  const dim3 grid(one_block_per_row(c.batch * c.rows));
   const auto* g = static_cast<const A*>(grad);
   const auto* ls = static_cast<const A*>(stats_s);
   const auto* lt = static_cast<const A*>(stats_t);
@@ -137,7 +137,7 @@ cudaError_t launch_bwd(const ContextualChunk& c, int64_t reduction, const void* 
     bwd_weights_kernel<A, __half><<<grid, kThreads, 0, stream>>>(c, reduction, g, ls, lt, rh, ss, st, true, rm,
                                                                  static_cast<__half*>(w_hi),
                                                                  static_cast<__half*>(w_lo));
-  } else if (split_dtype < 0) {
+  } else if (split_dtype == kNoSplit) {
     bwd_weights_kernel<A, A><<<grid, kThreads, 0, stream>>>(c, reduction, g, ls, lt, rh, ss, st, false, nullptr,
                                                             nullptr, nullptr);
   } else {
@@ -151,12 +151,12 @@ cudaError_t launch_bwd(const ContextualChunk& c, int64_t reduction, const void* 
 cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t,
                                      void* stats_s, void* stats_t, void* rho, void* row_loss, cudaStream_t stream) {
   if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(c.batch * c.rows));
-  if (c.acc == static_cast<int>(DType::kFloat64)) {
+  const dim3 grid(one_block_per_row(c.batch * c.rows));
+  if (c.acc == DType::kFloat64) {
     fwd_rows_kernel<double><<<grid, kThreads, 0, stream>>>(
         static_cast<const double*>(sims_s), static_cast<const double*>(sims_t), c, static_cast<double*>(stats_s),
         static_cast<double*>(stats_t), static_cast<double*>(rho), static_cast<double*>(row_loss));
-  } else if (c.acc == static_cast<int>(DType::kFloat32)) {
+  } else if (c.acc == DType::kFloat32) {
     fwd_rows_kernel<float><<<grid, kThreads, 0, stream>>>(
         static_cast<const float*>(sims_s), static_cast<const float*>(sims_t), c, static_cast<float*>(stats_s),
         static_cast<float*>(stats_t), static_cast<float*>(rho), static_cast<float*>(row_loss));
@@ -166,17 +166,17 @@ cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_
   return cudaGetLastError();
 }
 
-cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, int64_t reduction, const void* grad,
+cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, Reduction reduction, const void* grad,
                                         const void* stats_s, const void* stats_t, const void* rho, void* sims_s,
                                         const void* sims_t, int split_dtype, void* row_max, void* w_hi,
                                         void* w_lo, cudaStream_t stream) {
   if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
-  if (c.acc == static_cast<int>(DType::kFloat64)) {
-    if (split_dtype >= 0) return cudaErrorInvalidValue;  // fp64 students need no split
+  if (c.acc == DType::kFloat64) {
+    if (split_dtype != kNoSplit) return cudaErrorInvalidValue;  // fp64 students need no split
     return launch_bwd<double>(c, reduction, grad, stats_s, stats_t, rho, sims_s, sims_t, split_dtype, row_max, w_hi,
                               w_lo, stream);
   }
-  if (c.acc == static_cast<int>(DType::kFloat32)) {
+  if (c.acc == DType::kFloat32) {
     return launch_bwd<float>(c, reduction, grad, stats_s, stats_t, rho, sims_s, sims_t, split_dtype, row_max, w_hi,
                              w_lo, stream);
   }

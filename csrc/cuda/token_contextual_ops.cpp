@@ -1,11 +1,8 @@
-// TRG contextual loss: TORCH_LIBRARY_IMPL(kdloss, CUDA) glue. Runs the similarity GEMMs chunk by
-// chunk (cuBLAS through ATen; half-precision inputs accumulate into fp32 with bmm's out_dtype form)
-// and the row kernels of token_contextual.cu on each chunk, so extra memory is a few chunk buffers
-// of at most kChunkElements each, never a [B, N, N] tensor (spec §5.2–5.3).
-//
-//   student [B, N, Ds] (any float dtype), teacher [B, N, Dt] (any float dtype, a constant)
-//   forward → loss, stats_s, stats_t ([2, B, N]: row max, log-sum), rho ([B, N]); all in the
-//   accumulation dtype (the loss too)
+// TRG contextual loss: TORCH_LIBRARY_IMPL(kdloss, CUDA) glue; the op contract is documented once, in
+// kdloss/_ops/token_contextual.py. Runs the similarity GEMMs chunk by chunk (cuBLAS through ATen;
+// half-precision inputs accumulate into fp32 with bmm's out_dtype form) and the row kernels of
+// token_contextual.cu on each chunk, so extra memory is a few chunk buffers of at most
+// kChunkElements each, never a [B, N, N] tensor (spec §5.2–5.3).
 //   backward: per chunk, recompute S and T, form W = (dS + dSᵀ)/√Ds, grad rows = W · F_s
 //   (for bf16/fp16 students W is split into hi + lo half-precision parts: two tensor-core GEMMs
 //   with fp32 accumulation give the fp32 result to ~16 bits).
@@ -29,14 +26,13 @@ namespace kdloss {
 namespace cuda {
 namespace {
 
-constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 constexpr int64_t kChunkElements = int64_t(1) << 24;  // B·rows·N per similarity buffer (64 MiB fp32)
 
 struct Shape {
   int64_t B, N, Ds, Dt;
 };
 
-Shape check_inputs(const at::Tensor& student, const at::Tensor& teacher, int64_t reduction) {
+Shape check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK_VALUE(student.is_cuda(), "student must be a CUDA tensor");
   check_cuda(teacher, student, "teacher");
   dtype_code(student.scalar_type());
@@ -45,8 +41,6 @@ Shape check_inputs(const at::Tensor& student, const at::Tensor& teacher, int64_t
   TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
                     "student and teacher must share B and N, got ", student.sizes(), " and ", teacher.sizes());
   TORCH_CHECK_VALUE(student.size(2) > 0 && teacher.size(2) > 0, "token widths must be positive");
-  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
-                    "reduction code must be 0, 1 or 2, got ", reduction);
   return {student.size(0), student.size(1), student.size(2), teacher.size(2)};
 }
 
@@ -92,8 +86,9 @@ ContextualChunk chunk_of(const Shape& s, at::ScalarType acc, int64_t i0, int64_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Tensor& student,
                                                                                 const at::Tensor& teacher,
-                                                                                int64_t reduction) {
-  const Shape s = check_inputs(student, teacher, reduction);
+                                                                                int64_t reduction_code) {
+  const Shape s = check_inputs(student, teacher);
+  const Reduction reduction = check_reduction(reduction_code);
   c10::cuda::CUDAGuard guard(student.device());
   // the chunk GEMMs pick their own dtypes: an enclosing autocast must not reroute them to fp16/bf16
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -117,11 +112,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
   }
   // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
   at::Tensor loss;
-  if (reduction == kNone) {
+  if (reduction == Reduction::kNone) {
     loss = s.N > 0 ? row_loss.div(double(s.N)) : row_loss;
   } else {
     loss = row_loss.sum();
-    if (reduction == kMean && s.B * s.N > 0) loss = loss.div(double(s.B) * double(s.N) * double(s.N));
+    if (reduction == Reduction::kMean && s.B * s.N > 0) loss = loss.div(double(s.B) * double(s.N) * double(s.N));
   }
   return {loss, stats_s, stats_t, rho};
 }
@@ -138,19 +133,14 @@ void check_row_state(const at::Tensor& t, const at::Tensor& student, const Shape
 
 at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
                                 const at::Tensor& stats_s_in, const at::Tensor& stats_t_in, const at::Tensor& rho_in,
-                                int64_t reduction) {
-  const Shape s = check_inputs(student, teacher, reduction);
-  check_cuda(grad, student, "grad");
+                                int64_t reduction_code) {
+  const Shape s = check_inputs(student, teacher);
+  const Reduction reduction = check_reduction(reduction_code);
   const auto acc = acc_type(student.scalar_type());
   check_row_state(stats_s_in, student, s, acc, "stats_student", true);
   check_row_state(stats_t_in, student, s, acc, "stats_teacher", true);
   check_row_state(rho_in, student, s, acc, "rho", false);
-  if (reduction == kNone) {
-    TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.B && grad.size(1) == s.N,
-                      "grad must be [B, N] for reduction none, got ", grad.sizes());
-  } else {
-    TORCH_CHECK_VALUE(grad.numel() == 1, "grad must be a scalar, got ", grad.sizes());
-  }
+  const at::Tensor g = checked_grad(grad, student, reduction, {s.B, s.N}, acc);
   c10::cuda::CUDAGuard guard(student.device());
   // the chunk GEMMs pick their own dtypes: an enclosing autocast must not reroute them to fp16/bf16
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -158,7 +148,6 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
   if (student.numel() == 0) return grad_student;
   const auto opts = student.options().dtype(acc);
   const at::Tensor xs = gemm_operand(student, acc), xt = gemm_operand(teacher, acc);
-  const at::Tensor g = grad.detach().to(acc).contiguous();
   const at::Tensor stats_s = stats_s_in.contiguous(), stats_t = stats_t_in.contiguous(), rho = rho_in.contiguous();
   const bool split = xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf;
   const int64_t R = chunk_rows(s);
@@ -175,7 +164,7 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
     const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
     check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), stats_s.data_ptr(),
                                              stats_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(),
-                                             sims_t.data_ptr(), split ? dtype_code(xs.scalar_type()) : -1,
+                                             sims_t.data_ptr(), split ? static_cast<int>(dtype_code(xs.scalar_type())) : kNoSplit,
                                              split ? row_max.data_ptr() : nullptr,
                                              split ? buf_hi.data_ptr() : nullptr, split ? buf_lo.data_ptr() : nullptr,
                                              stream),

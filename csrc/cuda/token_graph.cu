@@ -24,7 +24,6 @@ namespace {
 
 constexpr int kWarps = 8;                 // nodes per CTA
 constexpr int kThreads = 32 * kWarps;
-constexpr int kFinalizeThreads = 1024;
 constexpr int kColsPerLane = 8;           // backward: columns per lane per pass (256 per warp)
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
@@ -113,25 +112,11 @@ __global__ void __launch_bounds__(kThreads) fwd_nodes_kernel(TokenGraphProblem p
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Acc<T>* row_loss, int64_t rows,
-                                                                    int reduction, Acc<T>* out) {
-  using A = Acc<T>;
-  __shared__ A scratch[32];
-  A s = 0;
-  for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) s += row_loss[i];
-  s = block_sum(s, scratch);
-  if (threadIdx.x == 0) {
-    if (reduction == 1 && rows > 0) s /= static_cast<A>(rows);
-    out[0] = s;
-  }
-}
-
 // 2 × the upstream gradient of node `row`'s loss (÷ M for mean).
 template <typename A>
-__device__ __forceinline__ A row_scale(const A* grad, int reduction, int64_t row, int64_t M) {
-  if (reduction == 0) return A(2) * grad[row];
-  return reduction == 1 ? A(2) * grad[0] / static_cast<A>(M) : A(2) * grad[0];
+__device__ __forceinline__ A row_scale(const A* grad, Reduction reduction, int64_t row, int64_t M) {
+  if (reduction == Reduction::kNone) return A(2) * grad[row];
+  return reduction == Reduction::kMean ? A(2) * grad[0] / static_cast<A>(M) : A(2) * grad[0];
 }
 
 template <typename T>
@@ -184,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) bwd_nodes_kernel(TokenGraphProblem p
   }
 }
 
-unsigned grid_for(int64_t nodes) { return static_cast<unsigned>((nodes + kWarps - 1) / kWarps); }
+unsigned grid_for(int64_t nodes) { return blocks_for(nodes, kWarps); }
 
 }  // namespace
 
@@ -195,16 +180,16 @@ int64_t token_graph_workspace_size(int64_t nodes, int64_t k) {
 
 cudaError_t token_graph_fwd_cuda(const TokenGraphProblem& p, void* loss, void* coef, void* workspace,
                                  cudaStream_t stream) {
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     A* zt = static_cast<A*>(workspace);
     A* rows = zt + p.nodes * p.k;
-    A* loss_none = p.reduction == 0 ? static_cast<A*>(loss) : nullptr;
+    A* loss_none = p.reduction == Reduction::kNone ? static_cast<A*>(loss) : nullptr;
     if (p.nodes > 0)
       fwd_nodes_kernel<T><<<grid_for(p.nodes), kThreads, 0, stream>>>(p, static_cast<A*>(coef), zt, rows, loss_none);
-    if (p.reduction != 0)
-      finalize_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(rows, p.nodes, p.reduction, static_cast<A*>(loss));
+    if (p.reduction != Reduction::kNone)
+      launch_finalize(rows, p.nodes, mean_or_sum(p.reduction, CountDivisor{p.nodes}), static_cast<A*>(loss), stream);
     return cudaGetLastError();
   });
 }
@@ -213,7 +198,7 @@ cudaError_t token_graph_bwd_cuda(const TokenGraphProblem& p, const void* grad, c
                                  const int64_t* in_start, const int64_t* in_edge, void* grad_student,
                                  cudaStream_t stream) {
   if (p.nodes == 0 || p.ds == 0) return cudaSuccess;
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     bwd_nodes_kernel<T><<<grid_for(p.nodes), kThreads, 0, stream>>>(

@@ -22,8 +22,6 @@ namespace kdloss {
 namespace cuda {
 namespace {
 
-constexpr int64_t kNone = 0;
-
 // Validated, contiguous inputs of one call and the launcher's problem description.
 struct Call {
   at::Tensor student, teacher, neighbours;
@@ -31,10 +29,10 @@ struct Call {
 };
 
 Call prepare(const at::Tensor& student_in, const at::Tensor* teacher_in, const at::Tensor& neighbours_in, double sigma,
-             int64_t edge, int64_t direction, int64_t reduction) {
+             int64_t edge, int64_t direction, int64_t reduction_code) {
   TORCH_CHECK_VALUE(student_in.is_cuda(), "student must be a CUDA tensor");
   TORCH_CHECK_VALUE(student_in.dim() == 2, "student must be [M, Ds], got ", student_in.sizes());
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ", reduction);
+  const Reduction reduction = check_reduction(reduction_code);
   TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma > 0, "sigma must be a finite number > 0, got ", sigma);
   TORCH_CHECK_VALUE(edge == 0 || edge == 1, "edge code must be 0 or 1, got ", edge);
   TORCH_CHECK_VALUE(direction == 0 || direction == 1, "direction code must be 0 or 1, got ", direction);
@@ -65,7 +63,7 @@ Call prepare(const at::Tensor& student_in, const at::Tensor* teacher_in, const a
                   sigma,
                   static_cast<int>(edge),
                   static_cast<int>(direction),
-                  static_cast<int>(reduction)};
+                  reduction};
   return call;
 }
 
@@ -77,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student, co
   const int64_t M = call.problem.nodes, k = call.problem.k;
   const auto acc_options = call.student.options().dtype(acc_type(call.student.scalar_type()));
   // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
-  at::Tensor loss = reduction == kNone ? at::empty({M}, acc_options) : at::empty({}, acc_options);
+  at::Tensor loss = call.problem.reduction == Reduction::kNone ? at::empty({M}, acc_options) : at::empty({}, acc_options);
   at::Tensor coef = at::empty({M, k}, acc_options);
   at::Tensor workspace = at::empty({token_graph_workspace_size(M, k)}, acc_options);
   check_launch(token_graph_fwd_cuda(call.problem, loss.data_ptr(), coef.data_ptr(), workspace.data_ptr(),
@@ -95,12 +93,9 @@ at::Tensor token_graph_bwd(const at::Tensor& grad, const at::Tensor& student, co
   check_cuda(coef, call.student, "coef");
   TORCH_CHECK_VALUE(coef.scalar_type() == acc && coef.sizes() == call.neighbours.sizes(), "coef must be [M, k] of dtype ",
                     acc, ", got ", coef.sizes(), " ", coef.scalar_type());
-  check_cuda(grad, call.student, "grad");
-  TORCH_CHECK_VALUE(reduction == kNone ? (grad.dim() == 1 && grad.size(0) == M) : grad.numel() == 1, "grad has shape ",
-                    grad.sizes(), ", which does not match the reduction");
+  const auto g = checked_grad(grad, call.student, call.problem.reduction, {M}, acc);
   at::Tensor out = at::empty({M, call.problem.ds}, call.student.options());
   if (out.numel() == 0) return out;
-  const auto g = grad.to(acc).contiguous();
   const auto c = coef.contiguous();
   const auto index_options = call.neighbours.options();
   at::Tensor in_start = at::empty({M + 1}, index_options), in_edge = at::empty({M * k}, index_options);

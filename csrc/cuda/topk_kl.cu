@@ -17,7 +17,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kFinalizeThreads = 1024;
 constexpr double kTailClamp = 1e-8;  // DistillKit's clamp of Σ_K q in the tail term (spec §3.3)
 
 template <typename A>
@@ -224,20 +223,6 @@ __global__ void __launch_bounds__(kThreads) fwd_rows_kernel(TopKKLProblem p, Acc
   if (loss_none) loss_none[n] = value;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Acc<T>* row_loss, int64_t rows,
-                                                                    const Acc<T>* divisor, int reduction, Acc<T>* out) {
-  using A = Acc<T>;
-  __shared__ A scratch[32];
-  A s = 0;
-  for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) s += row_loss[i];
-  s = block_sum(s, scratch);
-  if (threadIdx.x == 0) {
-    if (reduction == 1) s = divisor[0] > A(0) ? s / divisor[0] : A(0);
-    out[0] = s;
-  }
-}
-
 // out[0..V) = c · exp(z/T − lse), or zeros when c = 0.
 template <typename T>
 __device__ void write_dense(T* out, const T* z, int64_t V, Acc<T> inv_t, Acc<T> lse, Acc<T> c) {
@@ -275,8 +260,8 @@ __global__ void __launch_bounds__(kThreads) bwd_rows_kernel(TopKKLProblem p, con
   const int64_t n = blockIdx.x;
   T* out = grad_logits + n * p.vocab;
   const A inv_t = static_cast<A>(p.inv_temperature);
-  A g = grad[p.reduction == 0 ? n : 0] * static_cast<A>(p.scale) * inv_t;
-  if (p.reduction == 1) {
+  A g = grad[p.reduction == Reduction::kNone ? n : 0] * static_cast<A>(p.scale) * inv_t;
+  if (p.reduction == Reduction::kMean) {
     const A d = static_cast<const A*>(p.divisor)[0];
     g = d > A(0) ? g / d : A(0);
   }
@@ -316,17 +301,17 @@ __global__ void __launch_bounds__(kThreads) bwd_rows_kernel(TopKKLProblem p, con
 int64_t topk_kl_workspace_size(int64_t rows) { return rows > 0 ? rows : 1; }
 
 cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void* workspace, cudaStream_t stream) {
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     A* rows = static_cast<A*>(workspace);
-    A* loss_none = p.reduction == 0 ? static_cast<A*>(loss) : nullptr;
+    A* loss_none = p.reduction == Reduction::kNone ? static_cast<A*>(loss) : nullptr;
     if (p.rows > 0)
-      fwd_rows_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p, rows, static_cast<A*>(lse),
-                                                                                 loss_none);
-    if (p.reduction != 0)
-      finalize_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(rows, p.rows, static_cast<const A*>(p.divisor),
-                                                            p.reduction, static_cast<A*>(loss));
+      fwd_rows_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(p, rows, static_cast<A*>(lse),
+                                                                             loss_none);
+    if (p.reduction != Reduction::kNone)
+      launch_finalize(rows, p.rows, mean_or_sum(p.reduction, DeviceDivisor<A>{static_cast<const A*>(p.divisor)}),
+                      static_cast<A*>(loss), stream);
     return cudaGetLastError();
   });
 }
@@ -334,10 +319,10 @@ cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void
 cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* lse, void* grad_logits,
                              cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  return dispatch_dtype(static_cast<DType>(p.dtype), [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
-    bwd_rows_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
+    bwd_rows_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(
         p, static_cast<const A*>(grad), static_cast<const A*>(lse), static_cast<T*>(grad_logits));
     return cudaGetLastError();
   });

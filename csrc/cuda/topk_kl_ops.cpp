@@ -19,8 +19,6 @@ namespace kdloss {
 namespace cuda {
 namespace {
 
-constexpr int64_t kNone = 0;
-
 void check_acc(const at::Tensor& t, const at::Tensor& logits, const char* name, at::IntArrayRef shape) {
   check_cuda(t, logits, name);
   const auto acc = acc_type(logits.scalar_type());
@@ -36,14 +34,14 @@ struct Call {
 
 Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tensor& target_logp,
              const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor, double inv_temperature,
-             double scale, bool full_support, int64_t reduction) {
+             double scale, bool full_support, int64_t reduction_code) {
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor");
   TORCH_CHECK_VALUE(logits_in.dim() == 2, "logits must be [N, V], got ", logits_in.sizes());
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ", reduction);
+  const Reduction reduction = check_reduction(reduction_code);
   TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "inv_temperature must be > 0");
   const int64_t N = logits_in.size(0), V = logits_in.size(1);
   TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "the CUDA kernel takes at most 2^31 - 1 rows, got ", N);
-  at::Tensor logits = V <= 1 || N == 0 || logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  at::Tensor logits = N == 0 ? logits_in : unit_inner_stride(logits_in);
   check_cuda(ids, logits, "ids");
   TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == N,
                     "ids must be an int64 tensor [N, k] with N = ", N, ", got ", ids.scalar_type(), " ", ids.sizes());
@@ -58,7 +56,7 @@ Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tenso
   call.problem = {dtype_code(logits.scalar_type()), N, V, k, logits.data_ptr(), N > 0 ? logits.stride(0) : V,
                   call.ids.data_ptr<int64_t>(), call.target.data_ptr(), call.tail.data_ptr(),
                   call.valid.data_ptr<bool>(), call.divisor.data_ptr(), inv_temperature, scale, full_support,
-                  static_cast<int>(reduction)};
+                  reduction};
   return call;
 }
 
@@ -73,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
   const int64_t N = call.problem.rows;
   const auto acc_options = call.logits.options().dtype(acc_type(call.logits.scalar_type()));
   // the loss is returned in the accumulation dtype (rounded to the logits' in Python outside autocast)
-  at::Tensor loss = reduction == kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
+  at::Tensor loss = call.problem.reduction == Reduction::kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
   at::Tensor lse = at::empty({N}, acc_options);
   at::Tensor workspace = at::empty({topk_kl_workspace_size(N)}, acc_options);
   check_launch(topk_kl_fwd_cuda(call.problem, loss.data_ptr(), lse.data_ptr(), workspace.data_ptr(),
@@ -91,10 +89,7 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::
                             full_support, reduction);
   const int64_t N = call.problem.rows, V = call.problem.vocab;
   check_acc(lse, call.logits, "lse", {N});
-  check_cuda(grad, call.logits, "grad");
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.numel() == N : grad.numel() == 1, "grad has ", grad.numel(),
-                    " elements, which does not match the reduction");
-  const auto g = grad.to(acc_type(call.logits.scalar_type())).contiguous();
+  const auto g = checked_grad(grad, call.logits, call.problem.reduction, {N}, acc_type(call.logits.scalar_type()));
   const auto lse_c = lse.contiguous();
   at::Tensor out = at::empty({N, V}, call.logits.options());
   check_launch(topk_kl_bwd_cuda(call.problem, g.data_ptr(), lse_c.data_ptr(), out.data_ptr(),

@@ -1,32 +1,41 @@
-// Helpers shared by the torch glue of the CUDA kernels (csrc/cuda/*_ops.cpp; host compiler only).
+// Helpers shared by the torch glue of the CUDA kernels (csrc/cuda/*_ops.cpp; host compiler only),
+// next to the checks shared with the CPU kernels (kdloss/op_checks.h: reduction codes, accumulation
+// dtype, unit inner stride, upstream gradient).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include "kdloss/codes.h"
+#include "kdloss/op_checks.h"
+
 namespace kdloss {
 namespace cuda {
 
-// The DType code (kdloss/cuda_utils.cuh) of a floating-point tensor dtype.
-inline int dtype_code(at::ScalarType t) {
+// The DType code (kdloss/codes.h) of a floating-point tensor dtype.
+inline DType dtype_code(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kBFloat16: return 2;
-    case at::kHalf: return 3;
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
     default: TORCH_CHECK_VALUE(false, "unsupported dtype ", t, " (expected float32/float64/bfloat16/float16)");
   }
-  return -1;
+  return DType::kFloat32;  // not reached
 }
-
-// The accumulation dtype of `t`: fp64 for fp64, fp32 otherwise.
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // `t` must be a CUDA tensor on the device of `like`.
 inline void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(),
                     ", got ", t.device());
+}
+
+// The upstream gradient `grad` of an op's loss, on the device of `like` (see kdloss::upstream_grad).
+inline at::Tensor checked_grad(const at::Tensor& grad, const at::Tensor& like, Reduction reduction,
+                               at::IntArrayRef none_shape, at::ScalarType dtype) {
+  check_cuda(grad, like, "grad");
+  return upstream_grad(grad, reduction, none_shape, dtype);
 }
 
 inline void check_launch(cudaError_t err, const char* loss) {

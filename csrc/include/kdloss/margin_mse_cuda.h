@@ -9,15 +9,17 @@
 
 #include <cstdint>
 
+#include "kdloss/codes.h"
+
 namespace kdloss {
 namespace cuda {
 
 struct MarginMSEProblem {
-  int dtype;                // DType code
+  DType dtype;              // element type
   int64_t batch, n_neg;     // B, n
   const void* teacher;      // [B, n+1] raw scores (teacher_is_scores) or [B, n] margins
   bool teacher_is_scores;
-  int reduction;            // 0 none, 1 mean, 2 sum
+  Reduction reduction;
 };
 
 struct MarginMSEScores {

@@ -11,11 +11,13 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kdloss/codes.h"
+
 namespace kdloss {
 namespace cuda {
 
 struct PlackettLuceProblem {
-  int dtype;                  // DType code of the student
+  DType dtype;                // element type of the student
   int64_t rows, classes;      // R, C
   const void* student;        // [R, C]
   int64_t student_stride;     // elements between rows
@@ -24,7 +26,7 @@ struct PlackettLuceProblem {
   const int64_t* permutation; // [R, C] cached teacher ranking, or null (the kernel sorts)
   double temperature;
   int64_t ignore_index;
-  int reduction;              // 0 none, 1 mean, 2 sum
+  Reduction reduction;
 };
 
 // Bytes of device workspace the forward needs (includes the CUB segmented-sort scratch for large C).

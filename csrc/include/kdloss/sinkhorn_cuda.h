@@ -11,11 +11,13 @@
 
 #include <cstdint>
 
+#include "kdloss/codes.h"
+
 namespace kdloss {
 namespace cuda {
 
 struct SinkhornProblem {
-  int dtype;                 // DType code of the student logits (and of their gradient)
+  DType dtype;               // element type of the student logits (and of their gradient)
   int64_t batch, batch_t;    // B (student rows), B' (teacher rows); both >= 1
   int64_t classes;           // C >= 1
   int64_t n_iters;           // >= 1

@@ -13,11 +13,13 @@
 
 #include <cstdint>
 
+#include "kdloss/codes.h"
+
 namespace kdloss {
 namespace cuda {
 
 struct ContextualChunk {
-  int acc;                   // DType code of the buffers and row state: kFloat32 or kFloat64
+  DType acc;                 // element type of the buffers and row state: kFloat32 or kFloat64
   int64_t batch, n;          // B >= 1, N >= 1
   int64_t i0, rows;          // first row of the chunk, rows in it (>= 1)
   double scale_s, scale_t;   // 1/√Ds, 1/√Dt
@@ -28,13 +30,16 @@ struct ContextualChunk {
 cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t,
                                      void* stats_s, void* stats_t, void* rho, void* row_loss, cudaStream_t stream);
 
+// split_dtype of contextual_bwd_weights_cuda when W is not split.
+constexpr int kNoSplit = -1;
+
 // Backward: overwrites sims_s with the rows of W = (dS + dSᵀ)/√Ds (spec §5.3); `grad` is the
-// upstream gradient (accumulation type: [B, N] for reduction 0, one value otherwise).
-// With split_dtype = a bf16/fp16 DType code, also writes row_max [B, rows] (acc; max |W| of the
-// row, 1 for an all-zero row) and w_hi, w_lo [B, rows, N] of that dtype with
+// upstream gradient (accumulation type: [B, N] for Reduction::kNone, one value otherwise).
+// With split_dtype = static_cast<int>(DType::kBFloat16 or kFloat16), also writes row_max [B, rows]
+// (acc; max |W| of the row, 1 for an all-zero row) and w_hi, w_lo [B, rows, N] of that dtype with
 // w_hi + w_lo ≈ W / row_max to about 16 significant bits (two half-precision GEMMs then give an
-// fp32-accurate W·X). split_dtype = -1 skips that.
-cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, int64_t reduction, const void* grad,
+// fp32-accurate W·X). split_dtype = kNoSplit skips that.
+cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, Reduction reduction, const void* grad,
                                         const void* stats_s, const void* stats_t, const void* rho, void* sims_s,
                                         const void* sims_t, int split_dtype, void* row_max, void* w_hi,
                                         void* w_lo, cudaStream_t stream);

@@ -10,11 +10,13 @@
 
 #include <cstdint>
 
+#include "kdloss/codes.h"
+
 namespace kdloss {
 namespace cuda {
 
 struct TokenGraphProblem {
-  int dtype;                  // DType code of the student
+  DType dtype;                // element type of the student
   int64_t nodes, k, ds, dt;   // M, k, Ds, Dt
   const void* student;        // [M, Ds]
   const void* teacher;        // [M, Dt], accumulation type
@@ -22,7 +24,7 @@ struct TokenGraphProblem {
   double sigma;               // kernel width σ > 0
   int edge;                   // 0 kernel exp(−d²/2σ), 1 log kernel −d²/2σ
   int direction;              // 0 KL(p^S‖p^T), 1 KL(p^T‖p^S)
-  int reduction;              // 0 none, 1 mean, 2 sum
+  Reduction reduction;
 };
 
 // Accumulation-type elements the forward needs as `workspace` (teacher edge logits, per-node losses).

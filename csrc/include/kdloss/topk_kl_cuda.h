@@ -10,11 +10,13 @@
 
 #include <cstdint>
 
+#include "kdloss/codes.h"
+
 namespace kdloss {
 namespace cuda {
 
 struct TopKKLProblem {
-  int dtype;                  // DType code of the logits
+  DType dtype;                // element type of the logits
   int64_t rows, vocab, k;     // N, V, k
   const void* logits;         // [N, V], unit stride along V, row stride `row_stride` elements
   int64_t row_stride;
@@ -26,7 +28,7 @@ struct TopKKLProblem {
   double inv_temperature;     // 1/T
   double scale;               // T² or 1
   bool full_support;          // student log-softmax over V (else over K)
-  int reduction;              // 0 none, 1 mean, 2 sum
+  Reduction reduction;
 };
 
 // Accumulation-type elements the forward needs as `workspace` (per-row losses).
