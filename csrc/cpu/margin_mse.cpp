@@ -106,14 +106,28 @@ void check_scores(const at::Tensor& student_pos, const at::Tensor& student_neg) 
                     "student_neg must have the dtype of student_pos");
 }
 
-at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& student_neg,
-                          const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction_code) {
+// Checked inputs of one scores call: student scores and teacher, contiguous.
+struct ScoreInputs {
+  at::Tensor pos, neg, tea;
+  int64_t B, n;
+  Reduction reduction;
+};
+
+ScoreInputs prepare_scores(const at::Tensor& student_pos, const at::Tensor& student_neg, const at::Tensor& teacher,
+                           bool teacher_is_scores, int64_t reduction_code) {
   check_scores(student_pos, student_neg);
   const Reduction reduction = check_reduction(reduction_code);
   const int64_t B = student_neg.size(0), n = student_neg.size(1);
   check_teacher(teacher, student_pos, B, n, teacher_is_scores);
-  const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
-  const auto tea = teacher.contiguous();
+  return {student_pos.contiguous(), student_neg.contiguous(), teacher.contiguous(), B, n, reduction};
+}
+
+at::Tensor margin_mse_fwd(const at::Tensor& student_pos, const at::Tensor& student_neg,
+                          const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction_code) {
+  const ScoreInputs in = prepare_scores(student_pos, student_neg, teacher, teacher_is_scores, reduction_code);
+  const at::Tensor &pos = in.pos, &neg = in.neg, &tea = in.tea;
+  const int64_t B = in.B, n = in.n;
+  const Reduction reduction = in.reduction;
   at::Tensor out = allocate_loss(student_pos, reduction, B, n);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pos.scalar_type(), "margin_mse_fwd", [&] {
@@ -180,12 +194,10 @@ Acc<scalar_t> backward_coef(const scalar_t* grad, Reduction reduction, int64_t B
 std::tuple<at::Tensor, at::Tensor> margin_mse_bwd(const at::Tensor& grad, const at::Tensor& student_pos,
                                                   const at::Tensor& student_neg, const at::Tensor& teacher,
                                                   bool teacher_is_scores, int64_t reduction_code) {
-  check_scores(student_pos, student_neg);
-  const Reduction reduction = check_reduction(reduction_code);
-  const int64_t B = student_neg.size(0), n = student_neg.size(1);
-  check_teacher(teacher, student_pos, B, n, teacher_is_scores);
-  const auto pos = student_pos.contiguous(), neg = student_neg.contiguous();
-  const auto tea = teacher.contiguous();
+  const ScoreInputs in = prepare_scores(student_pos, student_neg, teacher, teacher_is_scores, reduction_code);
+  const at::Tensor &pos = in.pos, &neg = in.neg, &tea = in.tea;
+  const int64_t B = in.B, n = in.n;
+  const Reduction reduction = in.reduction;
   // the upstream gradient in the accumulation dtype (the loss's own dtype: never rounded to the student's)
   const auto g = checked_grad(grad, reduction, {B, n}, acc_type(pos.scalar_type()));
   at::Tensor grad_pos = at::empty({B}, pos.options());
@@ -282,16 +294,30 @@ EmbeddingRows<scalar_t> embedding_rows(const at::Tensor& q, const at::Tensor& p,
           negs.stride(1)};
 }
 
-at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positive,
-                              const at::Tensor& negatives, const at::Tensor& teacher,
-                              bool teacher_is_scores, int64_t reduction_code) {
+// Checked inputs of one embeddings call: embeddings with a unit-stride last dimension, teacher contiguous.
+struct EmbeddingInputs {
+  at::Tensor q, p, negs, tea;
+  int64_t B, n, D;
+  Reduction reduction;
+};
+
+EmbeddingInputs prepare_embeddings(const at::Tensor& query, const at::Tensor& positive, const at::Tensor& negatives,
+                                   const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction_code) {
   check_embeddings(query, positive, negatives);
   const Reduction reduction = check_reduction(reduction_code);
   const int64_t B = negatives.size(0), n = negatives.size(1), D = negatives.size(2);
   check_teacher(teacher, query, B, n, teacher_is_scores);
-  const auto q = unit_inner_stride(query), p = unit_inner_stride(positive);
-  const auto negs = unit_inner_stride(negatives);
-  const auto tea = teacher.contiguous();
+  return {unit_inner_stride(query), unit_inner_stride(positive), unit_inner_stride(negatives), teacher.contiguous(),
+          B, n, D, reduction};
+}
+
+at::Tensor margin_mse_emb_fwd(const at::Tensor& query, const at::Tensor& positive,
+                              const at::Tensor& negatives, const at::Tensor& teacher,
+                              bool teacher_is_scores, int64_t reduction_code) {
+  const EmbeddingInputs in = prepare_embeddings(query, positive, negatives, teacher, teacher_is_scores, reduction_code);
+  const at::Tensor &q = in.q, &p = in.p, &negs = in.negs, &tea = in.tea;
+  const int64_t B = in.B, n = in.n, D = in.D;
+  const Reduction reduction = in.reduction;
   at::Tensor out = allocate_loss(query, reduction, B, n);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "margin_mse_emb_fwd", [&] {
@@ -348,13 +374,10 @@ void weighted_rows(scalar_t* out, const Acc<scalar_t>* coef, const scalar_t* fir
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_mse_emb_bwd(
     const at::Tensor& grad, const at::Tensor& query, const at::Tensor& positive,
     const at::Tensor& negatives, const at::Tensor& teacher, bool teacher_is_scores, int64_t reduction_code) {
-  check_embeddings(query, positive, negatives);
-  const Reduction reduction = check_reduction(reduction_code);
-  const int64_t B = negatives.size(0), n = negatives.size(1), D = negatives.size(2);
-  check_teacher(teacher, query, B, n, teacher_is_scores);
-  const auto q = unit_inner_stride(query), p = unit_inner_stride(positive);
-  const auto negs = unit_inner_stride(negatives);
-  const auto tea = teacher.contiguous();
+  const EmbeddingInputs in = prepare_embeddings(query, positive, negatives, teacher, teacher_is_scores, reduction_code);
+  const at::Tensor &q = in.q, &p = in.p, &negs = in.negs, &tea = in.tea;
+  const int64_t B = in.B, n = in.n, D = in.D;
+  const Reduction reduction = in.reduction;
   const auto g = checked_grad(grad, reduction, {B, n}, acc_type(q.scalar_type()));
   at::Tensor grad_q = at::empty({B, D}, q.options());
   at::Tensor grad_p = at::empty({B, D}, q.options());
