@@ -21,8 +21,9 @@ __all__ = ["autocast_enabled", "cast_loss", "no_autocast"]
 
 
 def autocast_enabled(device_type: str) -> bool:
-    """True inside an enabled ``torch.autocast`` region for ``device_type`` ("cpu", "cuda", …)."""
-    return torch.is_autocast_enabled(device_type)
+    """True inside an enabled ``torch.autocast`` region for ``device_type`` ("cpu", "cuda", …); False
+    for device types autocast does not know (e.g. "meta")."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def cast_loss(loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -113,9 +113,9 @@ def num_items_for_ddp(labels, ignore_index: int = -100, group=None) -> torch.Ten
 
     Args:
         labels: the labels exactly as the loss receives them (already shifted for causal LMs), an
-            integer tensor (int64/int32/int16/uint16/int8/uint8) of any shape — or a list/tuple of them,
-            the micro-batches of one optimizer step under gradient accumulation (pass the same result to every
-            micro-batch's loss).
+            integer tensor (int64/int32/int16/uint16/int8/uint8) of any shape — or a list/tuple of
+            them, the micro-batches of one optimizer step under gradient accumulation (pass the
+            same result to every micro-batch's loss).
         ignore_index: label value of positions that do not count (default -100).
         group: the process group gradients are averaged over (default: the default group). Its
             backend must support the labels' device (NCCL: CUDA tensors; gloo: CPU tensors).

@@ -38,6 +38,8 @@ __all__ = ["FusedLinearTopKKLLoss", "FusedLinearTopKKLOptions", "default_chunk_s
 
 #: Logit elements per chunk by default (64 MiB of fp32): chunk rows = max(8, 2**24 // V).
 CHUNK_ELEMENTS = 1 << 24
+#: hidden dtypes accepted with an fp32 weight (what autocast produces from an fp32 model)
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _NONE, _MEAN, _SUM = (_ops.REDUCTION_CODES[r] for r in ("none", "mean", "sum"))
 
 
@@ -212,9 +214,6 @@ def _check_head(hidden, weight, bias) -> int:
                              f"got shape {tuple(bias.shape)}")
         check_same_dtype(weight=weight, bias=bias)
     return weight.shape[0]
-
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 _D = FusedLinearTopKKLOptions
