@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._autocast import cast_loss
+from ._autocast import cast_loss, no_autocast
 from ._collectives import resolve_group
 from ._dispatch import use_kernel
 from ._topk import check_teacher, check_teacher_data, teacher_targets
@@ -39,7 +39,6 @@ from ._validation import (
     check_bool,
     check_num_items,
     check_same_device,
-    check_same_dtype,
     check_tensor,
     mean_divisor,
 )
@@ -462,7 +461,12 @@ class _FusedVocabParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, slots: Slots, divisor, cfg: Config, head: HeadConfig):
-        from .fused_linear_topk_kl import _accumulate_chunk_grads, _chunks, _grad_buffers, chunk_logits
+        with no_autocast(hidden.device.type):  # the chunk GEMMs pick their own dtypes
+            return _FusedVocabParallel._forward(ctx, hidden, weight, bias, slots, divisor, cfg, head)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, slots: Slots, divisor, cfg: Config, head: HeadConfig):
+        from .fused_linear_topk_kl import _accumulate_chunk_grads, _chunk_rows, _chunks, _grad_buffers, chunk_logits
 
         rows_n = hidden.shape[0]
         acc = slots.log_p.dtype
@@ -476,14 +480,15 @@ class _FusedVocabParallel(torch.autograd.Function):
                              cfg.reduction, acc)
         for s in _chunks(rows_n, head.chunk_size):
             chunk = slots.rows(s)
-            capped = chunk_logits(hidden[s], weight, bias, head.softcap)
+            hidden_c = _chunk_rows(hidden, s, weight)
+            capped = chunk_logits(hidden_c, weight, bias, head.softcap)
             rows = combine(gather_stats(shard_stats(capped, chunk, cfg), cfg.group), chunk, cfg)
             for name in per_row:
                 per_row[name][s] = getattr(rows, name)
             if compute_grad:
                 grad_logits = shard_grad(capped, chunk, rows, unit[s], cfg)
                 grad_hidden, grad_weight, grad_bias = grads
-                _accumulate_chunk_grads(grad_logits, capped, hidden[s], weight, head.softcap, grad_hidden[s],
+                _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, head.softcap, grad_hidden[s],
                                         grad_weight, grad_bias)
         ctx.save_for_backward(hidden, weight, bias)
         ctx.slots, ctx.divisor, ctx.cfg, ctx.head = slots, divisor, cfg, head
@@ -493,7 +498,12 @@ class _FusedVocabParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .fused_linear_topk_kl import _accumulate_chunk_grads, _chunks, _grad_buffers, chunk_logits
+        with no_autocast(grad.device.type):
+            return _FusedVocabParallel._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
+        from .fused_linear_topk_kl import _accumulate_chunk_grads, _chunk_rows, _chunks, _grad_buffers, chunk_logits
 
         hidden, weight, bias = ctx.saved_tensors
         slots, cfg, head = ctx.slots, ctx.cfg, ctx.head
@@ -507,9 +517,10 @@ class _FusedVocabParallel(torch.autograd.Function):
             for s in _chunks(hidden.shape[0], head.chunk_size):
                 chunk = slots.rows(s)
                 rows = Rows(*(getattr(ctx.rows, name)[s] for name in ("loss", "lse", "alpha", "gamma", "mass")))
-                capped = chunk_logits(hidden[s], weight, bias, head.softcap)
+                hidden_c = _chunk_rows(hidden, s, weight)
+                capped = chunk_logits(hidden_c, weight, bias, head.softcap)
                 grad_logits = shard_grad(capped, chunk, rows, g[s], cfg)
-                _accumulate_chunk_grads(grad_logits, capped, hidden[s], weight, head.softcap, grad_hidden[s],
+                _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, head.softcap, grad_hidden[s],
                                         grad_weight, grad_bias)
         if head.all_reduce_hidden_grad and ctx.needs_input_grad[0]:
             torch.distributed.all_reduce(grad_hidden, group=cfg.group)
@@ -529,13 +540,14 @@ def _check_head_shard(hidden, weight, bias) -> int:
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V_r, H] (this rank's rows of the head) with H = {hidden.shape[-1]} "
                          f"(from hidden), got shape {tuple(weight.shape)}")
-    check_same_dtype(hidden=hidden, weight=weight)
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be [V_r] with V_r = {weight.shape[0]} (from weight), "
                              f"got shape {tuple(bias.shape)}")
-        check_same_dtype(hidden=hidden, bias=bias)
+    from .fused_linear_topk_kl import check_head_dtypes
+
+    check_head_dtypes(hidden, weight, bias)
     return weight.shape[0]
 
 
@@ -596,7 +608,8 @@ def fused_linear_topk_kl_vocab_parallel(hidden, weight, teacher_ids, teacher_val
         from .fused_linear_topk_kl import chunk_logits
 
         source = _CopyToGroup.apply(hidden, pg) if all_reduce_hidden_grad else hidden
-        local_logits = chunk_logits(source, weight, bias, softcap)
+        with no_autocast(device.type):  # logits in the weight's dtype (a bf16/fp16 hidden is upcast)
+            local_logits = chunk_logits(source.to(weight.dtype), weight, bias, softcap)
         full = _GatherVocab.apply(local_logits.reshape(math.prod(lead), vocab_local), pg, offset)
         full = full.reshape(*lead, vocab)
         return _reference_loss(full, teacher_ids, teacher_values, labels, options, num_items)
@@ -610,4 +623,5 @@ def fused_linear_topk_kl_vocab_parallel(hidden, weight, teacher_ids, teacher_val
     head = HeadConfig(softcap, options.chunk_size or default_chunk_size(max(vocab_local, 1)), all_reduce_hidden_grad,
                       needs_grad and options.reduction != "none")
     loss = _FusedVocabParallel.apply(flat, weight, bias, slots, mean_divisor(counted, num_items, acc), cfg, head)
-    return cast_loss(loss.reshape(lead) if options.reduction == "none" else loss, hidden.dtype)
+    logits_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return cast_loss(loss.reshape(lead) if options.reduction == "none" else loss, logits_dtype)

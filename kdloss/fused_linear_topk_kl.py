@@ -204,16 +204,24 @@ def _check_head(hidden, weight, bias) -> int:
     if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (from hidden) and V >= 1, "
                          f"got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype and not (hidden.dtype in _LOW_PRECISION and weight.dtype == torch.float32):
-        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), or be float32 with a bfloat16/"
-                         f"float16 hidden (what autocast produces), got {weight.dtype}")
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be [V] with V = {weight.shape[0]} (from weight), "
                              f"got shape {tuple(bias.shape)}")
-        check_same_dtype(weight=weight, bias=bias)
+    check_head_dtypes(hidden, weight, bias)
     return weight.shape[0]
+
+
+def check_head_dtypes(hidden, weight, bias) -> torch.dtype:
+    """``weight`` in ``hidden``'s dtype, or fp32 with a bf16/fp16 ``hidden``; ``bias`` in ``weight``'s.
+    Returns the dtype of the logits (and of the loss outside autocast)."""
+    if weight.dtype != hidden.dtype and not (hidden.dtype in _LOW_PRECISION and weight.dtype == torch.float32):
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), or be float32 with a bfloat16/"
+                         f"float16 hidden (what autocast produces), got {weight.dtype}")
+    if bias is not None:
+        check_same_dtype(weight=weight, bias=bias)
+    return weight.dtype
 
 
 _D = FusedLinearTopKKLOptions

@@ -153,6 +153,35 @@ def _fused_case(group, sizes, rank, options, reduction, dtype, seed, *, bias=Tru
     return out
 
 
+def _fused_autocast_case(group, sizes, rank, seed):
+    """Inside CPU bf16 autocast, a bf16 hidden (what autocast produces) with this rank's fp32 rows of the head:
+    an fp32 loss and gradients in each input's dtype, as the single-process head gives on the same inputs."""
+    from kdloss.functional import fused_linear_topk_kl_loss
+
+    rows, hidden_dim, vocab, k = 10, 6, sum(sizes), 5
+    ids, vals, labels = _teacher(rows, vocab, k, seed)
+    gen = torch.Generator().manual_seed(seed + 3)
+    h = torch.randn(rows, hidden_dim, generator=gen).to(torch.bfloat16)
+    w, b = torch.randn(vocab, hidden_dim, generator=gen), torch.randn(vocab, generator=gen)
+    shard = _bounds(sizes)[rank]
+
+    def run(dtypes, weight_rows, autocast, **extra):
+        leaves = [t.to(dt).requires_grad_() for t, dt in zip((h, w[weight_rows], b[weight_rows]), dtypes, strict=True)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fused_linear_topk_kl_loss(leaves[0], leaves[1], ids, vals, labels, bias=leaves[2], chunk_size=4,
+                                             **extra)
+        return [loss.detach(), *_grad(loss, leaves)]
+
+    mixed = (torch.bfloat16, torch.float32, torch.float32)
+    actual = run(mixed, shard, True, vocab_parallel_group=group)
+    assert [t.dtype for t in actual] == [torch.float32, *mixed], [t.dtype for t in actual]
+    single = run(mixed, slice(None), True)
+    exact = run((torch.float64,) * 3, slice(None), False)
+    names = ["loss", "grad_hidden", "grad_weight", "grad_bias"]
+    return {name: (actual[i], *(t[i] if i < 2 else t[i][shard] for t in (exact, single)))
+            for i, name in enumerate(names)}
+
+
 def _topk_cases(group, sizes, rank, prefix):
     results = {}
     for v, (values, tail, support) in enumerate(VARIANTS):
@@ -190,6 +219,7 @@ def _fused_cases(group, sizes, rank, prefix):
                                                       all_reduce=False)
     results[f"{prefix}/reference"] = _fused_case(group, sizes, rank, options, "none", torch.float64, seed=33,
                                                  backend="reference")
+    results[f"{prefix}/autocast-bf16-hidden-fp32-weight"] = _fused_autocast_case(group, sizes, rank, seed=34)
     return results
 
 

@@ -17,9 +17,9 @@ Op-level tensors are as for ``kdloss::topk_kl_*`` (see :mod:`kdloss._ops.topk_kl
 ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]`` (or None) of one float dtype — or a bf16/fp16
 ``hidden`` with an fp32 ``weight``/``bias`` (computed in fp32, chunk by chunk). The loss and ``lse``
 are in the accumulation dtype of ``hidden`` (fp32; fp64 for fp64); each gradient in its input's
-dtype. ``softcap`` is 0 for none. Both ops are implemented in Python on top of the topk_kl kernels, for every device
-that has them (:mod:`kdloss.fused_linear_topk_kl`); this module holds their schemas, fakes and
-autograd formula only.
+dtype. ``softcap`` is 0 for none. Both ops are implemented in Python on top of the topk_kl kernels,
+for every device that has them (:mod:`kdloss.fused_linear_topk_kl`); this module holds their
+schemas, fakes and autograd formula only.
 """
 
 from __future__ import annotations
