@@ -12,6 +12,9 @@ Order of preference for a (loss, device type):
 2. a just-in-time build with ``torch.utils.cpp_extension.load`` + ninja, cached in
    ``$KDLOSS_CACHE_DIR`` (default ``~/.cache/kdloss``) under a name that hashes the torch version,
    the compiler flags and the sources, guarded by a file lock so concurrent processes build once.
+   The sources are copied into the build directory and compiled from there (so every install of the
+   same sources shares one build), and a manifest next to the library records its size and SHA-256:
+   a cached library is loaded only if it matches, else it is rebuilt.
 
 CUDA sources are compiled whenever torch was built with CUDA and a CUDA toolkit (nvcc) is found —
 a GPU need not be visible. Nothing here raises at import; :func:`load` records the failure and
@@ -35,6 +38,7 @@ from . import _registry
 
 __all__ = [
     "KernelUnavailableError",
+    "build",
     "cache_dir",
     "cuda_toolkit",
     "failure",
@@ -91,7 +95,8 @@ def all_losses() -> list[str]:
 
 
 def headers() -> list[Path]:
-    return sorted((csrc_dir() / "include").rglob("*.h*"))
+    """Every file under ``csrc/include`` (``.h``, ``.cuh``, ...): part of the cache key, staged with the sources."""
+    return sorted(p for p in (csrc_dir() / "include").rglob("*") if p.is_file())
 
 
 def cuda_toolkit() -> str | None:
@@ -195,39 +200,164 @@ def _ensure_ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
+MANIFEST_NAME = "kdloss_build.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_build_manifest(build_dir: Path, library: Path, key: str, seconds: float) -> None:
+    """Records what a finished build produced (size and SHA-256 of the library, the cache key), so
+    that a later process can tell a complete library from a truncated or foreign one."""
+    manifest = {"library": library.name, "size": library.stat().st_size, "sha256": file_sha256(library),
+                "key": key, "torch": torch.__version__, "seconds": round(seconds, 2)}
+    tmp = build_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, build_dir / MANIFEST_NAME)
+
+
+def valid_library(build_dir: Path, key: str) -> Path | None:
+    """The library of a finished build in ``build_dir`` if its manifest matches ``key`` and the file
+    on disk has the recorded size and SHA-256; None otherwise (never built, interrupted, truncated —
+    e.g. a partial copy of a cache directory, which keeps its mtimes so ninja would think it
+    current — or overwritten). Loading a truncated library would kill the process with SIGBUS."""
+    try:
+        manifest = json.loads((build_dir / MANIFEST_NAME).read_text())
+        library = build_dir / manifest["library"]
+        if manifest["key"] != key or library.stat().st_size != manifest["size"]:
+            return None
+        return library if file_sha256(library) == manifest["sha256"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _discard_build(build_dir: Path) -> None:
+    """Removes everything in ``build_dir`` but the lock, so that ninja rebuilds from scratch."""
+    for entry in build_dir.iterdir():
+        if entry.name == "build.lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _stage_sources(srcs: list[Path], build_dir: Path) -> tuple[list[Path], Path]:
+    """Copies the sources and headers into ``build_dir/src``. The build directory is keyed by their
+    content, so every install of the same sources (two virtualenvs, a checkout and site-packages)
+    then compiles the same paths: ninja records absolute source paths, and compiling each
+    install's own copy would make them rebuild each other's libraries."""
+    root = csrc_dir()
+    staged_root = build_dir / "src"
+    staged = []
+    for path in [*srcs, *headers()]:
+        target = staged_root / path.relative_to(root)
+        if not target.exists() or target.read_bytes() != path.read_bytes():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        if path in srcs:
+            staged.append(target)
+    return staged, staged_root / "include"
+
+
+def _announce(message: str) -> None:
+    if not env_flag("KDLOSS_QUIET_BUILD"):
+        print(f"kdloss: {message}", file=sys.stderr, flush=True)
+
+
+INSTALL_COMPILER_HINT = (
+    "install a C++ compiler with OpenMP — Debian/Ubuntu: `sudo apt-get install g++`; Fedora/RHEL: "
+    "`sudo dnf install gcc-c++`; conda: `conda install -c conda-forge cxx-compiler`; macOS: "
+    "`xcode-select --install` — or point $CXX at one"
+)
+
+
+def host_compiler() -> str:
+    """The C++ compiler torch's extension builder will run (``$CXX``, default ``c++``), checked with
+    ``--version``; raises RuntimeError naming what to install when there is none."""
+    import subprocess
+
+    compiler = os.environ.get("CXX", "c++")
+    found = shutil.which(compiler)
+    if found is None:
+        raise RuntimeError(f"no C++ compiler found ({compiler!r} is not on PATH): {INSTALL_COMPILER_HINT}")
+    try:
+        subprocess.run([found, "--version"], check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"the C++ compiler {found} does not run ({type(exc).__name__}): "
+                           f"{INSTALL_COMPILER_HINT}") from None
+    return found
+
+
+def missing_cuda_toolkit_message() -> str:
+    """What to install when torch has CUDA but no CUDA toolkit (nvcc) is found."""
+    version = torch.version.cuda or "?"
+    major = version.split(".")[0]
+    return (f"torch is built with CUDA {version} but no CUDA toolkit (nvcc) was found in $CUDA_HOME, "
+            f"$CUDA_PATH or /usr/local/cuda: install the toolkit matching CUDA {version} (NVIDIA's "
+            f"installer, or `conda install -c nvidia cuda-nvcc cuda-cudart-dev` with CUDA {major}.x) "
+            "and set CUDA_HOME to its root")
+
+
 def build(loss: str, device_type: str, verbose: bool = False) -> Path:
     """Compile one loss's kernels for one backend (or reuse the cache) and load them.
 
-    Returns the path of the shared library. Raises on any build or load error.
+    Returns the path of the shared library. Raises on any build or load error. A cached library is
+    loaded only if it matches the manifest its build wrote (:func:`valid_library`); otherwise it is
+    rebuilt. Compiling prints one line on stderr when it starts and one when it ends
+    (``KDLOSS_QUIET_BUILD=1`` silences them).
     """
+    import time
+
     from filelock import FileLock
-    from torch.utils import cpp_extension
 
     srcs, digest = _build_key(loss, device_type)
     if not srcs or not all(p.exists() for p in srcs):
         raise FileNotFoundError(f"no {device_type} sources for loss {loss!r} under {csrc_dir()}")
-    if device_type == "cuda":
-        toolkit = cuda_toolkit()
-        if toolkit is None:
-            raise RuntimeError(
-                "CUDA kernels need a CUDA build of torch and a CUDA toolkit (nvcc); "
-                f"torch.version.cuda={torch.version.cuda}, CUDA_HOME not usable"
-            )
-        cpp_extension.CUDA_HOME = toolkit  # torch resolved its module-level guess at import
+    if device_type == "cuda" and cuda_toolkit() is None:
+        raise RuntimeError(missing_cuda_toolkit_message())
     name = f"kdloss_{loss}_{device_type}_{digest}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(build_dir / "build.lock")):
+        library = valid_library(build_dir, digest)
+        if library is not None:
+            torch.ops.load_library(str(library))
+            return library
+        host_compiler()
+        _discard_build(build_dir)
+        staged, include = _stage_sources(srcs, build_dir)
+        _announce(f"compiling the {loss} kernels for {device_type} (first use of this version; "
+                  f"cached in {build_dir}) ...")
+        start = time.perf_counter()
+        library = _compile(name, staged, include, build_dir, device_type, verbose)
+        seconds = time.perf_counter() - start
+        write_build_manifest(build_dir, library, digest, seconds)
+        _announce(f"compiled the {loss} kernels for {device_type} in {seconds:.1f} s")
+    return library
+
+
+def _compile(name: str, staged: list[Path], include: Path, build_dir: Path, device_type: str, verbose: bool) -> Path:
+    """``torch.utils.cpp_extension.load`` of the staged sources (also loads the library)."""
+    from torch.utils import cpp_extension
+
+    if device_type == "cuda":
+        cpp_extension.CUDA_HOME = cuda_toolkit()  # torch resolved its module-level guess at import
     _ensure_ninja_on_path()
-    include = str(csrc_dir() / "include")
-    with FileLock(str(build_dir / "build.lock")), _arch_list_env(device_type):
+    sanitize = os.environ.get("KDLOSS_SANITIZE")
+    with _arch_list_env(device_type):
         result = cpp_extension.load(
             name=name,
-            sources=[str(p) for p in srcs],
+            sources=[str(p) for p in staged],
             extra_cflags=cpu_flags(),
             extra_cuda_cflags=cuda_flags() if device_type == "cuda" else None,
-            extra_ldflags=["-fopenmp"]
-            + ([f"-fsanitize={os.environ['KDLOSS_SANITIZE']}"] if os.environ.get("KDLOSS_SANITIZE") else []),
-            extra_include_paths=[include],
+            extra_ldflags=["-fopenmp"] + ([f"-fsanitize={sanitize}"] if sanitize else []),
+            extra_include_paths=[str(include)],
             build_directory=str(build_dir),
             is_python_module=False,
             with_cuda=device_type == "cuda",
@@ -259,11 +389,14 @@ def _load_prebuilt(device_type: str) -> bool:
     lib = PREBUILT_DIR / f"libkdloss_{device_type}.so"
     entry = _prebuilt_manifest().get(device_type)
     if lib.exists() and entry and entry.get("hash") == backend_hash(device_type):
-        try:
-            torch.ops.load_library(str(lib))
-            ok = True
-        except Exception as exc:  # fall back to the JIT build
-            _failures[("*", device_type)] = f"prebuilt {lib} failed to load: {exc}"
+        if "size" in entry and (lib.stat().st_size != entry["size"] or file_sha256(lib) != entry.get("sha256")):
+            _failures[("*", device_type)] = f"prebuilt {lib} does not match its manifest (size or SHA-256)"
+        else:
+            try:
+                torch.ops.load_library(str(lib))
+                ok = True
+            except Exception as exc:  # fall back to the JIT build
+                _failures[("*", device_type)] = f"prebuilt {lib} failed to load: {exc}"
     _prebuilt_loaded[device_type] = ok
     return ok
 
@@ -283,11 +416,11 @@ def load(loss: str, device_type: str) -> bool:
             _failures[key] = "disabled by KDLOSS_DISABLE_KERNELS"
         elif device_type not in DEVICE_TYPES:
             _failures[key] = f"kdloss has no kernels for device type {device_type!r}"
+        elif device_type == "cuda" and torch.version.cuda is None:
+            _failures[key] = ("this torch has no CUDA support (torch.version.cuda is None): install a CUDA "
+                              "build of torch (https://pytorch.org/get-started/locally/)")
         elif device_type == "cuda" and cuda_toolkit() is None and not _load_prebuilt("cuda"):
-            _failures[key] = (
-                f"no CUDA toolkit (torch.version.cuda={torch.version.cuda}); "
-                "install nvcc or a kdloss wheel with prebuilt CUDA kernels"
-            )
+            _failures[key] = missing_cuda_toolkit_message()
         elif _load_prebuilt(device_type):
             ok = True
         else:

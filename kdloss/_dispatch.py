@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -12,6 +13,17 @@ from ._validation import BACKENDS, check_option
 _warned: set[tuple[str, str]] = set()
 
 
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (≈ 1 s) at
+    ``import kdloss``: that decorator only marks the function, and dynamo reads the mark when it
+    traces a call. If dynamo is already loaded, its own decorator is used; ``tests/test_build.py``
+    checks that the mark set here is the one torch's decorator sets."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _load_all(loss: str, device_type: str) -> tuple[bool, str | None]:
     """Loads every kernel library ``loss`` needs (its registry entry's ``kernels``); (ok, first failure)."""
     for library in _registry.get(loss).kernels:
@@ -20,7 +32,7 @@ def _load_all(loss: str, device_type: str) -> tuple[bool, str | None]:
     return True, None
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _auto_kernel_available(loss: str, device_type: str) -> bool:
     # Runs eagerly even under torch.compile (its result is a trace-time constant).
     ok, why = _load_all(loss, device_type)
@@ -36,7 +48,7 @@ def _auto_kernel_available(loss: str, device_type: str) -> bool:
     return ok
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _kernel_loaded(loss: str, device_type: str) -> bool:
     return _load_all(loss, device_type)[0]
 

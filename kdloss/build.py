@@ -3,6 +3,7 @@
 Options:
   --device cpu|cuda|all   backends to build (default: all that apply here)
   --loss NAME             one loss (default: every loss with sources)
+  --jobs N                libraries compiled at once, each in its own process (default: the CPU count)
   --strict                exit 1 if any requested kernel fails to build
   --aot [--out DIR]       ahead-of-time CMake build of one library per backend into kdloss/_lib
                           (or DIR), with the manifest the loader checks before using it
@@ -29,19 +30,32 @@ def _devices(choice: str) -> list[str]:
     return ["cpu"] + (["cuda"] if _build.cuda_toolkit() else [])
 
 
-def jit_build(losses: list[str], devices: list[str], verbose: bool) -> list[tuple[str, str, str, float]]:
-    """Builds (or finds cached) every (loss, device); returns rows (loss, device, status, seconds)."""
-    rows = []
-    for device in devices:
-        for loss in losses:
-            start = time.perf_counter()
-            try:
-                path = _build.build(loss, device, verbose=verbose)
-                status = f"ok  {path}"
-            except Exception as exc:  # report and continue with the others
-                status = f"FAILED  {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-            rows.append((loss, device, status, time.perf_counter() - start))
-    return rows
+def build_one(loss: str, device: str, verbose: bool) -> tuple[str, str, str, float]:
+    """Builds (or finds cached) one library; returns the row (loss, device, status, seconds)."""
+    start = time.perf_counter()
+    try:
+        path = _build.build(loss, device, verbose=verbose)
+        status = f"ok  {path}"
+    except Exception as exc:  # report and continue with the others
+        status = f"FAILED  {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+    return loss, device, status, time.perf_counter() - start
+
+
+def jit_build(losses: list[str], devices: list[str], verbose: bool, jobs: int = 1) -> list[tuple[str, str, str, float]]:
+    """Builds (or finds cached) every (loss, device); returns rows (loss, device, status, seconds).
+
+    With ``jobs`` > 1 the libraries compile concurrently, each in a fresh process (the build's file
+    lock and manifest make concurrent builds of one library safe)."""
+    todo = [(loss, device) for device in devices for loss in losses]
+    if jobs <= 1 or len(todo) <= 1:
+        return [build_one(loss, device, verbose) for loss, device in todo]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds OpenMP threads
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+        futures = [pool.submit(build_one, loss, device, verbose) for loss, device in todo]
+        return [future.result() for future in futures]
 
 
 def aot_build(devices: list[str], out: Path) -> None:
@@ -64,15 +78,20 @@ def aot_build(devices: list[str], out: Path) -> None:
             cmd.append(f"-DCUDAToolkit_ROOT={_build.cuda_toolkit()}")
         subprocess.run(cmd, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)], check=True)
-        manifest[device] = {"hash": _build.backend_hash(device), "torch": torch.__version__}
+        library = out / f"libkdloss_{device}.so"
+        manifest[device] = {"hash": _build.backend_hash(device), "torch": torch.__version__,
+                            "size": library.stat().st_size, "sha256": _build.file_sha256(library)}
     manifest_path.write_text(json.dumps(manifest, indent=2))
     print(f"wrote {', '.join(f'libkdloss_{d}.so' for d in devices)} and manifest.json to {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdloss.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kdloss.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--loss", action="append", help="loss name (repeatable); default: all")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="libraries compiled at once, each in its own process (default: the CPU count)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a kernel fails to build")
     parser.add_argument("--verbose", action="store_true", help="show compiler commands")
     parser.add_argument("--aot", action="store_true", help="ahead-of-time CMake build into kdloss/_lib")
@@ -86,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__} (cuda {torch.version.cuda}), cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, CUDA toolkit {_build.cuda_toolkit()}")
     print(f"cache: {_build.cache_dir()}")
-    rows = jit_build(losses, devices, args.verbose)
+    start = time.perf_counter()
+    rows = jit_build(losses, devices, args.verbose, args.jobs)
     for loss, device, status, seconds in rows:
         print(f"  {loss:<16} {device:<5} {seconds:6.1f}s  {status}")
+    print(f"{len(rows)} libraries in {time.perf_counter() - start:.1f} s with --jobs {args.jobs}")
     if "cuda" not in devices and args.device == "all":
         print("  (CUDA kernels not built: torch has no CUDA or no nvcc/CUDA toolkit was found)")
     failed = [r for r in rows if r[2].startswith("FAILED")]

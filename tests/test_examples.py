@@ -28,6 +28,7 @@ SCRIPTS = {
     "sentence_transformers_margin_mse.py": 1,
     "sentence_transformers_pld.py": 2,
     "vit_trg_sinkd.py": 1,
+    "quickstart.py": 1,  # the README's Quick start
 }
 
 
@@ -85,6 +86,10 @@ def test_example_runs(script, example_runs):
         match = re.search(r"max \|diff\| (\S+) \(largest gradient entry (\S+)\)", result.stdout)
         assert match, result.stdout
         assert float(match.group(1)) <= 1e-5 * float(match.group(2))
+    if script == "quickstart.py":  # the stored teacher and the kdloss-vs-eager timing
+        assert (out / "teacher_topk.pt").exists()
+        kernel_ms, eager_ms = map(float, re.search(r"kdloss (\S+) ms, eager (\S+) ms", result.stdout).groups())
+        assert kernel_ms > 0 and eager_ms > 0
     if script == "sentence_transformers_margin_mse.py":  # kdloss and sentence-transformers on one batch
         ours, theirs = map(float, re.search(r"kdloss (\S+), sentence-transformers (\S+)", result.stdout).groups())
         assert ours == pytest.approx(theirs, rel=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -84,6 +85,49 @@ def test_fuzz_cli_passes_and_prints_table():
                              "--examples", "20", "--seed", "3"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| margin_mse | cpu | float32 | 20 |" in result.stdout and "PASS" in result.stdout
+    cells = len(fuzz.cells(None, ["cpu"], ["float32", "bfloat16"]))
+    progress = [line for line in result.stdout.splitlines() if line.startswith("[") and " cases in " in line]
+    assert len(progress) == cells and progress[-1].startswith(f"[{cells}/{cells}]"), result.stdout
+
+
+def test_fuzz_minutes_is_a_total_budget_shared_by_the_cells(monkeypatch, capsys):
+    clock = {"now": 0.0}
+    budgets = []
+
+    def fake_fuzz(loss, device, dtype, *, examples=None, minutes=None, seed=0):
+        budgets.append(minutes)
+        clock["now"] += 60 * minutes / 2 if loss == "margin_mse" else 60 * minutes  # margin_mse uses half
+        tally = fuzz.Tally(loss, device, dtype)
+        tally.examples = 10
+        return tally
+
+    monkeypatch.setattr(fuzz, "fuzz", fake_fuzz)
+    monkeypatch.setattr(fuzz, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    assert fuzz.main(["--loss", "margin_mse", "--loss", "token_graph", "--dtype", "float32", "--dtype", "float64",
+                      "--minutes", "8"]) == 0
+    # 4 cells share 8 minutes: each gets what is left over the cells still to run, so the half that the
+    # margin_mse cells leave unused goes to the token_graph cells, and the run ends on budget
+    assert budgets == pytest.approx([8 / 4, 7 / 3, 35 / 12, 35 / 12])
+    assert clock["now"] == pytest.approx(60 * 8)
+    out = capsys.readouterr().out
+    assert "4 cells, 8 minutes in all" in out and out.count(" cases in ") == 4
+
+
+def test_fuzz_cell_with_no_time_left_runs_one_chunk():
+    assert fuzz.fuzz("margin_mse", "cpu", torch.float64, minutes=0.0).examples == 10
+
+
+def test_fuzz_without_hypothesis_says_how_to_install_it():
+    script = "import sys; sys.modules['hypothesis'] = None\nfrom kdloss.fuzz import main\nsys.exit(main([]))\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "pip install 'kdloss[fuzz]'" in result.stderr
+
+
+def test_fuzz_help_is_complete():
+    result = subprocess.run([sys.executable, "-m", "kdloss.fuzz", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0
+    assert "--long" in result.stdout and "pip install 'kdloss[fuzz]'" in result.stdout  # the docstring's last line
 
 
 def test_fuzz_finds_shrinks_and_reproduces_an_injected_bug(monkeypatch):
@@ -115,3 +159,28 @@ def test_fuzz_cli_exit_code_on_failure(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "minimal reproducer" in result.stdout and "FAIL" in result.stdout
+
+
+# Minimal failing cases the long run (`python -m kdloss.fuzz --examples 3000 --seed 5 / 8191`) found;
+# causes and fixes in docs/verifying.md ("Cancellation"). Each failed by 1.4-2.5x before the fix.
+LONG_RUN_CASES = [
+    ("margin_mse", torch.float32,  # ∂L/∂s⁺ = 2Σe cancels; ⟨q, p⟩'s rounding counted n times (fp32 dot products)
+     {"kind": "embeddings", "batch": 1, "n_neg": 52, "dim": 52, "teacher": "scores", "reduction": "sum",
+      "layout": "contiguous", "magnitude": 1.0, "seed": 1}),
+    ("margin_mse", torch.float32,  # e = s⁺ − s⁻ − m is 60x smaller than the dot products
+     {"kind": "embeddings", "batch": 1, "n_neg": 1, "dim": 62, "teacher": "scores", "reduction": "mean",
+      "layout": "contiguous", "magnitude": 30.0, "seed": 460857}),
+    ("token_graph", torch.float32,  # log-softmax rounded at the scale of |max logit|, then r − KL cancels
+     {"nodes": 3, "ds": 37, "dt": 1, "k": 2, "graph": "teacher", "sigma": 0.5, "edge": "log_kernel",
+      "kl_direction": "student_teacher", "reduction": "mean", "layout": "contiguous", "magnitude": 1.0, "seed": 1}),
+    ("token_graph", torch.float64,
+     {"nodes": 7, "ds": 41, "dt": 48, "k": 3, "graph": "teacher", "sigma": 0.5, "edge": "log_kernel",
+      "kl_direction": "student_teacher", "reduction": "sum", "layout": "contiguous", "magnitude": 3.0, "seed": 1}),
+]
+
+
+@pytest.mark.parametrize("loss, dtype, case", LONG_RUN_CASES, ids=lambda v: str(v).replace("torch.", "")[:20])
+def test_cases_found_by_the_long_run(loss, dtype, case):
+    result = testing.check_case(loss, case, "cpu", dtype)
+    assert result.ok, f"{result}\n" + "\n".join(result.details)
+    assert result.ratio < 0.2, result  # with margin: the fixed kernels round only once (0.01-0.03 of the bound)

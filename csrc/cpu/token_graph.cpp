@@ -2,7 +2,7 @@
 // contract (shapes, dtypes, codes, reductions) is documented once, with the schemas, in
 // kdloss/_ops/token_graph.py. Student x [M, Ds], teacher y [M, Dt], neighbours nb [M, k]:
 //   d_ij = ‖x_i − x_nb(i,j)‖², ℓ_ij = −d_ij / (2σ), logits z_ij = exp(ℓ_ij) (edge 0) or ℓ_ij (edge 1)
-//   log p_i = log_softmax_j(z_i) (max-shifted), same for the teacher
+//   log p_i = log_softmax_j(z_i) (max-shifted; see shift_by_max), same for the teacher
 //   L_i = KL(p^S_i ‖ p^T_i) (direction 0) or KL(p^T_i ‖ p^S_i) (direction 1)
 //
 // Forward: one task owns a range of nodes; per node, one pass over its k edges computes both
@@ -72,15 +72,28 @@ Acc<scalar_t> squared_distance(const scalar_t* a, const scalar_t* b, int64_t D) 
   return s;
 }
 
-// In place: z[0..k) → log_softmax(z) (max-shifted; k ≥ 1).
+// In place: z[0..k) → z − max z (k ≥ 1), so the top entry becomes exactly 0; returns its index and
+// log Σ_j exp(z_j − max z). Then log p_j = z_j − log_sum is rounded at the scale of the shifted
+// logits. (Forming lse = max + log Σ first and subtracting it would round at the scale of |max z|,
+// and the log-kernel logits −d/(2σ) can be in the hundreds while the KL's terms are O(1).)
 template <typename acc_t>
-void log_softmax_inplace(acc_t* z, int64_t k) {
-  acc_t m = z[0];
-  for (int64_t j = 1; j < k; ++j) m = std::max(m, z[j]);
+struct Shifted {
+  int64_t top;
+  acc_t log_sum;
+};
+
+template <typename acc_t>
+Shifted<acc_t> shift_by_max(acc_t* z, int64_t k) {
+  int64_t top = 0;
+  for (int64_t j = 1; j < k; ++j)
+    if (z[j] > z[top]) top = j;
+  const acc_t m = z[top];
   acc_t s = 0;
-  for (int64_t j = 0; j < k; ++j) s += std::exp(z[j] - m);
-  const acc_t lse = m + std::log(s);
-  for (int64_t j = 0; j < k; ++j) z[j] -= lse;
+  for (int64_t j = 0; j < k; ++j) {
+    z[j] -= m;
+    s += std::exp(z[j]);
+  }
+  return {top, std::log(s)};
 }
 
 struct Options {
@@ -105,15 +118,24 @@ Acc<scalar_t> node_forward(const scalar_t* xs, const Acc<scalar_t>* xt, const in
     zt[j] = o.edge == 0 ? std::exp(lt) : lt;
     coef[j] = o.edge == 0 ? -zs[j] * inv_two_sigma : -inv_two_sigma;  // ∂z/∂d, completed below
   }
-  log_softmax_inplace(zs, o.k);  // zs, zt now hold log p^S, log p^T
-  log_softmax_inplace(zt, o.k);
-  acc_t loss = 0;
-  if (o.direction == 0) {
-    for (int64_t j = 0; j < o.k; ++j) loss += std::exp(zs[j]) * (zs[j] - zt[j]);
-    for (int64_t j = 0; j < o.k; ++j) coef[j] *= std::exp(zs[j]) * ((zs[j] - zt[j]) - loss);
-  } else {
-    for (int64_t j = 0; j < o.k; ++j) loss += std::exp(zt[j]) * (zt[j] - zs[j]);
-    for (int64_t j = 0; j < o.k; ++j) coef[j] *= std::exp(zs[j]) - std::exp(zt[j]);
+  // KL(p^a ‖ p^b) with a = student (direction 0) or teacher (direction 1), written around the top
+  // entry t of p^a: with r = log p^a − log p^b and δ_j = r_j − r_t = za_j − (zb_j − zb_t) (za_t = 0),
+  //   L = r_t + Σ_j p^a_j δ_j   and   r_j − L = δ_j − Σ_k p^a_k δ_k.
+  // When p^a is confident, r_t − L is tiny; forming it as the difference of the O(|r|) numbers r_t
+  // and L would lose it to rounding. This form never subtracts two such numbers.
+  const Shifted<acc_t> s = shift_by_max(zs, o.k), t = shift_by_max(zt, o.k);
+  const bool student_first = o.direction == 0;
+  const acc_t* za = student_first ? zs : zt;
+  const acc_t* zb = student_first ? zt : zs;
+  const Shifted<acc_t> a = student_first ? s : t, b = student_first ? t : s;
+  const acc_t zb_top = zb[a.top];
+  acc_t mean_delta = 0;
+  for (int64_t j = 0; j < o.k; ++j) mean_delta += std::exp(za[j] - a.log_sum) * (za[j] - (zb[j] - zb_top));
+  const acc_t loss = ((b.log_sum - a.log_sum) - zb_top) + mean_delta;
+  for (int64_t j = 0; j < o.k; ++j) {
+    const acc_t ps = std::exp(zs[j] - s.log_sum);
+    // ∂L/∂zs_j = p^S_j (r_j − L) (direction 0) or p^S_j − p^T_j (direction 1)
+    coef[j] *= student_first ? ps * ((za[j] - (zb[j] - zb_top)) - mean_delta) : ps - std::exp(zt[j] - t.log_sum);
   }
   return loss;
 }
@@ -125,10 +147,10 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
   const Reduction reduction = check_reduction(reduction_code);
   const auto acc = acc_type(student_in.scalar_type());
   check_cpu_float(teacher_in, "teacher");
-  TORCH_CHECK_VALUE(teacher_in.dim() == 2 && teacher_in.size(0) == student_in.size(0) &&
-                        teacher_in.scalar_type() == acc,
-                    "teacher must be [M, Dt] with M = ", student_in.size(0), " and dtype ", acc, ", got ",
-                    teacher_in.sizes(), " ", teacher_in.scalar_type());
+  TORCH_CHECK_VALUE(
+      teacher_in.dim() == 2 && teacher_in.size(0) == student_in.size(0) && teacher_in.scalar_type() == acc,
+      "teacher must be [M, Dt] with M = ", student_in.size(0), " and dtype ", acc, ", got ", teacher_in.sizes(), " ",
+      teacher_in.scalar_type());
   TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma > 0, "sigma must be a finite number > 0, got ", sigma);
   TORCH_CHECK_VALUE(edge == 0 || edge == 1, "edge code must be 0 or 1, got ", edge);
   TORCH_CHECK_VALUE(direction == 0 || direction == 1, "direction code must be 0 or 1, got ", direction);
@@ -139,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
   const at::Tensor nb = neighbours_in.contiguous();
   check_neighbour_range(nb.const_data_ptr<int64_t>(), o.M * o.k, o.M);
   // the loss is returned in the accumulation dtype
-  at::Tensor out = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{o.M} : at::IntArrayRef{}, student_in.options().dtype(acc));
+  at::Tensor out = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{o.M} : at::IntArrayRef{},
+                             student_in.options().dtype(acc));
   at::Tensor coef = at::empty({o.M, o.k}, student_in.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_graph_fwd", [&] {
     using acc_t = Acc<scalar_t>;
@@ -152,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
       at::parallel_for(0, o.M, row_grain(o.k * (o.Ds + o.Dt)), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> scratch(2 * o.k);
         for (int64_t i = begin; i < end; ++i)
-          row_loss[i] = node_forward<scalar_t>(x, y, n + i * o.k, i, o, scratch.data(), scratch.data() + o.k,
-                                               c + i * o.k);
+          row_loss[i] =
+              node_forward<scalar_t>(x, y, n + i * o.k, i, o, scratch.data(), scratch.data() + o.k, c + i * o.k);
       });
     }
     if (reduction == Reduction::kNone) {
@@ -169,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
 
 // dst[0..D) = Σ_t w[t]·(x_i − x_{other[t]}) for one row, in chunks of registers (edges innermost).
 template <typename scalar_t>
-void gradient_row(const scalar_t* x, int64_t D, int64_t i, const int64_t* other, const Acc<scalar_t>* w,
-                  int64_t count, scalar_t* dst) {
+void gradient_row(const scalar_t* x, int64_t D, int64_t i, const int64_t* other, const Acc<scalar_t>* w, int64_t count,
+                  scalar_t* dst) {
   using IO = VecIO<scalar_t>;
   using acc_t = Acc<scalar_t>;
   using Vec = typename IO::Vec;
@@ -209,9 +232,9 @@ at::Tensor token_graph_bwd(const at::Tensor& grad_in, const at::Tensor& student_
   const Reduction reduction = check_reduction(reduction_code);
   const auto acc = acc_type(student_in.scalar_type());
   const int64_t M = student_in.size(0), D = student_in.size(1), k = neighbours_in.size(1);
-  TORCH_CHECK_VALUE(coef_in.device().is_cpu() && coef_in.scalar_type() == acc && coef_in.sizes() == neighbours_in.sizes(),
-                    "coef must be a CPU tensor [M, k] of dtype ", acc, ", got ", coef_in.sizes(), " ",
-                    coef_in.scalar_type());
+  TORCH_CHECK_VALUE(
+      coef_in.device().is_cpu() && coef_in.scalar_type() == acc && coef_in.sizes() == neighbours_in.sizes(),
+      "coef must be a CPU tensor [M, k] of dtype ", acc, ", got ", coef_in.sizes(), " ", coef_in.scalar_type());
   const at::Tensor grad = checked_grad(grad_in, reduction, {M}, acc);
   at::Tensor grad_student = at::empty({M, D}, student_in.options());
   if (grad_student.numel() == 0) return grad_student;
@@ -236,9 +259,9 @@ at::Tensor token_graph_bwd(const at::Tensor& grad_in, const at::Tensor& student_
     const acc_t* c = coef_t.const_data_ptr<acc_t>();
     // w_e = 2·g_i·c_e with the reduction's scale folded in
     std::vector<acc_t> w(edges);
-    const acc_t scalar_g = reduction == Reduction::kNone ? acc_t(0)
+    const acc_t scalar_g = reduction == Reduction::kNone   ? acc_t(0)
                            : reduction == Reduction::kMean ? g[0] / static_cast<acc_t>(M)
-                                                : g[0];
+                                                           : g[0];
     for (int64_t e = 0; e < edges; ++e) w[e] = acc_t(2) * (reduction == Reduction::kNone ? g[e / k] : scalar_g) * c[e];
     const scalar_t* x = xs.const_data_ptr<scalar_t>();
     scalar_t* out = grad_student.data_ptr<scalar_t>();
@@ -258,8 +281,7 @@ at::Tensor token_graph_bwd(const at::Tensor& grad_in, const at::Tensor& student_
           other.push_back(e / k);
           weight.push_back(w[e]);
         }
-        gradient_row<scalar_t>(x, D, i, other.data(), weight.data(), static_cast<int64_t>(other.size()),
-                               out + i * D);
+        gradient_row<scalar_t>(x, D, i, other.data(), weight.data(), static_cast<int64_t>(other.size()), out + i * D);
       }
     });
   });

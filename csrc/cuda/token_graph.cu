@@ -22,9 +22,9 @@ namespace kdloss {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;                 // nodes per CTA
+constexpr int kWarps = 8;  // nodes per CTA
 constexpr int kThreads = 32 * kWarps;
-constexpr int kColsPerLane = 8;           // backward: columns per lane per pass (256 per warp)
+constexpr int kColsPerLane = 8;  // backward: columns per lane per pass (256 per warp)
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
@@ -55,20 +55,44 @@ __device__ __forceinline__ int64_t neighbour_of(const int64_t* nb, int64_t e, in
   return n >= 0 && n < M ? n : self;
 }
 
-// Log-softmax of z[0..k) over the warp (lanes take the edges in turn): returns log Σ exp z.
+// Max-shift of z[0..k) over the warp (lanes take the edges in turn): the max, the index of its first
+// occurrence and log Σ exp(z − max), identical in every lane. log p_j = (z_j − max) − log_sum keeps
+// the rounding at the scale of the shifted logits (see shift_by_max in csrc/cpu/token_graph.cpp).
 template <typename A>
-__device__ __forceinline__ A warp_logsumexp(const A* z, int64_t k, int lane) {
+struct Shifted {
+  A max;
+  int64_t top;
+  A log_sum;
+};
+
+template <typename A>
+__device__ __forceinline__ Shifted<A> warp_shift(const A* z, int64_t k, int lane) {
   A m = -static_cast<A>(INFINITY);
-  for (int64_t j = lane; j < k; j += 32) m = z[j] > m ? z[j] : m;
-  m = warp_max_all(m);
+  int64_t top = k;
+  for (int64_t j = lane; j < k; j += 32) {
+    if (z[j] > m) {
+      m = z[j];
+      top = j;
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {  // butterfly argmax, ties to the lower index
+    const A om = __shfl_xor_sync(0xffffffffu, m, offset);
+    const int64_t ot = __shfl_xor_sync(0xffffffffu, top, offset);
+    if (om > m || (om == m && ot < top)) {
+      m = om;
+      top = ot;
+    }
+  }
+  if (top >= k) top = 0;  // every logit NaN: any entry will do
   A s = A(0);
   for (int64_t j = lane; j < k; j += 32) s += exp_acc(z[j] - m);
-  return m + log_acc(warp_allsum(s));
+  return {m, top, log_acc(warp_allsum(s))};
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fwd_nodes_kernel(TokenGraphProblem p, Acc<T>* coef, Acc<T>* zt_all,
-                                                             Acc<T>* row_loss, Acc<T>* loss_none) {
+__global__ void __launch_bounds__(kThreads)
+    fwd_nodes_kernel(TokenGraphProblem p, Acc<T>* coef, Acc<T>* zt_all, Acc<T>* row_loss, Acc<T>* loss_none) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -91,18 +115,26 @@ __global__ void __launch_bounds__(kThreads) fwd_nodes_kernel(TokenGraphProblem p
   __syncwarp();  // lane 0's writes are visible to the warp
   A loss = A(0);
   if (k > 0) {
-    const A lse_s = warp_logsumexp(zs, k, lane);
-    const A lse_t = warp_logsumexp(zt, k, lane);
+    // KL(p^a ‖ p^b) around the top entry t of p^a (a = student for direction 0, teacher for 1):
+    // δ_j = r_j − r_t = (za_j − max_a) − (zb_j − zb_t), L = r_t + Σ_j p^a_j δ_j, r_j − L = δ_j − Σ p^a δ
+    // (as in csrc/cpu/token_graph.cpp: no difference of two O(|r|) numbers).
+    const Shifted<A> s = warp_shift(zs, k, lane), t = warp_shift(zt, k, lane);
+    const bool student_first = p.direction == 0;
+    const A* za = student_first ? zs : zt;
+    const A* zb = student_first ? zt : zs;
+    const Shifted<A> a = student_first ? s : t, b = student_first ? t : s;
+    const A zb_top = zb[a.top];
     A part = A(0);
-    for (int64_t j = lane; j < k; j += 32) {
-      const A lps = zs[j] - lse_s, lpt = zt[j] - lse_t;
-      part += p.direction == 0 ? exp_acc(lps) * (lps - lpt) : exp_acc(lpt) * (lpt - lps);
-    }
-    loss = warp_allsum(part);
+    for (int64_t j = lane; j < k; j += 32)
+      part += exp_acc((za[j] - a.max) - a.log_sum) * ((za[j] - a.max) - (zb[j] - zb_top));
+    const A mean_delta = warp_allsum(part);
+    loss = ((b.log_sum - a.log_sum) - (zb_top - b.max)) + mean_delta;
+    __syncwarp();  // every lane has read zs (the coef buffer) before any lane overwrites its entries
     for (int64_t j = lane; j < k; j += 32) {  // each lane rewrites only the edges it read
-      const A lps = zs[j] - lse_s, lpt = zt[j] - lse_t;
+      const A ps = exp_acc((zs[j] - s.max) - s.log_sum);
       const A dz_dd = p.edge == 0 ? -zs[j] * inv_two_sigma : -inv_two_sigma;
-      const A dl_dz = p.direction == 0 ? exp_acc(lps) * ((lps - lpt) - loss) : exp_acc(lps) - exp_acc(lpt);
+      const A dl_dz = student_first ? ps * (((za[j] - a.max) - (zb[j] - zb_top)) - mean_delta)
+                                    : ps - exp_acc((zt[j] - t.max) - t.log_sum);
       zs[j] = dl_dz * dz_dd;
     }
   }
@@ -120,9 +152,9 @@ __device__ __forceinline__ A row_scale(const A* grad, Reduction reduction, int64
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_nodes_kernel(TokenGraphProblem p, const Acc<T>* grad,
-                                                             const Acc<T>* coef, const int64_t* in_start,
-                                                             const int64_t* in_edge, T* out) {
+__global__ void __launch_bounds__(kThreads)
+    bwd_nodes_kernel(TokenGraphProblem p, const Acc<T>* grad, const Acc<T>* coef, const int64_t* in_start,
+                     const int64_t* in_edge, T* out) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);

@@ -12,7 +12,7 @@ from .topk_kl import TEMPERATURE, eager_distillkit
 
 CPU_SHAPES = [(1024, 1024, 32000, 64), (4096, 256, 32000, 64)]  # (N, H, V, k); the 2nd: logits ≫ weight
 GPU_SHAPES = [(8192, 4096, 151936, 64)]
-QUICK_SHAPES = [(64, 64, 2048, 16)]
+QUICK_SHAPES = [(64, 64, 2048, 16), (256, 64, 8192, 16)]
 
 
 def fused(hidden, weight, ids, logprobs):

@@ -13,8 +13,8 @@ from . import Case, fuzz_case_inputs
 # (B, n) for scores; (B, n, D) for embeddings — ST triplets, MS MARCO-style multi-negative batches
 SCORE_SHAPES = [(64, 1), (1024, 32), (16384, 64)]
 EMB_SHAPES = [(64, 1, 768), (256, 8, 768), (1024, 16, 1024)]
-QUICK_SCORE_SHAPES = [(64, 1)]
-QUICK_EMB_SHAPES = [(64, 1, 768)]
+QUICK_SCORE_SHAPES = [(64, 1), (1024, 32)]
+QUICK_EMB_SHAPES = [(64, 1, 768), (256, 8, 256)]
 
 
 def eager_scores(pos, neg, teacher):

@@ -12,7 +12,7 @@ from . import Case
 
 # (M, Ds, Dt, k): 16 images × 64 sampled ViT-S/ViT-B tokens; 4096 nodes of width 768
 SHAPES = [(1024, 384, 768, 8), (4096, 768, 768, 8)]
-QUICK_SHAPES = [(64, 32, 48, 4)]
+QUICK_SHAPES = [(64, 32, 48, 4), (256, 64, 64, 8)]
 SIGMA = 768.0  # of the order of the squared distances of unit-variance features
 
 

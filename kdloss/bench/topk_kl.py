@@ -15,7 +15,7 @@ from . import Case
 
 CPU_SHAPES = [(2048, 32000, 64), (8192, 32000, 64)]  # (N, V, k)
 GPU_SHAPES = [(2048, 32000, 64), (16384, 151936, 64)]
-QUICK_SHAPES = [(64, 4096, 16)]
+QUICK_SHAPES = [(64, 4096, 16), (256, 8192, 32)]
 TEMPERATURE = 2.0
 
 
