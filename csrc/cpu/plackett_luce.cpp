@@ -52,8 +52,7 @@ struct Scratch {
   std::vector<uint8_t> seen;             // permutation checks
   std::vector<acc_t> x, log_alpha, a, b, c, d;
 
-  explicit Scratch(int64_t classes)
-      : C(classes), padded((classes + Vec::size() - 1) / Vec::size() * Vec::size()) {}
+  explicit Scratch(int64_t classes) : C(classes), padded((classes + Vec::size() - 1) / Vec::size() * Vec::size()) {}
 
   void ensure_sort() {
     if (keys.empty()) {
@@ -161,8 +160,8 @@ void gather_row(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* order,
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t tmax = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, t, C);
   const Vec vmax(tmax), vinv(inv_tau);
-  const acc_t total = at::vec::map_reduce_all<acc_t>(
-      [&](Vec v) { return ((v - vmax) * vinv).exp(); }, [](Vec p, Vec q) { return p + q; }, t, C);
+  const acc_t total = at::vec::map_reduce_all<acc_t>([&](Vec v) { return ((v - vmax) * vinv).exp(); },
+                                                     [](Vec p, Vec q) { return p + q; }, t, C);
   const acc_t log_total = std::log(total);
   acc_t* x = sc.x.data();
   acc_t* la = sc.log_alpha.data();
@@ -190,9 +189,9 @@ template <typename acc_t>
 void suffix_lse(Scratch<acc_t>& sc, int64_t C, acc_t* lse) {
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t* x = sc.x.data();
-  acc_t* m = sc.a.data();     // suffix max
-  acc_t* up = sc.b.data();    // exp(m_{j+1} − m_j)
-  acc_t* own = sc.c.data();   // exp(x_j − m_j), then the scaled suffix sums
+  acc_t* m = sc.a.data();    // suffix max
+  acc_t* up = sc.b.data();   // exp(m_{j+1} − m_j)
+  acc_t* own = sc.c.data();  // exp(x_j − m_j), then the scaled suffix sums
   // suffix max; the rescale factor exp(m_{j+1} − m_j) is 1 except where the maximum changes
   // (rarely: a scalar exp there); up[C-1] multiplies the empty sum 0
   acc_t run = -std::numeric_limits<acc_t>::infinity();
@@ -303,10 +302,9 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& student, const at::Te
   const auto acc_dtype = acc_type(student.scalar_type());
   TORCH_CHECK_VALUE(teacher.scalar_type() == acc_dtype, "teacher_logits must be ", acc_dtype, ", got ",
                     teacher.scalar_type());
-  TORCH_CHECK_VALUE(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
-                        labels.size(0) == R,
-                    "labels must be a CPU int64 tensor of shape [", R, "], got ", labels.scalar_type(), " ",
-                    labels.sizes());
+  TORCH_CHECK_VALUE(
+      labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == R,
+      "labels must be a CPU int64 tensor of shape [", R, "], got ", labels.scalar_type(), " ", labels.sizes());
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
                     temperature);
   return {R, C};
@@ -338,8 +336,7 @@ int64_t counted_rows(const int64_t* y, int64_t R, int64_t ignore_index) {
 std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                      const at::Tensor& labels,
                                                      const c10::optional<at::Tensor>& teacher_permutation,
-                                                     double temperature, int64_t ignore_index,
-                                                     int64_t reduction_code) {
+                                                     double temperature, int64_t ignore_index, int64_t reduction_code) {
   const Reduction reduction = check_reduction(reduction_code);
   const auto [R, C] = check_inputs(student, teacher, labels, temperature);
   at::Tensor perm;

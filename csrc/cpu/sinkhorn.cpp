@@ -193,8 +193,8 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   check_cpu_float(teacher, "teacher_logits");
   TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be [B, C], got ", student.sizes());
   TORCH_CHECK_VALUE(student.size(1) >= 1, "student_logits must have at least one class");
-  TORCH_CHECK_VALUE(teacher.dim() == 2 && teacher.size(1) == student.size(1),
-                    "teacher_logits must be [B', ", student.size(1), "], got ", teacher.sizes());
+  TORCH_CHECK_VALUE(teacher.dim() == 2 && teacher.size(1) == student.size(1), "teacher_logits must be [B', ",
+                    student.size(1), "], got ", teacher.sizes());
   const auto acc = acc_type(student.scalar_type());
   TORCH_CHECK_VALUE(teacher.scalar_type() == acc, "teacher_logits must be ", acc, ", got ", teacher.scalar_type());
 }
@@ -351,8 +351,8 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
       });
     }
     for (int64_t k = n_iters; k >= 1; --k) {
-      const acc_t* fk = f + (k - 1) * B;             // f after row step k
-      const acc_t* gk = gp.data() + k * p.Bp;        // g after column step k
+      const acc_t* fk = f + (k - 1) * B;                // f after row step k
+      const acc_t* gk = gp.data() + k * p.Bp;           // g after column step k
       const acc_t* gprev = gp.data() + (k - 1) * p.Bp;  // g before row step k
       // column step k: x̄ −= P_col⊙colsum, with P_col = exp(L + f_k + g_k); then rowsum(x̄).
       at::parallel_for(0, B, pass_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {

@@ -105,16 +105,15 @@ void check_row_stats(const at::Tensor& t, const Problem& p, at::ScalarType acc, 
 }
 
 void check_row_state(const at::Tensor& t, const Problem& p, at::ScalarType acc, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == acc && t.dim() == 2 && t.size(0) == p.B &&
-                        t.size(1) == p.N,
-                    name, " must be a [B, N] CPU tensor of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
+  TORCH_CHECK_VALUE(
+      t.device().is_cpu() && t.scalar_type() == acc && t.dim() == 2 && t.size(0) == p.B && t.size(1) == p.N, name,
+      " must be a [B, N] CPU tensor of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
 }
 
 // c[r·ldc + j] = Σ_k a[r·lda + k] · b[k·ldb + j] for r < kMR, j < 2·Vec::size(): a register
 // block of kMR rows × two vectors, summed over k in order.
 template <typename acc_t>
-inline void micro_kernel(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t* c,
-                         int64_t ldc) {
+inline void micro_kernel(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t* c, int64_t ldc) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   Vec lo[kMR], hi[kMR];
@@ -137,8 +136,8 @@ inline void micro_kernel(const acc_t* a, int64_t lda, const acc_t* b, int64_t ld
 // C [m_pad, n_pad] = A [m_pad, K] · B, with B packed as panels [n_pad / kNR][K][kNR] (each panel
 // contiguous, so the micro-kernel streams it); m_pad a multiple of kMR, n_pad of kNR.
 template <typename acc_t>
-void gemm_packed(const acc_t* a, int64_t lda, const acc_t* b_panels, int64_t K, acc_t* c, int64_t ldc,
-                 int64_t m_pad, int64_t n_pad) {
+void gemm_packed(const acc_t* a, int64_t lda, const acc_t* b_panels, int64_t K, acc_t* c, int64_t ldc, int64_t m_pad,
+                 int64_t n_pad) {
   constexpr int64_t kNR = 2 * at::vec::Vectorized<acc_t>::size();
   for (int64_t j0 = 0; j0 < n_pad; j0 += kNR) {  // one K×kNR panel, reused from cache by every row block
     const acc_t* panel = b_panels + (j0 / kNR) * K * kNR;
@@ -164,7 +163,8 @@ struct Features {
   at::Tensor values, gradient;
   int64_t d_pad;
   Features(const at::Tensor& x, const Problem& p, at::ScalarType acc, bool for_gradient) {
-    const int64_t nr = 2 * (acc == at::kDouble ? at::vec::Vectorized<double>::size() : at::vec::Vectorized<float>::size());
+    const int64_t nr =
+        2 * (acc == at::kDouble ? at::vec::Vectorized<double>::size() : at::vec::Vectorized<float>::size());
     values = x.detach().to(acc).contiguous();
     d_pad = round_up(x.size(2), nr);
     if (for_gradient) gradient = pack_panels(values, nr, acc);
@@ -220,11 +220,14 @@ void gram_rows(acc_t* out, int64_t ld, const acc_t* x, int64_t N, int64_t D, acc
   const int64_t rows_full = rows / MR * MR, n_full = N / NR * NR;
   const acc_t* a = x + i0 * D;
   for (int64_t j0 = 0; j0 < n_full; j0 += NR) {
-    for (int64_t r = 0; r < rows_full; r += MR) dot_block<acc_t, MR, NR>(a + r * D, D, x + j0 * D, D, D, scale, out + r * ld + j0, ld);
-    for (int64_t r = rows_full; r < rows; ++r) dot_block<acc_t, 1, NR>(a + r * D, D, x + j0 * D, D, D, scale, out + r * ld + j0, ld);
+    for (int64_t r = 0; r < rows_full; r += MR)
+      dot_block<acc_t, MR, NR>(a + r * D, D, x + j0 * D, D, D, scale, out + r * ld + j0, ld);
+    for (int64_t r = rows_full; r < rows; ++r)
+      dot_block<acc_t, 1, NR>(a + r * D, D, x + j0 * D, D, D, scale, out + r * ld + j0, ld);
   }
   for (int64_t j = n_full; j < N; ++j)
-    for (int64_t r = 0; r < rows; ++r) dot_block<acc_t, 1, 1>(a + r * D, D, x + j * D, D, D, scale, out + r * ld + j, ld);
+    for (int64_t r = 0; r < rows; ++r)
+      dot_block<acc_t, 1, 1>(a + r * D, D, x + j * D, D, D, scale, out + r * ld + j, ld);
 }
 
 // Runs body(b, i0, rows, buffers) over every tile in parallel, after filling buffers.s / .t with
@@ -302,7 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
         const acc_t* trow = buf.t.const_data_ptr<acc_t>() + r * buf.ld;
         row_stats(srow, N, ss.max[row], ss.logsum[row]);
         row_stats(trow, N, st.max[row], st.logsum[row]);
-        row_sums[row] = contextual_row(srow, trow, N, ss.max[row], ss.logsum[row], st.max[row], st.logsum[row], rh[row]);
+        row_sums[row] =
+            contextual_row(srow, trow, N, ss.max[row], ss.logsum[row], st.max[row], st.logsum[row], rh[row]);
       }
     });
     if (reduction == Reduction::kNone) {
@@ -363,7 +367,8 @@ void gradient_weights(acc_t* ss, const acc_t* st, int64_t ld, int64_t rows, int6
       const Vec a_kj = vexp((s - vam) - val), p_kj = vexp((t - vpm) - vpl);
       const Vec a_jk = vexp((s - Vec::loadu(am + j)) - Vec::loadu(al + j));
       const Vec p_jk = vexp((t - Vec::loadu(pm + j)) - Vec::loadu(pl + j));
-      const Vec w = a_kj * (vc * (a_kj - p_kj) - vr) + a_jk * (Vec::loadu(c_b + j) * (a_jk - p_jk) - Vec::loadu(r_b + j));
+      const Vec w =
+          a_kj * (vc * (a_kj - p_kj) - vr) + a_jk * (Vec::loadu(c_b + j) * (a_jk - p_jk) - Vec::loadu(r_b + j));
       (w * vscale).store(srow + j);
     }
     for (; j < N; ++j) {
@@ -374,9 +379,9 @@ void gradient_weights(acc_t* ss, const acc_t* st, int64_t ld, int64_t rows, int6
   }
 }
 
-at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& student_in,
-                                const at::Tensor& teacher_in, const at::Tensor& stats_s_in,
-                                const at::Tensor& stats_t_in, const at::Tensor& rho_in, int64_t reduction_code) {
+at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                const at::Tensor& stats_s_in, const at::Tensor& stats_t_in, const at::Tensor& rho_in,
+                                int64_t reduction_code) {
   const Problem p = problem_of(student_in, teacher_in);
   const Reduction reduction = check_reduction(reduction_code);
   const auto acc = acc_type(student_in.scalar_type());
@@ -401,8 +406,8 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& stu
     for_each_tile<acc_t>(p, fs, ft, fs.d_pad, [&](int64_t b, int64_t i0, int64_t rows, TileBuffers& buf) {
       acc_t* w = buf.s.data_ptr<acc_t>();
       acc_t* g = buf.g.data_ptr<acc_t>();
-      gradient_weights(w, buf.t.const_data_ptr<acc_t>(), buf.ld, rows, N, b * N, i0, sa, sp, coef.data(),
-                       rsum.data(), static_cast<acc_t>(p.scale_s));
+      gradient_weights(w, buf.t.const_data_ptr<acc_t>(), buf.ld, rows, N, b * N, i0, sa, sp, coef.data(), rsum.data(),
+                       static_cast<acc_t>(p.scale_s));
       // g [rows, d_pad] = W [rows, N] · F_s[b] [N, d_pad]
       gemm_packed(w, buf.ld, fs.gradient.const_data_ptr<acc_t>() + b * N * fs.d_pad, N, g, fs.d_pad,
                   round_up(rows, kMR), fs.d_pad);

@@ -42,8 +42,8 @@ Acc<scalar_t> block_max(const scalar_t* z, int64_t n) {
     m1 = at::vec::maximum(m1, IO::load(z + i + IO::size()));
   }
   for (; i + IO::size() <= n; i += IO::size()) m0 = at::vec::maximum(m0, IO::load(z + i));
-  acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
+  acc_t m =
+      at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
   for (; i < n; ++i) {
     const acc_t v = static_cast<acc_t>(z[i]);
     if (!(v <= m)) m = v;
@@ -84,8 +84,8 @@ float block_to_float(const scalar_t* z, int64_t n, float* out) {
     m0 = at::vec::maximum(m0, lo);
     m1 = at::vec::maximum(m1, hi);
   }
-  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
-                                          at::vec::maximum(m0, m1));
+  float m =
+      at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
   for (; i < n; ++i) {
     out[i] = static_cast<float>(z[i]);
     if (!(out[i] <= m)) m = out[i];
@@ -127,10 +127,10 @@ Acc<scalar_t> row_logsumexp(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t) {
 template <typename scalar_t>
 struct Row {
   using acc_t = Acc<scalar_t>;
-  const scalar_t* z;     // [V]
-  const int64_t* ids;    // [k]
-  const acc_t* logp;     // [k] log p̂
-  acc_t tail_logp;       // log r̂
+  const scalar_t* z;   // [V]
+  const int64_t* ids;  // [k]
+  const acc_t* logp;   // [k] log p̂
+  acc_t tail_logp;     // log r̂
   int64_t k;
 
   bool kept(int64_t i) const { return logp[i] != neg_inf<acc_t>(); }
@@ -200,8 +200,7 @@ Coefficients<Acc<scalar_t>> row_coefficients(const Row<scalar_t>& row, Acc<scala
   if (!full_support) return {acc_t(0), acc_t(0), mass.teacher};
   acc_t gamma = 0;
   // d/dz of −r̂·log(1 − Σ_K q); zero where DistillKit's clamp is active
-  if (row.tail_logp != neg_inf<acc_t>() && mass.student > acc_t(kTailClamp) &&
-      mass.student < acc_t(1.0 - kTailClamp))
+  if (row.tail_logp != neg_inf<acc_t>() && mass.student > acc_t(kTailClamp) && mass.student < acc_t(1.0 - kTailClamp))
     gamma = std::exp(row.tail_logp) / (acc_t(1) - mass.student);
   return {mass.teacher - gamma * mass.student, gamma, mass.teacher};
 }
@@ -229,8 +228,7 @@ void dense_softmax_row(scalar_t* out, const scalar_t* z, int64_t V, Acc<scalar_t
       at::vec::convert_from_float<scalar_t>(lo, hi).store(out + j);
     }
   }
-  for (; j + IO::size() <= V; j += IO::size())
-    IO::store(out + j, vc * vexp(at::vec::fmadd(IO::load(z + j), vt, vs)));
+  for (; j + IO::size() <= V; j += IO::size()) IO::store(out + j, vc * vexp(at::vec::fmadd(IO::load(z + j), vt, vs)));
   for (; j < V; ++j) out[j] = static_cast<scalar_t>(c * std::exp(static_cast<acc_t>(z[j]) * inv_t - lse));
 }
 
@@ -248,8 +246,7 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const a
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
   const int64_t N = logits.size(0), V = logits.size(1);
   TORCH_CHECK_VALUE(V <= 1 || N == 0 || logits.stride(1) == 1, "logits must have unit stride along V");
-  TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 &&
-                        ids.size(0) == N,
+  TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == N,
                     "ids must be an int64 CPU tensor [N, k] with N = ", N, ", got ", ids.scalar_type(), " ",
                     ids.sizes());
   const int64_t k = ids.size(1);
@@ -284,7 +281,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
   const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
   at::Tensor lse = at::empty({N}, target_logp.options());
   // the loss is returned in the accumulation dtype, like lse
-  at::Tensor loss = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
+  at::Tensor loss =
+      at::empty(reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd", [&] {
     using acc_t = Acc<scalar_t>;

@@ -29,24 +29,32 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kItems = 8;                    // elements per thread per scan tile
-constexpr int kTile = kThreads * kItems;     // 2048
+constexpr int kItems = 8;                        // elements per thread per scan tile
+constexpr int kTile = kThreads * kItems;         // 2048
 constexpr int64_t kBlockSortMax = kThreads * 8;  // block radix sort up to 2048 classes
 constexpr int64_t kMaxGridStrideBlocks = 4096;   // grid of the element-wise (grid-stride) kernels
 
 template <typename A>
 __device__ __forceinline__ A neg_inf();
 template <>
-__device__ __forceinline__ float neg_inf<float>() { return -__int_as_float(0x7f800000); }
+__device__ __forceinline__ float neg_inf<float>() {
+  return -__int_as_float(0x7f800000);
+}
 template <>
-__device__ __forceinline__ double neg_inf<double>() { return -__longlong_as_double(0x7ff0000000000000ll); }
+__device__ __forceinline__ double neg_inf<double>() {
+  return -__longlong_as_double(0x7ff0000000000000ll);
+}
 
 template <typename A>
 __device__ __forceinline__ A quiet_nan();
 template <>
-__device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ float quiet_nan<float>() {
+  return __int_as_float(0x7fc00000);
+}
 template <>
-__device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000ll); }
+__device__ __forceinline__ double quiet_nan<double>() {
+  return __longlong_as_double(0x7ff8000000000000ll);
+}
 
 // log(exp(a) + exp(b)), with −inf as the identity (so empty tails and zero weights are exact).
 template <typename A>
@@ -89,8 +97,8 @@ __device__ __forceinline__ uint64_t desc_key(double x) {
 // ---- 1. ranking ---------------------------------------------------------------------------
 
 template <int ITEMS>
-__global__ void __launch_bounds__(kThreads) block_sort_kernel(const float* __restrict__ teacher, int64_t C,
-                                                              int32_t* __restrict__ ranking) {
+__global__ void __launch_bounds__(kThreads)
+    block_sort_kernel(const float* __restrict__ teacher, int64_t C, int32_t* __restrict__ ranking) {
   using Sort = cub::BlockRadixSort<unsigned long long, kThreads, ITEMS>;
   __shared__ typename Sort::TempStorage temp;
   const int64_t row = blockIdx.x;
@@ -129,12 +137,10 @@ __global__ void offsets_kernel(int64_t* __restrict__ offsets, int64_t rows, int6
 // row_state: 0 = counts, 1 = ignored, 2 = invalid (label out of range or bad permutation row).
 
 template <typename I>
-__global__ void __launch_bounds__(kThreads) label_first_kernel(const I* __restrict__ ranking,
-                                                               const int64_t* __restrict__ labels, int64_t C,
-                                                               int64_t ignore_index, bool check,
-                                                               int32_t* __restrict__ counts,
-                                                               int32_t* __restrict__ order,
-                                                               uint8_t* __restrict__ row_state) {
+__global__ void __launch_bounds__(kThreads)
+    label_first_kernel(const I* __restrict__ ranking, const int64_t* __restrict__ labels, int64_t C,
+                       int64_t ignore_index, bool check, int32_t* __restrict__ counts, int32_t* __restrict__ order,
+                       uint8_t* __restrict__ row_state) {
   __shared__ unsigned long long pos;
   __shared__ int bad;
   const int64_t row = blockIdx.x;
@@ -187,9 +193,9 @@ __global__ void __launch_bounds__(kThreads) label_first_kernel(const I* __restri
 
 template <typename T>
 struct RowView {
-  const T* s;         // student row
-  const Acc<T>* t;    // teacher row
-  const int32_t* o;   // π*
+  const T* s;        // student row
+  const Acc<T>* t;   // teacher row
+  const int32_t* o;  // π*
   int64_t C;
   Acc<T> inv_tau, tmax, log_total, xmax;
   // student logit of pick j, shifted by the row maximum (the loss is translation invariant; small
@@ -242,9 +248,9 @@ __device__ void suffix_scan(const RowView<T>& v, ScanStorage& storage, F&& f) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order,
-                                                           const uint8_t* __restrict__ row_state,
-                                                           Acc<T>* __restrict__ out_none, Acc<T>* __restrict__ row_loss) {
+__global__ void __launch_bounds__(kThreads)
+    fwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order, const uint8_t* __restrict__ row_state,
+                   Acc<T>* __restrict__ out_none, Acc<T>* __restrict__ row_loss) {
   using A = Acc<T>;
   using Scan = cub::BlockScan<A, kThreads>;
   __shared__ typename Scan::TempStorage storage;
@@ -253,8 +259,14 @@ __global__ void __launch_bounds__(kThreads) fwd_row_kernel(PlackettLuceProblem p
   const uint8_t state = row_state[row];
   A loss = A(0);
   if (state == 0) {
-    RowView<T> v{static_cast<const T*>(p.student) + row * p.student_stride, static_cast<const A*>(p.teacher) + row * C,
-                 order + row * C, C, static_cast<A>(1.0 / p.temperature), A(0), A(0), A(0)};
+    RowView<T> v{static_cast<const T*>(p.student) + row * p.student_stride,
+                 static_cast<const A*>(p.teacher) + row * C,
+                 order + row * C,
+                 C,
+                 static_cast<A>(1.0 / p.temperature),
+                 A(0),
+                 A(0),
+                 A(0)};
     teacher_stats(v, scratch);
     A acc = A(0);
     suffix_scan(v, storage, [&](int64_t j, A x, A lse) { acc += exp(v.log_alpha(j)) * (lse - x); });
@@ -292,9 +304,9 @@ __global__ void scale_kernel(CountedRows counted, Reduction reduction, A* __rest
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order,
-                                                           const Acc<T>* __restrict__ grad, const Acc<T>* __restrict__ scale,
-                                                           Acc<T>* __restrict__ vbuf, T* __restrict__ grad_student) {
+__global__ void __launch_bounds__(kThreads)
+    bwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order, const Acc<T>* __restrict__ grad,
+                   const Acc<T>* __restrict__ scale, Acc<T>* __restrict__ vbuf, T* __restrict__ grad_student) {
   using A = Acc<T>;
   using Scan = cub::BlockScan<A, kThreads>;
   __shared__ typename Scan::TempStorage storage;
@@ -311,8 +323,14 @@ __global__ void __launch_bounds__(kThreads) bwd_row_kernel(PlackettLuceProblem p
   }
   __syncthreads();
   if (bad) return;
-  RowView<T> v{static_cast<const T*>(p.student) + row * p.student_stride, static_cast<const A*>(p.teacher) + row * C, o,
-               C, static_cast<A>(1.0 / p.temperature), A(0), A(0), A(0)};
+  RowView<T> v{static_cast<const T*>(p.student) + row * p.student_stride,
+               static_cast<const A*>(p.teacher) + row * C,
+               o,
+               C,
+               static_cast<A>(1.0 / p.temperature),
+               A(0),
+               A(0),
+               A(0)};
   teacher_stats(v, scratch);
   A* vrow = vbuf + row * C;
   suffix_scan(v, storage, [&](int64_t j, A, A lse) { vrow[j] = v.log_alpha(j) - lse; });
@@ -350,9 +368,7 @@ bool block_sort_path(const PlackettLuceProblem& p) {
   return p.permutation == nullptr && p.dtype != DType::kFloat64 && p.classes <= kBlockSortMax;
 }
 
-size_t acc_size(const PlackettLuceProblem& p) {
-  return p.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-}
+size_t acc_size(const PlackettLuceProblem& p) { return p.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
 // Forward workspace: row_loss [R] acc | row_state [R] u8 | ranking [R·C] i32 (sorting) |
 // counts [R·C] i32 (permutation) | keys_in, keys_out [R·C] K, index [R·C] i32, offsets [R+1] i64,
@@ -365,11 +381,10 @@ struct FwdLayout {
 template <typename K>
 cudaError_t segmented_sort_bytes(int64_t rows, int64_t C, size_t* bytes) {
   *bytes = 0;
-  return cub::DeviceSegmentedSort::StableSortPairs(nullptr, *bytes, static_cast<const K*>(nullptr),
-                                                   static_cast<K*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                                   static_cast<int32_t*>(nullptr), rows * C, rows,
-                                                   static_cast<const int64_t*>(nullptr),
-                                                   static_cast<const int64_t*>(nullptr) + 1);
+  return cub::DeviceSegmentedSort::StableSortPairs(
+      nullptr, *bytes, static_cast<const K*>(nullptr), static_cast<K*>(nullptr), static_cast<const int32_t*>(nullptr),
+      static_cast<int32_t*>(nullptr), rows * C, rows, static_cast<const int64_t*>(nullptr),
+      static_cast<const int64_t*>(nullptr) + 1);
 }
 
 cudaError_t fwd_layout(const PlackettLuceProblem& p, FwdLayout* L) {
@@ -417,8 +432,8 @@ cudaError_t segmented_ranking(const PlackettLuceProblem& p, const FwdLayout& L, 
   K* keys_out = reinterpret_cast<K*>(ws + L.keys_out);
   int32_t* index = reinterpret_cast<int32_t*>(ws + L.index);
   int64_t* offsets = reinterpret_cast<int64_t*>(ws + L.offsets);
-  make_keys_kernel<A, K><<<grid_for(total), kThreads, 0, stream>>>(static_cast<const A*>(p.teacher), total, p.classes,
-                                                                   keys_in, index);
+  make_keys_kernel<A, K>
+      <<<grid_for(total), kThreads, 0, stream>>>(static_cast<const A*>(p.teacher), total, p.classes, keys_in, index);
   offsets_kernel<<<grid_for(p.rows + 1), kThreads, 0, stream>>>(offsets, p.rows, p.classes);
   size_t bytes = L.cub_bytes;
   return cub::DeviceSegmentedSort::StableSortPairs(ws + L.cub, bytes, keys_in, keys_out, index, ranking, total, p.rows,
@@ -463,19 +478,19 @@ cudaError_t plackett_luce_fwd_cuda(const PlackettLuceProblem& p, void* out, int3
         int32_t* counts = reinterpret_cast<int32_t*>(ws + L.counts);
         cudaError_t e = cudaMemsetAsync(counts, 0, sizeof(int32_t) * p.rows * p.classes, stream);
         if (e != cudaSuccess) return e;
-        label_first_kernel<int64_t><<<grid, kThreads, 0, stream>>>(p.permutation, p.labels, p.classes,
-                                                                   p.ignore_index, true, counts, order, row_state);
+        label_first_kernel<int64_t><<<grid, kThreads, 0, stream>>>(p.permutation, p.labels, p.classes, p.ignore_index,
+                                                                   true, counts, order, row_state);
       } else {
         int32_t* ranking = reinterpret_cast<int32_t*>(ws + L.ranking);
         using Key = typename std::conditional<sizeof(A) == 8, uint64_t, uint32_t>::type;
         cudaError_t e = block_sort_path(p) ? launch_block_sort(p, ranking, stream)
                                            : segmented_ranking<A, Key>(p, L, ws, ranking, stream);
         if (e != cudaSuccess) return e;
-        label_first_kernel<int32_t><<<grid, kThreads, 0, stream>>>(ranking, p.labels, p.classes, p.ignore_index,
-                                                                   false, nullptr, order, row_state);
+        label_first_kernel<int32_t><<<grid, kThreads, 0, stream>>>(ranking, p.labels, p.classes, p.ignore_index, false,
+                                                                   nullptr, order, row_state);
       }
-      fwd_row_kernel<T><<<grid, kThreads, 0, stream>>>(p, order, row_state, none ? static_cast<A*>(out) : nullptr,
-                                                       row_loss);
+      fwd_row_kernel<T>
+          <<<grid, kThreads, 0, stream>>>(p, order, row_state, none ? static_cast<A*>(out) : nullptr, row_loss);
     }
     if (!none) {
       launch_finalize(row_loss, p.rows, mean_or_sum(p.reduction, CountedRows{p.labels, p.rows, p.ignore_index}),
@@ -499,10 +514,10 @@ cudaError_t plackett_luce_bwd_cuda(const PlackettLuceProblem& p, const int32_t* 
     using A = Acc<T>;
     A* scale = reinterpret_cast<A*>(ws);
     A* vbuf = reinterpret_cast<A*>(ws + align_up(sizeof(A)));
-    scale_kernel<A><<<kSingleBlock, kFinalizeThreads, 0, stream>>>(
-        CountedRows{p.labels, p.rows, p.ignore_index}, p.reduction, scale);
-    bwd_row_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(
-        p, order, static_cast<const A*>(grad), scale, vbuf, static_cast<T*>(grad_student));
+    scale_kernel<A><<<kSingleBlock, kFinalizeThreads, 0, stream>>>(CountedRows{p.labels, p.rows, p.ignore_index},
+                                                                   p.reduction, scale);
+    bwd_row_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(p, order, static_cast<const A*>(grad), scale,
+                                                                          vbuf, static_cast<T*>(grad_student));
     return cudaGetLastError();
   });
 }

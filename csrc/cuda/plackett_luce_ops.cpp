@@ -49,8 +49,8 @@ Call prepare(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
     const auto& perm = *teacher_permutation;
     check_cuda(perm, student, "teacher_permutation");
     TORCH_CHECK_VALUE(perm.scalar_type() == at::kLong && perm.sizes() == student.sizes(),
-                      "teacher_permutation must be int64 of shape ", student.sizes(), ", got ", perm.scalar_type(),
-                      " ", perm.sizes());
+                      "teacher_permutation must be int64 of shape ", student.sizes(), ", got ", perm.scalar_type(), " ",
+                      perm.sizes());
     call.permutation = perm.contiguous();
   }
   call.problem = {dtype_code(student.scalar_type()),
@@ -102,8 +102,8 @@ at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, 
   at::Tensor grad_student = at::zeros({p.rows, p.classes}, call.student.options());
   const size_t bytes = plackett_luce_bwd_workspace(p);
   at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, call.student.options().dtype(at::kByte));
-  check_launch(plackett_luce_bwd_cuda(p, ord.data_ptr<int32_t>(), g.data_ptr(), grad_student.data_ptr(),
-                                      ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  check_launch(plackett_luce_bwd_cuda(p, ord.data_ptr<int32_t>(), g.data_ptr(), grad_student.data_ptr(), ws.data_ptr(),
+                                      c10::cuda::getCurrentCUDAStream()),
                "plackett_luce");
   return grad_student;
 }

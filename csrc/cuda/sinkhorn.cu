@@ -241,8 +241,7 @@ __device__ void bwd_init(const A* W, const A* fn, const A* gn, int64_t B, int64_
 // stores this warp's partial sum `acc` of column j, then colsum[j] = Σ_r part[r][lane] in a fixed
 // order (deterministic). Every thread of the block must reach it.
 template <typename A>
-__device__ __forceinline__ void combine_column_partials(A (*part)[32], A acc, int R, int64_t j, int64_t Bt,
-                                                        A* colsum) {
+__device__ __forceinline__ void combine_column_partials(A (*part)[32], A acc, int R, int64_t j, int64_t Bt, A* colsum) {
   const int lane = threadIdx.x & 31;
   part[threadIdx.x >> 5][lane] = acc;
   __syncthreads();
@@ -271,8 +270,8 @@ __device__ void col_sums(const A* X, int64_t B, int64_t Bt, A* colsum) {
 
 // Column step k: X −= P_col ⊙ colsum (P_col = exp(−W/ε + f_k + g_k)); rowsum_i = Σ_j X_ij.
 template <typename A>
-__device__ void bwd_row_pass(const A* W, A* X, const A* fk, const A* gk, const A* colsum, int64_t B,
-                             int64_t Bt, A eps, A* rowsum) {
+__device__ void bwd_row_pass(const A* W, A* X, const A* fk, const A* gk, const A* colsum, int64_t B, int64_t Bt, A eps,
+                             A* rowsum) {
   const int lane = threadIdx.x & 31;
   for (int64_t i = global_warp(); i < B; i += warp_stride()) {
     A acc = A(0);
@@ -289,8 +288,8 @@ __device__ void bwd_row_pass(const A* W, A* X, const A* fk, const A* gk, const A
 
 // Row step k: X −= P_row ⊙ rowsum (P_row = exp(−W/ε + f_k + g_{k−1}), g_0 = 0); colsum_j = Σ_i X_ij.
 template <typename A>
-__device__ void bwd_col_pass(const A* W, A* X, const A* fk, const A* gprev, const A* rowsum, int64_t B,
-                             int64_t Bt, A eps, A* colsum) {
+__device__ void bwd_col_pass(const A* W, A* X, const A* fk, const A* gprev, const A* rowsum, int64_t B, int64_t Bt,
+                             A eps, A* colsum) {
   __shared__ A part[kMaxWarps][32];
   const int lane = threadIdx.x & 31, rg = threadIdx.x >> 5, R = blockDim.x >> 5;
   const int64_t groups = (Bt + 31) / 32;
@@ -321,8 +320,8 @@ __device__ void bwd_wbar(const A* W, A* X, const A* fn, const A* gn, int64_t B, 
 
 // s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc);  ∂L/∂z_ic = (1/T)·s_ic·(s̄_ic − ⟨s̄_i, s_i⟩)
 template <typename T>
-__device__ void cost_bwd(const Acc<T>* Wbar, const Acc<T>* s, const Acc<T>* t, int64_t B, int64_t Bt,
-                         int64_t C, Acc<T> inv_temp, Acc<T>* sbar, T* out) {
+__device__ void cost_bwd(const Acc<T>* Wbar, const Acc<T>* s, const Acc<T>* t, int64_t B, int64_t Bt, int64_t C,
+                         Acc<T> inv_temp, Acc<T>* sbar, T* out) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
   for (int64_t i = global_warp(); i < B; i += warp_stride()) {
@@ -340,7 +339,8 @@ __device__ void cost_bwd(const Acc<T>* Wbar, const Acc<T>* s, const Acc<T>* t, i
     A dot = A(0);
     for (int64_t c = lane; c < C; c += 32) dot += sbar[i * C + c] * s[i * C + c];
     dot = warp_sum_all(dot);
-    for (int64_t c = lane; c < C; c += 32) out[i * C + c] = from_acc<T>(inv_temp * s[i * C + c] * (sbar[i * C + c] - dot));
+    for (int64_t c = lane; c < C; c += 32)
+      out[i * C + c] = from_acc<T>(inv_temp * s[i * C + c] * (sbar[i * C + c] - dot));
     __syncwarp();
   }
 }
@@ -356,7 +356,7 @@ struct BwdArgs {
   double scale;
 
   __device__ Acc<T> gs() const { return *grad * static_cast<Acc<T>>(scale); }
-  __device__ const Acc<T>* fk(int64_t k) const { return f + (k - 1) * B; }   // after row step k (1-based)
+  __device__ const Acc<T>* fk(int64_t k) const { return f + (k - 1) * B; }                 // after row step k (1-based)
   __device__ const Acc<T>* gk(int64_t k) const { return k ? g + (k - 1) * Bt : nullptr; }  // after column step k
 };
 
@@ -415,17 +415,29 @@ int64_t sinkhorn_bwd_workspace_size(const SinkhornProblem& p) {
 }
 
 cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int64_t student_stride,
-                              const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost,
-                              void* f, void* g, void* workspace, cudaStream_t stream) {
+                              const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost, void* f,
+                              void* g, void* workspace, cudaStream_t stream) {
   if (p.batch < 1 || p.batch_t < 1 || p.classes < 1 || p.n_iters < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
-    FwdArgs<T> a{static_cast<const T*>(student), student_stride, static_cast<const A*>(teacher),
-                 static_cast<A*>(loss), static_cast<A*>(probs_s), static_cast<A*>(probs_t),
-                 static_cast<A*>(cost), static_cast<A*>(f), static_cast<A*>(g), static_cast<A*>(workspace),
-                 p.batch, p.batch_t, p.classes, p.n_iters, static_cast<A>(p.temperature),
-                 static_cast<A>(p.epsilon), p.scale};
+    FwdArgs<T> a{static_cast<const T*>(student),
+                 student_stride,
+                 static_cast<const A*>(teacher),
+                 static_cast<A*>(loss),
+                 static_cast<A*>(probs_s),
+                 static_cast<A*>(probs_t),
+                 static_cast<A*>(cost),
+                 static_cast<A*>(f),
+                 static_cast<A*>(g),
+                 static_cast<A*>(workspace),
+                 p.batch,
+                 p.batch_t,
+                 p.classes,
+                 p.n_iters,
+                 static_cast<A>(p.temperature),
+                 static_cast<A>(p.epsilon),
+                 p.scale};
     if (p.batch * p.batch_t <= kFusedMaxElems) {
       fwd_fused_kernel<T><<<kSingleBlock, kFusedThreads, 0, stream>>>(a);
       return cudaGetLastError();
@@ -445,9 +457,9 @@ cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int
   });
 }
 
-cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const void* probs_s,
-                              const void* probs_t, const void* cost, const void* f, const void* g,
-                              void* grad_student, void* workspace, cudaStream_t stream) {
+cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const void* probs_s, const void* probs_t,
+                              const void* cost, const void* f, const void* g, void* grad_student, void* workspace,
+                              cudaStream_t stream) {
   if (p.batch < 1 || p.batch_t < 1 || p.classes < 1 || p.n_iters < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
@@ -457,10 +469,24 @@ cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const 
     A* colsum = X + p.batch * p.batch_t;
     A* rowsum = colsum + p.batch_t;
     A* sbar = rowsum + p.batch;
-    BwdArgs<T> a{static_cast<const A*>(grad), static_cast<const A*>(probs_s), static_cast<const A*>(probs_t),
-                 static_cast<const A*>(cost), static_cast<const A*>(f), static_cast<const A*>(g),
-                 static_cast<T*>(grad_student), X, colsum, rowsum, sbar, p.batch, p.batch_t, p.classes,
-                 p.n_iters, static_cast<A>(1.0 / p.temperature), static_cast<A>(p.epsilon), p.scale};
+    BwdArgs<T> a{static_cast<const A*>(grad),
+                 static_cast<const A*>(probs_s),
+                 static_cast<const A*>(probs_t),
+                 static_cast<const A*>(cost),
+                 static_cast<const A*>(f),
+                 static_cast<const A*>(g),
+                 static_cast<T*>(grad_student),
+                 X,
+                 colsum,
+                 rowsum,
+                 sbar,
+                 p.batch,
+                 p.batch_t,
+                 p.classes,
+                 p.n_iters,
+                 static_cast<A>(1.0 / p.temperature),
+                 static_cast<A>(p.epsilon),
+                 p.scale};
     if (p.batch * p.batch_t <= kFusedMaxElems) {
       bwd_fused_kernel<T><<<kSingleBlock, kFusedThreads, 0, stream>>>(a);
       return cudaGetLastError();

@@ -49,9 +49,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (B == 0 || Bt == 0) return {loss, probs_s, probs_t, cost, f, g};  // an empty plan: loss 0
   const SinkhornProblem p{dtype, B, Bt, C, n_iters, temperature, epsilon, scale};
   at::Tensor workspace = at::empty({sinkhorn_fwd_workspace_size(p)}, opts);
-  check_launch(sinkhorn_fwd_cuda(p, zs.data_ptr(), zs.stride(0), zt.data_ptr(), loss.data_ptr(),
-                                 probs_s.data_ptr(), probs_t.data_ptr(), cost.data_ptr(), f.data_ptr(),
-                                 g.data_ptr(), workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  check_launch(sinkhorn_fwd_cuda(p, zs.data_ptr(), zs.stride(0), zt.data_ptr(), loss.data_ptr(), probs_s.data_ptr(),
+                                 probs_t.data_ptr(), cost.data_ptr(), f.data_ptr(), g.data_ptr(), workspace.data_ptr(),
+                                 c10::cuda::getCurrentCUDAStream()),
                "sinkhorn");
   return {loss, probs_s, probs_t, cost, f, g};
 }

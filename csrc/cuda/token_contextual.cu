@@ -31,10 +31,10 @@ __device__ void row_stats(const A* row, int64_t N, A scale, A* scratch, A& m_out
 }
 
 template <typename A>
-__global__ void fwd_rows_kernel(const A* __restrict__ sims_s,  // [B, rows, N]
-                                const A* __restrict__ sims_t,  // [B, rows, N]
+__global__ void fwd_rows_kernel(const A* __restrict__ sims_s,                                         // [B, rows, N]
+                                const A* __restrict__ sims_t,                                         // [B, rows, N]
                                 ContextualChunk c, A* __restrict__ stats_s, A* __restrict__ stats_t,  // [2, B, N]
-                                A* __restrict__ rho, A* __restrict__ row_loss) {                     // [B, N]
+                                A* __restrict__ rho, A* __restrict__ row_loss) {                      // [B, N]
   __shared__ A scratch[33];
   const int64_t task = blockIdx.x;  // b · rows + r
   const int64_t b = task / c.rows, r = task % c.rows, N = c.n;
@@ -78,7 +78,7 @@ template <typename A, typename H>
 __global__ void bwd_weights_kernel(ContextualChunk c, Reduction reduction, const A* __restrict__ grad,
                                    const A* __restrict__ stats_s, const A* __restrict__ stats_t,  // [2, B, N]
                                    const A* __restrict__ rho,                                     // [B, N]
-                                   A* __restrict__ sims_s,     // [B, rows, N] in: S raw, out: W
+                                   A* __restrict__ sims_s,  // [B, rows, N] in: S raw, out: W
                                    const A* __restrict__ sims_t, bool split, A* __restrict__ row_max,
                                    H* __restrict__ w_hi, H* __restrict__ w_lo) {  // [B, rows], [B, rows, N]
   __shared__ A scratch[33];
@@ -130,16 +130,15 @@ cudaError_t launch_bwd(const ContextualChunk& c, Reduction reduction, const void
   const auto* st = static_cast<const A*>(sims_t);
   auto* rm = static_cast<A*>(row_max);
   if (split_dtype == static_cast<int>(DType::kBFloat16)) {
-    bwd_weights_kernel<A, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-        c, reduction, g, ls, lt, rh, ss, st, true, rm, static_cast<__nv_bfloat16*>(w_hi),
-        static_cast<__nv_bfloat16*>(w_lo));
+    bwd_weights_kernel<A, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(c, reduction, g, ls, lt, rh, ss, st, true, rm,
+                                                                        static_cast<__nv_bfloat16*>(w_hi),
+                                                                        static_cast<__nv_bfloat16*>(w_lo));
   } else if (split_dtype == static_cast<int>(DType::kFloat16)) {
-    bwd_weights_kernel<A, __half><<<grid, kThreads, 0, stream>>>(c, reduction, g, ls, lt, rh, ss, st, true, rm,
-                                                                 static_cast<__half*>(w_hi),
-                                                                 static_cast<__half*>(w_lo));
+    bwd_weights_kernel<A, __half><<<grid, kThreads, 0, stream>>>(
+        c, reduction, g, ls, lt, rh, ss, st, true, rm, static_cast<__half*>(w_hi), static_cast<__half*>(w_lo));
   } else if (split_dtype == kNoSplit) {
-    bwd_weights_kernel<A, A><<<grid, kThreads, 0, stream>>>(c, reduction, g, ls, lt, rh, ss, st, false, nullptr,
-                                                            nullptr, nullptr);
+    bwd_weights_kernel<A, A>
+        <<<grid, kThreads, 0, stream>>>(c, reduction, g, ls, lt, rh, ss, st, false, nullptr, nullptr, nullptr);
   } else {
     return cudaErrorInvalidValue;
   }
@@ -148,8 +147,8 @@ cudaError_t launch_bwd(const ContextualChunk& c, Reduction reduction, const void
 
 }  // namespace
 
-cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t,
-                                     void* stats_s, void* stats_t, void* rho, void* row_loss, cudaStream_t stream) {
+cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t, void* stats_s,
+                                     void* stats_t, void* rho, void* row_loss, cudaStream_t stream) {
   if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
   const dim3 grid(one_block_per_row(c.batch * c.rows));
   if (c.acc == DType::kFloat64) {
@@ -168,8 +167,8 @@ cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_
 
 cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, Reduction reduction, const void* grad,
                                         const void* stats_s, const void* stats_t, const void* rho, void* sims_s,
-                                        const void* sims_t, int split_dtype, void* row_max, void* w_hi,
-                                        void* w_lo, cudaStream_t stream) {
+                                        const void* sims_t, int split_dtype, void* row_max, void* w_hi, void* w_lo,
+                                        cudaStream_t stream) {
   if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
   if (c.acc == DType::kFloat64) {
     if (split_dtype != kNoSplit) return cudaErrorInvalidValue;  // fp64 students need no split

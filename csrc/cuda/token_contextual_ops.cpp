@@ -16,8 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <utility>
 #include <cmath>
+#include <utility>
 
 #include "kdloss/cuda_ops_utils.h"
 #include "kdloss/token_contextual_cuda.h"
@@ -104,10 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
     for (int64_t i0 = 0; i0 < s.N; i0 += R) {
       const int64_t rows = std::min(R, s.N - i0);
       const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
-      check_launch(contextual_fwd_rows_cuda(chunk_of(s, acc, i0, rows), sims_s.data_ptr(), sims_t.data_ptr(),
-                                            stats_s.data_ptr(), stats_t.data_ptr(), rho.data_ptr(),
-                                            row_loss.data_ptr(), stream),
-                   "token_contextual");
+      check_launch(
+          contextual_fwd_rows_cuda(chunk_of(s, acc, i0, rows), sims_s.data_ptr(), sims_t.data_ptr(), stats_s.data_ptr(),
+                                   stats_t.data_ptr(), rho.data_ptr(), row_loss.data_ptr(), stream),
+          "token_contextual");
     }
   }
   // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
@@ -127,8 +127,8 @@ void check_row_state(const at::Tensor& t, const at::Tensor& student, const Shape
   check_cuda(t, student, name);
   const bool shape_ok = stats ? t.dim() == 3 && t.size(0) == 2 && t.size(1) == s.B && t.size(2) == s.N
                               : t.dim() == 2 && t.size(0) == s.B && t.size(1) == s.N;
-  TORCH_CHECK_VALUE(t.scalar_type() == acc && shape_ok, name, " must be ", stats ? "[2, B, N]" : "[B, N]",
-                    " of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == acc && shape_ok, name, " must be ", stats ? "[2, B, N]" : "[B, N]", " of dtype ",
+                    acc, ", got ", t.sizes(), " ", t.scalar_type());
 }
 
 at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
@@ -163,11 +163,10 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
     const int64_t rows = std::min(R, s.N - i0);
     const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
     check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), stats_s.data_ptr(),
-                                             stats_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(),
-                                             sims_t.data_ptr(), split ? static_cast<int>(dtype_code(xs.scalar_type())) : kNoSplit,
-                                             split ? row_max.data_ptr() : nullptr,
-                                             split ? buf_hi.data_ptr() : nullptr, split ? buf_lo.data_ptr() : nullptr,
-                                             stream),
+                                             stats_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(), sims_t.data_ptr(),
+                                             split ? static_cast<int>(dtype_code(xs.scalar_type())) : kNoSplit,
+                                             split ? row_max.data_ptr() : nullptr, split ? buf_hi.data_ptr() : nullptr,
+                                             split ? buf_lo.data_ptr() : nullptr, stream),
                  "token_contextual");
     at::Tensor rows_grad;
     if (split) {

@@ -75,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student, co
   const int64_t M = call.problem.nodes, k = call.problem.k;
   const auto acc_options = call.student.options().dtype(acc_type(call.student.scalar_type()));
   // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
-  at::Tensor loss = call.problem.reduction == Reduction::kNone ? at::empty({M}, acc_options) : at::empty({}, acc_options);
+  at::Tensor loss =
+      call.problem.reduction == Reduction::kNone ? at::empty({M}, acc_options) : at::empty({}, acc_options);
   at::Tensor coef = at::empty({M, k}, acc_options);
   at::Tensor workspace = at::empty({token_graph_workspace_size(M, k)}, acc_options);
   check_launch(token_graph_fwd_cuda(call.problem, loss.data_ptr(), coef.data_ptr(), workspace.data_ptr(),
@@ -91,8 +92,8 @@ at::Tensor token_graph_bwd(const at::Tensor& grad, const at::Tensor& student, co
   const int64_t M = call.problem.nodes, k = call.problem.k;
   const auto acc = acc_type(call.student.scalar_type());
   check_cuda(coef, call.student, "coef");
-  TORCH_CHECK_VALUE(coef.scalar_type() == acc && coef.sizes() == call.neighbours.sizes(), "coef must be [M, k] of dtype ",
-                    acc, ", got ", coef.sizes(), " ", coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.scalar_type() == acc && coef.sizes() == call.neighbours.sizes(),
+                    "coef must be [M, k] of dtype ", acc, ", got ", coef.sizes(), " ", coef.scalar_type());
   const auto g = checked_grad(grad, call.student, call.problem.reduction, {M}, acc);
   at::Tensor out = at::empty({M, call.problem.ds}, call.student.options());
   if (out.numel() == 0) return out;

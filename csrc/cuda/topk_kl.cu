@@ -190,8 +190,8 @@ __device__ void kept_sums(const Slots<T>& row, Acc<T> inv_t, Acc<T> lse, Acc<T>*
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fwd_rows_kernel(TopKKLProblem p, Acc<T>* row_loss, Acc<T>* lse_out,
-                                                            Acc<T>* loss_none) {
+__global__ void __launch_bounds__(kThreads)
+    fwd_rows_kernel(TopKKLProblem p, Acc<T>* row_loss, Acc<T>* lse_out, Acc<T>* loss_none) {
   using A = Acc<T>;
   __shared__ Lse<A> lse_scratch[33];
   __shared__ A sum_scratch[32];
@@ -252,8 +252,8 @@ __device__ void write_dense(T* out, const T* z, int64_t V, Acc<T> inv_t, Acc<T> 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_rows_kernel(TopKKLProblem p, const Acc<T>* grad, const Acc<T>* lse_in,
-                                                            T* grad_logits) {
+__global__ void __launch_bounds__(kThreads)
+    bwd_rows_kernel(TopKKLProblem p, const Acc<T>* grad, const Acc<T>* lse_in, T* grad_logits) {
   using A = Acc<T>;
   __shared__ A sum_scratch[32];
   __shared__ A coef[3];  // α, γ, Σ_K p̂
@@ -307,8 +307,7 @@ cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void
     A* rows = static_cast<A*>(workspace);
     A* loss_none = p.reduction == Reduction::kNone ? static_cast<A*>(loss) : nullptr;
     if (p.rows > 0)
-      fwd_rows_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(p, rows, static_cast<A*>(lse),
-                                                                             loss_none);
+      fwd_rows_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(p, rows, static_cast<A*>(lse), loss_none);
     if (p.reduction != Reduction::kNone)
       launch_finalize(rows, p.rows, mean_or_sum(p.reduction, DeviceDivisor<A>{static_cast<const A*>(p.divisor)}),
                       static_cast<A*>(loss), stream);

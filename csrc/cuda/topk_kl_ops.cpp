@@ -51,11 +51,27 @@ Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tenso
   check_acc(divisor, logits, "divisor", {});
   check_cuda(valid, logits, "valid");
   TORCH_CHECK_VALUE(valid.scalar_type() == at::kBool && valid.sizes() == at::IntArrayRef{N}, "valid must be bool [N]");
-  Call call{logits, ids.contiguous(), target_logp.contiguous(), tail_logp.contiguous(), valid.contiguous(),
-            divisor.contiguous(), {}};
-  call.problem = {dtype_code(logits.scalar_type()), N, V, k, logits.data_ptr(), N > 0 ? logits.stride(0) : V,
-                  call.ids.data_ptr<int64_t>(), call.target.data_ptr(), call.tail.data_ptr(),
-                  call.valid.data_ptr<bool>(), call.divisor.data_ptr(), inv_temperature, scale, full_support,
+  Call call{logits,
+            ids.contiguous(),
+            target_logp.contiguous(),
+            tail_logp.contiguous(),
+            valid.contiguous(),
+            divisor.contiguous(),
+            {}};
+  call.problem = {dtype_code(logits.scalar_type()),
+                  N,
+                  V,
+                  k,
+                  logits.data_ptr(),
+                  N > 0 ? logits.stride(0) : V,
+                  call.ids.data_ptr<int64_t>(),
+                  call.target.data_ptr(),
+                  call.tail.data_ptr(),
+                  call.valid.data_ptr<bool>(),
+                  call.divisor.data_ptr(),
+                  inv_temperature,
+                  scale,
+                  full_support,
                   reduction};
   return call;
 }
@@ -66,12 +82,13 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
                                                double inv_temperature, double scale, bool full_support,
                                                int64_t reduction) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto call = prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
-                            full_support, reduction);
+  const auto call =
+      prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale, full_support, reduction);
   const int64_t N = call.problem.rows;
   const auto acc_options = call.logits.options().dtype(acc_type(call.logits.scalar_type()));
   // the loss is returned in the accumulation dtype (rounded to the logits' in Python outside autocast)
-  at::Tensor loss = call.problem.reduction == Reduction::kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
+  at::Tensor loss =
+      call.problem.reduction == Reduction::kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
   at::Tensor lse = at::empty({N}, acc_options);
   at::Tensor workspace = at::empty({topk_kl_workspace_size(N)}, acc_options);
   check_launch(topk_kl_fwd_cuda(call.problem, loss.data_ptr(), lse.data_ptr(), workspace.data_ptr(),
@@ -85,16 +102,16 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::
                        const at::Tensor& divisor, double inv_temperature, double scale, bool full_support,
                        int64_t reduction) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto call = prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
-                            full_support, reduction);
+  const auto call =
+      prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale, full_support, reduction);
   const int64_t N = call.problem.rows, V = call.problem.vocab;
   check_acc(lse, call.logits, "lse", {N});
   const auto g = checked_grad(grad, call.logits, call.problem.reduction, {N}, acc_type(call.logits.scalar_type()));
   const auto lse_c = lse.contiguous();
   at::Tensor out = at::empty({N, V}, call.logits.options());
-  check_launch(topk_kl_bwd_cuda(call.problem, g.data_ptr(), lse_c.data_ptr(), out.data_ptr(),
-                                c10::cuda::getCurrentCUDAStream()),
-               "topk_kl");
+  check_launch(
+      topk_kl_bwd_cuda(call.problem, g.data_ptr(), lse_c.data_ptr(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+      "topk_kl");
   return out;
 }
 

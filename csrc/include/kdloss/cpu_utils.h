@@ -88,8 +88,8 @@ inline int64_t row_grain(int64_t work_per_row) {
 
 inline void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name,
-                    " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
+                    t.scalar_type());
 }
 
 // The upstream gradient `grad` of an op's loss, a CPU tensor (see kdloss::upstream_grad).

@@ -27,8 +27,8 @@ inline DType dtype_code(at::ScalarType t) {
 
 // `t` must be a CUDA tensor on the device of `like`.
 inline void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(),
-                    ", got ", t.device());
+  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(), ", got ",
+                    t.device());
 }
 
 // The upstream gradient `grad` of an op's loss, on the device of `like` (see kdloss::upstream_grad).

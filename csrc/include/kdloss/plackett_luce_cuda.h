@@ -17,13 +17,13 @@ namespace kdloss {
 namespace cuda {
 
 struct PlackettLuceProblem {
-  DType dtype;                // element type of the student
-  int64_t rows, classes;      // R, C
-  const void* student;        // [R, C]
-  int64_t student_stride;     // elements between rows
-  const void* teacher;        // [R, C]
-  const int64_t* labels;      // [R]
-  const int64_t* permutation; // [R, C] cached teacher ranking, or null (the kernel sorts)
+  DType dtype;                 // element type of the student
+  int64_t rows, classes;       // R, C
+  const void* student;         // [R, C]
+  int64_t student_stride;      // elements between rows
+  const void* teacher;         // [R, C]
+  const int64_t* labels;       // [R]
+  const int64_t* permutation;  // [R, C] cached teacher ranking, or null (the kernel sorts)
   double temperature;
   int64_t ignore_index;
   Reduction reduction;

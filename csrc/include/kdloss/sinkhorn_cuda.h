@@ -3,8 +3,8 @@
 //
 // Student logits are of the dtype `dtype` (rows of stride `student_stride`, unit column stride);
 // everything else except the student gradient (the loss and its upstream gradient included) is of
-// the accumulation type (fp32, or fp64 for fp64) and contiguous. Problems with B·B' <= sinkhorn_fused_max_elems() run as one thread
-// block per direction (one launch); larger ones as a sequence of multi-block launches.
+// the accumulation type (fp32, or fp64 for fp64) and contiguous. Problems with B·B' <= sinkhorn_fused_max_elems() run
+// as one thread block per direction (one launch); larger ones as a sequence of multi-block launches.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -17,10 +17,10 @@ namespace kdloss {
 namespace cuda {
 
 struct SinkhornProblem {
-  DType dtype;               // element type of the student logits (and of their gradient)
-  int64_t batch, batch_t;    // B (student rows), B' (teacher rows); both >= 1
-  int64_t classes;           // C >= 1
-  int64_t n_iters;           // >= 1
+  DType dtype;             // element type of the student logits (and of their gradient)
+  int64_t batch, batch_t;  // B (student rows), B' (teacher rows); both >= 1
+  int64_t classes;         // C >= 1
+  int64_t n_iters;         // >= 1
   double temperature, epsilon, scale;
 };
 
@@ -34,13 +34,13 @@ int64_t sinkhorn_bwd_workspace_size(const SinkhornProblem& p);
 // student [B, C] (row stride student_stride), teacher [B', C] (acc, contiguous) →
 // loss [] (acc), probs_s [B, C], probs_t [B', C], cost [B, B'], f [n, B], g [n, B'] (acc).
 cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int64_t student_stride,
-                              const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost,
-                              void* f, void* g, void* workspace, cudaStream_t stream);
+                              const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost, void* f,
+                              void* g, void* workspace, cudaStream_t stream);
 
 // grad [] (acc) and the forward's saved outputs → grad_student [B, C] (dtype, contiguous).
-cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const void* probs_s,
-                              const void* probs_t, const void* cost, const void* f, const void* g,
-                              void* grad_student, void* workspace, cudaStream_t stream);
+cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const void* probs_s, const void* probs_t,
+                              const void* cost, const void* f, const void* g, void* grad_student, void* workspace,
+                              cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kdloss

@@ -19,16 +19,16 @@ namespace kdloss {
 namespace cuda {
 
 struct ContextualChunk {
-  DType acc;                 // element type of the buffers and row state: kFloat32 or kFloat64
-  int64_t batch, n;          // B >= 1, N >= 1
-  int64_t i0, rows;          // first row of the chunk, rows in it (>= 1)
-  double scale_s, scale_t;   // 1/√Ds, 1/√Dt
+  DType acc;                // element type of the buffers and row state: kFloat32 or kFloat64
+  int64_t batch, n;         // B >= 1, N >= 1
+  int64_t i0, rows;         // first row of the chunk, rows in it (>= 1)
+  double scale_s, scale_t;  // 1/√Ds, 1/√Dt
 };
 
 // Forward: per row, the softmax statistics of the scaled student / teacher similarities,
 // ρ = Σ_j (A − P) A and Σ_j (P − A)², written at row b·N + i0 + r.
-cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t,
-                                     void* stats_s, void* stats_t, void* rho, void* row_loss, cudaStream_t stream);
+cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t, void* stats_s,
+                                     void* stats_t, void* rho, void* row_loss, cudaStream_t stream);
 
 // split_dtype of contextual_bwd_weights_cuda when W is not split.
 constexpr int kNoSplit = -1;
@@ -41,8 +41,8 @@ constexpr int kNoSplit = -1;
 // fp32-accurate W·X). split_dtype = kNoSplit skips that.
 cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, Reduction reduction, const void* grad,
                                         const void* stats_s, const void* stats_t, const void* rho, void* sims_s,
-                                        const void* sims_t, int split_dtype, void* row_max, void* w_hi,
-                                        void* w_lo, cudaStream_t stream);
+                                        const void* sims_t, int split_dtype, void* row_max, void* w_hi, void* w_lo,
+                                        cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kdloss

@@ -16,18 +16,18 @@ namespace kdloss {
 namespace cuda {
 
 struct TopKKLProblem {
-  DType dtype;                // element type of the logits
-  int64_t rows, vocab, k;     // N, V, k
-  const void* logits;         // [N, V], unit stride along V, row stride `row_stride` elements
+  DType dtype;             // element type of the logits
+  int64_t rows, vocab, k;  // N, V, k
+  const void* logits;      // [N, V], unit stride along V, row stride `row_stride` elements
   int64_t row_stride;
-  const int64_t* ids;         // [N, k]; ids outside [0, V) are skipped (Python validates them)
-  const void* target_logp;    // [N, k] log p̂; −inf slots are not part of K
-  const void* tail_logp;      // [N] log r̂; −inf: no tail term
-  const bool* valid;          // [N]
-  const void* divisor;        // [] "mean" denominator (≤ 0 gives 0)
-  double inv_temperature;     // 1/T
-  double scale;               // T² or 1
-  bool full_support;          // student log-softmax over V (else over K)
+  const int64_t* ids;       // [N, k]; ids outside [0, V) are skipped (Python validates them)
+  const void* target_logp;  // [N, k] log p̂; −inf slots are not part of K
+  const void* tail_logp;    // [N] log r̂; −inf: no tail term
+  const bool* valid;        // [N]
+  const void* divisor;      // [] "mean" denominator (≤ 0 gives 0)
+  double inv_temperature;   // 1/T
+  double scale;             // T² or 1
+  bool full_support;        // student log-softmax over V (else over K)
   Reduction reduction;
 };
 
