@@ -137,6 +137,16 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if torch.isnan(diff).any() else diff.max().item()
 
 
+def nonfinite_where_exact_is_finite(kernel: torch.Tensor, exact: torch.Tensor) -> bool:
+    """True if the kernel gives NaN or ±inf where the exact result, rounded to the kernel's dtype, is
+    finite: always a failure, even where the naive formula breaks down too (its error, and with it
+    the bound, is then infinite)."""
+    if kernel.numel() == 0 or kernel.shape != exact.shape:
+        return False
+    rounded = exact.detach().cpu().to(kernel.dtype)
+    return bool((~torch.isfinite(kernel.detach().cpu()) & torch.isfinite(rounded)).any())
+
+
 def lowp_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
     """Allowed error of a low-precision kernel: the naive eager error plus SLACK·eps·(1 + scale)."""
     scale = exact.double().abs().max().item() if exact.numel() else 0.0
@@ -178,7 +188,8 @@ def check_case(loss: str, case: dict, device="cpu", dtype=torch.float32) -> Chec
         err = max_abs(k, e)
         expected_dtype = torch.float64 if dtype == torch.float64 else dtype
         shape_ok = tuple(k.shape) == tuple(e.shape) and k.dtype == expected_dtype
-        results.append(CheckResult(shape_ok and err <= bound, err, bound, label))
+        ok = shape_ok and err <= bound and not nonfinite_where_exact_is_finite(k, e)
+        results.append(CheckResult(ok, err, bound, label))
     failing = [r for r in results if not r.ok]
     worst = max(failing or results, key=lambda r: r.ratio)
     return CheckResult(not failing, worst.error, worst.bound, worst.what,

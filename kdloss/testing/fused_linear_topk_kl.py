@@ -14,7 +14,7 @@ import torch
 from ..fused_linear_topk_kl import fused_linear_topk_kl_loss
 from ..reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
 from . import Built, Example, LossSpec, register
-from .topk_kl import REDUCTIONS, VARIANTS, _teacher, draw_labels
+from .topk_kl import EXTREME_T, REDUCTIONS, VARIANTS, _teacher, draw_labels
 
 
 def strategy():
@@ -35,7 +35,7 @@ def strategy():
             "values": values,
             "tail": tail,
             "support": support,
-            "temperature": draw(st.sampled_from([1.0, 0.5, 2.0])),
+            "temperature": draw(st.one_of(st.sampled_from([1.0, 0.5, 2.0]), st.sampled_from(EXTREME_T))),
             "teacher_temperature": draw(st.sampled_from([1.0, 1.5])),
             "scale_by_t2": draw(st.booleans()),
             "labels": draw(st.sampled_from([None, "some", "all"])),

@@ -6,9 +6,12 @@ A case: ``rows`` (0 allowed), ``split`` (rows as ``[2, rows/2]`` leading dims wh
 ``support`` (the variants), ``temperature``, ``teacher_temperature``, ``scale_by_t2``, ``labels``
 (None | "some" ignored | "all" ignored), ``num_items`` (None | an int, only with "mean"),
 ``reduction``, ``layout`` ("contiguous" | "rows": a row-strided slice | "strided": vocabulary not
-unit-stride), ``magnitude`` of the logits, ``student_pad`` (vocabulary entries at −inf in the
-student, never kept by the teacher), ``quantised`` (stored log-probs shifted up so their mass may
-exceed 1) and ``seed``.
+unit-stride), ``magnitude`` of the logits, ``confident`` (the logit of one kept id raised 40 above the
+rest: a student certain of one token, whose mass outside the ids is below fp32 resolution),
+``student_pad`` (vocabulary entries at −inf in the student, never kept by the teacher), ``quantised``
+(stored log-probs shifted up so their mass may exceed 1) and ``seed``. Temperatures include the
+extremes 1e-6 and 1e3 (logits/T up to ~1e8: every log-probability must be formed from differences
+of logits, not from the scaled logits).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..reference.topk_kl import topk_kl_reference
 from . import Built, Example, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
+#: Temperatures at the edges of the valid range that a typical strategy would never draw.
+EXTREME_T = (1e-6, 1e-3, 30.0, 1e3)
 VARIANTS = (  # (values, tail, student_support)
     ("logprobs", "renorm", "full"),
     ("logprobs", "bucket", "full"),
@@ -51,7 +56,7 @@ def strategy():
             "values": values,
             "tail": tail,
             "support": support,
-            "temperature": draw(st.sampled_from([1.0, 0.5, 2.0, 3.7])),
+            "temperature": draw(st.one_of(st.sampled_from([1.0, 0.5, 2.0, 3.7]), st.sampled_from(EXTREME_T))),
             "teacher_temperature": draw(st.sampled_from([1.0, 1.5])),
             "scale_by_t2": draw(st.booleans()),
             "labels": draw(st.sampled_from([None, "some", "all"])),
@@ -59,6 +64,7 @@ def strategy():
             "reduction": reduction,
             "layout": draw(st.sampled_from(["contiguous", "rows", "strided"])),
             "magnitude": draw(st.sampled_from([0.1, 1.0, 8.0, 60.0])),
+            "confident": draw(st.booleans()),
             "student_pad": student_pad,
             "quantised": draw(st.booleans()) and values == "logprobs",
             "seed": draw(st.integers(0, 2**31 - 1)),
@@ -112,6 +118,8 @@ def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     if case["student_pad"]:
         logits[:, usable:] = float("-inf")
     ids, values = _teacher(case, gen, rows, usable)
+    if case.get("confident") and rows:
+        logits.scatter_add_(1, ids[:, :1], torch.full((rows, 1), 40.0, dtype=torch.float64))
     labels = draw_labels(case, gen, rows, vocab)
     labels = None if labels is None else labels.reshape(lead).to(device)
     logits = logits.to(device, dtype)
