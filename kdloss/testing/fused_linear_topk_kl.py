@@ -14,7 +14,7 @@ import torch
 from ..fused_linear_topk_kl import fused_linear_topk_kl_loss
 from ..reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
 from . import Built, Example, LossSpec, register
-from .topk_kl import EXTREME_T, REDUCTIONS, VARIANTS, _teacher, draw_labels
+from .topk_kl import EXTREME_T, REDUCTIONS, VARIANTS, _teacher, draw_labels, kl_term_scale
 
 
 def strategy():
@@ -102,4 +102,13 @@ def example(device, dtype) -> Example:
     return Example(args, {"temperature": 2.0, "chunk_size": 4}, (0, 1))
 
 
-SPEC = register(LossSpec("fused_linear_topk_kl", strategy, build, kernel, reference, naive, example))
+def value_scale(case, hidden, weight, bias=None, *, teacher_ids, teacher_values, labels):
+    from ..reference.fused_linear_topk_kl import linear_logits
+
+    logits = linear_logits(hidden, weight, bias, case["softcap"])
+    return kl_term_scale(logits, teacher_ids, teacher_values, labels,
+                         {k: v for k, v in options(case).items() if k != "softcap"})
+
+
+SPEC = register(LossSpec("fused_linear_topk_kl", strategy, build, kernel, reference, naive, example,
+                         value_scale=value_scale))

@@ -166,6 +166,50 @@ def naive(case, student, *, teacher_ids, teacher_values, labels):
     return topk_kl_reference(_view(case, student), teacher_ids, teacher_values, labels, **options(case))
 
 
+def kl_term_scale(logits, teacher_ids, teacher_values, labels, options: dict) -> float:
+    """The magnitude of the terms the top-k KL value sums (fp64): per counted row
+    ``c·Σ_K p̂ (|log p̂| + |log q|)`` (+ the tail bucket's ``r̂ (|log r̂| + |log r_s|)``, with
+    ``|log r_s| ≤ |log 1e-8| < 20`` by the clamp), ``c = T²`` or 1,
+    reduced like the loss (the max over rows for ``"none"``). Every fp32 log-probability carries an
+    absolute rounding error ~eps·|log|, so any fp32 evaluation of the loss — the kernel's or eager
+    code's — errs by up to ~eps times this, however small the KL itself (p̂ ≈ q at a large T)."""
+    from .._topk import TopKKLOptions, log_targets
+
+    kwargs = {k: v for k, v in options.items() if k != "num_items_in_batch"}
+    opts = TopKKLOptions(**kwargs)
+    vocab, k = logits.shape[-1], teacher_ids.shape[-1]
+    z = logits.reshape(-1, vocab)
+    ids = teacher_ids.reshape(-1, k).long()
+    log_p, log_r = log_targets(teacher_values.reshape(-1, k).double(), opts)
+    kept = ~torch.isneginf(log_p)
+    zt = (z - z.amax(1, keepdim=True)) / opts.temperature
+    if opts.student_support == "full":
+        log_q = (zt - torch.logsumexp(zt, 1, keepdim=True)).gather(1, ids)
+    else:
+        zk = zt.gather(1, ids).masked_fill(~kept, float("-inf"))
+        log_q = zk - torch.logsumexp(zk, 1, keepdim=True)
+    p = log_p.exp()
+    terms = torch.where(kept, p * (log_p.abs() + log_q.abs()), torch.zeros_like(p)).sum(1)
+    has_tail = ~torch.isneginf(log_r)
+    tail = torch.where(has_tail, log_r.exp() * (log_r.abs().nan_to_num(0.0) + 20.0), torch.zeros_like(log_r))
+    rows = (terms + tail) * opts.scale
+    counted = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels.reshape(-1) != opts.ignore_index
+    rows = torch.where(counted, rows, torch.zeros_like(rows))
+    if rows.numel() == 0:
+        return 0.0
+    if opts.reduction == "none":
+        return rows.max().item()
+    if opts.reduction == "sum":
+        return rows.sum().item()
+    num_items = options.get("num_items_in_batch")
+    divisor = int(counted.sum()) if num_items is None else float(num_items)
+    return rows.sum().item() / divisor if divisor > 0 else 0.0
+
+
+def value_scale(case, student, *, teacher_ids, teacher_values, labels):
+    return kl_term_scale(_view(case, student), teacher_ids, teacher_values, labels, options(case))
+
+
 def example(device, dtype) -> Example:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 40, generator=gen, dtype=torch.float64)
@@ -175,4 +219,4 @@ def example(device, dtype) -> Example:
     return Example(args, {"temperature": 2.0, "tail": "bucket"})
 
 
-SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive, example))
+SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive, example, value_scale=value_scale))
