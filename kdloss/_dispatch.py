@@ -53,12 +53,19 @@ def _kernel_loaded(loss: str, device_type: str) -> bool:
     return _load_all(loss, device_type)[0]
 
 
+def _under_functorch_transform() -> bool:
+    """Inside ``torch.func.grad``/``vmap``/``jacrev``…: the kernels' autograd formulas (registered with
+    ``torch.library``) have no functorch rules, while the reference is plain PyTorch."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def use_kernel(loss: str, device: torch.device, backend: str) -> bool:
     """True to run the compiled kernel of ``loss`` (a registry name), False for the reference.
 
     ``backend="kernel"`` raises :class:`KernelUnavailableError` when the loss has no kernel or its
     kernel libraries cannot be built or loaded for ``device``; ``"auto"`` falls back with one warning
-    (silently for a loss that has no kernel at all: there is nothing to fall back from).
+    (silently for a loss that has no kernel at all: there is nothing to fall back from). Inside a
+    ``torch.func`` transform ``"auto"`` runs the reference and ``"kernel"`` raises.
     """
     check_option(backend, "backend", BACKENDS)
     if backend == "reference":
@@ -68,6 +75,13 @@ def use_kernel(loss: str, device: torch.device, backend: str) -> bool:
             raise _build.KernelUnavailableError(
                 f"backend='kernel': kdloss {loss} has no compiled kernel (reference only); "
                 'use backend="auto" or "reference"'
+            )
+        return False
+    if _under_functorch_transform():
+        if backend == "kernel":
+            raise _build.KernelUnavailableError(
+                f"backend='kernel': the kdloss {loss} kernel does not support torch.func transforms (grad, vmap, "
+                'jacrev, …); use backend="auto" (which runs the pure-PyTorch reference there) or "reference"'
             )
         return False
     if backend == "kernel":

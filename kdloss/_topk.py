@@ -25,12 +25,16 @@ from ._validation import (
     check_label_values,
     check_labels,
     check_option,
-    check_real,
+    check_scale,
     check_tensor,
     comparable,
+    has_data,
 )
 
-__all__ = ["SUPPORTS", "TAILS", "VALUES", "TopKKLOptions", "check_teacher", "check_teacher_data", "teacher_targets"]
+__all__ = [
+    "SUPPORTS", "TAILS", "VALUES", "TopKKLOptions", "check_teacher", "check_teacher_data", "teacher_targets",
+    "temperature_args",
+]
 
 VALUES = ("logprobs", "logits")
 TAILS = ("renorm", "bucket", "none")
@@ -67,8 +71,8 @@ class TopKKLOptions:
         check_option(self.values, "values", VALUES)
         check_option(self.tail, "tail", TAILS)
         check_option(self.student_support, "student_support", SUPPORTS)
-        check_real(self.temperature, "temperature", low=0.0)
-        check_real(self.teacher_temperature, "teacher_temperature", low=0.0)
+        check_scale(self.temperature, "temperature")
+        check_scale(self.teacher_temperature, "teacher_temperature")
         check_bool(self.scale_by_t2, "scale_by_t2")
         check_int(self.ignore_index, "ignore_index")
         check_option(self.reduction, "reduction", REDUCTIONS)
@@ -113,7 +117,7 @@ def check_teacher(teacher_ids, teacher_values, labels, lead: tuple, owner: str) 
 def check_teacher_data(teacher_ids, teacher_values, labels, vocab: int, ignore_index: int) -> None:
     """Data-dependent checks (one host sync; skipped while ``torch.compile`` traces): ids in ``[0, V)``,
     no id repeated with non-zero teacher mass within a position, labels in ``[0, V)`` or ``ignore_index``."""
-    if torch.compiler.is_compiling() or teacher_ids.numel() == 0:
+    if not has_data(teacher_ids) or teacher_ids.numel() == 0:
         return
     k = teacher_ids.shape[-1]
     ids = comparable(teacher_ids).reshape(-1, k).long()
@@ -135,15 +139,22 @@ def check_teacher_data(teacher_ids, teacher_values, labels, vocab: int, ignore_i
     check_label_values(labels, vocab, ignore_index)
 
 
-def _log_normalize(log_w: torch.Tensor) -> torch.Tensor:
-    """``log_w − logsumexp(log_w)`` along the last dim, −inf slots kept; an all −inf row stays −inf."""
-    log_z = torch.logsumexp(log_w, dim=-1, keepdim=True)
-    log_z = log_z.masked_fill(torch.isneginf(log_z), 0.0)
-    return log_w - log_z
-
-
 def _powered(log_w: torch.Tensor, power: float) -> torch.Tensor:
     return log_w if power == 1.0 else torch.where(torch.isneginf(log_w), log_w, log_w * power)
+
+
+def _powered_log_normalize(log_w: torch.Tensor, power: float) -> torch.Tensor:
+    """``a·log_w − logsumexp(a·log_w)`` along the last dim, −inf slots kept; an all −inf row stays −inf.
+
+    The values are shifted by the row maximum before the multiplication by ``a``: with a huge power
+    (a tiny distillation temperature) ``a·log_w`` would be −inf for every slot below 0, and the
+    normalisation −inf − (−inf); shifted first, the result is the one-hot limit."""
+    top = log_w.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(torch.isneginf(top), 0.0)
+    shifted = _powered(torch.where(torch.isneginf(log_w), log_w, log_w - top), power)
+    log_z = torch.logsumexp(shifted, dim=-1, keepdim=True)
+    log_z = log_z.masked_fill(torch.isneginf(log_z), 0.0)
+    return shifted - log_z
 
 
 def log_targets(values: torch.Tensor, options: TopKKLOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,14 +163,14 @@ def log_targets(values: torch.Tensor, options: TopKKLOptions) -> tuple[torch.Ten
     power = options.power
     no_tail = values.new_full(values.shape[:-1], NEG_INF)
     if options.values == "logits" or options.tail == "renorm":
-        return _log_normalize(_powered(values, power)), no_tail
+        return _powered_log_normalize(values, power), no_tail
     if options.tail == "none":
         return _powered(values, power), no_tail
     # residual r = 1 − Σ_K p as −expm1(log Σ_K p): exact where the kept mass is close to 1
     log_r = torch.log((-torch.expm1(torch.logsumexp(values, dim=-1))).clamp(0.0, 1.0))
     if power == 1.0:
         return values, log_r
-    joint = _log_normalize(_powered(torch.cat([values, log_r.unsqueeze(-1)], dim=-1), power))
+    joint = _powered_log_normalize(torch.cat([values, log_r.unsqueeze(-1)], dim=-1), power)
     return joint[..., :-1], joint[..., -1]
 
 
@@ -175,3 +186,11 @@ def teacher_targets(teacher_ids, teacher_values, labels, rows: int, options: Top
     else:
         counted = (comparable(labels).reshape(rows) != options.ignore_index).contiguous()
     return ids, log_p.contiguous(), log_r.contiguous(), counted
+
+
+def temperature_args(options: TopKKLOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ops' ``inv_temperature`` (1/T) and ``scale`` (T² or 1) as 0-d float64 CPU tensors
+    (:func:`kdloss._ops.float_arg`: traced by ``torch.compile``, never baked into a cached graph)."""
+    from . import _ops
+
+    return _ops.float_arg(1.0 / options.temperature), _ops.float_arg(options.scale)

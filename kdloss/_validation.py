@@ -33,8 +33,10 @@ __all__ = [
     "check_real",
     "check_same_device",
     "check_same_dtype",
+    "check_scale",
     "check_tensor",
     "comparable",
+    "has_data",
     "mean_divisor",
 ]
 
@@ -45,6 +47,11 @@ INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint16, torch.int8,
 BACKENDS = ("auto", "kernel", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 _INT64_RANGE = (-(2**63), 2**63 - 1)
+#: The closed range of every positive scale option: temperatures, the graph bandwidth σ, the soft-cap.
+#: Inside it the kernels' float32 intermediates stay finite for logits (or distances) up to ~1e30 in
+#: magnitude: logit differences over T (≤ 1e38), 1/T and T² (1e±16); beyond it they overflow to inf or
+#: flush to 0, and a loss can turn into inf − inf or 0·inf = NaN.
+SCALE_RANGE = (1e-8, 1e8)
 
 
 def _type_name(value) -> str:
@@ -142,6 +149,17 @@ def check_real(value, name: str, *, low: float = -math.inf, high: float = math.i
     return float(value) if isinstance(value, numbers.Real) else value
 
 
+def check_scale(value, name: str) -> float:
+    """``value`` must be a real number in :data:`SCALE_RANGE` (a temperature, σ or soft-cap)."""
+    return check_real(value, name, low=SCALE_RANGE[0], high=SCALE_RANGE[1], low_open=False, high_open=False)
+
+
+def has_data(tensor: torch.Tensor) -> bool:
+    """Whether data-dependent checks can read ``tensor``: not while ``torch.compile`` traces, and never
+    on the meta device (shapes only)."""
+    return not torch.compiler.is_compiling() and tensor.device.type != "meta"
+
+
 def _check_same(attribute: str, tensors: dict[str, torch.Tensor]):
     items = list(tensors.items())
     first_name, first = items[0]
@@ -185,7 +203,7 @@ def check_label_values(labels, classes: int, ignore_index: int) -> None:
 
     One host sync; skipped while ``torch.compile`` traces.
     """
-    if labels is None or labels.numel() == 0 or torch.compiler.is_compiling():
+    if labels is None or labels.numel() == 0 or not has_data(labels):
         return
     values = comparable(labels)
     bad = (values != ignore_index) & ((values < 0) | (values >= classes))
@@ -216,7 +234,12 @@ def check_num_items(num_items_in_batch, reduction: str, device: torch.device):
                 f"num_items_in_batch must be an int or a one-element real tensor, got a {dtype} tensor of "
                 f"shape {tuple(num_items_in_batch.shape)}"
             )
-        return num_items_in_batch.detach().reshape(()).to(device, non_blocking=True)
+        count = num_items_in_batch.detach().reshape(())
+        if count.device.type == "cpu" and has_data(count) and not -math.inf < count.item() < math.inf:
+            # a NaN count would otherwise make the mean 0 silently (a count ≤ 0 gives 0); device tensors
+            # are used as given (reading them would synchronise the device)
+            raise ValueError(f"num_items_in_batch must be a finite count, got {count.item()}")
+        return count.to(device, non_blocking=True)
     return check_int(num_items_in_batch, "num_items_in_batch", low=0)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _ops
 from ._autocast import cast_loss, no_autocast
 from ._collectives import resolve_group
 from ._dispatch import use_kernel
@@ -176,9 +177,10 @@ def _shard_logsumexp(logits, counted, inv_t: float, acc) -> torch.Tensor:
     ids = torch.zeros(rows, 1, dtype=torch.int64, device=logits.device)
     no_mass = torch.full((rows, 1), NEG_INF, dtype=acc, device=logits.device)
     one = torch.ones((), dtype=acc, device=logits.device)
-    _, lse = torch.ops.kdloss.topk_kl_fwd(logits, ids, no_mass, no_mass[:, 0], counted, one, inv_t, 1.0, True,
-                                          _NONE)
-    return lse
+    _, stats = torch.ops.kdloss.topk_kl_fwd(logits, ids, no_mass, no_mass[:, 0], counted, one, _ops.float_arg(inv_t),
+                                            _ops.float_arg(1.0), True, _NONE)
+    # the kernel's per-row (m, l): max logit and log Σ exp((z − m)·t); the shard's lse of t·z is t·m + l
+    return stats[:, 0] * inv_t + stats[:, 1]
 
 
 def _kept_logits(logits, slots: Slots, inv_t: float, acc) -> torch.Tensor:
@@ -242,10 +244,16 @@ def combine(gathered: torch.Tensor, slots: Slots, cfg: Config) -> Rows:
         has_tail = ~torch.isneginf(slots.log_r)
         r = torch.exp(slots.log_r)
         safe_log_r = torch.where(has_tail, slots.log_r, torch.zeros_like(r))
-        clamped = kept_q.clamp(TAIL_CLAMP, 1.0 - TAIL_CLAMP)
-        kl = kl + torch.where(has_tail, r * (safe_log_r - torch.log1p(-clamped)), torch.zeros_like(r))
-        active = has_tail & (kept_q > TAIL_CLAMP) & (kept_q < 1.0 - TAIL_CLAMP)  # zero gradient where clamped
-        gamma = torch.where(active, r / (1.0 - kept_q), torch.zeros_like(r))
+        # DistillKit's clamp of Σ_K q to [1e-8, 1 − 1e-8], the upper end applied as r_s = 1 − Σ_K q ≥ 1e-8
+        # (1 − 1e-8 is 1 in fp32: log1p(−1) = −inf for a student confident on K), as the kernels do
+        residual = 1.0 - kept_q
+        high = ~(residual > TAIL_CLAMP)
+        low = kept_q < TAIL_CLAMP
+        inner = torch.log1p(-torch.where(high | low, torch.full_like(kept_q, TAIL_CLAMP), kept_q))
+        log_rs = torch.where(high, torch.full_like(kept_q, math.log(TAIL_CLAMP)), inner)
+        kl = kl + torch.where(has_tail, r * (safe_log_r - log_rs), torch.zeros_like(r))
+        active = has_tail & ~high & ~low  # zero gradient where clamped
+        gamma = torch.where(active, r / torch.where(active, residual, torch.ones_like(residual)), torch.zeros_like(r))
         alpha = total_mass - gamma * kept_q
     counted = slots.counted
     loss = torch.where(counted, cfg.scale * kl, torch.zeros_like(kl))
@@ -313,9 +321,11 @@ def _dense_part(logits, free, rows: Rows, g, counted, cfg: Config) -> torch.Tens
     log_abs_alpha = torch.log(alpha.abs())[:, None].contiguous()
     no_tail = torch.full_like(alpha, NEG_INF)
     one = torch.ones((), dtype=alpha.dtype, device=alpha.device)
-    return torch.ops.kdloss.topk_kl_bwd((g * torch.sign(alpha)).contiguous(), rows.lse.contiguous(), logits,
-                                        free.contiguous(), log_abs_alpha, no_tail, counted, one,
-                                        cfg.inv_temperature, cfg.scale, True, _NONE)
+    # per-row stats (m, l) = (0, L): the kernel's q_j = exp((z_j − m)·t − l) is then exp(t·z_j − L)
+    stats = torch.stack([torch.zeros_like(rows.lse), rows.lse], dim=1).contiguous()
+    return torch.ops.kdloss.topk_kl_bwd((g * torch.sign(alpha)).contiguous(), stats, logits, free.contiguous(),
+                                        log_abs_alpha, no_tail, counted, one, _ops.float_arg(cfg.inv_temperature),
+                                        _ops.float_arg(cfg.scale), True, _NONE)
 
 
 def _small_shard_grad(logits, slots: Slots, rows: Rows, coeff, live, slot_grad, q, cfg: Config) -> torch.Tensor:

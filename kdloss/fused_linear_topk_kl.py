@@ -21,14 +21,14 @@ from . import _ops
 from ._autocast import cast_loss, no_autocast
 from ._dispatch import use_kernel
 from ._options import OptionsModule
-from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets
+from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets, temperature_args
 from ._validation import (
     accumulation_dtype,
     check_int,
     check_num_items,
-    check_real,
     check_same_device,
     check_same_dtype,
+    check_scale,
     check_tensor,
     mean_divisor,
 )
@@ -63,7 +63,7 @@ class FusedLinearTopKKLOptions(TopKKLOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.softcap is not None:
-            check_real(self.softcap, "softcap", low=0.0)
+            check_scale(self.softcap, "softcap")
         if self.chunk_size is not None:
             check_int(self.chunk_size, "chunk_size", low=1)
 
@@ -119,41 +119,48 @@ def _teacher_slice(s, ids, target_logp, tail_logp, valid):
     return ids[s], target_logp[s], tail_logp[s], valid[s]
 
 
+def _counted_rows(hidden_c, valid_c):
+    """The chunk's hidden states with the rows that do not count set to 0: they may hold anything
+    (NaN included), and a zero logit gradient times NaN would still reach the weight gradient."""
+    return torch.where(valid_c.unsqueeze(-1), hidden_c, torch.zeros((), dtype=hidden_c.dtype, device=hidden_c.device))
+
+
 def _fwd_impl(hidden, weight, bias, *args):
     # an enclosing autocast must not reroute the chunk GEMMs (their dtypes are chosen here)
     with no_autocast(hidden.device.type):
         return _fwd_chunks(hidden, weight, bias, *args)
 
 
-def _bwd_impl(grad, lse, hidden, weight, bias, *args):
+def _bwd_impl(grad, stats, hidden, weight, bias, *args):
     with no_autocast(hidden.device.type):
-        return _bwd_chunks(grad, lse, hidden, weight, bias, *args)
+        return _bwd_chunks(grad, stats, hidden, weight, bias, *args)
 
 
 def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
-                full_support, reduction, softcap, chunk_size, compute_grad):
+                full_support, reduction, softcap_t, chunk_size, compute_grad):
     if compute_grad and reduction == _NONE:
         raise ValueError("compute_grad needs a scalar reduction (the upstream gradient of 'none' is per row)")
+    softcap = float(softcap_t)  # a CPU scalar: no device sync
     rows = hidden.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    lse = torch.empty(rows, dtype=acc, device=hidden.device)
+    stats = torch.empty(rows, 2, dtype=acc, device=hidden.device)
     row_losses = torch.empty(rows, dtype=acc, device=hidden.device) if reduction == _NONE else None
     partial = []
     grads = _grad_buffers(hidden, weight, bias) if compute_grad else None
     one = torch.ones((), dtype=acc, device=hidden.device)
     for s in _chunks(rows, chunk_size):
         teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
-        hidden_c = _chunk_rows(hidden, s, weight)
+        hidden_c = _counted_rows(_chunk_rows(hidden, s, weight), valid[s])
         capped = chunk_logits(hidden_c, weight, bias, softcap)
         # "sum" per chunk; the mean's divisor is applied once, below
-        loss_c, lse[s] = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, divisor, inv_temperature, scale,
-                                                      full_support, _NONE if reduction == _NONE else _SUM)
+        loss_c, stats[s] = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, divisor, inv_temperature, scale,
+                                                        full_support, _NONE if reduction == _NONE else _SUM)
         if reduction == _NONE:
             row_losses[s] = loss_c
         else:
             partial.append(loss_c)
         if compute_grad:
-            grad_logits = torch.ops.kdloss.topk_kl_bwd(one, lse[s], capped, *teacher, divisor, inv_temperature,
+            grad_logits = torch.ops.kdloss.topk_kl_bwd(one, stats[s], capped, *teacher, divisor, inv_temperature,
                                                        scale, full_support, reduction)
             grad_hidden, grad_weight, grad_bias = grads
             _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden[s], grad_weight,
@@ -168,20 +175,22 @@ def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, diviso
                                 torch.zeros_like(total))
         loss = total  # in the accumulation dtype, like the top-k kernels' loss
     if grads is None:  # distinct empty tensors: outputs must not alias
-        return loss, lse, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+        return loss, stats, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
     grad_hidden, grad_weight, grad_bias = grads
-    return loss, lse, grad_hidden, grad_weight, (hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
+    grad_bias = hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype)
+    return loss, stats, grad_hidden, grad_weight, grad_bias
 
 
-def _bwd_chunks(grad, lse, hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature,
-                scale, full_support, reduction, softcap, chunk_size):
+def _bwd_chunks(grad, stats, hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature,
+                scale, full_support, reduction, softcap_t, chunk_size):
+    softcap = float(softcap_t)
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden, weight, bias)
     for s in _chunks(hidden.shape[0], chunk_size):
         teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
-        hidden_c = _chunk_rows(hidden, s, weight)
+        hidden_c = _counted_rows(_chunk_rows(hidden, s, weight), valid[s])
         capped = chunk_logits(hidden_c, weight, bias, softcap)
         grad_c = grad[s] if reduction == _NONE else grad
-        grad_logits = torch.ops.kdloss.topk_kl_bwd(grad_c, lse[s], capped, *teacher, divisor, inv_temperature,
+        grad_logits = torch.ops.kdloss.topk_kl_bwd(grad_c, stats[s], capped, *teacher, divisor, inv_temperature,
                                                    scale, full_support, reduction)
         _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden[s], grad_weight, grad_bias)
     return grad_hidden, grad_weight, (hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
@@ -333,8 +342,8 @@ def fused_linear_topk_kl_loss(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, *_ = torch.ops.kdloss.fused_linear_topk_kl_fwd(
         flat, weight, bias, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc),
-        1.0 / options.temperature, options.scale, options.student_support == "full", _ops.REDUCTION_CODES[reduction],
-        0.0 if softcap is None else float(softcap), chunk_size or default_chunk_size(vocab),
+        *temperature_args(options), options.student_support == "full", _ops.REDUCTION_CODES[reduction],
+        _ops.float_arg(options.softcap or 0.0), chunk_size or default_chunk_size(vocab),
         needs_grad and reduction != "none",
     )
     return cast_loss(loss.reshape(lead) if reduction == "none" else loss, logits_dtype)

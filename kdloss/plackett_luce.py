@@ -30,10 +30,11 @@ from ._validation import (
     check_labels,
     check_num_items,
     check_option,
-    check_real,
     check_same_device,
+    check_scale,
     check_tensor,
     comparable,
+    has_data,
     mean_divisor,
 )
 
@@ -55,7 +56,7 @@ class PlackettLuceOptions:
     reduction: str = "mean"
 
     def __post_init__(self) -> None:
-        check_real(self.temperature, "temperature", low=0.0)
+        check_scale(self.temperature, "temperature")
         check_int(self.ignore_index, "ignore_index")
         check_option(self.reduction, "reduction", REDUCTIONS)
 
@@ -84,7 +85,7 @@ def plackett_luce_ranking(teacher_logits: torch.Tensor) -> torch.Tensor:
 def _check_permutation_values(perm: torch.Tensor, classes: int) -> None:
     """Each row of teacher_permutation holds every class exactly once (one host sync; skipped while
     compiling — the CPU kernel re-checks it)."""
-    if torch.compiler.is_compiling() or perm.numel() == 0:
+    if not has_data(perm) or perm.numel() == 0:
         return
     flat = comparable(perm).reshape(-1, classes).long()
     in_range = bool(((flat >= 0) & (flat < classes)).all())
@@ -203,7 +204,7 @@ def plackett_luce_loss(
     flat_labels = comparable(labels).reshape(rows).long()
     op_reduction = "sum" if num_items is not None else reduction
     out, _order = torch.ops.kdloss.plackett_luce_fwd(
-        student, teacher, flat_labels, perm, float(temperature), options.ignore_index,
+        student, teacher, flat_labels, perm, _ops.float_arg(temperature), options.ignore_index,
         _ops.REDUCTION_CODES[op_reduction],
     )
     if num_items is not None:

@@ -13,13 +13,28 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _ops
 from ._autocast import cast_loss
 from ._collectives import gather_rows, group_rank_world
 from ._dispatch import use_kernel
 from ._options import OptionsModule
-from ._validation import accumulation_dtype, check_bool, check_int, check_real, check_same_device, check_tensor
+from ._validation import (
+    accumulation_dtype,
+    check_bool,
+    check_int,
+    check_real,
+    check_same_device,
+    check_scale,
+    check_tensor,
+)
 
 __all__ = ["SinkhornLoss", "SinkhornOptions", "sinkhorn_loss"]
+
+#: Smallest ε: the log-domain iterate starts at −W/ε ≥ −2/ε (W ≤ 2), which must stay finite in fp32 with
+#: room for the log-sum-exps added to it; below ~6e-39 it is −inf and the row normalisation −inf − (−inf).
+EPSILON_MIN = 1e-30
+#: Most iterations: the backward keeps 2·n_iters·(B + B') increments; 10⁴ is far past convergence.
+N_ITERS_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -42,9 +57,9 @@ class SinkhornOptions:
     gather_across_ranks: bool = False
 
     def __post_init__(self) -> None:
-        check_real(self.temperature, "temperature", low=0.0)
-        check_real(self.epsilon, "epsilon", low=0.0)
-        check_int(self.n_iters, "n_iters", low=1)
+        check_scale(self.temperature, "temperature")
+        check_real(self.epsilon, "epsilon", low=EPSILON_MIN, low_open=False)
+        check_int(self.n_iters, "n_iters", low=1, high=N_ITERS_MAX)
         check_real(self.scale, "scale")
         check_bool(self.gather_across_ranks, "gather_across_ranks")
 
@@ -120,8 +135,8 @@ def sinkhorn_loss(
 
         return sinkhorn_reference(student_logits, teacher_logits, options=options)
     teacher_acc = teacher_logits.to(accumulation_dtype(student_logits.dtype))
-    loss = torch.ops.kdloss.sinkhorn_fwd(student_logits, teacher_acc, float(temperature), float(epsilon),
-                                         int(n_iters), float(scale))[0]
+    loss = torch.ops.kdloss.sinkhorn_fwd(student_logits, teacher_acc, _ops.float_arg(temperature),
+                                         _ops.float_arg(epsilon), int(n_iters), _ops.float_arg(scale))[0]
     return cast_loss(loss, student_logits.dtype)
 
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import accumulation_dtype, check_int, check_option, check_real, check_tensor
+from ._validation import accumulation_dtype, check_int, check_option, check_scale, check_tensor
 
 __all__ = ["topk_teacher", "sample_teacher_targets"]
 
 #: Elements of the fp32 working copy processed at once (64 MiB).
 _CHUNK_ELEMENTS = 1 << 24
+#: Most draws per position of :func:`sample_teacher_targets` (RS-KD uses 50; beyond 2**16 the targets
+#: are as good as the exact distribution, and the output would be larger than any dense teacher row).
+MAX_SAMPLES = 1 << 16
 TEACHER_VALUES = ("logits", "logprobs", "probs")
 
 
@@ -56,18 +59,25 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
     k = check_int(k, "k", low=1)
     if k > vocab:
         raise ValueError(f"k must be <= V = {vocab}, got {k}")
-    inv_t = 1.0 / check_real(temperature, "temperature", low=0.0)
+    inv_t = 1.0 / check_scale(temperature, "temperature")
     lead = teacher_logits.shape[:-1]
     flat = teacher_logits.reshape(-1, vocab)
     acc = accumulation_dtype(teacher_logits.dtype)
     ids = torch.empty(flat.shape[0], k, dtype=torch.int64, device=flat.device)
     logprobs = torch.empty(flat.shape[0], k, dtype=acc, device=flat.device)
     for start, end in _row_chunks(flat.shape[0], vocab):
-        scaled = flat[start:end].to(acc) * inv_t
+        scaled = _shifted(flat[start:end].to(acc)) * inv_t
         top = scaled.topk(k, dim=-1)
         ids[start:end] = top.indices
         logprobs[start:end] = top.values - torch.logsumexp(scaled, dim=-1, keepdim=True)
     return ids.reshape(*lead, k), logprobs.reshape(*lead, k)
+
+
+def _shifted(values: torch.Tensor) -> torch.Tensor:
+    """``values`` minus their row maximum (rows whose maximum is not finite are left as they are):
+    scaling by 1/T or a power after the shift keeps a tiny T from turning every entry into ±inf."""
+    top = values.amax(dim=-1, keepdim=True)
+    return values - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
 def _teacher_logprobs(chunk: torch.Tensor, values: str, inv_t: float, acc: torch.dtype) -> torch.Tensor:
@@ -75,7 +85,18 @@ def _teacher_logprobs(chunk: torch.Tensor, values: str, inv_t: float, acc: torch
     if values == "probs":
         base = torch.log(base)
     # log_softmax(base / T): a softmax of logits, or the power transform p^(1/T) of (log-)probs
-    return torch.log_softmax(base * inv_t, dim=-1)
+    return torch.log_softmax(_shifted(base) * inv_t, dim=-1)
+
+
+def _check_samplable(log_p: torch.Tensor, start: int) -> None:
+    """Every row must define a distribution: some finite positive mass, no NaN, no +inf."""
+    bad = torch.isnan(log_p).any(dim=-1)
+    if bool(bad.any()):
+        row = start + int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"teacher row {row} has no distribution to sample from (all zero / -inf, or NaN / +inf values); "
+            "every position needs some finite positive teacher mass"
+        )
 
 
 @torch.no_grad()
@@ -108,12 +129,17 @@ def sample_teacher_targets(
         with its total weight; the remaining slots repeat an id with weight 0. Weights are fp32
         (fp64 for fp64 teachers) and sum to 1 for τ = 1. Use them as
         ``topk_kl_loss(student_logits, ids, weights.log(), tail="none")``.
+
+    Raises:
+        ValueError: a position whose teacher defines no distribution (all probabilities 0, all
+            logits −inf, or a NaN / +inf value), ``n_samples`` outside ``[1, 65536]``, or a
+            temperature / proposal power outside ``[1e-8, 1e8]``.
     """
     vocab = _check_logits(teacher, "teacher")
-    n_samples = check_int(n_samples, "n_samples", low=1)
-    power = check_real(proposal_power, "proposal_power", low=0.0)
+    n_samples = check_int(n_samples, "n_samples", low=1, high=MAX_SAMPLES)
+    power = check_scale(proposal_power, "proposal_power")
     check_option(values, "values", TEACHER_VALUES)
-    inv_t = 1.0 / check_real(temperature, "temperature", low=0.0)
+    inv_t = 1.0 / check_scale(temperature, "temperature")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     lead = teacher.shape[:-1]
@@ -123,7 +149,8 @@ def sample_teacher_targets(
     weights = torch.empty(flat.shape[0], n_samples, dtype=acc, device=flat.device)
     for start, end in _row_chunks(flat.shape[0], vocab):
         log_p = _teacher_logprobs(flat[start:end], values, inv_t, acc)
-        log_q = log_p if power == 1.0 else torch.log_softmax(log_p * power, dim=-1)
+        _check_samplable(log_p, start)
+        log_q = log_p if power == 1.0 else torch.log_softmax(_shifted(log_p) * power, dim=-1)
         draws = torch.multinomial(log_q.exp(), n_samples, replacement=True, generator=generator)
         draws = draws.sort(dim=-1).values
         draw_weight = (log_p.gather(-1, draws) - log_q.gather(-1, draws)).exp() / n_samples

@@ -16,7 +16,7 @@ import torch
 from ._collectives import gather_rows, group_rank_world
 from ._dispatch import use_kernel
 from ._options import OptionsModule
-from ._validation import REDUCTIONS, check_bool, check_option, check_real, check_same_device, check_tensor
+from ._validation import REDUCTIONS, check_bool, check_option, check_same_device, check_scale, check_tensor
 
 __all__ = ["TokenContrastiveLoss", "TokenContrastiveOptions", "token_contrastive_loss"]
 
@@ -46,7 +46,7 @@ class TokenContrastiveOptions:
     gather_across_ranks: bool = False
 
     def __post_init__(self) -> None:
-        check_real(self.temperature, "temperature", low=0.0)
+        check_scale(self.temperature, "temperature")
         check_option(self.similarity, "similarity", SIMILARITIES)
         check_bool(self.symmetric, "symmetric")
         check_bool(self.detach_teacher, "detach_teacher")

@@ -25,9 +25,10 @@ from ._validation import (
     check_index_tensor,
     check_int,
     check_option,
-    check_real,
     check_same_device,
+    check_scale,
     check_tensor,
+    has_data,
 )
 
 __all__ = ["TokenGraphLoss", "TokenGraphOptions", "knn_indices", "token_graph_loss"]
@@ -62,7 +63,7 @@ class TokenGraphOptions:
 
     def __post_init__(self) -> None:
         check_int(self.k, "k", low=1)
-        check_real(self.sigma, "sigma", low=0.0)
+        check_scale(self.sigma, "sigma")
         check_option(self.graph, "graph", GRAPH_SIDES)
         check_option(self.edge, "edge", EDGE_LOGITS)
         check_option(self.kl_direction, "kl_direction", KL_DIRECTIONS)
@@ -94,7 +95,7 @@ def _check_neighbours(neighbours, m: int, device: torch.device) -> torch.Tensor:
     if neighbours.device != device:
         raise ValueError(f"neighbours must be on {device} (the device of student_nodes), got {neighbours.device}")
     neighbours = neighbours.detach().long()
-    if not torch.compiler.is_compiling() and neighbours.numel() > 0:
+    if has_data(neighbours) and neighbours.numel() > 0:
         if bool(((neighbours < 0) | (neighbours >= m)).any()):
             raise ValueError(f"neighbours must hold node indices in [0, M) with M = {m}, got values in "
                              f"[{int(neighbours.min())}, {int(neighbours.max())}]")
@@ -183,7 +184,7 @@ def token_graph_loss(
     acc = accumulation_dtype(student_nodes.dtype)
     outputs = torch.ops.kdloss.token_graph_fwd(
         student_nodes.contiguous(), teacher_nodes.detach().to(acc).contiguous(), edges.contiguous(),
-        float(sigma), _ops.token_graph.EDGE_CODES[edge], _ops.token_graph.DIRECTION_CODES[kl_direction],
+        _ops.float_arg(sigma), _ops.token_graph.EDGE_CODES[edge], _ops.token_graph.DIRECTION_CODES[kl_direction],
         _ops.REDUCTION_CODES[reduction],
     )
     return cast_loss(outputs[0], student_nodes.dtype)

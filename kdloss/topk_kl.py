@@ -21,7 +21,7 @@ from . import _ops
 from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
-from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets
+from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets, temperature_args
 from ._validation import accumulation_dtype, check_num_items, check_same_device, check_tensor, mean_divisor
 from ._vocab_parallel import is_dtensor, topk_kl_vocab_parallel
 
@@ -140,8 +140,8 @@ def topk_kl_loss(
         logits = logits.contiguous()
     ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, logits.shape[0], options, acc)
     loss, _ = torch.ops.kdloss.topk_kl_fwd(
-        logits, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc), 1.0 / options.temperature,
-        options.scale, options.student_support == "full", _ops.REDUCTION_CODES[reduction],
+        logits, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc), *temperature_args(options),
+        options.student_support == "full", _ops.REDUCTION_CODES[reduction],
     )
     return cast_loss(loss.reshape(lead) if reduction == "none" else loss, student_logits.dtype)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kdloss import FusedLinearTopKKLLoss
+from kdloss._ops import float_arg
 from kdloss.functional import fused_linear_topk_kl_loss, topk_kl_loss
 from kdloss.reference import linear_logits, teacher_log_targets
 from kdloss.sparse import topk_teacher
@@ -147,14 +148,14 @@ def test_opcheck(device, reduction):
     log_p, log_r = teacher_log_targets(vals, tail="bucket")
     valid = labels != -100
     divisor = valid.sum().double()
-    teacher = (ids, log_p, log_r, valid, divisor, 0.5, 4.0, True, reduction, 2.0, 3)
+    teacher = (ids, log_p, log_r, valid, divisor, float_arg(0.5), float_arg(4.0), True, reduction, float_arg(2.0), 3)
     for bias in (b, None):
         for compute_grad in (False, True) if reduction else (False,):
             torch.library.opcheck(torch.ops.kdloss.fused_linear_topk_kl_fwd.default, (h, w, bias, *teacher, compute_grad))
-        loss, lse, *_ = torch.ops.kdloss.fused_linear_topk_kl_fwd(h, w, bias, *teacher, False)
+        loss, stats, *_ = torch.ops.kdloss.fused_linear_topk_kl_fwd(h, w, bias, *teacher, False)
         grad = torch.rand(loss.shape, dtype=loss.dtype, device=device)
         torch.library.opcheck(torch.ops.kdloss.fused_linear_topk_kl_bwd.default,
-                              (grad, lse, h.detach(), w.detach(), None if bias is None else b.detach(), *teacher))
+                              (grad, stats, h.detach(), w.detach(), None if bias is None else b.detach(), *teacher))
 
 
 def test_torch_compile_fullgraph(device):

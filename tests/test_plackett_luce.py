@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kdloss import PlackettLuceLoss
+from kdloss._ops import float_arg
 from kdloss.functional import plackett_luce_loss, plackett_luce_ranking
 from kdloss.reference import plackett_luce_reference
 
@@ -308,11 +309,11 @@ def test_opcheck(device, dtype):
     perm = plackett_luce_ranking(t)
     for code in (0, 1, 2):
         for p in (None, perm):
-            torch.library.opcheck(torch.ops.kdloss.plackett_luce_fwd.default, (s, t, y, p, 1.5, -100, code))
-        _, order = torch.ops.kdloss.plackett_luce_fwd(s.detach(), t, y, None, 1.5, -100, code)
+            torch.library.opcheck(torch.ops.kdloss.plackett_luce_fwd.default, (s, t, y, p, float_arg(1.5), -100, code))
+        _, order = torch.ops.kdloss.plackett_luce_fwd(s.detach(), t, y, None, float_arg(1.5), -100, code)
         grad = torch.rand((6,) if code == 0 else (), dtype=dtype, device=device)
         torch.library.opcheck(torch.ops.kdloss.plackett_luce_bwd.default,
-                              (grad, s.detach(), t, y, order, 1.5, -100, code))
+                              (grad, s.detach(), t, y, order, float_arg(1.5), -100, code))
 
 
 @pytest.mark.parametrize("dynamic, backend", [(False, "kernel"), (True, "kernel"), (False, "auto")])
@@ -470,15 +471,15 @@ def test_kernel_rechecks_values_for_direct_op_calls():
     """The CPU kernel validates labels and permutations itself (what torch.compile graphs rely on)."""
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     with pytest.raises(ValueError, match="labels must lie"):
-        torch.ops.kdloss.plackett_luce_fwd(s, t, torch.tensor([0, 5, 1]), None, 1.0, -100, 1)
+        torch.ops.kdloss.plackett_luce_fwd(s, t, torch.tensor([0, 5, 1]), None, float_arg(1.0), -100, 1)
     bad_perm = torch.zeros(3, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="teacher_permutation must hold"):
-        torch.ops.kdloss.plackett_luce_fwd(s, t, torch.tensor([0, 1, 1]), bad_perm, 1.0, -100, 1)
+        torch.ops.kdloss.plackett_luce_fwd(s, t, torch.tensor([0, 1, 1]), bad_perm, float_arg(1.0), -100, 1)
     with pytest.raises(ValueError, match="order must hold"):
         torch.ops.kdloss.plackett_luce_bwd(torch.ones(()), s, t, torch.tensor([0, 1, 1]),
-                                           torch.zeros(3, 5, dtype=torch.int32), 1.0, -100, 1)
+                                           torch.zeros(3, 5, dtype=torch.int32), float_arg(1.0), -100, 1)
     with pytest.raises(ValueError, match="teacher_logits must be"):
-        torch.ops.kdloss.plackett_luce_fwd(s, t.double(), torch.tensor([0, 1, 1]), None, 1.0, -100, 1)
+        torch.ops.kdloss.plackett_luce_fwd(s, t.double(), torch.tensor([0, 1, 1]), None, float_arg(1.0), -100, 1)
 
 
 # ---------------------------------------------------------------------------------------------

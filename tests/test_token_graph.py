@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import kdloss
 from kdloss import TokenGraphLoss, TRGLoss
+from kdloss._ops import float_arg
 from kdloss.functional import token_contrastive_loss, token_graph_loss
 from kdloss.reference import token_graph_reference
 from kdloss.token_graph import knn_indices
@@ -89,7 +90,7 @@ def test_edge_coefficient_matches_autograd_of_the_definition():
         kl = (lps.exp() * (lps - lpt)) if direction == "student_teacher" else (lpt.exp() * (lpt - lps))
         loss = kl.sum()
         expected = torch.autograd.grad(loss, d_s)[0]
-        out, coef = torch.ops.kdloss.token_graph_fwd(xs, xt, nb, sigma, EDGES.index(edge), DIRECTIONS.index(direction),
+        out, coef = torch.ops.kdloss.token_graph_fwd(xs, xt, nb, float_arg(sigma), EDGES.index(edge), DIRECTIONS.index(direction),
                                                      2)
         assert_close_fp64(out, loss.detach())
         assert_close_fp64(coef, expected, atol=1e-15)
@@ -104,7 +105,7 @@ def test_gradcheck_on_the_op(device, reduction):
     nb = torch.randint(0, 9, (9, 4), generator=gen).to(device)
     for edge, direction in itertools.product((0, 1), (0, 1)):
         assert torch.autograd.gradcheck(
-            lambda x: torch.ops.kdloss.token_graph_fwd(x, xt, nb, 2.5, edge, direction, CODES[reduction])[0], (xs,))
+            lambda x: torch.ops.kdloss.token_graph_fwd(x, xt, nb, float_arg(2.5), edge, direction, CODES[reduction])[0], (xs,))
     assert torch.autograd.gradcheck(lambda x: token_graph_loss(x, xt, k=3, sigma=2.0, reduction=reduction,
                                                                backend="kernel"), (xs,))
 
@@ -119,9 +120,9 @@ def test_opcheck(device, reduction):
         xs = nodes(11, 10, dtype, device, gen).requires_grad_()
         xt = nodes(11, 7, acc, device, gen)
         nb = torch.randint(0, 11, (11, 4), generator=gen).to(device)
-        torch.library.opcheck(torch.ops.kdloss.token_graph_fwd.default, (xs, xt, nb, 1.5, 0, 0, code))
-        torch.library.opcheck(torch.ops.kdloss.token_graph_fwd.default, (xs, xt, nb, 1.5, 1, 1, code))
-        _, coef = torch.ops.kdloss.token_graph_fwd(xs.detach(), xt, nb, 1.5, 0, 0, code)
+        torch.library.opcheck(torch.ops.kdloss.token_graph_fwd.default, (xs, xt, nb, float_arg(1.5), 0, 0, code))
+        torch.library.opcheck(torch.ops.kdloss.token_graph_fwd.default, (xs, xt, nb, float_arg(1.5), 1, 1, code))
+        _, coef = torch.ops.kdloss.token_graph_fwd(xs.detach(), xt, nb, float_arg(1.5), 0, 0, code)
         grad = torch.rand((11,) if code == 0 else (), dtype=dtype, device=device)
         torch.library.opcheck(torch.ops.kdloss.token_graph_bwd.default, (grad, xs.detach(), nb, coef, code))
 
@@ -306,7 +307,7 @@ def test_kernel_rejects_out_of_range_neighbours_at_the_op_level():
     kdloss._build.require("token_graph", "cpu")
     xs, xt = torch.randn(4, 3), torch.randn(4, 2)
     with raises_naming("neighbours"):
-        torch.ops.kdloss.token_graph_fwd(xs, xt, torch.full((4, 2), 4), 1.0, 0, 0, 1)
+        torch.ops.kdloss.token_graph_fwd(xs, xt, torch.full((4, 2), 4), float_arg(1.0), 0, 0, 1)
     with raises_naming("neighbours"):
         torch.ops.kdloss.token_graph_bwd(torch.ones(()), xs, torch.full((4, 2), -1), torch.zeros(4, 2), 1)
 

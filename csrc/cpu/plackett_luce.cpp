@@ -4,13 +4,18 @@
 //
 // Per row (π* = label first, then the other classes by descending teacher logit, ties → lower
 // class index first; x_j = s[π*_j]; log α_j = log_softmax(t / τ)[π*_j]):
-//   forward   lse_j = log Σ_{l≥j} exp(x_l)                      (suffix scan)
-//             L     = Σ_j α_j (lse_j − x_j)
-//   backward  P_j   = log Σ_{k≤j} exp(log α_k − lse_k)          (prefix scan)
-//             ∂L/∂x_j = exp(x_j + P_j) − α_j                      (spec §2.5, closed form)
-// Both scans run in log space with a running maximum: a scalar max scan, vectorised exps of the
-// differences, then a scalar multiply-add chain (no exp/log inside the sequential loop, never an
-// overflow, and no underflow to log 0 since the maximum's own term is 1).
+//   forward   lse_j = log Σ_{l≥j} exp(x_l) = m_j + l_j          (suffix scan; m_j = max_{l≥j} x_l)
+//             L     = Σ_j α_j ((m_j − x_j) + l_j)
+//   backward  S_j   = Σ_{k≤j} α_k exp(lse_j − lse_k)            (prefix scan, S_j = e^{δ_j} S_{j−1} + α_j,
+//                                                                 δ_j = lse_j − lse_{j−1} ≤ 0)
+//             ∂L/∂x_j = exp(x_j − lse_j) · S_j − α_j            (spec §2.5, closed form)
+// lse_j is kept as the pair (m_j, l_j), l_j ∈ [0, log C]: every quantity used is a difference of two
+// logits (exact when they are close, Sterbenz) plus small terms, never a large lse_j itself, whose
+// rounding would cost absolute accuracy in lse_j − x_j once the logits spread over ~1e5 (and the
+// logits are never shifted by their maximum, which overflows for spreads beyond FLT_MAX: such a
+// difference becomes +inf, clamped to the largest finite value for the loss, exp(−inf) = 0 in the
+// gradient). Both scans run with a running maximum: a scalar max scan, vectorised exps of the
+// differences, then a scalar multiply-add chain (no exp/log inside the sequential loop).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -173,20 +178,16 @@ void gather_row(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* order,
     // differences of two of them stay finite inside the scans
     la[j] = std::max((t[p] - tmax) * inv_tau - log_total, lowest);
   }
-  // PLD is translation invariant in the student logits: shifting them by their maximum keeps every
-  // lse_j − x_j and log α_j − lse_j small in magnitude, hence their rounding errors
-  acc_t xmax = x[0];
-  for (int64_t j = 1; j < C; ++j) xmax = std::max(xmax, x[j]);
-  for (int64_t j = 0; j < C; ++j) x[j] -= xmax;
   for (int64_t j = C; j < sc.padded; ++j) {
     x[j] = acc_t(0);
     la[j] = lowest;
   }
 }
 
-// Suffix log-sum-exp of sc.x into `lse` (padded tail: 0). Uses sc.a, sc.b, sc.c as temporaries.
+// Suffix log-sum-exp of sc.x as the pair (m, l): m_j = max_{l≥j} x_l into sc.a, l_j = log Σ_{l≥j}
+// exp(x_l − m_j) into `l` (padded tail: m = 0, l = 0). Uses sc.b, sc.c as temporaries.
 template <typename acc_t>
-void suffix_lse(Scratch<acc_t>& sc, int64_t C, acc_t* lse) {
+void suffix_lse(Scratch<acc_t>& sc, int64_t C, acc_t* l) {
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t* x = sc.x.data();
   acc_t* m = sc.a.data();    // suffix max
@@ -214,9 +215,16 @@ void suffix_lse(Scratch<acc_t>& sc, int64_t C, acc_t* lse) {
     own[j] = sum;
   }
   for (int64_t j = C; j < sc.padded; ++j) own[j] = acc_t(1);
-  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    (Vec::loadu(m + j) + Vec::loadu(own + j).log()).store(lse + j);
-  }
+  for (int64_t j = 0; j < sc.padded; j += Vec::size()) Vec::loadu(own + j).log().store(l + j);
+}
+
+// lse_j − x_j = (m_j − x_j) + l_j ≥ 0; a logit spread beyond the largest finite value (m_j − x_j
+// = +inf) is clamped to it.
+template <typename acc_t>
+at::vec::Vectorized<acc_t> lse_minus_x(const acc_t* m, const acc_t* x, const acc_t* l, int64_t j) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec d = at::vec::minimum(Vec::loadu(m + j) - Vec::loadu(x + j), Vec(std::numeric_limits<acc_t>::max()));
+  return d + Vec::loadu(l + j);
 }
 
 // Loss of one row (π* already in `order`).
@@ -227,13 +235,16 @@ Acc<scalar_t> row_forward(const scalar_t* s, const Acc<scalar_t>* t, const int32
   using Vec = at::vec::Vectorized<acc_t>;
   sc.ensure_scan();
   gather_row(s, t, order, C, inv_tau, sc);
-  acc_t* lse = sc.d.data();
-  suffix_lse(sc, C, lse);
+  acc_t* l = sc.d.data();
+  suffix_lse(sc, C, l);
   const acc_t* x = sc.x.data();
+  const acc_t* m = sc.a.data();
   const acc_t* la = sc.log_alpha.data();
   Vec acc(acc_t(0));
   for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    acc = acc + Vec::loadu(la + j).exp() * (Vec::loadu(lse + j) - Vec::loadu(x + j));
+    // α = 0 (log α = lowest) contributes exactly 0 even where lse_j − x_j is the clamped maximum
+    const Vec alpha = Vec::loadu(la + j).exp();
+    acc = acc + Vec::blendv(alpha * lse_minus_x(m, x, l, j), Vec(acc_t(0)), alpha == Vec(acc_t(0)));
   }
   return vec_sum(acc);
 }
@@ -244,46 +255,34 @@ void row_backward(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* orde
                   Acc<scalar_t> coef, Scratch<Acc<scalar_t>>& sc, scalar_t* grad_row) {
   using acc_t = Acc<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr acc_t lowest = std::numeric_limits<acc_t>::lowest();
   sc.ensure_scan();
   gather_row(s, t, order, C, inv_tau, sc);
-  acc_t* v = sc.d.data();
-  suffix_lse(sc, C, v);  // lse_j
+  acc_t* l = sc.d.data();
+  suffix_lse(sc, C, l);  // m_j in sc.a, l_j in sc.d
   const acc_t* x = sc.x.data();
+  const acc_t* m = sc.a.data();
   const acc_t* la = sc.log_alpha.data();
-  const Vec vlowest(lowest);
+  acc_t* factor = sc.b.data();  // exp(δ_j), δ_j = lse_j − lse_{j−1} = (m_j − m_{j−1}) + (l_j − l_{j−1}) ≤ 0
+  acc_t* alpha = sc.c.data();  // α_j, then S_j
+  factor[0] = acc_t(0);        // S_0 = α_0: the factor multiplies the empty sum
+  for (int64_t j = 1; j < C; ++j) factor[j] = (m[j] - m[j - 1]) + (l[j] - l[j - 1]);
+  for (int64_t j = C; j < sc.padded; ++j) factor[j] = acc_t(0);
   for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    at::vec::maximum(Vec::loadu(la + j) - Vec::loadu(v + j), vlowest).store(v + j);  // log α_j − lse_j
+    Vec::loadu(factor + j).exp().store(factor + j);
+    Vec::loadu(la + j).exp().store(alpha + j);
   }
-  acc_t* mx = sc.a.data();    // prefix max of v
-  acc_t* down = sc.b.data();  // exp(mx_{j−1} − mx_j)
-  acc_t* own = sc.c.data();   // exp(v_j − mx_j), then the scaled prefix sums
-  // prefix max (v ≥ lowest, so finite); exp(mx_{j−1} − mx_j) only where the maximum changes
-  acc_t run = -std::numeric_limits<acc_t>::infinity();
+  acc_t* S = sc.c.data();
+  acc_t run = acc_t(0);
   for (int64_t j = 0; j < C; ++j) {
-    if (v[j] > run) {
-      down[j] = j == 0 ? acc_t(0) : std::exp(run - v[j]);
-      run = v[j];
-    } else {
-      down[j] = acc_t(1);
-    }
-    mx[j] = run;
+    run = (j == 0 ? acc_t(0) : run * factor[j]) + alpha[j];
+    S[j] = run;
   }
-  for (int64_t j = C; j < sc.padded; ++j) mx[j] = acc_t(0);
+  for (int64_t j = C; j < sc.padded; ++j) S[j] = acc_t(0);
+  const Vec vcoef(coef), zero(acc_t(0));
+  acc_t* g = sc.b.data();  // reuse: g_j = exp(x_j − lse_j)·S_j − α_j
   for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    (Vec::loadu(v + j) - Vec::loadu(mx + j)).exp().store(own + j);
-  }
-  acc_t sum = acc_t(0);
-  for (int64_t j = 0; j < C; ++j) {
-    sum = sum * down[j] + own[j];
-    own[j] = sum;
-  }
-  for (int64_t j = C; j < sc.padded; ++j) own[j] = acc_t(0);
-  const Vec vcoef(coef);
-  acc_t* g = sc.a.data();  // reuse: g_j
-  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    const Vec p = Vec::loadu(own + j) * (Vec::loadu(x + j) + Vec::loadu(mx + j)).exp();
-    ((p - Vec::loadu(la + j).exp()) * vcoef).store(g + j);
+    const Vec q = (zero - lse_minus_x(m, x, l, j)).exp();
+    ((q * Vec::loadu(S + j) - Vec::loadu(la + j).exp()) * vcoef).store(g + j);
   }
   for (int64_t j = 0; j < C; ++j) grad_row[order[j]] = static_cast<scalar_t>(g[j]);
 }
@@ -336,7 +335,9 @@ int64_t counted_rows(const int64_t* y, int64_t R, int64_t ignore_index) {
 std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                      const at::Tensor& labels,
                                                      const c10::optional<at::Tensor>& teacher_permutation,
-                                                     double temperature, int64_t ignore_index, int64_t reduction_code) {
+                                                     const at::Tensor& temperature_t, int64_t ignore_index,
+                                                     int64_t reduction_code) {
+  const double temperature = float_arg(temperature_t, "temperature");
   const Reduction reduction = check_reduction(reduction_code);
   const auto [R, C] = check_inputs(student, teacher, labels, temperature);
   at::Tensor perm;
@@ -406,8 +407,9 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
 }
 
 at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                             const at::Tensor& labels, const at::Tensor& order, double temperature,
+                             const at::Tensor& labels, const at::Tensor& order, const at::Tensor& temperature_t,
                              int64_t ignore_index, int64_t reduction_code) {
+  const double temperature = float_arg(temperature_t, "temperature");
   const Reduction reduction = check_reduction(reduction_code);
   const auto [R, C] = check_inputs(student, teacher, labels, temperature);
   // the upstream gradient in the accumulation dtype (the loss's own dtype; never rounded to the student's)

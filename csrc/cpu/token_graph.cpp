@@ -141,8 +141,9 @@ Acc<scalar_t> node_forward(const scalar_t* xs, const Acc<scalar_t>* xt, const in
 }
 
 std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in, const at::Tensor& teacher_in,
-                                                   const at::Tensor& neighbours_in, double sigma, int64_t edge,
-                                                   int64_t direction, int64_t reduction_code) {
+                                                   const at::Tensor& neighbours_in, const at::Tensor& sigma_t,
+                                                   int64_t edge, int64_t direction, int64_t reduction_code) {
+  const double sigma = float_arg(sigma_t, "sigma");
   check_graph(student_in, neighbours_in);
   const Reduction reduction = check_reduction(reduction_code);
   const auto acc = acc_type(student_in.scalar_type());

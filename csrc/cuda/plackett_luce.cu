@@ -8,12 +8,18 @@
 //      logit, descending, packed with the class index, so ties order by index); otherwise CUB's
 //      DeviceSegmentedSort::StableSortPairs over all rows (descending keys, class indices as values).
 //   2. label_first_kernel: π* = label, then the ranking without the label (and checks).
-//   3. fwd_row_kernel: suffix log-sum-exp scan of x_j = s[π*_j] (BlockScan with a log-add-exp
-//      operator and a running carry, tiles from the end), L = Σ α_j (lse_j − x_j).
+//   3. fwd_row_kernel: suffix log-sum-exp scan of x_j = s[π*_j] (BlockScan over (max, Σexp) pairs
+//      and a running carry, tiles from the end): lse_j = m_j + l_j with m_j = max_{l≥j} x_l and
+//      l_j = log Σ_{l≥j} exp(x_l − m_j); L = Σ α_j ((m_j − x_j) + l_j).
 //   4. finalize_kernel (kdloss/cuda_utils.cuh): fixed-order sum of the row losses (mean over
 //      counted rows).
-// Backward (closed form, spec §2.5): the same suffix scan stores v_j = log α_j − lse_j, then a
-// prefix log-add-exp scan gives P_j and ∂L/∂x_j = exp(x_j + P_j) − α_j, scattered to s[π*_j].
+// Backward (closed form, spec §2.5): the same suffix scan stores (m_j, l_j); a prefix scan of the
+// affine maps S ↦ e^{δ_j}·S + α_j (δ_j = lse_j − lse_{j−1} ≤ 0) gives S_j = Σ_{k≤j} α_k e^{lse_j − lse_k},
+// and ∂L/∂x_j = exp(x_j − lse_j)·S_j − α_j, scattered to s[π*_j].
+// As in the CPU kernel, lse_j is never formed: every quantity is a difference of two logits plus
+// small terms (accurate for any logit spread; a spread beyond FLT_MAX gives +inf, clamped to the
+// largest finite value in the loss, exp(−inf) = 0 in the gradient), and the logits are not shifted
+// by their maximum (that difference overflows first).
 // All reductions and scans are deterministic (fixed block size, no floating-point atomics).
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
@@ -56,26 +62,43 @@ __device__ __forceinline__ double quiet_nan<double>() {
   return __longlong_as_double(0x7ff8000000000000ll);
 }
 
-// log(exp(a) + exp(b)), with −inf as the identity (so empty tails and zero weights are exact).
+// A log-sum-exp as (max m, Σ exp(x − m)); (−inf, 0) is the identity (empty tails are exact).
 template <typename A>
-struct LogAddExp {
-  __device__ __forceinline__ A operator()(const A& a, const A& b) const {
-    if (a == neg_inf<A>()) return b;
-    if (b == neg_inf<A>()) return a;
-    const A m = a > b ? a : b;
-    const A d = a > b ? b - a : a - b;  // ≤ 0
-    return m + log1p(exp(d));
+struct MaxSum {
+  A m, s;
+};
+
+template <typename A>
+struct MaxSumAdd {
+  __device__ __forceinline__ MaxSum<A> operator()(const MaxSum<A>& a, const MaxSum<A>& b) const {
+    if (a.m == neg_inf<A>()) return b;
+    if (b.m == neg_inf<A>()) return a;
+    const A m = a.m > b.m ? a.m : b.m;
+    return {m, a.s * exp(a.m - m) + b.s * exp(b.m - m)};  // exp(−inf) = 0 for a spread beyond FLT_MAX
+  }
+};
+
+// The affine map S ↦ a·S + b; composition in scan order (first, then second).
+template <typename A>
+struct Affine {
+  A a, b;
+};
+
+template <typename A>
+struct AffineThen {
+  __device__ __forceinline__ Affine<A> operator()(const Affine<A>& first, const Affine<A>& second) const {
+    return {first.a * second.a, first.b * second.a + second.b};
   }
 };
 
 // Running carry across scan tiles (called by the first warp; lane 0's return value is the prefix).
-template <typename A>
+template <typename V, typename Op>
 struct RunningCarry {
-  A carry;
-  __device__ explicit RunningCarry(A init) : carry(init) {}
-  __device__ A operator()(A block_aggregate) {
-    const A old = carry;
-    carry = LogAddExp<A>()(carry, block_aggregate);
+  V carry;
+  __device__ explicit RunningCarry(V init) : carry(init) {}
+  __device__ V operator()(V block_aggregate) {
+    const V old = carry;
+    carry = Op()(carry, block_aggregate);
     return old;
   }
 };
@@ -197,24 +220,25 @@ struct RowView {
   const Acc<T>* t;   // teacher row
   const int32_t* o;  // π*
   int64_t C;
-  Acc<T> inv_tau, tmax, log_total, xmax;
-  // student logit of pick j, shifted by the row maximum (the loss is translation invariant; small
-  // magnitudes keep the rounding of lse_j − x_j and log α_j − lse_j small)
-  __device__ __forceinline__ Acc<T> x(int64_t j) const { return to_acc(s[o[j]]) - xmax; }
+  Acc<T> inv_tau, tmax, log_total;
+  // student logit of pick j
+  __device__ __forceinline__ Acc<T> x(int64_t j) const { return to_acc(s[o[j]]); }
   __device__ __forceinline__ Acc<T> log_alpha(int64_t j) const { return (t[o[j]] - tmax) * inv_tau - log_total; }
 };
 
-// Row statistics: the student maximum, the teacher maximum and log Σ exp((t − max)/τ).
-// Block-wide, broadcast to every thread.
+// lse_j − x_j = (m_j − x_j) + l_j ≥ 0, the difference clamped to the largest finite value.
+template <typename A>
+__device__ __forceinline__ A lse_minus_x(A m, A x, A l) {
+  const A d = m - x;
+  const A big = sizeof(A) == 8 ? static_cast<A>(1.7976931348623157e308) : static_cast<A>(3.4028234663852886e38f);
+  return (d < big ? d : big) + l;
+}
+
+// Row statistics: the teacher maximum and log Σ exp((t − max)/τ). Block-wide, broadcast to every
+// thread.
 template <typename T>
 __device__ void teacher_stats(RowView<T>& v, Acc<T>* scratch) {
   using A = Acc<T>;
-  A xm = neg_inf<A>();
-  for (int64_t j = threadIdx.x; j < v.C; j += blockDim.x) {
-    const A sj = to_acc(v.s[j]);
-    xm = sj > xm ? sj : xm;
-  }
-  v.xmax = block_max_all(xm, scratch);
   A m = neg_inf<A>();
   for (int64_t j = threadIdx.x; j < v.C; j += blockDim.x) m = v.t[j] > m ? v.t[j] : m;
   v.tmax = block_max_all(m, scratch);
@@ -223,26 +247,27 @@ __device__ void teacher_stats(RowView<T>& v, Acc<T>* scratch) {
   v.log_total = log(block_sum_all(s, scratch));
 }
 
-// Suffix scan over j = C−1 … 0 in tiles of kTile; calls f(j, x_j, lse_j) for every valid j.
+// Suffix scan over j = C−1 … 0 in tiles of kTile; calls f(j, x_j, m_j, l_j) for every valid j
+// (lse_j = m_j + l_j).
 template <typename T, typename ScanStorage, typename F>
 __device__ void suffix_scan(const RowView<T>& v, ScanStorage& storage, F&& f) {
   using A = Acc<T>;
-  using Scan = cub::BlockScan<A, kThreads>;
-  RunningCarry<A> carry(neg_inf<A>());
+  using Scan = cub::BlockScan<MaxSum<A>, kThreads>;
+  RunningCarry<MaxSum<A>, MaxSumAdd<A>> carry(MaxSum<A>{neg_inf<A>(), A(0)});
   for (int64_t base = 0; base < v.C; base += kTile) {
-    A items[kItems];
+    MaxSum<A> items[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int64_t q = base + static_cast<int64_t>(threadIdx.x) * kItems + i;  // reversed position
-      items[i] = q < v.C ? v.x(v.C - 1 - q) : neg_inf<A>();
+      items[i] = q < v.C ? MaxSum<A>{v.x(v.C - 1 - q), A(1)} : MaxSum<A>{neg_inf<A>(), A(0)};
     }
-    A lse[kItems];
-    Scan(storage).InclusiveScan(items, lse, LogAddExp<A>(), carry);
+    MaxSum<A> lse[kItems];
+    Scan(storage).InclusiveScan(items, lse, MaxSumAdd<A>(), carry);
     __syncthreads();  // storage reused by the next tile
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int64_t q = base + static_cast<int64_t>(threadIdx.x) * kItems + i;
-      if (q < v.C) f(v.C - 1 - q, items[i], lse[i]);
+      if (q < v.C) f(v.C - 1 - q, items[i].m, lse[i].m, log(lse[i].s));
     }
   }
 }
@@ -252,7 +277,7 @@ __global__ void __launch_bounds__(kThreads)
     fwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order, const uint8_t* __restrict__ row_state,
                    Acc<T>* __restrict__ out_none, Acc<T>* __restrict__ row_loss) {
   using A = Acc<T>;
-  using Scan = cub::BlockScan<A, kThreads>;
+  using Scan = cub::BlockScan<MaxSum<A>, kThreads>;
   __shared__ typename Scan::TempStorage storage;
   __shared__ A scratch[33];
   const int64_t row = blockIdx.x, C = p.classes;
@@ -265,11 +290,13 @@ __global__ void __launch_bounds__(kThreads)
                  C,
                  static_cast<A>(1.0 / p.temperature),
                  A(0),
-                 A(0),
                  A(0)};
     teacher_stats(v, scratch);
     A acc = A(0);
-    suffix_scan(v, storage, [&](int64_t j, A x, A lse) { acc += exp(v.log_alpha(j)) * (lse - x); });
+    suffix_scan(v, storage, [&](int64_t j, A x, A m, A l) {
+      const A alpha = exp(v.log_alpha(j));
+      if (alpha > A(0)) acc += alpha * lse_minus_x(m, x, l);  // α = 0 contributes exactly 0
+    });
     loss = block_sum_all(acc, scratch);
   } else if (state == 2) {
     loss = quiet_nan<A>();
@@ -306,10 +333,15 @@ __global__ void scale_kernel(CountedRows counted, Reduction reduction, A* __rest
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     bwd_row_kernel(PlackettLuceProblem p, const int32_t* __restrict__ order, const Acc<T>* __restrict__ grad,
-                   const Acc<T>* __restrict__ scale, Acc<T>* __restrict__ vbuf, T* __restrict__ grad_student) {
+                   const Acc<T>* __restrict__ scale, Acc<T>* __restrict__ mbuf, Acc<T>* __restrict__ lbuf,
+                   T* __restrict__ grad_student) {
   using A = Acc<T>;
-  using Scan = cub::BlockScan<A, kThreads>;
-  __shared__ typename Scan::TempStorage storage;
+  using Scan = cub::BlockScan<MaxSum<A>, kThreads>;
+  using AffineScan = cub::BlockScan<Affine<A>, kThreads>;
+  __shared__ union {
+    typename Scan::TempStorage lse;
+    typename AffineScan::TempStorage affine;
+  } storage;
   __shared__ A scratch[33];
   __shared__ int bad;
   const int64_t row = blockIdx.x, C = p.classes;
@@ -329,31 +361,40 @@ __global__ void __launch_bounds__(kThreads)
                C,
                static_cast<A>(1.0 / p.temperature),
                A(0),
-               A(0),
                A(0)};
   teacher_stats(v, scratch);
-  A* vrow = vbuf + row * C;
-  suffix_scan(v, storage, [&](int64_t j, A, A lse) { vrow[j] = v.log_alpha(j) - lse; });
-  __syncthreads();  // vrow written by other threads of this block
+  A* mrow = mbuf + row * C;
+  A* lrow = lbuf + row * C;
+  suffix_scan(v, storage.lse, [&](int64_t j, A, A m, A l) {
+    mrow[j] = m;
+    lrow[j] = l;
+  });
+  __syncthreads();  // mrow, lrow written by other threads of this block
   const A coef = p.reduction == Reduction::kNone ? grad[row] : grad[0] * scale[0];
   T* g = grad_student + row * C;
-  RunningCarry<A> carry(neg_inf<A>());
+  RunningCarry<Affine<A>, AffineThen<A>> carry(Affine<A>{A(1), A(0)});  // S_{−1} = 0
   for (int64_t base = 0; base < C; base += kTile) {
-    A items[kItems];
+    Affine<A> items[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int64_t j = base + static_cast<int64_t>(threadIdx.x) * kItems + i;
-      items[i] = j < C ? vrow[j] : neg_inf<A>();
+      if (j < C) {
+        // e^{δ_j}, δ_j = lse_j − lse_{j−1} = (m_j − m_{j−1}) + (l_j − l_{j−1}); j = 0 starts the sum
+        const A factor = j == 0 ? A(0) : exp((mrow[j] - mrow[j - 1]) + (lrow[j] - lrow[j - 1]));
+        items[i] = Affine<A>{factor, exp(v.log_alpha(j))};
+      } else {
+        items[i] = Affine<A>{A(1), A(0)};
+      }
     }
-    A prefix[kItems];
-    Scan(storage).InclusiveScan(items, prefix, LogAddExp<A>(), carry);
+    Affine<A> prefix[kItems];
+    AffineScan(storage.affine).InclusiveScan(items, prefix, AffineThen<A>(), carry);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int64_t j = base + static_cast<int64_t>(threadIdx.x) * kItems + i;
       if (j < C) {
-        const A x = v.x(j);
-        const A d = exp(x + prefix[i]) - exp(v.log_alpha(j));
+        const A q = exp(-lse_minus_x(mrow[j], v.x(j), lrow[j]));  // exp(x_j − lse_j)
+        const A d = q * prefix[i].b - exp(v.log_alpha(j));        // S_j = b (applied to S_{−1} = 0)
         g[o[j]] = from_acc<T>(coef * d);
       }
     }
@@ -502,7 +543,7 @@ cudaError_t plackett_luce_fwd_cuda(const PlackettLuceProblem& p, void* out, int3
 
 size_t plackett_luce_bwd_workspace(const PlackettLuceProblem& p) {
   const size_t a = acc_size(p);
-  return align_up(a) + align_up(static_cast<size_t>(p.rows) * static_cast<size_t>(p.classes) * a + 1);
+  return align_up(a) + 2 * align_up(static_cast<size_t>(p.rows) * static_cast<size_t>(p.classes) * a + 1);
 }
 
 cudaError_t plackett_luce_bwd_cuda(const PlackettLuceProblem& p, const int32_t* order, const void* grad,
@@ -513,11 +554,13 @@ cudaError_t plackett_luce_bwd_cuda(const PlackettLuceProblem& p, const int32_t* 
     using T = decltype(tag);
     using A = Acc<T>;
     A* scale = reinterpret_cast<A*>(ws);
-    A* vbuf = reinterpret_cast<A*>(ws + align_up(sizeof(A)));
+    const size_t buf = align_up(static_cast<size_t>(p.rows) * static_cast<size_t>(p.classes) * sizeof(A) + 1);
+    A* mbuf = reinterpret_cast<A*>(ws + align_up(sizeof(A)));
+    A* lbuf = reinterpret_cast<A*>(ws + align_up(sizeof(A)) + buf);
     scale_kernel<A><<<kSingleBlock, kFinalizeThreads, 0, stream>>>(CountedRows{p.labels, p.rows, p.ignore_index},
                                                                    p.reduction, scale);
     bwd_row_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(p, order, static_cast<const A*>(grad), scale,
-                                                                          vbuf, static_cast<T*>(grad_student));
+                                                                          mbuf, lbuf, static_cast<T*>(grad_student));
     return cudaGetLastError();
   });
 }

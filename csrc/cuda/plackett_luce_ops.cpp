@@ -70,9 +70,11 @@ Call prepare(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
 std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                      const at::Tensor& labels,
                                                      const c10::optional<at::Tensor>& teacher_permutation,
-                                                     double temperature, int64_t ignore_index, int64_t reduction) {
+                                                     const at::Tensor& temperature, int64_t ignore_index,
+                                                     int64_t reduction) {
   const c10::cuda::CUDAGuard guard(student.device());
-  const Call call = prepare(student, teacher, labels, teacher_permutation, temperature, ignore_index, reduction);
+  const Call call = prepare(student, teacher, labels, teacher_permutation, float_arg(temperature, "temperature"),
+                            ignore_index, reduction);
   const auto& p = call.problem;
   // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
   const auto loss_opts = call.student.options().dtype(acc_type(call.student.scalar_type()));
@@ -88,10 +90,11 @@ std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd(const at::Tensor& student, 
 }
 
 at::Tensor plackett_luce_bwd(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                             const at::Tensor& labels, const at::Tensor& order, double temperature,
+                             const at::Tensor& labels, const at::Tensor& order, const at::Tensor& temperature,
                              int64_t ignore_index, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(student.device());
-  const Call call = prepare(student, teacher, labels, c10::nullopt, temperature, ignore_index, reduction);
+  const Call call =
+      prepare(student, teacher, labels, c10::nullopt, float_arg(temperature, "temperature"), ignore_index, reduction);
   const auto& p = call.problem;
   const auto g = checked_grad(grad, student, p.reduction, {p.rows}, acc_type(student.scalar_type()));
   check_cuda(order, student, "order");

@@ -12,8 +12,15 @@
 // trees and fixed orders, never atomics, so results are deterministic run to run.
 //
 // Data (accumulation type A = fp32, or fp64 for fp64): probabilities s [B, C], t [B', C]; cost
-// W [B, B'] (the forward's `cost` output); potentials f [n, B] (after each row step) and
-// g [n, B'] (after each column step). The iterate after any half-step is −W/ε + f_i + g_j.
+// W [B, B'] (the forward's `cost` output); increments a [n, B] (subtracted from the rows by each row
+// step) and b [n, B'] (from the columns by each column step). As in csrc/cpu/sinkhorn.cpp the
+// iterate x (x = −W/ε, then x ← x − a_i, x ← x − b_j) is kept in a B×B' workspace and updated in
+// place, never recomposed as −W/ε + Σa + Σb (which cancels to a few bits at small ε); the column
+// subtraction is applied by the next row pass. The backward regenerates the forward's iterates
+// bitwise — state h = the iterate after h half-steps — by replaying the same subtractions
+// (__fsub_rn/__dsub_rn, and state 0 = __fdiv_rn(−W, ε): rounded the same way in every kernel,
+// whatever --use_fast_math does to ordinary arithmetic) from checkpoints stored every ⌈√(2n)⌉
+// half-steps. The 1/ε in the adjoint (W̄ −= x̄/ε) would amplify any mismatch.
 #include "kdloss/cuda_utils.cuh"
 #include "kdloss/sinkhorn_cuda.h"
 
@@ -34,6 +41,12 @@ __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
+// correctly rounded subtraction / division, never fused or approximated (the replay must
+// reproduce the forward's iterates bit for bit)
+__device__ __forceinline__ float sub_rn(float x, float y) { return __fsub_rn(x, y); }
+__device__ __forceinline__ double sub_rn(double x, double y) { return __dsub_rn(x, y); }
+__device__ __forceinline__ float div_rn(float x, float y) { return __fdiv_rn(x, y); }
+__device__ __forceinline__ double div_rn(double x, double y) { return __ddiv_rn(x, y); }
 
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
@@ -91,7 +104,8 @@ __device__ __forceinline__ int64_t thread_stride() { return static_cast<int64_t>
 // ------------------------------------------------------------------------------------------
 // Forward passes
 
-// out[r, :] = softmax(z[r, :] / T); z rows of stride `stride`.
+// out[r, :] = softmax(z[r, :] / T); z rows of stride `stride`. The logits are shifted by their
+// maximum before the division by T (z/T itself overflows for a tiny T).
 template <typename In, typename A>
 __device__ void softmax_rows(const In* z, int64_t stride, int64_t rows, int64_t C, A temp, A* out) {
   const int lane = threadIdx.x & 31;
@@ -99,43 +113,61 @@ __device__ void softmax_rows(const In* z, int64_t stride, int64_t rows, int64_t 
     const In* zr = z + r * stride;
     A m = neg_inf<A>();
     for (int64_t c = lane; c < C; c += 32) {
-      const A x = to_acc(zr[c]) / temp;
+      const A x = to_acc(zr[c]);
       m = x > m ? x : m;
     }
     m = warp_max_all(m);
     A s = A(0);
-    for (int64_t c = lane; c < C; c += 32) s += dexp(to_acc(zr[c]) / temp - m);
+    for (int64_t c = lane; c < C; c += 32) s += dexp((to_acc(zr[c]) - m) / temp);
     s = warp_sum_all(s);
-    for (int64_t c = lane; c < C; c += 32) out[r * C + c] = dexp(to_acc(zr[c]) / temp - m) / s;
+    for (int64_t c = lane; c < C; c += 32) out[r * C + c] = dexp((to_acc(zr[c]) - m) / temp) / s;
   }
 }
 
-// W_ij = Σ_c |s_ic − t_jc|
+// State 0 of the iterate: x_ij = −W_ij/ε.
 template <typename A>
-__device__ void cost_elems(const A* s, const A* t, int64_t B, int64_t Bt, int64_t C, A* W) {
+__device__ __forceinline__ A initial_iterate(A w, A eps) {
+  return div_rn(-w, eps);
+}
+
+// W_ij = Σ_c |s_ic − t_jc| and the iterate's state 0, X = −W/ε.
+template <typename A>
+__device__ void cost_elems(const A* s, const A* t, int64_t B, int64_t Bt, int64_t C, A eps, A* W, A* X) {
   for (int64_t idx = global_thread(); idx < B * Bt; idx += thread_stride()) {
     const int64_t i = idx / Bt, j = idx - i * Bt;
     A acc = A(0);
     for (int64_t c = 0; c < C; ++c) acc += fabs(s[i * C + c] - t[j * C + c]);
     W[idx] = acc;
+    X[idx] = initial_iterate(acc, eps);
   }
 }
 
-// f_i = −log Σ_j exp(−W_ij/ε + g_j)   (g = nullptr: the initial zeros)
+// Row step: x_ij ← x_ij − b_j (the pending column step; b_prev = nullptr before the first), then
+// a_i = log Σ_j exp(x_ij) and x_ij ← x_ij − a_i. Each lane rewrites only its own entries.
 template <typename A>
-__device__ void row_step(const A* W, const A* g, int64_t B, int64_t Bt, A eps, A* f) {
+__device__ void row_step(A* X, const A* b_prev, int64_t B, int64_t Bt, A* a) {
   const int lane = threadIdx.x & 31;
   for (int64_t i = global_warp(); i < B; i += warp_stride()) {
+    A* Xi = X + i * Bt;
     Lse<A> v{neg_inf<A>(), A(0)};
-    for (int64_t j = lane; j < Bt; j += 32) lse_add(v, -W[i * Bt + j] / eps + (g ? g[j] : A(0)));
+    for (int64_t j = lane; j < Bt; j += 32) {
+      A x = Xi[j];
+      if (b_prev) {
+        x = sub_rn(x, b_prev[j]);
+        Xi[j] = x;
+      }
+      lse_add(v, x);
+    }
     v = warp_lse(v);
-    if (lane == 0) f[i] = -(v.m + dlog(v.s));
+    const A ai = v.m + dlog(v.s);
+    if (lane == 0) a[i] = ai;
+    for (int64_t j = lane; j < Bt; j += 32) Xi[j] = sub_rn(Xi[j], ai);
   }
 }
 
-// g_j = −log Σ_i exp(−W_ij/ε + f_i)
+// Column step: b_j = log Σ_i exp(x_ij); the subtraction is left to the next row pass.
 template <typename A>
-__device__ void col_step(const A* W, const A* f, int64_t B, int64_t Bt, A eps, A* g) {
+__device__ void col_step(const A* X, int64_t B, int64_t Bt, A* b) {
   __shared__ A part_m[kMaxWarps][32];
   __shared__ A part_s[kMaxWarps][32];
   const int lane = threadIdx.x & 31, rg = threadIdx.x >> 5, R = blockDim.x >> 5;
@@ -144,28 +176,28 @@ __device__ void col_step(const A* W, const A* f, int64_t B, int64_t Bt, A eps, A
     const int64_t j = q * 32 + lane;
     Lse<A> v{neg_inf<A>(), A(0)};
     if (j < Bt)
-      for (int64_t i = rg; i < B; i += R) lse_add(v, -W[i * Bt + j] / eps + f[i]);
+      for (int64_t i = rg; i < B; i += R) lse_add(v, X[i * Bt + j]);
     part_m[rg][lane] = v.m;
     part_s[rg][lane] = v.s;
     __syncthreads();
     if (rg == 0 && j < Bt) {
       Lse<A> acc{part_m[0][lane], part_s[0][lane]};
       for (int r = 1; r < R; ++r) acc = lse_combine(acc, Lse<A>{part_m[r][lane], part_s[r][lane]});
-      g[j] = -(acc.m + dlog(acc.s));
+      b[j] = acc.m + dlog(acc.s);
     }
     __syncthreads();
   }
 }
 
-// partial[i] = Σ_j exp(−W_ij/ε + f_i + g_j) · W_ij
+// partial[i] = Σ_j exp(x_ij − b_j) · W_ij with the last column step applied
 template <typename A>
-__device__ void loss_rows(const A* W, const A* f, const A* g, int64_t B, int64_t Bt, A eps, A* partial) {
+__device__ void loss_rows(const A* W, const A* X, const A* b, int64_t B, int64_t Bt, A* partial) {
   const int lane = threadIdx.x & 31;
   for (int64_t i = global_warp(); i < B; i += warp_stride()) {
     A acc = A(0);
     for (int64_t j = lane; j < Bt; j += 32) {
-      const A w = W[i * Bt + j];
-      acc += dexp(-w / eps + f[i] + g[j]) * w;
+      const int64_t o = i * Bt + j;
+      acc += dexp(sub_rn(X[o], b[j])) * W[o];
     }
     acc = warp_sum(acc);
     if (lane == 0) partial[i] = acc;
@@ -178,10 +210,12 @@ struct FwdArgs {
   int64_t student_stride;
   const Acc<T>* teacher;
   Acc<T>* loss;
-  Acc<T>*ps, *pt, *W, *f, *g, *partial;
+  Acc<T>*ps, *pt, *W, *a, *b, *partial, *X;
   int64_t B, Bt, C, n;
   Acc<T> temp, eps;
   double scale;
+
+  __device__ const Acc<T>* b_prev(int64_t k) const { return k ? b + (k - 1) * Bt : nullptr; }
 };
 
 template <typename T>
@@ -189,15 +223,15 @@ __global__ void __launch_bounds__(kFusedThreads) fwd_fused_kernel(FwdArgs<T> a) 
   softmax_rows(a.student, a.student_stride, a.B, a.C, a.temp, a.ps);
   softmax_rows(a.teacher, a.C, a.Bt, a.C, a.temp, a.pt);
   __syncthreads();
-  cost_elems(a.ps, a.pt, a.B, a.Bt, a.C, a.W);
+  cost_elems(a.ps, a.pt, a.B, a.Bt, a.C, a.eps, a.W, a.X);
   __syncthreads();
   for (int64_t k = 0; k < a.n; ++k) {
-    row_step(a.W, k ? a.g + (k - 1) * a.Bt : nullptr, a.B, a.Bt, a.eps, a.f + k * a.B);
+    row_step(a.X, a.b_prev(k), a.B, a.Bt, a.a + k * a.B);
     __syncthreads();
-    col_step(a.W, a.f + k * a.B, a.B, a.Bt, a.eps, a.g + k * a.Bt);
+    col_step(a.X, a.B, a.Bt, a.b + k * a.Bt);
     __syncthreads();
   }
-  loss_rows(a.W, a.f + (a.n - 1) * a.B, a.g + (a.n - 1) * a.Bt, a.B, a.Bt, a.eps, a.partial);
+  loss_rows(a.W, a.X, a.b + (a.n - 1) * a.Bt, a.B, a.Bt, a.partial);
   __syncthreads();
   finalize(a.partial, a.B, Scaled{a.scale}, a.loss);  // loss = scale · Σ partial (block 0, fixed order)
 }
@@ -209,31 +243,60 @@ __global__ void __launch_bounds__(kThreads) softmax_kernel(FwdArgs<T> a, bool te
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) cost_kernel(FwdArgs<T> a) {
-  cost_elems(a.ps, a.pt, a.B, a.Bt, a.C, a.W);
+  cost_elems(a.ps, a.pt, a.B, a.Bt, a.C, a.eps, a.W, a.X);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) row_step_kernel(FwdArgs<T> a, int64_t k) {
-  row_step(a.W, k ? a.g + (k - 1) * a.Bt : nullptr, a.B, a.Bt, a.eps, a.f + k * a.B);
+  row_step(a.X, a.b_prev(k), a.B, a.Bt, a.a + k * a.B);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) col_step_kernel(FwdArgs<T> a, int64_t k) {
-  col_step(a.W, a.f + k * a.B, a.B, a.Bt, a.eps, a.g + k * a.Bt);
+  col_step(a.X, a.B, a.Bt, a.b + k * a.Bt);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) loss_rows_kernel(FwdArgs<T> a) {
-  loss_rows(a.W, a.f + (a.n - 1) * a.B, a.g + (a.n - 1) * a.Bt, a.B, a.Bt, a.eps, a.partial);
+  loss_rows(a.W, a.X, a.b + (a.n - 1) * a.Bt, a.B, a.Bt, a.partial);
 }
 
 // ------------------------------------------------------------------------------------------
 // Backward passes (adjoint recursion, spec §1.5); X holds x̄, then W̄.
 
-// X = gs · P ⊙ W with the final plan P = exp(−W/ε + f_n + g_n)
+// The forward's iterates, regenerated: state(h) = the iterate after h half-steps (state 0 = −W/ε;
+// half-step t subtracts a_{t/2} from the rows for even t, b_{t/2} from the columns for odd t),
+// replayed from the nearest checkpoint at or below h (states every, 2·every, … are stored).
 template <typename A>
-__device__ void bwd_init(const A* W, const A* fn, const A* gn, int64_t B, int64_t Bt, A eps, A gs, A* X) {
-  for (int64_t idx = global_thread(); idx < B * Bt; idx += thread_stride()) {
-    const int64_t i = idx / Bt, j = idx - i * Bt;
-    const A w = W[idx];
-    X[idx] = gs * dexp(-w / eps + fn[i] + gn[j]) * w;
+struct Replay {
+  const A *W, *a, *b, *ckpt;
+  int64_t B, Bt, every;
+  A eps;
+
+  __device__ A state(int64_t h, int64_t i, int64_t j) const {
+    const int64_t c = h / every, o = i * Bt + j;
+    A x = c == 0 ? initial_iterate(W[o], eps) : ckpt[(c - 1) * B * Bt + o];
+    for (int64_t t = c * every; t < h; ++t) x = sub_rn(x, (t & 1) ? b[(t >> 1) * Bt + j] : a[(t >> 1) * B + i]);
+    return x;
+  }
+};
+
+// Checkpoints: states every, 2·every, …, n_ckpt·every of every entry.
+template <typename A>
+__device__ void store_checkpoints(const Replay<A> r, int64_t n_ckpt, A* ckpt) {
+  for (int64_t idx = global_thread(); idx < r.B * r.Bt; idx += thread_stride()) {
+    const int64_t i = idx / r.Bt, j = idx - i * r.Bt;
+    A x = initial_iterate(r.W[idx], r.eps);
+    for (int64_t t = 0; t < n_ckpt * r.every; ++t) {
+      x = sub_rn(x, (t & 1) ? r.b[(t >> 1) * r.Bt + j] : r.a[(t >> 1) * r.B + i]);
+      if ((t + 1) % r.every == 0) ckpt[((t + 1) / r.every - 1) * r.B * r.Bt + idx] = x;
+    }
+  }
+}
+
+// X = gs · P ⊙ W with the final plan P = exp(state 2n)
+template <typename A>
+__device__ void bwd_init(const Replay<A> r, int64_t n, A gs, A* X) {
+  for (int64_t idx = global_thread(); idx < r.B * r.Bt; idx += thread_stride()) {
+    const int64_t i = idx / r.Bt, j = idx - i * r.Bt;
+    X[idx] = gs * dexp(r.state(2 * n, i, j)) * r.W[idx];
   }
 }
 
@@ -268,16 +331,15 @@ __device__ void col_sums(const A* X, int64_t B, int64_t Bt, A* colsum) {
   }
 }
 
-// Column step k: X −= P_col ⊙ colsum (P_col = exp(−W/ε + f_k + g_k)); rowsum_i = Σ_j X_ij.
+// Column step k: X −= P_col ⊙ colsum (P_col = exp(state 2k)); rowsum_i = Σ_j X_ij.
 template <typename A>
-__device__ void bwd_row_pass(const A* W, A* X, const A* fk, const A* gk, const A* colsum, int64_t B, int64_t Bt, A eps,
-                             A* rowsum) {
+__device__ void bwd_row_pass(const Replay<A> r, A* X, int64_t k, const A* colsum, A* rowsum) {
   const int lane = threadIdx.x & 31;
-  for (int64_t i = global_warp(); i < B; i += warp_stride()) {
+  for (int64_t i = global_warp(); i < r.B; i += warp_stride()) {
     A acc = A(0);
-    for (int64_t j = lane; j < Bt; j += 32) {
-      const int64_t o = i * Bt + j;
-      const A xb = X[o] - dexp(-W[o] / eps + fk[i] + gk[j]) * colsum[j];
+    for (int64_t j = lane; j < r.Bt; j += 32) {
+      const int64_t o = i * r.Bt + j;
+      const A xb = X[o] - dexp(r.state(2 * k, i, j)) * colsum[j];
       X[o] = xb;
       acc += xb;
     }
@@ -286,35 +348,33 @@ __device__ void bwd_row_pass(const A* W, A* X, const A* fk, const A* gk, const A
   }
 }
 
-// Row step k: X −= P_row ⊙ rowsum (P_row = exp(−W/ε + f_k + g_{k−1}), g_0 = 0); colsum_j = Σ_i X_ij.
+// Row step k: X −= P_row ⊙ rowsum (P_row = exp(state 2k − 1)); colsum_j = Σ_i X_ij.
 template <typename A>
-__device__ void bwd_col_pass(const A* W, A* X, const A* fk, const A* gprev, const A* rowsum, int64_t B, int64_t Bt,
-                             A eps, A* colsum) {
+__device__ void bwd_col_pass(const Replay<A> r, A* X, int64_t k, const A* rowsum, A* colsum) {
   __shared__ A part[kMaxWarps][32];
   const int lane = threadIdx.x & 31, rg = threadIdx.x >> 5, R = blockDim.x >> 5;
-  const int64_t groups = (Bt + 31) / 32;
+  const int64_t groups = (r.Bt + 31) / 32;
   for (int64_t q = blockIdx.x; q < groups; q += gridDim.x) {
     const int64_t j = q * 32 + lane;
     A acc = A(0);
-    if (j < Bt) {
-      const A gj = gprev ? gprev[j] : A(0);
-      for (int64_t i = rg; i < B; i += R) {
-        const int64_t o = i * Bt + j;
-        const A xb = X[o] - dexp(-W[o] / eps + fk[i] + gj) * rowsum[i];
+    if (j < r.Bt) {
+      for (int64_t i = rg; i < r.B; i += R) {
+        const int64_t o = i * r.Bt + j;
+        const A xb = X[o] - dexp(r.state(2 * k - 1, i, j)) * rowsum[i];
         X[o] = xb;
         acc += xb;
       }
     }
-    combine_column_partials(part, acc, R, j, Bt, colsum);
+    combine_column_partials(part, acc, R, j, r.Bt, colsum);
   }
 }
 
 // X ← W̄ = gs · P_final − x̄/ε
 template <typename A>
-__device__ void bwd_wbar(const A* W, A* X, const A* fn, const A* gn, int64_t B, int64_t Bt, A eps, A gs) {
-  for (int64_t idx = global_thread(); idx < B * Bt; idx += thread_stride()) {
-    const int64_t i = idx / Bt, j = idx - i * Bt;
-    X[idx] = gs * dexp(-W[idx] / eps + fn[i] + gn[j]) - X[idx] / eps;
+__device__ void bwd_wbar(const Replay<A> r, A* X, int64_t n, A gs) {
+  for (int64_t idx = global_thread(); idx < r.B * r.Bt; idx += thread_stride()) {
+    const int64_t i = idx / r.Bt, j = idx - i * r.Bt;
+    X[idx] = gs * dexp(r.state(2 * n, i, j)) - X[idx] / r.eps;
   }
 }
 
@@ -345,41 +405,54 @@ __device__ void cost_bwd(const Acc<T>* Wbar, const Acc<T>* s, const Acc<T>* t, i
   }
 }
 
+// Half-steps between checkpoints: ⌈√(2n)⌉ (so ⌊2n/every⌋ stored B×B' states, ≤ every − 1
+// subtractions per replayed entry).
+int64_t checkpoint_every(int64_t n_iters) {
+  int64_t e = 1;
+  while (e * e < 2 * n_iters) ++e;
+  return e;
+}
+
 template <typename T>
 struct BwdArgs {
   const Acc<T>* grad;
-  const Acc<T>*ps, *pt, *W, *f, *g;
+  const Acc<T>*ps, *pt;
   T* out;
-  Acc<T>*X, *colsum, *rowsum, *sbar;
-  int64_t B, Bt, C, n;
-  Acc<T> inv_temp, eps;
+  Acc<T>*X, *colsum, *rowsum, *sbar, *ckpt;
+  int64_t B, Bt, C, n, n_ckpt;
+  Acc<T> inv_temp;
   double scale;
+  Replay<Acc<T>> r;
 
   __device__ Acc<T> gs() const { return *grad * static_cast<Acc<T>>(scale); }
-  __device__ const Acc<T>* fk(int64_t k) const { return f + (k - 1) * B; }                 // after row step k (1-based)
-  __device__ const Acc<T>* gk(int64_t k) const { return k ? g + (k - 1) * Bt : nullptr; }  // after column step k
 };
 
 template <typename T>
 __global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(BwdArgs<T> a) {
-  bwd_init(a.W, a.fk(a.n), a.gk(a.n), a.B, a.Bt, a.eps, a.gs(), a.X);
+  store_checkpoints(a.r, a.n_ckpt, a.ckpt);
+  __syncthreads();
+  bwd_init(a.r, a.n, a.gs(), a.X);
   __syncthreads();
   col_sums(a.X, a.B, a.Bt, a.colsum);
   __syncthreads();
   for (int64_t k = a.n; k >= 1; --k) {
-    bwd_row_pass(a.W, a.X, a.fk(k), a.gk(k), a.colsum, a.B, a.Bt, a.eps, a.rowsum);
+    bwd_row_pass(a.r, a.X, k, a.colsum, a.rowsum);
     __syncthreads();
-    bwd_col_pass(a.W, a.X, a.fk(k), a.gk(k - 1), a.rowsum, a.B, a.Bt, a.eps, a.colsum);
+    bwd_col_pass(a.r, a.X, k, a.rowsum, a.colsum);
     __syncthreads();
   }
-  bwd_wbar(a.W, a.X, a.fk(a.n), a.gk(a.n), a.B, a.Bt, a.eps, a.gs());
+  bwd_wbar(a.r, a.X, a.n, a.gs());
   __syncthreads();
   cost_bwd(a.X, a.ps, a.pt, a.B, a.Bt, a.C, a.inv_temp, a.sbar, a.out);
 }
 
 template <typename T>
+__global__ void __launch_bounds__(kThreads) checkpoint_kernel(BwdArgs<T> a) {
+  store_checkpoints(a.r, a.n_ckpt, a.ckpt);
+}
+template <typename T>
 __global__ void __launch_bounds__(kThreads) bwd_init_kernel(BwdArgs<T> a) {
-  bwd_init(a.W, a.fk(a.n), a.gk(a.n), a.B, a.Bt, a.eps, a.gs(), a.X);
+  bwd_init(a.r, a.n, a.gs(), a.X);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) col_sums_kernel(BwdArgs<T> a) {
@@ -387,15 +460,15 @@ __global__ void __launch_bounds__(kThreads) col_sums_kernel(BwdArgs<T> a) {
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) bwd_row_pass_kernel(BwdArgs<T> a, int64_t k) {
-  bwd_row_pass(a.W, a.X, a.fk(k), a.gk(k), a.colsum, a.B, a.Bt, a.eps, a.rowsum);
+  bwd_row_pass(a.r, a.X, k, a.colsum, a.rowsum);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) bwd_col_pass_kernel(BwdArgs<T> a, int64_t k) {
-  bwd_col_pass(a.W, a.X, a.fk(k), a.gk(k - 1), a.rowsum, a.B, a.Bt, a.eps, a.colsum);
+  bwd_col_pass(a.r, a.X, k, a.rowsum, a.colsum);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) bwd_wbar_kernel(BwdArgs<T> a) {
-  bwd_wbar(a.W, a.X, a.fk(a.n), a.gk(a.n), a.B, a.Bt, a.eps, a.gs());
+  bwd_wbar(a.r, a.X, a.n, a.gs());
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) cost_bwd_kernel(BwdArgs<T> a) {
@@ -408,19 +481,21 @@ unsigned grid_for(int64_t units, int64_t per_block) { return blocks_for(units, p
 
 int64_t sinkhorn_fused_max_elems() { return kFusedMaxElems; }
 
-int64_t sinkhorn_fwd_workspace_size(const SinkhornProblem& p) { return p.batch; }
+int64_t sinkhorn_fwd_workspace_size(const SinkhornProblem& p) { return p.batch + p.batch * p.batch_t; }
 
 int64_t sinkhorn_bwd_workspace_size(const SinkhornProblem& p) {
-  return p.batch * p.batch_t + p.batch_t + p.batch + p.batch * p.classes;
+  const int64_t n_ckpt = 2 * p.n_iters / checkpoint_every(p.n_iters);
+  return (1 + n_ckpt) * p.batch * p.batch_t + p.batch_t + p.batch + p.batch * p.classes;
 }
 
 cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int64_t student_stride,
-                              const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost, void* f,
-                              void* g, void* workspace, cudaStream_t stream) {
+                              const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost, void* a_hist,
+                              void* b_hist, void* workspace, cudaStream_t stream) {
   if (p.batch < 1 || p.batch_t < 1 || p.classes < 1 || p.n_iters < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
+    A* ws = static_cast<A*>(workspace);
     FwdArgs<T> a{static_cast<const T*>(student),
                  student_stride,
                  static_cast<const A*>(teacher),
@@ -428,9 +503,10 @@ cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int
                  static_cast<A*>(probs_s),
                  static_cast<A*>(probs_t),
                  static_cast<A*>(cost),
-                 static_cast<A*>(f),
-                 static_cast<A*>(g),
-                 static_cast<A*>(workspace),
+                 static_cast<A*>(a_hist),
+                 static_cast<A*>(b_hist),
+                 ws,
+                 ws + p.batch,
                  p.batch,
                  p.batch_t,
                  p.classes,
@@ -458,35 +534,44 @@ cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int
 }
 
 cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const void* probs_s, const void* probs_t,
-                              const void* cost, const void* f, const void* g, void* grad_student, void* workspace,
-                              cudaStream_t stream) {
+                              const void* cost, const void* a_hist, const void* b_hist, void* grad_student,
+                              void* workspace, cudaStream_t stream) {
   if (p.batch < 1 || p.batch_t < 1 || p.classes < 1 || p.n_iters < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
+    const int64_t every = checkpoint_every(p.n_iters), n_ckpt = 2 * p.n_iters / every;
     A* ws = static_cast<A*>(workspace);
     A* X = ws;
     A* colsum = X + p.batch * p.batch_t;
     A* rowsum = colsum + p.batch_t;
     A* sbar = rowsum + p.batch;
+    A* ckpt = sbar + p.batch * p.classes;
+    const Replay<A> replay{static_cast<const A*>(cost),
+                           static_cast<const A*>(a_hist),
+                           static_cast<const A*>(b_hist),
+                           ckpt,
+                           p.batch,
+                           p.batch_t,
+                           every,
+                           static_cast<A>(p.epsilon)};
     BwdArgs<T> a{static_cast<const A*>(grad),
                  static_cast<const A*>(probs_s),
                  static_cast<const A*>(probs_t),
-                 static_cast<const A*>(cost),
-                 static_cast<const A*>(f),
-                 static_cast<const A*>(g),
                  static_cast<T*>(grad_student),
                  X,
                  colsum,
                  rowsum,
                  sbar,
+                 ckpt,
                  p.batch,
                  p.batch_t,
                  p.classes,
                  p.n_iters,
+                 n_ckpt,
                  static_cast<A>(1.0 / p.temperature),
-                 static_cast<A>(p.epsilon),
-                 p.scale};
+                 p.scale,
+                 replay};
     if (p.batch * p.batch_t <= kFusedMaxElems) {
       bwd_fused_kernel<T><<<kSingleBlock, kFusedThreads, 0, stream>>>(a);
       return cudaGetLastError();
@@ -494,6 +579,7 @@ cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const 
     const int warps = kThreads / 32;
     const unsigned row_blocks = grid_for(p.batch, warps), col_blocks = grid_for(p.batch_t, 32);
     const unsigned elem_blocks = grid_for(p.batch * p.batch_t, kThreads);
+    checkpoint_kernel<T><<<elem_blocks, kThreads, 0, stream>>>(a);
     bwd_init_kernel<T><<<elem_blocks, kThreads, 0, stream>>>(a);
     col_sums_kernel<T><<<col_blocks, kThreads, 0, stream>>>(a);
     for (int64_t k = p.n_iters; k >= 1; --k) {

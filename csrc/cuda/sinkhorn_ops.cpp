@@ -23,8 +23,11 @@ void check_options(double temperature, double epsilon, double scale) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits, double temperature, double epsilon,
-    int64_t n_iters, double scale) {
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& temperature_t,
+    const at::Tensor& epsilon_t, int64_t n_iters, const at::Tensor& scale_t) {
+  const double temperature = float_arg(temperature_t, "temperature");
+  const double epsilon = float_arg(epsilon_t, "epsilon");
+  const double scale = float_arg(scale_t, "scale");
   TORCH_CHECK_VALUE(student_logits.is_cuda(), "student_logits must be a CUDA tensor");
   check_cuda(teacher_logits, student_logits, "teacher_logits");
   check_options(temperature, epsilon, scale);
@@ -58,7 +61,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits, const at::Tensor& probs_s,
                         const at::Tensor& probs_t, const at::Tensor& cost, const at::Tensor& f_hist,
-                        const at::Tensor& g_hist, double temperature, double epsilon, double scale) {
+                        const at::Tensor& g_hist, const at::Tensor& temperature_t, const at::Tensor& epsilon_t,
+                        const at::Tensor& scale_t) {
+  const double temperature = float_arg(temperature_t, "temperature");
+  const double epsilon = float_arg(epsilon_t, "epsilon");
+  const double scale = float_arg(scale_t, "scale");
   TORCH_CHECK_VALUE(student_logits.is_cuda(), "student_logits must be a CUDA tensor");
   check_options(temperature, epsilon, scale);
   TORCH_CHECK_VALUE(student_logits.dim() == 2 && student_logits.size(1) >= 1,
@@ -66,7 +73,7 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one element, got ", grad.numel());
   check_cuda(grad, student_logits, "grad");
   const auto acc = acc_type(student_logits.scalar_type());
-  const char* names[] = {"student_probs", "teacher_probs", "cost", "f", "g"};
+  const char* names[] = {"student_probs", "teacher_probs", "cost", "a", "b"};
   const at::Tensor* saved[] = {&probs_s, &probs_t, &cost, &f_hist, &g_hist};
   for (int k = 0; k < 5; ++k) {
     check_cuda(*saved[k], student_logits, names[k]);
@@ -79,7 +86,7 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
                     "probabilities must be [B, C] and [B', C]");
   TORCH_CHECK_VALUE(cost.size(0) == B && cost.size(1) == Bt, "cost must be [B, B'], got ", cost.sizes());
   TORCH_CHECK_VALUE(n_iters >= 1 && f_hist.size(1) == B && g_hist.size(0) == n_iters && g_hist.size(1) == Bt,
-                    "potentials must be [n_iters, B] and [n_iters, B']");
+                    "increments must be [n_iters, B] and [n_iters, B']");
   const DType dtype = dtype_code(student_logits.scalar_type());
   c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad_student = at::zeros({B, C}, student_logits.options());

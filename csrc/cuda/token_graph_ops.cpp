@@ -68,10 +68,10 @@ Call prepare(const at::Tensor& student_in, const at::Tensor* teacher_in, const a
 }
 
 std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const at::Tensor& neighbours, double sigma, int64_t edge,
+                                                   const at::Tensor& neighbours, const at::Tensor& sigma, int64_t edge,
                                                    int64_t direction, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(student.device());
-  const auto call = prepare(student, &teacher, neighbours, sigma, edge, direction, reduction);
+  const auto call = prepare(student, &teacher, neighbours, float_arg(sigma, "sigma"), edge, direction, reduction);
   const int64_t M = call.problem.nodes, k = call.problem.k;
   const auto acc_options = call.student.options().dtype(acc_type(call.student.scalar_type()));
   // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)

@@ -2,11 +2,13 @@
 // kdloss/topk_kl_cuda.h); the torch glue is csrc/cuda/topk_kl_ops.cpp.
 //
 // One CTA per row. Forward: each thread streams its share of the row with 16-byte loads keeping a
-// running (max, Σexp) of logits/T in the accumulation type, the CTA merges them in a fixed order,
-// then the k teacher slots are gathered; per-row losses go to a workspace that a single-CTA
-// finalize kernel reduces in a fixed order (deterministic, no atomics). Backward: the CTA
-// recomputes the row's coefficients from the saved log-sum-exp, writes g·α·softmax over the row
-// with 16-byte stores, then overwrites the k kept entries (spec §3.4). No host synchronisation.
+// running (max m of the logits, Σ exp((z − m)/T)) in the accumulation type, the CTA merges them in
+// a fixed order, then the k teacher slots are gathered; per-row losses go to a workspace that a
+// single-CTA finalize kernel reduces in a fixed order (deterministic, no atomics). Backward: the
+// CTA recomputes the row's coefficients from the saved stats (m, l = log Σ exp((z − m)/T)), writes
+// g·α·softmax over the row with 16-byte stores, then overwrites the k kept entries (spec §3.4). No
+// host synchronisation. As on the CPU, every log q_j is (z_j − m)·(1/T) − l: the logits are
+// shifted by their maximum before the division by T, which keeps log q accurate at small T.
 #include <cstdint>
 
 #include "kdloss/cuda_utils.cuh"
@@ -43,48 +45,48 @@ __device__ __forceinline__ bool aligned16(const T* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-// Running log-sum-exp: max m and Σ exp(x − m).
+// Running log-sum-exp at temperature T: max m of the logits and Σ exp((z − m)·inv_t).
 template <typename A>
 struct Lse {
   A m, s;
 };
 
 template <typename A>
-__device__ __forceinline__ void lse_merge(Lse<A>& a, const Lse<A>& b) {
+__device__ __forceinline__ void lse_merge(Lse<A>& a, const Lse<A>& b, A inv_t) {
   if (b.m == neg_inf<A>()) return;
   if (a.m == neg_inf<A>()) {
     a = b;
   } else if (b.m > a.m) {
-    a.s = a.s * exp_acc(a.m - b.m) + b.s;
+    a.s = a.s * exp_acc((a.m - b.m) * inv_t) + b.s;
     a.m = b.m;
   } else {
-    a.s += b.s * exp_acc(b.m - a.m);
+    a.s += b.s * exp_acc((b.m - a.m) * inv_t);
   }
 }
 
-// Adds x[0..n) (already divided by T) with one rescale at most.
+// Adds the logits x[0..n) with one rescale at most.
 template <typename A, int n>
-__device__ __forceinline__ void lse_add(Lse<A>& a, const A (&x)[n]) {
+__device__ __forceinline__ void lse_add(Lse<A>& a, const A (&x)[n], A inv_t) {
   A pm = x[0];
 #pragma unroll
   for (int j = 1; j < n; ++j) pm = x[j] > pm ? x[j] : pm;
   if (pm > a.m) {
-    a.s *= exp_acc(a.m - pm);  // 0 while a.m = −inf
+    a.s = a.m == neg_inf<A>() ? A(0) : a.s * exp_acc((a.m - pm) * inv_t);
     a.m = pm;
   }
   if (a.m == neg_inf<A>()) return;  // everything so far is −inf
 #pragma unroll
-  for (int j = 0; j < n; ++j) a.s += exp_acc(x[j] - a.m);
+  for (int j = 0; j < n; ++j) a.s += exp_acc((x[j] - a.m) * inv_t);
 }
 
 // Merge over the CTA in a fixed order; the result is returned to every thread.
 template <typename A>
-__device__ Lse<A> block_lse(Lse<A> v, Lse<A>* scratch /*[33]*/) {
+__device__ Lse<A> block_lse(Lse<A> v, Lse<A>* scratch /*[33]*/, A inv_t) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     Lse<A> other{__shfl_down_sync(0xffffffffu, v.m, offset), __shfl_down_sync(0xffffffffu, v.s, offset)};
-    lse_merge(v, other);
+    lse_merge(v, other, inv_t);
   }
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
@@ -94,7 +96,7 @@ __device__ Lse<A> block_lse(Lse<A> v, Lse<A>* scratch /*[33]*/) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
       Lse<A> other{__shfl_down_sync(0xffffffffu, v.m, offset), __shfl_down_sync(0xffffffffu, v.s, offset)};
-      lse_merge(v, other);
+      lse_merge(v, other, inv_t);
     }
     if (lane == 0) scratch[32] = v;
   }
@@ -104,14 +106,21 @@ __device__ Lse<A> block_lse(Lse<A> v, Lse<A>* scratch /*[33]*/) {
   return out;
 }
 
+// A row's softmax statistics: m = the largest logit, l = log Σ exp((z − m)/T) (m = −inf, l = 0 for
+// an empty or all −inf set), so that log q_j = (z_j − m)/T − l.
 template <typename A>
-__device__ __forceinline__ A lse_value(const Lse<A>& a) {
-  return a.m == neg_inf<A>() ? a.m : a.m + log_acc(a.s);
+struct Stats {
+  A m, l;
+};
+
+template <typename A>
+__device__ __forceinline__ Stats<A> lse_stats(const Lse<A>& a) {
+  return {a.m, a.m == neg_inf<A>() ? A(0) : log_acc(a.s)};
 }
 
-// log Σ_j exp(z_j / T) over the row.
+// Stats over the whole row.
 template <typename T>
-__device__ Acc<T> row_logsumexp(const T* z, int64_t V, Acc<T> inv_t, Lse<Acc<T>>* scratch) {
+__device__ Stats<Acc<T>> row_stats(const T* z, int64_t V, Acc<T> inv_t, Lse<Acc<T>>* scratch) {
   using A = Acc<T>;
   constexpr int P = Pack<T>::kSize;
   Lse<A> acc{neg_inf<A>(), A(0)};
@@ -123,16 +132,16 @@ __device__ Acc<T> row_logsumexp(const T* z, int64_t V, Acc<T> inv_t, Lse<Acc<T>>
       const Pack<T> pk = zp[i];
       A x[P];
 #pragma unroll
-      for (int j = 0; j < P; ++j) x[j] = to_acc(pk.v[j]) * inv_t;
-      lse_add(acc, x);
+      for (int j = 0; j < P; ++j) x[j] = to_acc(pk.v[j]);
+      lse_add(acc, x, inv_t);
     }
     start = packs * P;
   }
   for (int64_t j = start + threadIdx.x; j < V; j += blockDim.x) {
-    const A x[1] = {to_acc(z[j]) * inv_t};
-    lse_add(acc, x);
+    const A x[1] = {to_acc(z[j])};
+    lse_add(acc, x, inv_t);
   }
-  return lse_value(block_lse(acc, scratch));
+  return lse_stats(block_lse(acc, scratch, inv_t));
 }
 
 // One row's teacher slots.
@@ -146,7 +155,8 @@ struct Slots {
 
   // A slot is in K when it carries teacher mass and its id is in range (Python validates ids).
   __device__ bool kept(int64_t i) const { return logp[i] != neg_inf<A>() && ids[i] >= 0 && ids[i] < vocab; }
-  __device__ A scaled_logit(int64_t i, A inv_t) const { return to_acc(z[ids[i]]) * inv_t; }
+  __device__ A logit(int64_t i) const { return to_acc(z[ids[i]]); }
+  __device__ A log_q(int64_t i, A inv_t, const Stats<A>& st) const { return (logit(i) - st.m) * inv_t - st.l; }
 };
 
 template <typename T>
@@ -156,29 +166,78 @@ __device__ Slots<T> row_slots(const TopKKLProblem& p, int64_t n) {
           static_cast<const A*>(p.target_logp) + n * p.k, p.k, p.vocab};
 }
 
-// log-sum-exp of z/T over the kept slots (student_support="topk"); 0 when K is empty.
+// Stats over the kept slots only (student_support="topk"); {−inf, 0} when K is empty.
 template <typename T>
-__device__ Acc<T> kept_logsumexp(const Slots<T>& row, Acc<T> inv_t, Lse<Acc<T>>* scratch) {
+__device__ Stats<Acc<T>> kept_stats(const Slots<T>& row, Acc<T> inv_t, Lse<Acc<T>>* scratch) {
   using A = Acc<T>;
   Lse<A> acc{neg_inf<A>(), A(0)};
   for (int64_t i = threadIdx.x; i < row.k; i += blockDim.x) {
     if (!row.kept(i)) continue;
-    const A x[1] = {row.scaled_logit(i, inv_t)};
-    lse_add(acc, x);
+    const A x[1] = {row.logit(i)};
+    lse_add(acc, x, inv_t);
   }
-  const Lse<A> total = block_lse(acc, scratch);
-  return total.m == neg_inf<A>() ? A(0) : lse_value(total);
+  return lse_stats(block_lse(acc, scratch, inv_t));
+}
+
+// The student's mass outside K, r_s = Σ_{j∉K} q_j, for a row whose student puts more than half of
+// its mass on K (as csrc/cpu/topk_kl.cpp: accurate_tail_mass): 1 − Σ_K q keeps only ~eps/r_s of r_s's
+// digits, so Σ_j e_j and Σ_K e_j (e_j = exp((z_j − m)/T), the same exp_acc for every term, so the kept
+// terms cancel exactly) are summed in double and subtracted. Block-wide; every thread gets the result.
+template <typename T>
+__device__ Acc<T> accurate_tail_mass(const Slots<T>& row, Acc<T> inv_t, const Stats<Acc<T>>& st,
+                                     double* scratch /*[33]*/) {
+  using A = Acc<T>;
+  double all = 0, kept = 0;
+  for (int64_t j = threadIdx.x; j < row.vocab; j += blockDim.x)
+    all += static_cast<double>(exp_acc((to_acc(row.z[j]) - st.m) * inv_t));
+  for (int64_t i = threadIdx.x; i < row.k; i += blockDim.x)
+    if (row.kept(i)) kept += static_cast<double>(exp_acc((row.logit(i) - st.m) * inv_t));
+  all = block_sum_all(all, scratch);
+  kept = block_sum_all(kept, scratch);
+  return all > 0 ? static_cast<A>((all - kept) / all) : A(0);
+}
+
+// The student's tail mass r_s = 1 − Σ_K q as DistillKit clamps it (Σ_K q to [1e-8, 1 − 1e-8]), the
+// upper end applied as r_s ≥ 1e-8: 1 − 1e-8 is 1 in fp32 (log1p(−1) = −inf there), 1e-8 is
+// representable. `clamped`: a clamp is active, the tail term does not depend on z. Block-wide
+// (`kept` = Σ_K q must be the same in every thread).
+template <typename A>
+struct StudentTail {
+  A log_r, r;
+  bool clamped;
+};
+
+template <typename T>
+__device__ StudentTail<Acc<T>> student_tail(const Slots<T>& row, Acc<T> inv_t, const Stats<Acc<T>>& st, Acc<T> kept,
+                                            double* scratch) {
+  using A = Acc<T>;
+  const A lo = static_cast<A>(kTailClamp);
+  const A plain = A(1) - kept;  // exact for kept ∈ [0.5, 1], but not r_s's digits
+  const A r = plain < A(0.5) ? accurate_tail_mass<T>(row, inv_t, st, scratch) : plain;
+  if (!(r > lo)) return {log_acc(lo), r, true};
+  if (kept < lo) return {log1p_acc(-lo), r, true};
+  return {plain < A(0.5) ? log_acc(r) : log1p_acc(-kept), r, false};
+}
+
+// `v`, valid in thread 0, in every thread.
+template <typename A>
+__device__ __forceinline__ A broadcast(A v, A* slot) {
+  if (threadIdx.x == 0) *slot = v;
+  __syncthreads();
+  const A out = *slot;
+  __syncthreads();
+  return out;
 }
 
 // Σ_K p̂ and Σ_K q over the kept slots, valid in thread 0.
 template <typename T>
-__device__ void kept_sums(const Slots<T>& row, Acc<T> inv_t, Acc<T> lse, Acc<T>* scratch, Acc<T>& teacher,
+__device__ void kept_sums(const Slots<T>& row, Acc<T> inv_t, const Stats<Acc<T>>& st, Acc<T>* scratch, Acc<T>& teacher,
                           Acc<T>& student, Acc<T>* head /* Σ p̂ (log p̂ − log q), or null */) {
   using A = Acc<T>;
   A t = 0, s = 0, h = 0;
   for (int64_t i = threadIdx.x; i < row.k; i += blockDim.x) {
     if (!row.kept(i)) continue;
-    const A log_q = row.scaled_logit(i, inv_t) - lse;
+    const A log_q = row.log_q(i, inv_t, st);
     const A p = exp_acc(row.logp[i]);
     t += p;
     s += exp_acc(log_q);
@@ -191,41 +250,43 @@ __device__ void kept_sums(const Slots<T>& row, Acc<T> inv_t, Acc<T> lse, Acc<T>*
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    fwd_rows_kernel(TopKKLProblem p, Acc<T>* row_loss, Acc<T>* lse_out, Acc<T>* loss_none) {
+    fwd_rows_kernel(TopKKLProblem p, Acc<T>* row_loss, Acc<T>* stats_out, Acc<T>* loss_none) {
   using A = Acc<T>;
   __shared__ Lse<A> lse_scratch[33];
-  __shared__ A sum_scratch[32];
+  __shared__ A sum_scratch[33];
+  __shared__ double wide_scratch[33];
   const int64_t n = blockIdx.x;
   if (!p.valid[n]) {  // uniform over the CTA
     if (threadIdx.x == 0) {
       row_loss[n] = A(0);
-      lse_out[n] = A(0);
+      stats_out[2 * n] = stats_out[2 * n + 1] = A(0);
       if (loss_none) loss_none[n] = A(0);
     }
     return;
   }
   const Slots<T> row = row_slots<T>(p, n);
   const A inv_t = static_cast<A>(p.inv_temperature);
-  const A lse = p.full_support ? row_logsumexp<T>(row.z, p.vocab, inv_t, lse_scratch)
-                               : kept_logsumexp<T>(row, inv_t, lse_scratch);
+  const Stats<A> st =
+      p.full_support ? row_stats<T>(row.z, p.vocab, inv_t, lse_scratch) : kept_stats<T>(row, inv_t, lse_scratch);
   A teacher, student, head;
-  kept_sums<T>(row, inv_t, lse, sum_scratch, teacher, student, &head);
-  if (threadIdx.x != 0) return;
+  kept_sums<T>(row, inv_t, st, sum_scratch, teacher, student, &head);
   A kl = head;
   const A tail = static_cast<const A*>(p.tail_logp)[n];
-  if (p.full_support && tail != neg_inf<A>()) {
-    const A clamped = fmin(fmax(student, A(kTailClamp)), A(1.0 - kTailClamp));
-    kl += exp_acc(tail) * (tail - log1p_acc(-clamped));
+  if (p.full_support && tail != neg_inf<A>()) {  // uniform over the CTA
+    const StudentTail<A> rs = student_tail<T>(row, inv_t, st, broadcast(student, &sum_scratch[32]), wide_scratch);
+    kl += exp_acc(tail) * (tail - rs.log_r);
   }
+  if (threadIdx.x != 0) return;
   const A value = static_cast<A>(p.scale) * kl;
   row_loss[n] = value;
-  lse_out[n] = lse;
+  stats_out[2 * n] = st.m;
+  stats_out[2 * n + 1] = st.l;
   if (loss_none) loss_none[n] = value;
 }
 
-// out[0..V) = c · exp(z/T − lse), or zeros when c = 0.
+// out[0..V) = c · exp((z − m)/T − l), or zeros when c = 0.
 template <typename T>
-__device__ void write_dense(T* out, const T* z, int64_t V, Acc<T> inv_t, Acc<T> lse, Acc<T> c) {
+__device__ void write_dense(T* out, const T* z, int64_t V, Acc<T> inv_t, const Stats<Acc<T>>& st, Acc<T> c) {
   using A = Acc<T>;
   constexpr int P = Pack<T>::kSize;
   int64_t start = 0;
@@ -241,22 +302,23 @@ __device__ void write_dense(T* out, const T* z, int64_t V, Acc<T> inv_t, Acc<T> 
       } else {
         pk = zp[i];
 #pragma unroll
-        for (int j = 0; j < P; ++j) pk.v[j] = from_acc<T>(c * exp_acc(to_acc(pk.v[j]) * inv_t - lse));
+        for (int j = 0; j < P; ++j) pk.v[j] = from_acc<T>(c * exp_acc((to_acc(pk.v[j]) - st.m) * inv_t - st.l));
       }
       op[i] = pk;
     }
     start = packs * P;
   }
   for (int64_t j = start + threadIdx.x; j < V; j += blockDim.x)
-    out[j] = from_acc<T>(c == A(0) ? A(0) : c * exp_acc(to_acc(z[j]) * inv_t - lse));
+    out[j] = from_acc<T>(c == A(0) ? A(0) : c * exp_acc((to_acc(z[j]) - st.m) * inv_t - st.l));
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    bwd_rows_kernel(TopKKLProblem p, const Acc<T>* grad, const Acc<T>* lse_in, T* grad_logits) {
+    bwd_rows_kernel(TopKKLProblem p, const Acc<T>* grad, const Acc<T>* stats_in, T* grad_logits) {
   using A = Acc<T>;
-  __shared__ A sum_scratch[32];
-  __shared__ A coef[3];  // α, γ, Σ_K p̂
+  __shared__ A sum_scratch[33];
+  __shared__ double wide_scratch[33];
+  __shared__ A coef[2];  // α and κ: ∂/∂z_j = g·(α·q_j) off K, g·(κ·q_j − p̂_j) on K
   const int64_t n = blockIdx.x;
   T* out = grad_logits + n * p.vocab;
   const A inv_t = static_cast<A>(p.inv_temperature);
@@ -268,30 +330,36 @@ __global__ void __launch_bounds__(kThreads)
   if (!p.valid[n]) g = A(0);
   const Slots<T> row = row_slots<T>(p, n);
   if (g == A(0)) {  // uniform over the CTA
-    write_dense<T>(out, row.z, p.vocab, inv_t, A(0), A(0));
+    write_dense<T>(out, row.z, p.vocab, inv_t, Stats<A>{A(0), A(0)}, A(0));
     return;
   }
-  const A lse = lse_in[n];
+  const Stats<A> st{stats_in[2 * n], stats_in[2 * n + 1]};
   A teacher, student;
-  kept_sums<T>(row, inv_t, lse, sum_scratch, teacher, student, nullptr);
+  kept_sums<T>(row, inv_t, st, sum_scratch, teacher, student, nullptr);
+  // d/dz of −r̂·log r_s (γ = r̂/r_s; zero where DistillKit's clamp is active): α = P + r̂ − γ off K and
+  // κ = α + γ = P + r̂ on K, formed directly (α and γ are both huge when r_s is tiny)
+  A gamma = 0, tail_mass = 0;
+  const A tail = static_cast<const A*>(p.tail_logp)[n];
+  if (p.full_support && tail != neg_inf<A>()) {  // uniform over the CTA
+    const StudentTail<A> rs = student_tail<T>(row, inv_t, st, broadcast(student, &sum_scratch[32]), wide_scratch);
+    if (!rs.clamped) {
+      tail_mass = exp_acc(tail);
+      gamma = tail_mass / rs.r;
+    }
+  }
   if (threadIdx.x == 0) {
-    A gamma = 0;  // d/dz of −r̂·log(1 − Σ_K q); zero where DistillKit's clamp is active
-    const A tail = static_cast<const A*>(p.tail_logp)[n];
-    if (p.full_support && tail != neg_inf<A>() && student > A(kTailClamp) && student < A(1.0 - kTailClamp))
-      gamma = exp_acc(tail) / (A(1) - student);
-    coef[0] = p.full_support ? teacher - gamma * student : A(0);
-    coef[1] = gamma;
-    coef[2] = teacher;
+    coef[0] = p.full_support ? teacher + tail_mass - gamma : A(0);
+    coef[1] = teacher + tail_mass;
   }
   __syncthreads();
-  const A alpha = coef[0], gamma = coef[1], mass = coef[2];
-  write_dense<T>(out, row.z, p.vocab, inv_t, lse, g * alpha);
+  const A alpha = coef[0], kept_coef = coef[1];
+  write_dense<T>(out, row.z, p.vocab, inv_t, st, g * alpha);
   __syncthreads();  // the dense writes of every thread land before the kept entries are overwritten
   for (int64_t i = threadIdx.x; i < row.k; i += blockDim.x) {
     if (!row.kept(i)) continue;
-    const A q = exp_acc(row.scaled_logit(i, inv_t) - lse);
+    const A q = exp_acc(row.log_q(i, inv_t, st));
     const A pk = exp_acc(row.logp[i]);
-    const A d = p.full_support ? (alpha + gamma) * q - pk : mass * q - pk;
+    const A d = kept_coef * q - pk;
     out[row.ids[i]] = from_acc<T>(g * d);
   }
 }
@@ -300,14 +368,15 @@ __global__ void __launch_bounds__(kThreads)
 
 int64_t topk_kl_workspace_size(int64_t rows) { return rows > 0 ? rows : 1; }
 
-cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void* workspace, cudaStream_t stream) {
+cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* stats, void* workspace, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     A* rows = static_cast<A*>(workspace);
     A* loss_none = p.reduction == Reduction::kNone ? static_cast<A*>(loss) : nullptr;
     if (p.rows > 0)
-      fwd_rows_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(p, rows, static_cast<A*>(lse), loss_none);
+      fwd_rows_kernel<T>
+          <<<one_block_per_row(p.rows), kThreads, 0, stream>>>(p, rows, static_cast<A*>(stats), loss_none);
     if (p.reduction != Reduction::kNone)
       launch_finalize(rows, p.rows, mean_or_sum(p.reduction, DeviceDivisor<A>{static_cast<const A*>(p.divisor)}),
                       static_cast<A*>(loss), stream);
@@ -315,14 +384,14 @@ cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void
   });
 }
 
-cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* lse, void* grad_logits,
+cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* stats, void* grad_logits,
                              cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = Acc<T>;
     bwd_rows_kernel<T><<<one_block_per_row(p.rows), kThreads, 0, stream>>>(
-        p, static_cast<const A*>(grad), static_cast<const A*>(lse), static_cast<T*>(grad_logits));
+        p, static_cast<const A*>(grad), static_cast<const A*>(stats), static_cast<T*>(grad_logits));
     return cudaGetLastError();
   });
 }

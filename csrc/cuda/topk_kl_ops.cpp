@@ -33,12 +33,16 @@ struct Call {
 };
 
 Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tensor& target_logp,
-             const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor, double inv_temperature,
-             double scale, bool full_support, int64_t reduction_code) {
+             const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor,
+             const at::Tensor& inv_temperature_t, const at::Tensor& scale_t, bool full_support,
+             int64_t reduction_code) {
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor");
   TORCH_CHECK_VALUE(logits_in.dim() == 2, "logits must be [N, V], got ", logits_in.sizes());
   const Reduction reduction = check_reduction(reduction_code);
+  const double inv_temperature = float_arg(inv_temperature_t, "inv_temperature");
+  const double scale = float_arg(scale_t, "scale");
   TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "inv_temperature must be > 0");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite");
   const int64_t N = logits_in.size(0), V = logits_in.size(1);
   TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "the CUDA kernel takes at most 2^31 - 1 rows, got ", N);
   at::Tensor logits = N == 0 ? logits_in : unit_inner_stride(logits_in);
@@ -79,8 +83,8 @@ Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const at::Tensor& ids,
                                                const at::Tensor& target_logp, const at::Tensor& tail_logp,
                                                const at::Tensor& valid, const at::Tensor& divisor,
-                                               double inv_temperature, double scale, bool full_support,
-                                               int64_t reduction) {
+                                               const at::Tensor& inv_temperature, const at::Tensor& scale,
+                                               bool full_support, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto call =
       prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale, full_support, reduction);
@@ -89,29 +93,29 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
   // the loss is returned in the accumulation dtype (rounded to the logits' in Python outside autocast)
   at::Tensor loss =
       call.problem.reduction == Reduction::kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
-  at::Tensor lse = at::empty({N}, acc_options);
+  at::Tensor stats = at::empty({N, 2}, acc_options);
   at::Tensor workspace = at::empty({topk_kl_workspace_size(N)}, acc_options);
-  check_launch(topk_kl_fwd_cuda(call.problem, loss.data_ptr(), lse.data_ptr(), workspace.data_ptr(),
+  check_launch(topk_kl_fwd_cuda(call.problem, loss.data_ptr(), stats.data_ptr(), workspace.data_ptr(),
                                 c10::cuda::getCurrentCUDAStream()),
                "topk_kl");
-  return {loss, lse};
+  return {loss, stats};
 }
 
-at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& logits, const at::Tensor& ids,
+at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at::Tensor& logits, const at::Tensor& ids,
                        const at::Tensor& target_logp, const at::Tensor& tail_logp, const at::Tensor& valid,
-                       const at::Tensor& divisor, double inv_temperature, double scale, bool full_support,
-                       int64_t reduction) {
+                       const at::Tensor& divisor, const at::Tensor& inv_temperature, const at::Tensor& scale,
+                       bool full_support, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto call =
       prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale, full_support, reduction);
   const int64_t N = call.problem.rows, V = call.problem.vocab;
-  check_acc(lse, call.logits, "lse", {N});
+  check_acc(stats, call.logits, "stats", {N, 2});
   const auto g = checked_grad(grad, call.logits, call.problem.reduction, {N}, acc_type(call.logits.scalar_type()));
-  const auto lse_c = lse.contiguous();
+  const auto stats_c = stats.contiguous();
   at::Tensor out = at::empty({N, V}, call.logits.options());
-  check_launch(
-      topk_kl_bwd_cuda(call.problem, g.data_ptr(), lse_c.data_ptr(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
-      "topk_kl");
+  check_launch(topk_kl_bwd_cuda(call.problem, g.data_ptr(), stats_c.data_ptr(), out.data_ptr(),
+                                c10::cuda::getCurrentCUDAStream()),
+               "topk_kl");
   return out;
 }
 

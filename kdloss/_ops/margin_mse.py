@@ -15,7 +15,7 @@ students' dtype outside autocast); the backwards take an upstream gradient of an
 
 import torch
 
-from . import LIB
+from . import LIB, first_order_only
 
 LIB.define(
     "margin_mse_fwd(Tensor student_pos, Tensor student_neg, Tensor teacher, "
@@ -72,7 +72,7 @@ def _margin_mse_backward(ctx, grad):
     grad_pos, grad_neg = torch.ops.kdloss.margin_mse_bwd(
         grad, student_pos, student_neg, teacher, ctx.teacher_is_scores, ctx.reduction
     )
-    return grad_pos, grad_neg, None, None, None
+    return (*first_order_only("margin_mse", grad_pos, grad_neg), None, None, None)
 
 
 def _margin_mse_emb_backward(ctx, grad):
@@ -80,7 +80,7 @@ def _margin_mse_emb_backward(ctx, grad):
     grad_q, grad_p, grad_n = torch.ops.kdloss.margin_mse_emb_bwd(
         grad, query, positive, negatives, teacher, ctx.teacher_is_scores, ctx.reduction
     )
-    return grad_q, grad_p, grad_n, None, None, None
+    return (*first_order_only("margin_mse", grad_q, grad_p, grad_n), None, None, None)
 
 
 torch.library.register_autograd(

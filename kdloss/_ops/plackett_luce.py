@@ -7,6 +7,7 @@ Op-level contract (the public function in :mod:`kdloss.plackett_luce` normalises
 * ``labels [R]`` int64 — class indices, or ``ignore_index`` for rows that do not count;
 * ``teacher_permutation`` — ``None`` (the kernel sorts) or ``[R, C]`` int64, each row the teacher's
   ranking of all C classes (the label is moved to the front by the kernel);
+* ``temperature`` — τ as a 0-d float64 CPU tensor (:func:`kdloss._ops.float_arg`);
 * ``reduction`` — 0 none (``[R]``), 1 mean over counted rows, 2 sum.
 
 The forward returns the loss in the accumulation dtype (the public function rounds it to the
@@ -16,15 +17,15 @@ backward needs no second sort. Ignored rows hold the identity there.
 
 import torch
 
-from . import LIB
+from . import LIB, first_order_only
 
 LIB.define(
     "plackett_luce_fwd(Tensor student, Tensor teacher, Tensor labels, Tensor? teacher_permutation, "
-    "float temperature, int ignore_index, int reduction) -> (Tensor, Tensor)"
+    "Tensor temperature, int ignore_index, int reduction) -> (Tensor, Tensor)"
 )
 LIB.define(
     "plackett_luce_bwd(Tensor grad, Tensor student, Tensor teacher, Tensor labels, Tensor order, "
-    "float temperature, int ignore_index, int reduction) -> Tensor"
+    "Tensor temperature, int ignore_index, int reduction) -> Tensor"
 )
 
 
@@ -45,17 +46,18 @@ def _plackett_luce_bwd_fake(grad, student, teacher, labels, order, temperature, 
 def _setup_context(ctx, inputs, output):
     student, teacher, labels, _perm, temperature, ignore_index, reduction = inputs
     _loss, order = output
-    ctx.save_for_backward(student, teacher, labels, order)
-    ctx.temperature = temperature
+    ctx.mark_non_differentiable(order)
+    ctx.save_for_backward(student, teacher, labels, order, temperature)
     ctx.ignore_index = ignore_index
     ctx.reduction = reduction
 
 
 def _plackett_luce_backward(ctx, grad, _grad_order):
-    student, teacher, labels, order = ctx.saved_tensors
+    student, teacher, labels, order, temperature = ctx.saved_tensors
     grad_student = torch.ops.kdloss.plackett_luce_bwd(
-        grad, student, teacher, labels, order, ctx.temperature, ctx.ignore_index, ctx.reduction
+        grad, student, teacher, labels, order, temperature, ctx.ignore_index, ctx.reduction
     )
+    (grad_student,) = first_order_only("plackett_luce", grad_student)
     return grad_student, None, None, None, None, None, None
 
 

@@ -4,29 +4,32 @@ Op-level contract (the public function in :mod:`kdloss.sinkhorn` validates and n
 
 * ``student_logits [B, C]`` — any float dtype; ``teacher_logits [B', C]`` — detached, in the
   accumulation dtype (fp32; fp64 for fp64 students); ``C ≥ 1``; ``B`` or ``B'`` may be 0 (loss 0);
-* ``temperature > 0``, ``epsilon > 0``, ``n_iters ≥ 1``, ``scale`` finite.
+* ``temperature > 0``, ``epsilon > 0``, ``scale`` finite: 0-d float64 CPU tensors
+  (:func:`kdloss._ops.float_arg`); ``n_iters ≥ 1``.
 
 ``sinkhorn_fwd`` returns the loss (a scalar in the accumulation dtype; the public function rounds
-it to the student's dtype outside autocast) and, for the backward, the
-softmax probabilities ``[B, C]`` / ``[B', C]``, the cost matrix ``W [B, B']`` and the dual
-potentials of every half-step, ``f [n_iters, B]`` (after each row step) and ``g [n_iters, B']``
-(after each column step), all in the accumulation dtype. The iterate after any half-step is
-``−W/ε + f_i + g_j``, so the backward recomputes the plans it needs from ``W`` and these
-``2·n_iters·(B + B')`` numbers instead of storing ``2·n_iters`` B×B' matrices.
-``sinkhorn_bwd`` runs the adjoint (reverse-mode) recursion of the iterations and returns ``∂L/∂student_logits``.
+it to the student's dtype outside autocast) and, for the backward, the softmax probabilities
+``[B, C]`` / ``[B', C]``, the cost matrix ``W [B, B']`` and the increments of every half-step,
+``a [n_iters, B]`` (the row log-normalisers subtracted by each row step) and ``b [n_iters, B']``
+(those of each column step), all in the accumulation dtype. The iterate ``x`` starts at ``−W/ε`` and
+each half-step subtracts its increments, exactly as the reference does; the backward replays those
+subtractions (from a few checkpoints) to regenerate the forward's plans bitwise instead of storing
+``2·n_iters`` B×B' matrices. (Potentials accumulated as ``−W/ε + f_i + g_j`` would be cheaper to
+replay, but they grow like ``W/ε`` and cancel to a few bits at small ε.) ``sinkhorn_bwd`` runs the
+adjoint (reverse-mode) recursion of the iterations and returns ``∂L/∂student_logits``.
 """
 
 import torch
 
-from . import LIB
+from . import LIB, first_order_only
 
 LIB.define(
-    "sinkhorn_fwd(Tensor student_logits, Tensor teacher_logits, float temperature, float epsilon, "
-    "int n_iters, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "sinkhorn_fwd(Tensor student_logits, Tensor teacher_logits, Tensor temperature, Tensor epsilon, "
+    "int n_iters, Tensor scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 LIB.define(
     "sinkhorn_bwd(Tensor grad, Tensor student_logits, Tensor student_probs, Tensor teacher_probs, "
-    "Tensor cost, Tensor f, Tensor g, float temperature, float epsilon, float scale) -> Tensor"
+    "Tensor cost, Tensor a, Tensor b, Tensor temperature, Tensor epsilon, Tensor scale) -> Tensor"
 )
 
 
@@ -50,24 +53,21 @@ def _sinkhorn_fwd_fake(student_logits, teacher_logits, temperature, epsilon, n_i
 
 
 @torch.library.register_fake("kdloss::sinkhorn_bwd")
-def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, f, g, temperature,
+def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, a, b, temperature,
                        epsilon, scale):
     return student_logits.new_empty(student_logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
     student_logits, _teacher, temperature, epsilon, _n_iters, scale = inputs
-    _loss, probs_s, probs_t, cost, f, g = output
-    ctx.mark_non_differentiable(probs_s, probs_t, cost, f, g)
-    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, f, g)
-    ctx.temperature, ctx.epsilon, ctx.scale = temperature, epsilon, scale
+    _loss, probs_s, probs_t, cost, a, b = output
+    ctx.mark_non_differentiable(probs_s, probs_t, cost, a, b)
+    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, a, b, temperature, epsilon, scale)
 
 
 def _sinkhorn_backward(ctx, grad, *_unused):
-    student_logits, probs_s, probs_t, cost, f, g = ctx.saved_tensors
-    grad_student = torch.ops.kdloss.sinkhorn_bwd(
-        grad, student_logits, probs_s, probs_t, cost, f, g, ctx.temperature, ctx.epsilon, ctx.scale
-    )
+    grad_student = torch.ops.kdloss.sinkhorn_bwd(grad, *ctx.saved_tensors)
+    (grad_student,) = first_order_only("sinkhorn", grad_student)
     return grad_student, None, None, None, None, None
 
 

@@ -18,7 +18,7 @@ student's dtype outside autocast) and the O(B·N) state the backward needs, so t
 
 import torch
 
-from . import LIB
+from . import LIB, first_order_only
 
 LIB.define(
     "token_contextual_fwd(Tensor student, Tensor teacher, int reduction) -> (Tensor, Tensor, Tensor, Tensor)"
@@ -54,6 +54,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, _grad_stats_s, _grad_stats_t, _grad_rho):
     student, teacher, stats_s, stats_t, rho = ctx.saved_tensors
     grad_student = torch.ops.kdloss.token_contextual_bwd(grad, student, teacher, stats_s, stats_t, rho, ctx.reduction)
+    (grad_student,) = first_order_only("token_contextual", grad_student)
     return grad_student, None, None
 
 

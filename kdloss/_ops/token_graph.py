@@ -8,7 +8,8 @@ neighbours first):
 * ``teacher [M, Dt]`` — detached, contiguous, in the accumulation dtype (fp32; fp64 for fp64);
 * ``neighbours [M, k]`` int64 in ``[0, M)`` (validated in Python; the CPU kernel re-checks, the
   CUDA kernels skip out-of-range edges), contiguous;
-* ``sigma`` > 0; ``edge`` 0 kernel ``exp(−d²/2σ)`` / 1 log kernel ``−d²/2σ``; ``direction``
+* ``sigma`` > 0 as a 0-d float64 CPU tensor (:func:`kdloss._ops.float_arg`);
+  ``edge`` 0 kernel ``exp(−d²/2σ)`` / 1 log kernel ``−d²/2σ``; ``direction``
   0 ``KL(p^S‖p^T)`` / 1 ``KL(p^T‖p^S)``; ``reduction`` 0 none (``[M]``) / 1 mean over M / 2 sum.
 
 ``token_graph_fwd`` returns ``(loss, coef)``: the loss in the accumulation dtype (the public
@@ -22,10 +23,10 @@ output row is written by one task in a fixed order (deterministic on both backen
 
 import torch
 
-from . import LIB
+from . import LIB, first_order_only
 
 LIB.define(
-    "token_graph_fwd(Tensor student, Tensor teacher, Tensor neighbours, float sigma, int edge, int direction, "
+    "token_graph_fwd(Tensor student, Tensor teacher, Tensor neighbours, Tensor sigma, int edge, int direction, "
     "int reduction) -> (Tensor, Tensor)"
 )
 LIB.define("token_graph_bwd(Tensor grad, Tensor student, Tensor neighbours, Tensor coef, int reduction) -> Tensor")
@@ -63,6 +64,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, _grad_coef):
     student, neighbours, coef = ctx.saved_tensors
     grad_student = torch.ops.kdloss.token_graph_bwd(grad, student, neighbours, coef, ctx.reduction)
+    (grad_student,) = first_order_only("token_graph", grad_student)
     return grad_student, None, None, None, None, None, None
 
 

@@ -8,26 +8,30 @@ Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user 
   fp64 for fp64 logits), contiguous; slots with ``log p̂ = −inf`` are not part of K;
 * ``valid [N]`` bool — rows that count (others give 0 and a zero gradient and are never read);
 * ``divisor`` 0-d, accumulation dtype — the ``"mean"`` denominator (≤ 0 gives 0);
-* ``inv_temperature`` = 1/T, ``scale`` = T² or 1, ``full_support`` (student log-softmax over V, else
-  over K), ``reduction`` 0 none / 1 mean / 2 sum.
+* ``inv_temperature`` = 1/T and ``scale`` = T² or 1 as 0-d float64 CPU tensors
+  (:func:`kdloss._ops.float_arg`), ``full_support`` (student log-softmax over V, else over K),
+  ``reduction`` 0 none / 1 mean / 2 sum.
 
-``topk_kl_fwd`` returns ``(loss, lse)``: the loss (``[N]`` for none, else a scalar) and the per-row
-log-sum-exp of ``logits/T`` over V (over K for ``full_support=False``), both in the accumulation
-dtype (the public function rounds the loss to the logits' dtype outside autocast); ``lse`` is saved
-for the backward (not differentiable). ``topk_kl_bwd`` writes the dense ``[N, V]`` gradient from it
-in one pass (``g·(α·q_j + β_j·[j∈K])``).
+``topk_kl_fwd`` returns ``(loss, stats)``: the loss (``[N]`` for none, else a scalar) and per-row
+``stats [N, 2]``, both in the accumulation dtype (the public function rounds the loss to the logits'
+dtype outside autocast); ``stats`` is saved for the backward (not differentiable): ``m``, the largest
+logit over V (over K for ``full_support=False``), and ``l = log Σ exp((z − m)/T)`` over the same set,
+so that ``log q_j = (z_j − m)/T − l``. The logits are shifted by their maximum *before* the division
+by T: ``z/T`` itself (or a log-sum-exp of it) would be large at small T, and rounding it would cost
+absolute accuracy in every ``log q_j``. ``topk_kl_bwd`` writes the dense ``[N, V]`` gradient from
+them in one pass (``g·(α·q_j + β_j·[j∈K])``).
 """
 
 import torch
 
-from . import LIB
+from . import LIB, first_order_only
 
 _ARGS = (
     "Tensor ids, Tensor target_logp, Tensor tail_logp, Tensor valid, Tensor divisor, "
-    "float inv_temperature, float scale, bool full_support, int reduction"
+    "Tensor inv_temperature, Tensor scale, bool full_support, int reduction"
 )
 LIB.define(f"topk_kl_fwd(Tensor logits, {_ARGS}) -> (Tensor, Tensor)")
-LIB.define(f"topk_kl_bwd(Tensor grad, Tensor lse, Tensor logits, {_ARGS}) -> Tensor")
+LIB.define(f"topk_kl_bwd(Tensor grad, Tensor stats, Tensor logits, {_ARGS}) -> Tensor")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,26 +44,27 @@ def _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_t
     rows = logits.shape[0]
     acc = _acc_dtype(logits.dtype)
     loss = logits.new_empty((rows,) if reduction == 0 else (), dtype=acc)
-    return loss, logits.new_empty((rows,), dtype=acc)
+    return loss, logits.new_empty((rows, 2), dtype=acc)
 
 
 @torch.library.register_fake("kdloss::topk_kl_bwd")
-def _topk_kl_bwd_fake(grad, lse, logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature,
+def _topk_kl_bwd_fake(grad, stats, logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature,
                       scale, full_support, reduction):
     return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, inv_temperature, scale, full_support, reduction = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(lse, *tensors)
-    ctx.options = (inv_temperature, scale, full_support, reduction)
+    *tensors, full_support, reduction = inputs  # tensors: logits … divisor, inv_temperature, scale
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(stats, *tensors)
+    ctx.options = (full_support, reduction)
 
 
-def _topk_kl_backward(ctx, grad_loss, _grad_lse):
-    lse, *tensors = ctx.saved_tensors
-    grad = torch.ops.kdloss.topk_kl_bwd(grad_loss, lse, *tensors, *ctx.options)
+def _topk_kl_backward(ctx, grad_loss, _grad_stats):
+    stats, *tensors = ctx.saved_tensors
+    grad = torch.ops.kdloss.topk_kl_bwd(grad_loss, stats, *tensors, *ctx.options)
+    (grad,) = first_order_only("topk_kl", grad)
     return (grad,) + (None,) * 9
 
 

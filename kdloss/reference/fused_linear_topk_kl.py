@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._autocast import no_autocast
+from .._validation import comparable
 from ..fused_linear_topk_kl import FusedLinearTopKKLOptions
 from .topk_kl import topk_kl_reference
 
@@ -34,6 +35,9 @@ def fused_linear_topk_kl_reference(hidden, weight, teacher_ids, teacher_values, 
     :class:`~kdloss.fused_linear_topk_kl.FusedLinearTopKKLOptions` or its keywords (``chunk_size`` is
     irrelevant here)."""
     options = options or FusedLinearTopKKLOptions(**option_kwargs)
+    if labels is not None:  # ignored rows may hold anything: never read, not even into the weight gradient
+        counted = (comparable(labels) != options.ignore_index).unsqueeze(-1)
+        hidden = torch.where(counted, hidden, torch.zeros_like(hidden))
     logits = linear_logits(hidden, weight, bias, options.softcap)
     return topk_kl_reference(logits, teacher_ids, teacher_values, labels, options=options,
                              num_items_in_batch=num_items_in_batch)

@@ -52,17 +52,24 @@ def plackett_luce_reference(
     the mean's count.
 
     Returns a scalar (``"mean"``/``"sum"``) or ``[...]`` per-row losses (``"none"``), in the student's
-    dtype. Computes in fp32 (fp64 for fp64 students); the teacher is a constant."""
+    dtype. Computes in fp32 (fp64 for fp64 students); the teacher is a constant.
+
+    Each term ``lse_j − x_j`` is the difference of two numbers as large as the logits, so its
+    absolute rounding error grows with the spread of the logits in a row (about eps·spread: the
+    fp64 reference is exact to ~1e-10 up to spreads of ~1e6; the kernels compute the difference
+    directly and stay accurate for any spread). Finite for any finite logits."""
     options = options or PlackettLuceOptions(**option_kwargs)
     temperature, ignore_index, reduction = options.temperature, options.ignore_index, options.reduction
     acc = accumulation_dtype(student_logits.dtype)
     classes = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
-    s = student_logits.reshape(-1, classes).to(acc)
-    t = teacher_logits.detach().reshape(-1, classes).to(acc)
     y = labels.reshape(-1).to(torch.int64)
     keep = y != ignore_index
     y_safe = torch.where(keep, y, torch.zeros_like(y))
+    # ignored rows may hold anything (NaN included): they are replaced before any arithmetic, so
+    # neither their value nor their gradient reaches the result
+    s = torch.where(keep[:, None], student_logits.reshape(-1, classes).to(acc), 0.0)
+    t = torch.where(keep[:, None], teacher_logits.detach().reshape(-1, classes).to(acc), 0.0)
     if teacher_permutation is None:
         ranking = teacher_ranking(t)
     else:
@@ -71,7 +78,11 @@ def plackett_luce_reference(
     s_perm = s.gather(-1, order)
     log_alpha = torch.log_softmax(t / temperature, dim=-1).gather(-1, order)
     suffix_lse = torch.logcumsumexp(s_perm.flip(-1), dim=-1).flip(-1)
-    rows = (log_alpha.exp() * (suffix_lse - s_perm)).sum(-1)
+    # lse_j − x_j ≥ 0 exceeds the largest finite value only for logit spreads beyond it: clamped
+    # there, and a zero weight contributes exactly 0 (never 0·inf)
+    gap = (suffix_lse - s_perm).clamp(max=torch.finfo(acc).max)
+    alpha = log_alpha.exp()
+    rows = torch.where(alpha > 0, alpha * gap, torch.zeros_like(gap)).sum(-1)
     rows = torch.where(keep, rows, torch.zeros_like(rows))
     if reduction == "none":
         return cast_loss(rows.reshape(lead), student_logits.dtype)

@@ -18,6 +18,14 @@ from ..sinkhorn import SinkhornOptions
 __all__ = ["sinkhorn_cost", "sinkhorn_log_plan", "sinkhorn_multiplicative", "sinkhorn_reference"]
 
 
+def tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(logits / T)`` along the last dim, shifted by the row maximum *before* the division
+    (``logits / T`` itself overflows for a tiny T; the limit is one-hot)."""
+    top = logits.detach().amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return torch.softmax((logits - top) / temperature, dim=-1)
+
+
 def sinkhorn_cost(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """``W[B, B']`` with ``W_ij = Σ_c |s_ic − t_jc|`` (the official ``torch.cdist(p_s, p_t, p=1)``)."""
     return torch.cdist(student_probs, teacher_probs, p=1)
@@ -46,8 +54,8 @@ def sinkhorn_reference(
     options = options or SinkhornOptions(**option_kwargs)
     temperature, epsilon, n_iters, scale = options.temperature, options.epsilon, options.n_iters, options.scale
     acc = accumulation_dtype(student_logits.dtype)
-    s = torch.softmax(student_logits.to(acc) / temperature, dim=-1)
-    t = torch.softmax(teacher_logits.detach().to(acc) / temperature, dim=-1)
+    s = tempered_softmax(student_logits.to(acc), temperature)
+    t = tempered_softmax(teacher_logits.detach().to(acc), temperature)
     if s.shape[0] == 0 or t.shape[0] == 0:  # an empty plan: 0 with a zero gradient
         return cast_loss(s.sum() * 0, student_logits.dtype)
     cost = sinkhorn_cost(s, t)

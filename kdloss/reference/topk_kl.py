@@ -8,15 +8,22 @@ Per row (position) with student logits ``z ∈ R^V``, kept teacher ids ``K`` and
 * student ``log q = log_softmax(z / T)`` over the full vocabulary (or over ``K`` only with
   ``student_support="topk"``);
 * ``KL_row = Σ_K p̂ (log p̂ − log q) [+ r̂ (log r̂ − log r_s)]`` with xlogy semantics (slots of zero
-  teacher mass contribute nothing, and are not part of ``K``), ``r_s = 1 − Σ_K q`` clamped as
-  DistillKit does;
+  teacher mass contribute nothing, and are not part of ``K``), ``r_s = 1 − Σ_K q`` (summed over the
+  ids outside K, so that it keeps its digits when ``Σ_K q`` is close to 1) clamped as DistillKit does
+  (``Σ_K q`` to ``[1e-8, 1 − 1e-8]``, i.e. ``r_s`` to ``[1e-8, 1 − 1e-8]``: a student confident on ``K``
+  gives ``log r_s = log 1e-8``, not DistillKit's fp32 −inf);
 * ``loss = T² · Σ_{counted rows} KL_row / num_items`` (``T²`` only with ``scale_by_t2``).
 
-Everything here materialises ``[N, V]`` fp32/fp64 tensors: it is the ground truth of the kernel
-tests and the fallback, not the fast path.
+Logits are shifted by their maximum before they are divided by ``T`` (and teacher log-values before
+they are multiplied by the power ``a``): at small ``T`` the scaled values are huge, and their
+rounding would cost the absolute accuracy of every log-probability. Everything here materialises
+``[N, V]`` fp32/fp64 tensors: it is the ground truth of the kernel tests and the fallback, not the
+fast path.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,16 +38,22 @@ NEG_INF = float("-inf")
 TAIL_CLAMP = 1e-8
 
 
-def _masked_log_normalize(log_w: torch.Tensor, extra: torch.Tensor | None = None):
-    """``log_w − logsumexp(log_w [, extra])`` along the last dim (``extra [...]`` is one more
-    outcome), keeping −inf slots at −inf; a row with no mass at all stays −inf, never NaN."""
+def _powered_log_normalize(log_w: torch.Tensor, power: float, extra: torch.Tensor | None = None):
+    """``a·log_w − logsumexp(a·log_w [, a·extra])`` along the last dim (``extra [...]`` is one more
+    outcome), keeping −inf slots at −inf; a row with no mass at all stays −inf, never NaN.
+
+    The values are shifted by the row maximum before the multiplication by ``a``, so a huge power
+    (a tiny distillation temperature) gives the one-hot limit instead of −inf − (−inf)."""
     parts = log_w if extra is None else torch.cat([log_w, extra.unsqueeze(-1)], dim=-1)
-    log_z = torch.logsumexp(parts, dim=-1)
+    top = parts.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    shifted = torch.where(torch.isneginf(parts), parts, (parts - top) * power)
+    log_z = torch.logsumexp(shifted, dim=-1, keepdim=True)
     log_z = torch.where(torch.isneginf(log_z), torch.zeros_like(log_z), log_z)
-    head = torch.where(torch.isneginf(log_w), log_w, log_w - log_z.unsqueeze(-1))
+    out = torch.where(torch.isneginf(shifted), shifted, shifted - log_z)
     if extra is None:
-        return head, None
-    return head, torch.where(torch.isneginf(extra), extra, extra - log_z)
+        return out, None
+    return out[..., :-1], out[..., -1]
 
 
 def teacher_log_targets(
@@ -67,20 +80,44 @@ def teacher_log_targets(
     """
     with torch.no_grad():
         lv = teacher_values.detach().to(accumulation_dtype(teacher_values.dtype))
-        scaled = lv if power == 1.0 else torch.where(torch.isneginf(lv), lv, lv * power)
         no_tail = torch.full(lv.shape[:-1], NEG_INF, dtype=lv.dtype, device=lv.device)
         if values == "logits" or tail == "renorm":
-            return _masked_log_normalize(scaled)[0], no_tail
-        if tail == "none":
-            return scaled, no_tail
+            return _powered_log_normalize(lv, power)[0], no_tail
+        if tail == "none":  # p^a, unnormalised (log p ≤ 0, so no overflow for any a > 0)
+            return (lv if power == 1.0 else torch.where(torch.isneginf(lv), lv, lv * power)), no_tail
         # tail == "bucket": residual r = clamp(1 − Σ_K p, 0, 1), computed as −expm1(log Σ_K p)
         kept_mass = torch.logsumexp(lv, dim=-1)
         residual = (-torch.expm1(kept_mass)).clamp(0.0, 1.0)
         log_r = torch.log(residual)
         if power == 1.0:
             return lv, log_r
-        log_r_a = torch.where(torch.isneginf(log_r), log_r, log_r * power)
-        return _masked_log_normalize(scaled, log_r_a)
+        return _powered_log_normalize(lv, power, log_r)
+
+
+def _shifted_log_softmax(z, mask, inv_temperature):
+    """``log softmax(z/T)`` along dim 1 of ``z [N, n]`` over the entries where ``mask`` holds (all
+    of them for ``mask=None``): ``(z − m)/T − log Σ exp((z − m)/T)`` with ``m`` the largest logit
+    of the set (detached: a pure shift). Masked-out entries and empty sets give −inf / 0."""
+    masked = z if mask is None else z.masked_fill(~mask, NEG_INF)
+    top = masked.detach().amax(dim=1, keepdim=True)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    shifted = (masked - top) * inv_temperature
+    lse = torch.logsumexp(shifted, dim=1, keepdim=True)
+    return shifted - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def student_tail_log(log_q: torch.Tensor, ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``log r_s`` with ``r_s = Σ_{j∉K} q_j`` the student's mass outside the kept ids, from the full
+    ``log_q [N, V]``, clamped as DistillKit clamps ``Σ_K q`` to ``[1e-8, 1 − 1e-8]``: ``log r_s`` to
+    ``[log 1e-8, log1p(−1e-8)]``. Summed over the tail itself, never as ``1 − Σ_K q`` (which keeps only
+    ~eps/r_s of r_s's digits, and is 0 — DistillKit's log1p(−1) = −inf — once ``Σ_K q`` rounds to 1).
+    Finite for every input; the gradient is zero where a clamp is active."""
+    in_k = torch.zeros(log_q.shape, dtype=torch.int32, device=log_q.device).scatter_add_(1, ids, kept.int()) > 0
+    outside = log_q.masked_fill(in_k, NEG_INF)
+    empty = torch.isneginf(outside).all(dim=1, keepdim=True)  # k = V, or all the rest at −inf
+    tail = torch.logsumexp(torch.where(empty, torch.zeros_like(outside), outside), dim=1)
+    clamped = tail.clamp(math.log(TAIL_CLAMP), math.log1p(-TAIL_CLAMP))
+    return torch.where(empty.squeeze(1), torch.full_like(tail, math.log(TAIL_CLAMP)), clamped)
 
 
 def _row_kl(z, ids, log_p, log_r, *, student_support, inv_temperature):
@@ -88,22 +125,19 @@ def _row_kl(z, ids, log_p, log_r, *, student_support, inv_temperature):
     kept = ~torch.isneginf(log_p)  # slots carrying teacher mass: the set K
     p = torch.exp(log_p)
     safe_log_p = torch.where(kept, log_p, torch.zeros_like(log_p))
-    zt = z * inv_temperature
-    zt_k = zt.gather(1, ids)
     if student_support == "full":
-        log_q_k = zt_k - torch.logsumexp(zt, dim=1, keepdim=True)
+        log_q = _shifted_log_softmax(z, None, inv_temperature)
+        log_q_k = log_q.gather(1, ids)
     else:  # student renormalised over K (the "topk" alternative)
-        lse_k = torch.logsumexp(zt_k.masked_fill(~kept, NEG_INF), dim=1, keepdim=True)
-        lse_k = torch.where(torch.isneginf(lse_k), torch.zeros_like(lse_k), lse_k)
-        log_q_k = zt_k - lse_k
-    head = torch.where(kept, p * (safe_log_p - log_q_k), torch.zeros_like(p)).sum(dim=1)
+        log_q_k = _shifted_log_softmax(z.gather(1, ids), kept, inv_temperature)
+    safe_log_q = torch.where(kept, log_q_k, torch.zeros_like(log_q_k))
+    head = torch.where(kept, p * (safe_log_p - safe_log_q), torch.zeros_like(p)).sum(dim=1)
     if student_support != "full":
         return head
     has_tail = ~torch.isneginf(log_r)
-    kept_q = torch.where(kept, torch.exp(log_q_k), torch.zeros_like(p)).sum(dim=1)
-    log_rs = torch.log1p(-kept_q.clamp(TAIL_CLAMP, 1.0 - TAIL_CLAMP))
+    log_rs = student_tail_log(log_q, ids, kept)
     safe_log_r = torch.where(has_tail, log_r, torch.zeros_like(log_r))
-    tail_term = torch.where(has_tail, torch.exp(log_r) * (safe_log_r - log_rs), torch.zeros_like(log_r))
+    tail_term = torch.where(has_tail, torch.exp(safe_log_r) * (safe_log_r - log_rs), torch.zeros_like(log_r))
     return head + tail_term
 
 

@@ -57,6 +57,10 @@ class LossSpec:
     ``build(case, device, dtype) -> Built``; ``kernel``, ``reference`` and ``naive`` take
     ``(case, *inputs, **constants)`` and return the loss (``reference`` receives fp64 CPU copies).
     ``example(device, dtype) -> Example`` is one small valid call of the functional form.
+    ``value_scale(case, *inputs, **constants) -> float`` (optional; fp64 CPU inputs) is the magnitude of
+    the terms the loss value sums, where it can far exceed the value itself (a KL of two nearly equal
+    distributions, scaled by T²): the scale of the value's slack instead of ``max|exact|``
+    (docs/verifying.md, "The error rule").
     """
 
     name: str
@@ -67,6 +71,7 @@ class LossSpec:
     naive: Callable[..., torch.Tensor]
     example: Callable[[torch.device, torch.dtype], Example]
     dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    value_scale: Callable[..., float] | None = None
 
 
 REGISTRY: dict[str, LossSpec] = {}
@@ -137,18 +142,33 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if torch.isnan(diff).any() else diff.max().item()
 
 
-def lowp_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
-    """Allowed error of a low-precision kernel: the naive eager error plus SLACK·eps·(1 + scale)."""
-    scale = exact.double().abs().max().item() if exact.numel() else 0.0
+def nonfinite_where_exact_is_finite(kernel: torch.Tensor, exact: torch.Tensor) -> bool:
+    """True if the kernel gives NaN or ±inf where the exact result, rounded to the kernel's dtype, is
+    finite: always a failure, even where the naive formula breaks down too (its error, and with it
+    the bound, is then infinite)."""
+    if kernel.numel() == 0 or kernel.shape != exact.shape:
+        return False
+    rounded = exact.detach().cpu().to(kernel.dtype)
+    return bool((~torch.isfinite(kernel.detach().cpu()) & torch.isfinite(rounded)).any())
+
+
+def lowp_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> float:
+    """Allowed error of a low-precision kernel: the naive eager error plus SLACK·eps·(1 + scale);
+    ``scale`` defaults to max|exact|."""
+    if scale is None:
+        scale = exact.double().abs().max().item() if exact.numel() else 0.0
     return max_abs(naive, exact) + SLACK * torch.finfo(dtype).eps * (1.0 + scale)
 
 
-def error_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
+def error_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> float:
     """The allowed absolute error of a kernel output in ``dtype`` (the error rule above): relative
-    ``FP64_RTOL`` for float64, :func:`lowp_bound` of the naive eager output otherwise."""
+    ``FP64_RTOL`` for float64, :func:`lowp_bound` of the naive eager output otherwise. ``scale``
+    (default max|exact|) is the magnitude the slack is relative to."""
+    if scale is None:
+        scale = exact.double().abs().max().item() if exact.numel() else 0.0
     if dtype == torch.float64:
-        return FP64_RTOL * (1.0 + (exact.double().abs().max().item() if exact.numel() else 0.0))
-    return lowp_bound(naive, exact, dtype)
+        return FP64_RTOL * (1.0 + scale)
+    return lowp_bound(naive, exact, dtype, scale)
 
 
 def non_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -172,13 +192,20 @@ def check_case(loss: str, case: dict, device="cpu", dtype=torch.float32) -> Chec
         low = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in built.inputs)
         naive = _outputs_and_grads(spec.naive, case, low, built.constants, built.upstream_seed)
     labels = ["value"] + [f"grad[{i}]" for i in range(len(exact) - 1)]
+    value_scale = None
+    if spec.value_scale is not None:
+        with torch.no_grad():
+            terms = spec.value_scale(case, *_fp64_copies(built.inputs), **exact_consts)
+        value_scale = max(terms, exact[0].double().abs().max().item() if exact[0].numel() else 0.0)
     results = []
     for i, (k, e, label) in enumerate(zip(kernel, exact, labels, strict=False)):
-        bound = error_bound(e if dtype == torch.float64 else naive[i], e, dtype)
+        scale = value_scale if i == 0 else None
+        bound = error_bound(e if dtype == torch.float64 else naive[i], e, dtype, scale)
         err = max_abs(k, e)
         expected_dtype = torch.float64 if dtype == torch.float64 else dtype
         shape_ok = tuple(k.shape) == tuple(e.shape) and k.dtype == expected_dtype
-        results.append(CheckResult(shape_ok and err <= bound, err, bound, label))
+        ok = shape_ok and err <= bound and not nonfinite_where_exact_is_finite(k, e)
+        results.append(CheckResult(ok, err, bound, label))
     failing = [r for r in results if not r.ok]
     worst = max(failing or results, key=lambda r: r.ratio)
     return CheckResult(not failing, worst.error, worst.bound, worst.what,

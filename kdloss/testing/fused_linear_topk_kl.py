@@ -14,7 +14,7 @@ import torch
 from ..fused_linear_topk_kl import fused_linear_topk_kl_loss
 from ..reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
 from . import Built, Example, LossSpec, register
-from .topk_kl import REDUCTIONS, VARIANTS, _teacher, draw_labels
+from .topk_kl import EXTREME_T, REDUCTIONS, VARIANTS, _teacher, draw_labels, kl_term_scale
 
 
 def strategy():
@@ -35,7 +35,7 @@ def strategy():
             "values": values,
             "tail": tail,
             "support": support,
-            "temperature": draw(st.sampled_from([1.0, 0.5, 2.0])),
+            "temperature": draw(st.one_of(st.sampled_from([1.0, 0.5, 2.0]), st.sampled_from(EXTREME_T))),
             "teacher_temperature": draw(st.sampled_from([1.0, 1.5])),
             "scale_by_t2": draw(st.booleans()),
             "labels": draw(st.sampled_from([None, "some", "all"])),
@@ -102,4 +102,13 @@ def example(device, dtype) -> Example:
     return Example(args, {"temperature": 2.0, "chunk_size": 4}, (0, 1))
 
 
-SPEC = register(LossSpec("fused_linear_topk_kl", strategy, build, kernel, reference, naive, example))
+def value_scale(case, hidden, weight, bias=None, *, teacher_ids, teacher_values, labels):
+    from ..reference.fused_linear_topk_kl import linear_logits
+
+    logits = linear_logits(hidden, weight, bias, case["softcap"])
+    return kl_term_scale(logits, teacher_ids, teacher_values, labels,
+                         {k: v for k, v in options(case).items() if k != "softcap"})
+
+
+SPEC = register(LossSpec("fused_linear_topk_kl", strategy, build, kernel, reference, naive, example,
+                         value_scale=value_scale))

@@ -4,8 +4,10 @@ A case: ``lead`` (leading dims of the logits: ``[N]`` or ``[B, T]``; 0 rows allo
 (C ≥ 1, including sizes that leave vector tails and cross the radix-sort threshold), ``ties``
 (teacher logits rounded to a coarse grid, so many classes tie), ``ignore`` (fraction of rows whose
 label is ``ignore_index``), ``permutation`` (pass a cached teacher ranking), ``temperature``,
-``reduction``, ``layout`` ("contiguous" | "strided": last dim not unit-stride), ``magnitude`` and
-``seed``.
+``reduction``, ``layout`` ("contiguous" | "strided": last dim not unit-stride), ``magnitude`` (up to
+1e5: logit spreads where any formula through lse_j itself loses absolute accuracy; larger spreads
+exceed what the fp64 reference resolves and are tested against exact values in
+tests/test_adversarial.py) and ``seed``. Temperatures include 1e-4 (one-hot teacher weights) and 100.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ def strategy():
             "ties": draw(st.booleans()),
             "ignore": draw(st.sampled_from([0.0, 0.3, 1.0])),
             "permutation": draw(st.booleans()),
-            "temperature": draw(st.sampled_from([1.0, 0.5, 4.0])),
+            "temperature": draw(st.one_of(st.sampled_from([1.0, 0.5, 4.0]), st.sampled_from([1e-4, 100.0]))),
             "reduction": draw(st.sampled_from(REDUCTIONS)),
             "layout": draw(st.sampled_from(["contiguous", "strided"])),
-            "magnitude": draw(st.sampled_from([1.0, 5.0, 30.0])),
+            "magnitude": draw(st.one_of(st.sampled_from([1.0, 5.0, 30.0]), st.sampled_from([1e3, 1e5]))),
             "seed": draw(st.integers(0, 2**31 - 1)),
         }
 
@@ -48,7 +50,8 @@ def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     """Student logits are the one differentiable input; teacher logits (in ``dtype``, so every
     backend sees the same ties), labels and the optional ranking are constants."""
     gen = torch.Generator().manual_seed(case["seed"])
-    lead, classes, mag = tuple(case["lead"]), case["classes"], case["magnitude"]
+    lead, classes = tuple(case["lead"]), case["classes"]
+    mag = min(case["magnitude"], 1e-2 * torch.finfo(dtype).max)  # fp16 tops out at 65504
     student = mag * torch.randn(*lead, classes, generator=gen, dtype=torch.float64)
     teacher = mag * torch.randn(*lead, classes, generator=gen, dtype=torch.float64)
     if case["ties"]:

@@ -6,9 +6,12 @@ A case: ``rows`` (0 allowed), ``split`` (rows as ``[2, rows/2]`` leading dims wh
 ``support`` (the variants), ``temperature``, ``teacher_temperature``, ``scale_by_t2``, ``labels``
 (None | "some" ignored | "all" ignored), ``num_items`` (None | an int, only with "mean"),
 ``reduction``, ``layout`` ("contiguous" | "rows": a row-strided slice | "strided": vocabulary not
-unit-stride), ``magnitude`` of the logits, ``student_pad`` (vocabulary entries at −inf in the
-student, never kept by the teacher), ``quantised`` (stored log-probs shifted up so their mass may
-exceed 1) and ``seed``.
+unit-stride), ``magnitude`` of the logits, ``confident`` (the logit of one kept id raised 40 above the
+rest: a student certain of one token, whose mass outside the ids is below fp32 resolution),
+``student_pad`` (vocabulary entries at −inf in the student, never kept by the teacher), ``quantised``
+(stored log-probs shifted up so their mass may exceed 1) and ``seed``. Temperatures include the
+extremes 1e-6 and 1e3 (logits/T up to ~1e8: every log-probability must be formed from differences
+of logits, not from the scaled logits).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..reference.topk_kl import topk_kl_reference
 from . import Built, Example, LossSpec, non_contiguous, register
 
 REDUCTIONS = ("mean", "sum", "none")
+#: Temperatures at the edges of the valid range that a typical strategy would never draw.
+EXTREME_T = (1e-6, 1e-3, 30.0, 1e3)
 VARIANTS = (  # (values, tail, student_support)
     ("logprobs", "renorm", "full"),
     ("logprobs", "bucket", "full"),
@@ -51,7 +56,7 @@ def strategy():
             "values": values,
             "tail": tail,
             "support": support,
-            "temperature": draw(st.sampled_from([1.0, 0.5, 2.0, 3.7])),
+            "temperature": draw(st.one_of(st.sampled_from([1.0, 0.5, 2.0, 3.7]), st.sampled_from(EXTREME_T))),
             "teacher_temperature": draw(st.sampled_from([1.0, 1.5])),
             "scale_by_t2": draw(st.booleans()),
             "labels": draw(st.sampled_from([None, "some", "all"])),
@@ -59,6 +64,7 @@ def strategy():
             "reduction": reduction,
             "layout": draw(st.sampled_from(["contiguous", "rows", "strided"])),
             "magnitude": draw(st.sampled_from([0.1, 1.0, 8.0, 60.0])),
+            "confident": draw(st.booleans()),
             "student_pad": student_pad,
             "quantised": draw(st.booleans()) and values == "logprobs",
             "seed": draw(st.integers(0, 2**31 - 1)),
@@ -112,6 +118,8 @@ def build(case: dict, device: torch.device, dtype: torch.dtype) -> Built:
     if case["student_pad"]:
         logits[:, usable:] = float("-inf")
     ids, values = _teacher(case, gen, rows, usable)
+    if case.get("confident") and rows:
+        logits.scatter_add_(1, ids[:, :1], torch.full((rows, 1), 40.0, dtype=torch.float64))
     labels = draw_labels(case, gen, rows, vocab)
     labels = None if labels is None else labels.reshape(lead).to(device)
     logits = logits.to(device, dtype)
@@ -158,6 +166,50 @@ def naive(case, student, *, teacher_ids, teacher_values, labels):
     return topk_kl_reference(_view(case, student), teacher_ids, teacher_values, labels, **options(case))
 
 
+def kl_term_scale(logits, teacher_ids, teacher_values, labels, options: dict) -> float:
+    """The magnitude of the terms the top-k KL value sums (fp64): per counted row
+    ``c·Σ_K p̂ (|log p̂| + |log q|)`` (+ the tail bucket's ``r̂ (|log r̂| + |log r_s|)``, with
+    ``|log r_s| ≤ |log 1e-8| < 20`` by the clamp), ``c = T²`` or 1,
+    reduced like the loss (the max over rows for ``"none"``). Every fp32 log-probability carries an
+    absolute rounding error ~eps·|log|, so any fp32 evaluation of the loss — the kernel's or eager
+    code's — errs by up to ~eps times this, however small the KL itself (p̂ ≈ q at a large T)."""
+    from .._topk import TopKKLOptions, log_targets
+
+    kwargs = {k: v for k, v in options.items() if k != "num_items_in_batch"}
+    opts = TopKKLOptions(**kwargs)
+    vocab, k = logits.shape[-1], teacher_ids.shape[-1]
+    z = logits.reshape(-1, vocab)
+    ids = teacher_ids.reshape(-1, k).long()
+    log_p, log_r = log_targets(teacher_values.reshape(-1, k).double(), opts)
+    kept = ~torch.isneginf(log_p)
+    zt = (z - z.amax(1, keepdim=True)) / opts.temperature
+    if opts.student_support == "full":
+        log_q = (zt - torch.logsumexp(zt, 1, keepdim=True)).gather(1, ids)
+    else:
+        zk = zt.gather(1, ids).masked_fill(~kept, float("-inf"))
+        log_q = zk - torch.logsumexp(zk, 1, keepdim=True)
+    p = log_p.exp()
+    terms = torch.where(kept, p * (log_p.abs() + log_q.abs()), torch.zeros_like(p)).sum(1)
+    has_tail = ~torch.isneginf(log_r)
+    tail = torch.where(has_tail, log_r.exp() * (log_r.abs().nan_to_num(0.0) + 20.0), torch.zeros_like(log_r))
+    rows = (terms + tail) * opts.scale
+    counted = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels.reshape(-1) != opts.ignore_index
+    rows = torch.where(counted, rows, torch.zeros_like(rows))
+    if rows.numel() == 0:
+        return 0.0
+    if opts.reduction == "none":
+        return rows.max().item()
+    if opts.reduction == "sum":
+        return rows.sum().item()
+    num_items = options.get("num_items_in_batch")
+    divisor = int(counted.sum()) if num_items is None else float(num_items)
+    return rows.sum().item() / divisor if divisor > 0 else 0.0
+
+
+def value_scale(case, student, *, teacher_ids, teacher_values, labels):
+    return kl_term_scale(_view(case, student), teacher_ids, teacher_values, labels, options(case))
+
+
 def example(device, dtype) -> Example:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 40, generator=gen, dtype=torch.float64)
@@ -167,4 +219,4 @@ def example(device, dtype) -> Example:
     return Example(args, {"temperature": 2.0, "tail": "bucket"})
 
 
-SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive, example))
+SPEC = register(LossSpec("topk_kl", strategy, build, kernel, reference, naive, example, value_scale=value_scale))

@@ -86,6 +86,14 @@ inline int64_t row_grain(int64_t work_per_row) {
   return (kMinWorkPerTask + w - 1) / w;
 }
 
+// A float option of an op, passed as a one-element float64 CPU tensor (kdloss/_ops: float_arg).
+inline double float_arg(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.numel() == 1, name,
+                    " must be a one-element float64 CPU tensor, got ", t.scalar_type(), " ", t.sizes(), " on ",
+                    t.device());
+  return *t.const_data_ptr<double>();
+}
+
 inline void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",

@@ -38,6 +38,15 @@ inline at::Tensor checked_grad(const at::Tensor& grad, const at::Tensor& like, R
   return upstream_grad(grad, reduction, none_shape, dtype);
 }
 
+// A float option of an op, passed as a one-element float64 CPU tensor (kdloss/_ops: float_arg);
+// read on the host, so no device synchronisation.
+inline double float_arg(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.numel() == 1, name,
+                    " must be a one-element float64 CPU tensor, got ", t.scalar_type(), " ", t.sizes(), " on ",
+                    t.device());
+  return *t.const_data_ptr<double>();
+}
+
 inline void check_launch(cudaError_t err, const char* loss) {
   TORCH_CHECK(err == cudaSuccess, "kdloss ", loss, " CUDA launch failed: ", cudaGetErrorString(err));
 }

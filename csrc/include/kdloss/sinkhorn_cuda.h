@@ -32,14 +32,15 @@ int64_t sinkhorn_fwd_workspace_size(const SinkhornProblem& p);
 int64_t sinkhorn_bwd_workspace_size(const SinkhornProblem& p);
 
 // student [B, C] (row stride student_stride), teacher [B', C] (acc, contiguous) →
-// loss [] (acc), probs_s [B, C], probs_t [B', C], cost [B, B'], f [n, B], g [n, B'] (acc).
+// loss [] (acc), probs_s [B, C], probs_t [B', C], cost [B, B'], and the increments subtracted by
+// each half-step, a [n, B] (rows) and b [n, B'] (columns) (acc).
 cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int64_t student_stride,
-                              const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost, void* f,
-                              void* g, void* workspace, cudaStream_t stream);
+                              const void* teacher, void* loss, void* probs_s, void* probs_t, void* cost, void* a,
+                              void* b, void* workspace, cudaStream_t stream);
 
 // grad [] (acc) and the forward's saved outputs → grad_student [B, C] (dtype, contiguous).
 cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const void* probs_s, const void* probs_t,
-                              const void* cost, const void* f, const void* g, void* grad_student, void* workspace,
+                              const void* cost, const void* a, const void* b, void* grad_student, void* workspace,
                               cudaStream_t stream);
 
 }  // namespace cuda

@@ -2,7 +2,7 @@
 // in csrc/cuda/topk_kl_ops.cpp. Raw pointers only, so the .cu needs no torch headers.
 //
 // `logits` and `grad_logits` are of the dtype `dtype`; `target_logp`, `tail_logp`, `divisor`,
-// `lse`, the loss, its upstream `grad` and `workspace` are of its accumulation type (fp32, fp64 for fp64). See
+// `stats`, the loss, its upstream `grad` and `workspace` are of its accumulation type (fp32, fp64 for fp64). See
 // kdloss/_ops/topk_kl.py for the op-level contract.
 #pragma once
 
@@ -34,11 +34,12 @@ struct TopKKLProblem {
 // Accumulation-type elements the forward needs as `workspace` (per-row losses).
 int64_t topk_kl_workspace_size(int64_t rows);
 
-// loss: [N] (none) or [] and lse: [N], accumulation type.
-cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* lse, void* workspace, cudaStream_t stream);
+// loss: [N] (none) or [] and stats: [N, 2], accumulation type; stats per row (m, l): the largest
+// logit and log Σ exp((z − m)/T) (over K for full_support = false).
+cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* stats, void* workspace, cudaStream_t stream);
 
 // grad: [N] (none) or [] in the accumulation type; grad_logits: [N, V] contiguous in `dtype`.
-cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* lse, void* grad_logits,
+cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* stats, void* grad_logits,
                              cudaStream_t stream);
 
 }  // namespace cuda
