@@ -36,16 +36,63 @@ from ._vocab_parallel import fused_linear_topk_kl_vocab_parallel, is_dtensor
 
 __all__ = ["FusedLinearTopKKLLoss", "FusedLinearTopKKLOptions", "default_chunk_size", "fused_linear_topk_kl_loss"]
 
-#: Logit elements per chunk by default (64 MiB of fp32): chunk rows = max(8, 2**24 // V).
-CHUNK_ELEMENTS = 1 << 24
 #: hidden dtypes accepted with an fp32 weight (what autocast produces from an fp32 model)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _NONE, _MEAN, _SUM = (_ops.REDUCTION_CODES[r] for r in ("none", "mean", "sum"))
+#: ``weight_grad_dtype`` values: None (the weight's dtype) or a wider float dtype to accumulate in
+_WEIGHT_GRAD_DTYPES = (torch.float32, torch.float64)
 
 
-def default_chunk_size(vocab: int) -> int:
-    """Rows per chunk when ``chunk_size`` is None: about 2**24 logits per chunk, at least 8 rows."""
-    return max(8, CHUNK_ELEMENTS // max(vocab, 1))
+# ----------------------------------------------------------------------------------------------
+# Chunk size: chosen by bytes
+
+
+#: Default byte budget of one chunk's ``[C, V]`` buffers (the logits and their gradient, both in the
+#: logits' dtype), per device type. CPU: small enough that the fused head's peak extra memory stays a
+#: fraction of the unfused head's, large enough for efficient GEMMs. CUDA: large chunks, so that the weight
+#: is read few times per step and the top-k kernels get thousands of CTAs.
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
+#: Fewest rows per chunk by default (when there are that many rows), whatever the vocabulary.
+MIN_CHUNK_ROWS = {"cpu": 16, "cuda": 1024}
+#: Chunks of at least this many rows are rounded down to a multiple of it (GEMM tile friendly).
+ROW_ALIGN = 64
+
+
+def chunk_row_bytes(vocab: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a chunk holds per row: its logits and their gradient, ``2 · V · itemsize``."""
+    return 2 * max(vocab, 1) * torch.empty((), dtype=dtype).element_size()
+
+
+def default_chunk_size(vocab: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       chunk_bytes: int | None = None) -> int:
+    """Rows per chunk when ``chunk_size`` is None: the rows whose logits and logit gradient fit in
+    ``chunk_bytes`` (default :data:`CHUNK_BYTES` of the device type: 32 MiB on CPU, 512 MiB on CUDA),
+    at least :data:`MIN_CHUNK_ROWS` (16 on CPU, 1024 on CUDA) unless ``chunk_bytes`` is given, at
+    least 1, rounded down to a multiple of 64 from 64 rows on.
+
+    Args:
+        vocab: ``V``, the rows of the weight.
+        dtype: the logits' dtype (the weight's).
+        device: where the head runs (its type picks the defaults).
+        chunk_bytes: a byte budget instead of the device's default (then no minimum but 1 row).
+
+    Returns:
+        The rows per chunk (an int ≥ 1; a chunk never holds more rows than the input has).
+
+    Example:
+        >>> default_chunk_size(151936, torch.bfloat16, "cuda")
+        1024
+        >>> default_chunk_size(32000, torch.float32, "cpu")
+        128
+    """
+    kind = torch.device(device).type
+    budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES.get(kind, CHUNK_BYTES["cuda"])
+    rows = budget // chunk_row_bytes(vocab, dtype)
+    if chunk_bytes is None:
+        rows = max(rows, MIN_CHUNK_ROWS.get(kind, MIN_CHUNK_ROWS["cuda"]))
+    if rows >= ROW_ALIGN:
+        rows -= rows % ROW_ALIGN
+    return max(1, rows)
 
 
 @dataclass(frozen=True)
@@ -54,11 +101,18 @@ class FusedLinearTopKKLOptions(TopKKLOptions):
 
     Args:
         softcap: optional Gemma-style final-logit soft-cap ``c > 0``: logits ``c·tanh(z / c)`` (None: none).
-        chunk_size: rows per chunk (None: :func:`default_chunk_size`).
+        chunk_size: rows per chunk (None: chosen by bytes, see :func:`default_chunk_size`).
+        chunk_bytes: byte budget of a chunk's logits and logit gradient, from which the rows per chunk
+            follow (None: the device's default, see :func:`default_chunk_size`); not with ``chunk_size``.
+        weight_grad_dtype: dtype in which the weight gradient is accumulated over chunks: None (the
+            weight's) or ``torch.float32`` (fp32 accumulation for a bf16/fp16 weight, rounded once to the
+            weight's dtype at the end; no effect on wider weights).
     """
 
     softcap: float | None = None
     chunk_size: int | None = None
+    chunk_bytes: int | None = None
+    weight_grad_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +120,22 @@ class FusedLinearTopKKLOptions(TopKKLOptions):
             check_scale(self.softcap, "softcap")
         if self.chunk_size is not None:
             check_int(self.chunk_size, "chunk_size", low=1)
+        if self.chunk_bytes is not None:
+            check_int(self.chunk_bytes, "chunk_bytes", low=1)
+            if self.chunk_size is not None:
+                raise ValueError("chunk_bytes: give chunk_size (rows) or chunk_bytes (a byte budget), not both")
+        if self.weight_grad_dtype is not None:
+            if not isinstance(self.weight_grad_dtype, torch.dtype):
+                raise TypeError(f"weight_grad_dtype must be None or a torch.dtype, got {self.weight_grad_dtype!r}")
+            if self.weight_grad_dtype not in _WEIGHT_GRAD_DTYPES:
+                raise ValueError(f"weight_grad_dtype must be None, torch.float32 or torch.float64, "
+                                 f"got {self.weight_grad_dtype}")
+
+    def rows_per_chunk(self, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+        """``chunk_size`` when given, else :func:`default_chunk_size` for these logits."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return default_chunk_size(vocab, dtype, device, self.chunk_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +144,7 @@ class FusedLinearTopKKLOptions(TopKKLOptions):
 
 def chunk_logits(hidden_c, weight, bias, softcap: float):
     """``[C, V]`` logits of a chunk of rows in the weight's dtype (soft-capped when ``softcap > 0``).
-    ``hidden_c`` is already in that dtype (see :func:`_chunk_rows`)."""
+    ``hidden_c`` is already in that dtype (see :func:`_chunk_rows`). Used by the vocabulary-parallel head."""
     logits = hidden_c @ weight.T if bias is None else torch.addmm(bias, hidden_c, weight.T)
     return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
 
@@ -86,9 +156,7 @@ def _chunk_rows(hidden, s, weight):
 
 
 def _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden_c, grad_weight, grad_bias):
-    """Back through the soft-cap and the GEMM: ``grad_hidden_c = G·W`` (rounded to its own dtype),
-    ``grad_weight += Gᵀ·h``, ``grad_bias += Σ_rows G`` (``grad_weight``/``grad_bias`` may be None when
-    not needed). ``hidden_c`` and ``G`` are in the weight's dtype."""
+    """Back through the soft-cap and the GEMM (the vocabulary-parallel head's form of :meth:`_Grads.fold`)."""
     if softcap > 0:  # d/dx c·tanh(x/c) = 1 − tanh² = 1 − (z/c)²
         grad_logits = grad_logits * (1 - (capped / softcap) ** 2)
     if grad_hidden_c.dtype == weight.dtype:
@@ -107,6 +175,7 @@ def _chunks(rows: int, chunk_size: int):
 
 
 def _grad_buffers(hidden, weight, bias):
+    """Every gradient's buffer (the vocabulary-parallel head's form of :meth:`_Grads.allocate`)."""
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros_like(weight)
     grad_bias = None
@@ -119,10 +188,109 @@ def _teacher_slice(s, ids, target_logp, tail_logp, valid):
     return ids[s], target_logp[s], tail_logp[s], valid[s]
 
 
-def _counted_rows(hidden_c, valid_c):
-    """The chunk's hidden states with the rows that do not count set to 0: they may hold anything
-    (NaN included), and a zero logit gradient times NaN would still reach the weight gradient."""
-    return torch.where(valid_c.unsqueeze(-1), hidden_c, torch.zeros((), dtype=hidden_c.dtype, device=hidden_c.device))
+class _Workspace:
+    """The two buffers a chunk reuses: its counted hidden rows ``[C, H]`` and its logits ``[C, V]``,
+    both in the weight's dtype, allocated once per call (the logit gradient comes from the top-k op)."""
+
+    def __init__(self, hidden, weight, chunk_size: int):
+        rows = min(chunk_size, hidden.shape[0])
+        self.hidden = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        self.logits = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+    def counted_rows(self, hidden, s, valid_c):
+        """``hidden[s]`` in the weight's dtype with the rows that do not count set to 0: they may hold
+        anything (NaN included), and a zero logit gradient times NaN would still reach the weight gradient."""
+        rows = self.hidden[:s.stop - s.start]
+        rows.copy_(hidden[s])
+        return rows.masked_fill_(valid_c.logical_not().unsqueeze(-1), 0)
+
+    def logits_of(self, hidden_c, weight, bias, softcap: float):
+        """``softcap(hidden_c @ weightᵀ + bias)`` written into the logits buffer (no allocation)."""
+        out = self.logits[:hidden_c.shape[0]]
+        if bias is None:
+            torch.mm(hidden_c, weight.T, out=out)
+        else:
+            torch.addmm(bias, hidden_c, weight.T, out=out)
+        if softcap > 0:
+            out.div_(softcap).tanh_().mul_(softcap)
+        return out
+
+
+class _Grads:
+    """The wanted gradients, each held once: ``hidden`` in its dtype (written chunk by chunk), ``weight``
+    accumulated over chunks in ``weight_grad_dtype`` (the weight's unless a wider one is asked for),
+    ``bias`` accumulated in fp32 (fp64 for fp64). Unwanted ones are None: no buffer, no GEMM."""
+
+    def __init__(self, hidden, weight, bias, grad_mask, weight_grad_dtype):
+        want_hidden, want_weight, want_bias = grad_mask
+        self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_hidden else None
+        self.weight = None
+        if want_weight:
+            self.weight = torch.zeros(weight.shape, dtype=_weight_grad_dtype(weight.dtype, weight_grad_dtype),
+                                      device=weight.device)
+        self.bias = None
+        if want_bias and bias is not None:
+            self.bias = torch.zeros(bias.shape, dtype=accumulation_dtype(bias.dtype), device=bias.device)
+
+    def fold(self, s, grad_logits, capped, hidden_c, weight, softcap: float):
+        """Back through the soft-cap and the GEMM for rows ``s``: ``grad_hidden[s] = G·W``,
+        ``grad_weight += Gᵀ·h``, ``grad_bias += Σ_rows G``. ``capped`` (the chunk's logits buffer) and
+        ``grad_logits`` are overwritten."""
+        if softcap > 0:  # d/dx c·tanh(x/c) = 1 − tanh² = 1 − (z/c)²: G ← G − G·(z/c)²
+            capped.div_(softcap).square_()
+            grad_logits.addcmul_(grad_logits, capped, value=-1)
+        if self.hidden is not None:
+            rows = self.hidden[s]
+            if rows.dtype == weight.dtype:
+                torch.mm(grad_logits, weight, out=rows)
+            else:
+                rows.copy_(grad_logits @ weight)
+        if self.weight is not None:
+            _add_weight_grad(self.weight, grad_logits, hidden_c)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
+
+    def outputs(self, hidden, weight, bias, final: bool):
+        """The three gradients (an empty tensor for each one not wanted); with ``final`` each in its
+        input's dtype, else ``weight``'s left in its accumulation dtype until the backward scales it."""
+        def empty():
+            return hidden.new_empty(0)  # distinct empty tensors: outputs must not alias
+
+        grad_weight = self.weight
+        if grad_weight is not None and final:
+            grad_weight = grad_weight.to(weight.dtype)
+        grad_bias = None if self.bias is None else self.bias.to(bias.dtype)
+        return tuple(empty() if g is None else g for g in (self.hidden, grad_weight, grad_bias))
+
+
+def _weight_grad_dtype(weight_dtype: torch.dtype, asked: torch.dtype | None) -> torch.dtype:
+    return weight_dtype if asked is None else torch.promote_types(weight_dtype, asked)
+
+
+def _add_weight_grad(grad_weight, grad_logits, hidden_c) -> None:
+    """``grad_weight += grad_logitsᵀ · hidden_c``, in place. A wider ``grad_weight`` (fp32 accumulation
+    of a bf16/fp16 weight) takes cuBLAS's mixed-precision GEMM on CUDA, else upcast chunk operands."""
+    if grad_weight.dtype == grad_logits.dtype:
+        grad_weight.addmm_(grad_logits.T, hidden_c)
+        return
+    if grad_weight.is_cuda and grad_weight.dtype == torch.float32:
+        try:
+            torch.addmm(grad_weight, grad_logits.T, hidden_c, out_dtype=torch.float32, out=grad_weight)
+            return
+        except (RuntimeError, NotImplementedError):  # a torch without the mixed-precision addmm
+            pass
+    grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden_c.to(grad_weight.dtype))
+
+
+def _chunk_loss_and_logit_grad(capped, teacher, divisor, inv_temperature, scale, full_support, reduction, unit):
+    """The one place where the fused head calls the top-k kernels with a gradient wanted: the chunk's
+    loss (summed for scalar reductions; the mean's divisor is applied once, by the caller), its per-row
+    stats and its logit gradient for an upstream gradient of ``unit`` (= 1)."""
+    loss_c, stats_c = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, divisor, inv_temperature, scale,
+                                                   full_support, _SUM)
+    grad_logits = torch.ops.kdloss.topk_kl_bwd(unit, stats_c, capped, *teacher, divisor, inv_temperature, scale,
+                                               full_support, reduction)
+    return loss_c, stats_c, grad_logits
 
 
 def _fwd_impl(hidden, weight, bias, *args):
@@ -136,64 +304,66 @@ def _bwd_impl(grad, stats, hidden, weight, bias, *args):
         return _bwd_chunks(grad, stats, hidden, weight, bias, *args)
 
 
+def _reduce(partial, divisor, reduction, acc, device):
+    total = torch.stack(partial).sum() if partial else torch.zeros((), dtype=acc, device=device)
+    if reduction == _MEAN:
+        positive = divisor > 0
+        total = torch.where(positive, total / torch.where(positive, divisor, torch.ones_like(divisor)),
+                            torch.zeros_like(total))
+    return total  # in the accumulation dtype, like the top-k kernels' loss
+
+
 def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
-                full_support, reduction, softcap_t, chunk_size, compute_grad):
+                full_support, reduction, softcap_t, chunk_size, grad_mask, weight_grad_dtype):
+    grad_mask = (grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None)
+    compute_grad = any(grad_mask)
     if compute_grad and reduction == _NONE:
-        raise ValueError("compute_grad needs a scalar reduction (the upstream gradient of 'none' is per row)")
+        raise ValueError("grad_mask needs a scalar reduction (the upstream gradient of 'none' is per row)")
     softcap = float(softcap_t)  # a CPU scalar: no device sync
     rows = hidden.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     stats = torch.empty(rows, 2, dtype=acc, device=hidden.device)
     row_losses = torch.empty(rows, dtype=acc, device=hidden.device) if reduction == _NONE else None
     partial = []
-    grads = _grad_buffers(hidden, weight, bias) if compute_grad else None
-    one = torch.ones((), dtype=acc, device=hidden.device)
+    work = _Workspace(hidden, weight, chunk_size)
+    grads = _Grads(hidden, weight, bias, grad_mask, weight_grad_dtype) if compute_grad else None
+    unit = torch.ones((), dtype=acc, device=hidden.device)
+    options = (divisor, inv_temperature, scale, full_support)
     for s in _chunks(rows, chunk_size):
         teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
-        hidden_c = _counted_rows(_chunk_rows(hidden, s, weight), valid[s])
-        capped = chunk_logits(hidden_c, weight, bias, softcap)
-        # "sum" per chunk; the mean's divisor is applied once, below
-        loss_c, stats[s] = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, divisor, inv_temperature, scale,
-                                                        full_support, _NONE if reduction == _NONE else _SUM)
+        hidden_c = work.counted_rows(hidden, s, teacher[3])
+        capped = work.logits_of(hidden_c, weight, bias, softcap)
+        if compute_grad:
+            loss_c, stats[s], grad_logits = _chunk_loss_and_logit_grad(capped, teacher, *options, reduction, unit)
+            grads.fold(s, grad_logits, capped, hidden_c, weight, softcap)
+        else:  # "sum" per chunk; the mean's divisor is applied once, below
+            loss_c, stats[s] = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, *options,
+                                                            _NONE if reduction == _NONE else _SUM)
         if reduction == _NONE:
             row_losses[s] = loss_c
         else:
             partial.append(loss_c)
-        if compute_grad:
-            grad_logits = torch.ops.kdloss.topk_kl_bwd(one, stats[s], capped, *teacher, divisor, inv_temperature,
-                                                       scale, full_support, reduction)
-            grad_hidden, grad_weight, grad_bias = grads
-            _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden[s], grad_weight,
-                                    grad_bias)
-    if reduction == _NONE:
-        loss = row_losses
-    else:
-        total = torch.stack(partial).sum() if partial else torch.zeros((), dtype=acc, device=hidden.device)
-        if reduction == _MEAN:
-            positive = divisor > 0
-            total = torch.where(positive, total / torch.where(positive, divisor, torch.ones_like(divisor)),
-                                torch.zeros_like(total))
-        loss = total  # in the accumulation dtype, like the top-k kernels' loss
-    if grads is None:  # distinct empty tensors: outputs must not alias
+    loss = row_losses if reduction == _NONE else _reduce(partial, divisor, reduction, acc, hidden.device)
+    if grads is None:
         return loss, stats, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    grad_hidden, grad_weight, grad_bias = grads
-    grad_bias = hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype)
-    return loss, stats, grad_hidden, grad_weight, grad_bias
+    return (loss, stats, *grads.outputs(hidden, weight, bias, final=False))
 
 
 def _bwd_chunks(grad, stats, hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature,
-                scale, full_support, reduction, softcap_t, chunk_size):
+                scale, full_support, reduction, softcap_t, chunk_size, grad_mask, weight_grad_dtype):
     softcap = float(softcap_t)
-    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden, weight, bias)
-    for s in _chunks(hidden.shape[0], chunk_size):
-        teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
-        hidden_c = _counted_rows(_chunk_rows(hidden, s, weight), valid[s])
-        capped = chunk_logits(hidden_c, weight, bias, softcap)
-        grad_c = grad[s] if reduction == _NONE else grad
-        grad_logits = torch.ops.kdloss.topk_kl_bwd(grad_c, stats[s], capped, *teacher, divisor, inv_temperature,
-                                                   scale, full_support, reduction)
-        _accumulate_chunk_grads(grad_logits, capped, hidden_c, weight, softcap, grad_hidden[s], grad_weight, grad_bias)
-    return grad_hidden, grad_weight, (hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
+    grads = _Grads(hidden, weight, bias, grad_mask, weight_grad_dtype)
+    if any(g is not None for g in (grads.hidden, grads.weight, grads.bias)):
+        work = _Workspace(hidden, weight, chunk_size)
+        for s in _chunks(hidden.shape[0], chunk_size):
+            teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
+            hidden_c = work.counted_rows(hidden, s, teacher[3])
+            capped = work.logits_of(hidden_c, weight, bias, softcap)
+            grad_c = grad[s] if reduction == _NONE else grad
+            grad_logits = torch.ops.kdloss.topk_kl_bwd(grad_c, stats[s], capped, *teacher, divisor, inv_temperature,
+                                                       scale, full_support, reduction)
+            grads.fold(s, grad_logits, capped, hidden_c, weight, softcap)
+    return grads.outputs(hidden, weight, bias, final=True)
 
 
 for _key in ("CPU", "CUDA"):
@@ -203,6 +373,14 @@ for _key in ("CPU", "CUDA"):
 
 # ----------------------------------------------------------------------------------------------
 # Public API
+
+
+def _forward_grad_mask(hidden, weight, bias, reduction: str) -> list[bool]:
+    """Which gradients (hidden, weight, bias) the forward computes: those of the inputs that require
+    one, when autograd records and the reduction is a scalar (the backward of ``"none"`` recomputes)."""
+    if reduction == "none" or not torch.is_grad_enabled():
+        return [False, False, False]
+    return [t is not None and t.requires_grad for t in (hidden, weight, bias)]
 
 
 def _check_head(hidden, weight, bias) -> int:
@@ -246,6 +424,8 @@ def fused_linear_topk_kl_loss(
     bias: torch.Tensor | None = None,
     softcap: float | None = _D.softcap,
     chunk_size: int | None = _D.chunk_size,
+    chunk_bytes: int | None = _D.chunk_bytes,
+    weight_grad_dtype: torch.dtype | None = _D.weight_grad_dtype,
     values: str = _D.values,
     tail: str = _D.tail,
     student_support: str = _D.student_support,
@@ -273,8 +453,13 @@ def fused_linear_topk_kl_loss(
         bias: optional ``[V]`` LM-head bias, in the dtype of ``weight``.
         softcap: optional Gemma-style final-logit soft-cap ``c``: logits ``c·tanh(z / c)`` (applied before
             the softmax). None (default) for none.
-        chunk_size: rows per chunk (default :func:`default_chunk_size`: about 2**24 logits per chunk).
-            Extra memory is O(chunk_size × V), independent of N.
+        chunk_size: rows per chunk (default: chosen by bytes, :func:`default_chunk_size` — the rows whose
+            logits and logit gradient fit in 32 MiB on CPU, 512 MiB on CUDA, and at least 1024 rows on
+            CUDA). Extra memory is one chunk, ``2 · chunk_size · V`` logits, plus the gradients wanted.
+        chunk_bytes: instead of ``chunk_size``, the byte budget of a chunk's logits and logit gradient.
+        weight_grad_dtype: None (default: the weight gradient is accumulated over chunks in the
+            weight's dtype) or ``torch.float32``: accumulated in fp32 and rounded once to the weight's
+            dtype (for bf16/fp16 weights; holds an fp32 ``[V, H]`` buffer instead of a bf16 one).
         values, tail, student_support, temperature, teacher_temperature, scale_by_t2, ignore_index,
         reduction, num_items_in_batch, backend: as in :func:`kdloss.topk_kl_loss`
             (``backend="reference"`` materialises the logits).
@@ -296,10 +481,12 @@ def fused_linear_topk_kl_loss(
     Returns:
         The loss in the dtype of the logits (``hidden.dtype``; fp32 for a bf16/fp16 ``hidden`` with an
         fp32 ``weight``), and in fp32 under autocast like autocast's fp32 ops (a scalar, or ``[...]``
-        for ``reduction="none"``). Gradients flow to ``hidden``, ``weight`` and ``bias``, each in its own
-        dtype. For scalar reductions they are computed during the forward (one GEMM pass) and held
-        until the backward; the gradient of ``weight`` is accumulated over chunks in ``weight.dtype``.
-        The chunk GEMMs run in the dtypes above whether or not autocast is on.
+        for ``reduction="none"``). Gradients flow to those of ``hidden``, ``weight`` and ``bias`` that
+        require one, each in its own dtype; the others are neither computed nor allocated (a frozen
+        head skips the weight-gradient GEMM). For scalar reductions they are computed during the forward
+        (one GEMM pass) and held until the backward, which scales them in place by the upstream gradient;
+        the gradient of ``weight`` is accumulated over chunks in ``weight_grad_dtype``. The chunk GEMMs
+        run in the dtypes above whether or not autocast is on.
 
     Example:
         >>> hidden = torch.randn(6, 16, requires_grad=True)
@@ -314,7 +501,8 @@ def fused_linear_topk_kl_loss(
     options = FusedLinearTopKKLOptions(
         values=values, tail=tail, student_support=student_support, temperature=temperature,
         teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
-        reduction=reduction, softcap=softcap, chunk_size=chunk_size,
+        reduction=reduction, softcap=softcap, chunk_size=chunk_size, chunk_bytes=chunk_bytes,
+            weight_grad_dtype=weight_grad_dtype,
     )
     if vocab_parallel_group is not None or is_dtensor(weight):
         return fused_linear_topk_kl_vocab_parallel(
@@ -339,12 +527,11 @@ def fused_linear_topk_kl_loss(
     acc = accumulation_dtype(hidden.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, flat.shape[0], options, acc)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, *_ = torch.ops.kdloss.fused_linear_topk_kl_fwd(
         flat, weight, bias, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc),
         *temperature_args(options), options.student_support == "full", _ops.REDUCTION_CODES[reduction],
-        _ops.float_arg(options.softcap or 0.0), chunk_size or default_chunk_size(vocab),
-        needs_grad and reduction != "none",
+        _ops.float_arg(options.softcap or 0.0), options.rows_per_chunk(vocab, weight.dtype, device),
+        _forward_grad_mask(flat, weight, bias, reduction), options.weight_grad_dtype,
     )
     return cast_loss(loss.reshape(lead) if reduction == "none" else loss, logits_dtype)
 
@@ -355,8 +542,8 @@ class FusedLinearTopKKLLoss(OptionsModule):
     Every option is an attribute that can be changed between calls; it is validated on assignment.
 
     Args:
-        softcap, chunk_size, values, tail, student_support, temperature, teacher_temperature, scale_by_t2,
-        ignore_index, reduction, backend: as in :func:`fused_linear_topk_kl_loss`.
+        softcap, chunk_size, chunk_bytes, weight_grad_dtype, values, tail, student_support, temperature,
+        teacher_temperature, scale_by_t2, ignore_index, reduction, backend: as in :func:`fused_linear_topk_kl_loss`.
         vocab_parallel_group, all_reduce_hidden_grad: as in :func:`fused_linear_topk_kl_loss`; plain attributes
             (runtime state, not options).
 
@@ -376,6 +563,8 @@ class FusedLinearTopKKLLoss(OptionsModule):
         *,
         softcap: float | None = _D.softcap,
         chunk_size: int | None = _D.chunk_size,
+        chunk_bytes: int | None = _D.chunk_bytes,
+        weight_grad_dtype: torch.dtype | None = _D.weight_grad_dtype,
         values: str = _D.values,
         tail: str = _D.tail,
         student_support: str = _D.student_support,
@@ -391,7 +580,8 @@ class FusedLinearTopKKLLoss(OptionsModule):
         options = FusedLinearTopKKLOptions(
             values=values, tail=tail, student_support=student_support, temperature=temperature,
             teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
-            reduction=reduction, softcap=softcap, chunk_size=chunk_size,
+            reduction=reduction, softcap=softcap, chunk_size=chunk_size, chunk_bytes=chunk_bytes,
+            weight_grad_dtype=weight_grad_dtype,
         )
         super().__init__(options, backend)
         self.vocab_parallel_group = vocab_parallel_group

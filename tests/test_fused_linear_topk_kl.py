@@ -149,13 +149,18 @@ def test_opcheck(device, reduction):
     valid = labels != -100
     divisor = valid.sum().double()
     teacher = (ids, log_p, log_r, valid, divisor, float_arg(0.5), float_arg(4.0), True, reduction, float_arg(2.0), 3)
+    none = [False, False, False]
+    masks = [none, [True, True, True], [True, False, False], [False, True, True]] if reduction else [none]
     for bias in (b, None):
-        for compute_grad in (False, True) if reduction else (False,):
-            torch.library.opcheck(torch.ops.kdloss.fused_linear_topk_kl_fwd.default, (h, w, bias, *teacher, compute_grad))
-        loss, stats, *_ = torch.ops.kdloss.fused_linear_topk_kl_fwd(h, w, bias, *teacher, False)
+        for mask in masks:
+            torch.library.opcheck(torch.ops.kdloss.fused_linear_topk_kl_fwd.default,
+                                  (h, w, bias, *teacher, mask, None))
+        loss, stats, *_ = torch.ops.kdloss.fused_linear_topk_kl_fwd(h, w, bias, *teacher, none, None)
         grad = torch.rand(loss.shape, dtype=loss.dtype, device=device)
-        torch.library.opcheck(torch.ops.kdloss.fused_linear_topk_kl_bwd.default,
-                              (grad, stats, h.detach(), w.detach(), None if bias is None else b.detach(), *teacher))
+        for mask in ([True, True, True], [False, True, False]):
+            torch.library.opcheck(torch.ops.kdloss.fused_linear_topk_kl_bwd.default,
+                                  (grad, stats, h.detach(), w.detach(), None if bias is None else b.detach(),
+                                   *teacher, mask, None))
 
 
 def test_torch_compile_fullgraph(device):

@@ -7,11 +7,15 @@ cuBLAS on CUDA), the streaming ``kdloss::topk_kl_fwd``/``_bwd`` kernels run on t
 chunk's logit gradient is folded back through two more GEMMs before the next chunk. Extra memory
 is O(chunk_size × V) plus the gradients themselves.
 
-* With ``compute_grad`` (a scalar loss that needs gradients) the forward also returns the
-  gradients for an upstream gradient of 1 — one GEMM pass instead of two — and the backward
-  scales them by the actual upstream gradient.
-* Otherwise (``reduction="none"``, or no gradient needed in the forward) the backward recomputes
-  each chunk's logits from the saved per-row log-sum-exp.
+* ``grad_mask`` says which of ``hidden``, ``weight``, ``bias`` get a gradient; the others get an empty
+  tensor, and neither their buffer nor their GEMM exists (a frozen head: no weight-gradient GEMM).
+* With a gradient wanted (scalar reductions only) the forward also returns the wanted gradients for
+  an upstream gradient of 1 — one GEMM pass instead of two — and the backward scales them in place by
+  the actual upstream gradient (a device multiply: no host sync, no second copy).
+* Otherwise (``reduction="none"``, or a second backward with ``retain_graph``) the backward recomputes
+  each chunk's logits from the saved per-row log-sum-exp, for the inputs that need a gradient.
+* ``weight_grad_dtype`` (None or a wider float dtype) is the dtype the weight gradient is accumulated
+  in over chunks; the forward returns it in that dtype, the backward rounds it once to the weight's.
 
 Op-level tensors are as for ``kdloss::topk_kl_*`` (see :mod:`kdloss._ops.topk_kl`) plus
 ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]`` (or None) of one float dtype — or a bf16/fp16
@@ -31,13 +35,14 @@ from . import LIB, first_order_only
 
 _TEACHER = ("Tensor ids, Tensor target_logp, Tensor tail_logp, Tensor valid, Tensor divisor, "
             "Tensor inv_temperature, Tensor scale, bool full_support, int reduction, Tensor softcap, int chunk_size")
+_GRADS = "bool[3] grad_mask, ScalarType? weight_grad_dtype"
 LIB.define(
-    f"fused_linear_topk_kl_fwd(Tensor hidden, Tensor weight, Tensor? bias, {_TEACHER}, bool compute_grad) "
+    f"fused_linear_topk_kl_fwd(Tensor hidden, Tensor weight, Tensor? bias, {_TEACHER}, {_GRADS}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 LIB.define(
-    f"fused_linear_topk_kl_bwd(Tensor grad, Tensor stats, Tensor hidden, Tensor weight, Tensor? bias, {_TEACHER}) "
-    "-> (Tensor, Tensor, Tensor)"
+    f"fused_linear_topk_kl_bwd(Tensor grad, Tensor stats, Tensor hidden, Tensor weight, Tensor? bias, {_TEACHER}, "
+    f"{_GRADS}) -> (Tensor, Tensor, Tensor)"
 )
 
 _NONE = 0
@@ -47,60 +52,109 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _grad_fakes(hidden, weight, bias, grad_mask, weight_grad_dtype, final: bool):
+    """Fakes of the three gradients: empty when not wanted; the weight's in its accumulation dtype
+    until ``final`` (the forward hands it to the backward unrounded)."""
+    weight_dtype = weight.dtype
+    if weight_grad_dtype is not None and not final:
+        weight_dtype = torch.promote_types(weight.dtype, weight_grad_dtype)
+    shapes = ((hidden, hidden.shape, hidden.dtype), (weight, weight.shape, weight_dtype),
+              (bias, None if bias is None else bias.shape, None if bias is None else bias.dtype))
+    return tuple(hidden.new_empty(0) if not want or t is None else t.new_empty(shape, dtype=dtype)
+                 for want, (t, shape, dtype) in zip(grad_mask, shapes, strict=True))
+
+
 @torch.library.register_fake("kdloss::fused_linear_topk_kl_fwd")
 def _fwd_fake(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
-              full_support, reduction, softcap, chunk_size, compute_grad):
+              full_support, reduction, softcap, chunk_size, grad_mask, weight_grad_dtype):
     rows = hidden.shape[0]
     loss = hidden.new_empty((rows,) if reduction == _NONE else (), dtype=_acc(hidden.dtype))
     stats = hidden.new_empty((rows, 2), dtype=_acc(hidden.dtype))
-    if not compute_grad:
-        return loss, stats, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    grad_bias = hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape)
-    return loss, stats, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+    return loss, stats, *_grad_fakes(hidden, weight, bias, grad_mask, weight_grad_dtype, final=False)
 
 
 @torch.library.register_fake("kdloss::fused_linear_topk_kl_bwd")
 def _bwd_fake(grad, stats, hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
-              full_support, reduction, softcap, chunk_size):
-    grad_bias = hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape)
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+              full_support, reduction, softcap, chunk_size, grad_mask, weight_grad_dtype):
+    return _grad_fakes(hidden, weight, bias, grad_mask, weight_grad_dtype, final=True)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, *teacher, compute_grad = inputs
+    hidden, weight, bias, *teacher, grad_mask, weight_grad_dtype = inputs
     # teacher: ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale, full_support,
     # reduction, softcap, chunk_size
     tensors = (*teacher[:7], teacher[9])
     _, stats, *grads = output
     ctx.mark_non_differentiable(stats, *grads)
-    ctx.precomputed = compute_grad
     ctx.has_bias = bias is not None
-    ctx.options = (teacher[7], teacher[8], teacher[10])
-    if compute_grad:
-        ctx.save_for_backward(*grads)
-    else:
-        ctx.save_for_backward(stats, hidden, weight, bias, *tensors)
+    ctx.options = (teacher[7], teacher[8], teacher[10], weight_grad_dtype)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    masked = [g if want else None for g, want in zip(grads, grad_mask, strict=True)] if any(grad_mask) else None
+    ctx.grads = None
+    ctx.saved_grads = False
+    if masked is not None and _traced(*grads):
+        # under torch.compile / export the backward is a traced graph that runs once per backward:
+        # the gradients are saved tensors there and scaled out of place (the compiler plans the memory)
+        ctx.saved_grads = True
+        ctx.save_for_backward(stats, hidden, weight, bias, *tensors, *grads)
+        ctx.grad_mask = list(grad_mask)
+        return
+    # the inputs, for a backward that recomputes: "none", or a second backward (retain_graph)
+    ctx.save_for_backward(stats, hidden, weight, bias, *tensors)
+    # the gradients computed in the forward, held once: the first backward scales them in place and
+    # hands them over (not saved tensors: those can be neither modified in place nor released early)
+    ctx.grads = masked
+
+
+def _traced(*tensors) -> bool:
+    """Whether these are a tracer's tensors (torch.compile, export, opcheck's AOT test), not real ones."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return torch.compiler.is_compiling() or any(
+        type(t) is not torch.Tensor or isinstance(t, FakeTensor) or torch._is_functional_tensor(t) for t in tensors)
+
+
+def _scale_in_place(ctx, grad_loss):
+    """The forward's gradients times the upstream gradient, in place (no copy, no host sync), each
+    rounded to its input's dtype; the context lets go of them."""
+    grads, ctx.grads = ctx.grads, None
+    out = []
+    for g, dtype in zip(grads, ctx.dtypes, strict=True):
+        if g is not None:
+            g = g.mul_(grad_loss)
+            if g.dtype != dtype:  # fp32 accumulation of a bf16/fp16 weight: rounded once, here
+                g = g.to(dtype)
+        out.append(g)
+    return out
+
+
+def _scale_saved(ctx, grad_loss):
+    """The traced form of :func:`_scale_in_place`: out of place, from saved tensors."""
+    grads = ctx.saved_tensors[-3:]
+    return [(g * grad_loss).to(dtype) if want else None
+            for g, want, dtype in zip(grads, ctx.grad_mask, ctx.dtypes, strict=True)]
 
 
 def _backward(ctx, grad_loss, *_unused):
     # the gradients are first-order only (see first_order_only): computed without recording, also
     # under create_graph=True (the chunked GEMMs write into preallocated buffers)
     with torch.no_grad():
-        if ctx.precomputed:
-            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-            # out of place: with retain_graph the backward may run again on the same buffers
-            # the upstream gradient is in the accumulation dtype: scale there, round once to each input's dtype
-            grads = [(g * grad_loss).to(g.dtype) if g is not None else None
-                     for g in (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None)]
+        if ctx.saved_grads:
+            grads = _scale_saved(ctx, grad_loss)
+        elif ctx.grads is not None:
+            grads = _scale_in_place(ctx, grad_loss)
         else:
             stats, hidden, weight, bias, *teacher = ctx.saved_tensors
             *teacher, softcap = teacher
-            full_support, reduction, chunk_size = ctx.options
-            grads = list(torch.ops.kdloss.fused_linear_topk_kl_bwd(grad_loss, stats, hidden, weight, bias, *teacher,
-                                                                  full_support, reduction, softcap, chunk_size))
-            if not ctx.has_bias:
-                grads[2] = None
-    return (*first_order_only("fused_linear_topk_kl", *grads),) + (None,) * 12
+            full_support, reduction, chunk_size, weight_grad_dtype = ctx.options
+            mask = list(ctx.needs_input_grad[:3])
+            grads = list(torch.ops.kdloss.fused_linear_topk_kl_bwd(
+                grad_loss, stats, hidden, weight, bias, *teacher, full_support, reduction, softcap, chunk_size,
+                mask, weight_grad_dtype))
+            grads = [g if want else None for g, want in zip(grads, mask, strict=True)]
+        if not ctx.has_bias:
+            grads[2] = None
+    return (*first_order_only("fused_linear_topk_kl", *grads),) + (None,) * 13
 
 
 torch.library.register_autograd("kdloss::fused_linear_topk_kl_fwd", _backward, setup_context=_setup_context)
