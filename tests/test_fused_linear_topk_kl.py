@@ -9,6 +9,7 @@ import torch
 
 from kdloss import FusedLinearTopKKLLoss
 from kdloss._ops import float_arg
+from kdloss.fused_linear_topk_kl import default_chunk_size
 from kdloss.functional import fused_linear_topk_kl_loss, topk_kl_loss
 from kdloss.reference import linear_logits, teacher_log_targets
 from kdloss.sparse import topk_teacher
@@ -179,6 +180,163 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(x, y)
 
 
+# ----------------------------------------------------------------------------------------------
+# Gradients only where wanted, held once; chunks chosen by bytes; fp32 weight-gradient accumulation
+
+#: which of (hidden, weight, bias) require a gradient: trained head, frozen head, LoRA/tied (weight only),
+#: hidden + weight with a bias that does not train, bias only
+GRAD_MASKS = [(True, True, True), (True, False, False), (False, True, False), (True, True, False),
+              (False, False, True)]
+
+
+def _leaves_with(mask, **kw):
+    h, w, b, ids, vals, labels = make_head(**kw)
+    leaves = [x.detach().requires_grad_(want) for x, want in zip((h, w, b), mask, strict=True)]
+    return leaves, ids, vals, labels
+
+
+@pytest.mark.parametrize("mask", GRAD_MASKS)
+@pytest.mark.parametrize("reduction, softcap", [("mean", None), ("sum", 3.0), ("none", None)])
+def test_gradients_only_for_inputs_that_need_them(device, mask, reduction, softcap):
+    """Each wanted gradient matches the fp64 reference; the others stay None (never computed)."""
+    leaves, ids, vals, labels = _leaves_with(mask, device=device, seed=11)
+    kw = dict(labels=labels, softcap=softcap, reduction=reduction, temperature=1.5)
+    weight = torch.rand(23, dtype=torch.float64, device=device) if reduction == "none" else None
+    out = fused_linear_topk_kl_loss(*leaves[:2], ids, vals, bias=leaves[2], chunk_size=5, backend="kernel", **kw)
+    ref_leaves = [x.detach().requires_grad_(x.requires_grad) for x in leaves]
+    ref = fused_linear_topk_kl_loss(*ref_leaves[:2], ids, vals, bias=ref_leaves[2], backend="reference", **kw)
+    assert_close_fp64(out, ref)
+    (out if weight is None else (out * weight).sum()).backward()
+    (ref if weight is None else (ref * weight).sum()).backward()
+    for name, x, r, want in zip("hwb", leaves, ref_leaves, mask, strict=True):
+        if want:
+            assert_close_fp64(x.grad, r.grad)
+        else:
+            assert x.grad is None, name
+
+
+def _positive_allocations(fn) -> list[int]:
+    """Sizes (bytes) of the CPU allocations each op made itself while ``fn`` ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+@pytest.mark.parametrize("mask, weight_grads", [((True, True, False), 1), ((True, False, False), 0),
+                                                ((False, True, True), 1)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weight_gradient_allocated_once_and_only_when_wanted(mask, weight_grads, reduction):
+    """A [V, H] buffer is allocated exactly once when the weight trains (no accumulation buffer plus a
+    scaled copy) and never for a frozen head, whether the gradient is made in the forward or the backward."""
+    rows, width, vocab = 64, 48, 3000
+    leaves, ids, vals, labels = _leaves_with(mask, rows=rows, hidden=width, vocab=vocab, k=8, dtype=torch.float32,
+                                             seed=12)
+    weight_bytes = vocab * width * 4
+
+    def step():
+        out = fused_linear_topk_kl_loss(*leaves[:2], ids, vals, bias=leaves[2], labels=labels, chunk_size=4,
+                                        reduction=reduction, backend="kernel")
+        torch.autograd.grad(out.sum(), [x for x in leaves if x.requires_grad])
+
+    sizes = _positive_allocations(step)
+    assert sum(size >= weight_bytes for size in sizes) == weight_grads, sorted(sizes)[-4:]
+
+
+def test_no_grad_forward_allocates_no_gradient():
+    rows, width, vocab = 256, 96, 3000
+    h, w, b, ids, vals, labels = make_head(rows=rows, hidden=width, vocab=vocab, k=8, dtype=torch.float32, seed=13)
+    with torch.no_grad():
+        sizes = _positive_allocations(
+            lambda: fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, chunk_size=4, backend="kernel"))
+    assert max(sizes) < rows * width * 4, max(sizes)  # not even the hidden gradient
+
+
+def test_upstream_gradient_scales_and_retain_graph_recomputes():
+    """The forward's gradients are scaled in place by the upstream gradient; a second backward through
+    the same graph (retain_graph) recomputes them instead of reusing the scaled buffers."""
+    h, w, b, ids, vals, labels = make_head(seed=14)
+    out = fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, chunk_size=6, backend="kernel")
+    first = torch.autograd.grad(3.0 * out, (h, w, b), retain_graph=True)
+    second = torch.autograd.grad(-0.5 * out, (h, w, b))
+    ref = fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, backend="reference")
+    expected = torch.autograd.grad(ref, (h, w, b))
+    for a, c, e in zip(first, second, expected, strict=True):
+        assert_close_fp64(a, 3.0 * e)
+        assert_close_fp64(c, -0.5 * e)
+
+
+def test_gradient_accumulation_into_grad():
+    h, w, b, ids, vals, labels = make_head(seed=15)
+    for _ in range(2):
+        fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, chunk_size=6).backward()
+    ref = [x.detach().requires_grad_() for x in (h, w, b)]
+    fused_linear_topk_kl_loss(*ref[:2], ids, vals, bias=ref[2], labels=labels, backend="reference").backward()
+    for x, r in zip((h, w, b), ref, strict=True):
+        assert_close_fp64(x.grad, 2 * r.grad)
+
+
+@pytest.mark.parametrize("mask", GRAD_MASKS[1:])
+def test_torch_compile_fullgraph_partial_gradients(device, mask):
+    torch._dynamo.reset()
+
+    def step(h, w, b, ids, vals, labels):
+        return fused_linear_topk_kl_loss(h, w, ids, vals, labels, bias=b, chunk_size=8, softcap=10.0, temperature=2.0)
+
+    compiled = torch.compile(step, fullgraph=True)
+    leaves, ids, vals, labels = _leaves_with(mask, device=device, dtype=torch.float32, seed=16)
+    wanted = [x for x in leaves if x.requires_grad]
+    eager = step(*leaves, ids, vals, labels)
+    out = compiled(*leaves, ids, vals, labels)
+    torch.testing.assert_close(out, eager)
+    for x, y in zip(torch.autograd.grad(out, wanted), torch.autograd.grad(eager, wanted), strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_chunk_size_rule():
+    """Rows per chunk from a byte budget of logits + logit gradient; ≥ 1024 rows on CUDA."""
+    assert default_chunk_size(151936, torch.bfloat16, "cuda") == 1024  # 512 MiB would give 883: the floor
+    assert default_chunk_size(32000, torch.bfloat16, "cuda") == 4160  # 512 MiB / (2 · 32000 · 2 B), to 64s
+    assert default_chunk_size(32000, torch.float32, "cpu") == 128  # 32 MiB / 256000 B = 131
+    assert default_chunk_size(151936, torch.float32, "cpu") == 27
+    assert default_chunk_size(10**7, torch.float32, "cpu") == 16  # the CPU floor
+    assert default_chunk_size(1000, torch.float32, "cpu", chunk_bytes=80_000) == 10  # no floor with a budget
+    assert default_chunk_size(10**6, torch.float32, "cuda", chunk_bytes=1) == 1
+
+
+def test_chunk_bytes_option():
+    h, w, b, ids, vals, labels = make_head(seed=17)  # fp64, V = 150: 2400 B per row
+    by_rows = fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, chunk_size=3)
+    by_bytes = fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, chunk_bytes=3 * 2400)
+    assert_close_fp64(by_bytes, by_rows)
+    module = FusedLinearTopKKLLoss(chunk_bytes=1 << 20)
+    assert module.options.rows_per_chunk(150, torch.float64, torch.device("cpu")) == 384
+    with raises_naming("chunk_bytes"):
+        FusedLinearTopKKLLoss(chunk_size=4, chunk_bytes=1 << 20)
+
+
+def test_fp32_weight_gradient_accumulation_for_bf16():
+    """bf16 weight, one row per chunk (48 accumulations): fp32 accumulation rounds the sum once, the
+    default rounds it to bf16 after every chunk; the gradient is returned in bf16 either way."""
+    h, w, _, ids, vals, labels = make_head(rows=48, hidden=16, vocab=200, k=8, seed=18)
+    low_h, low_w = h.detach().to(torch.bfloat16), w.detach().to(torch.bfloat16)
+    # the exact gradient of the bf16-rounded inputs
+    ref_w = low_w.double().requires_grad_()
+    ref = fused_linear_topk_kl_loss(low_h.double(), ref_w, ids, vals, labels=labels.clamp(min=0), backend="reference")
+    (exact,) = torch.autograd.grad(ref, (ref_w,))
+    errors = {}
+    for dtype in (None, torch.float32):
+        leaf = low_w.clone().requires_grad_()
+        out = fused_linear_topk_kl_loss(low_h, leaf, ids, vals.float(), labels=labels.clamp(min=0), chunk_size=1,
+                                        weight_grad_dtype=dtype, backend="kernel")
+        (grad,) = torch.autograd.grad(out, (leaf,))
+        assert grad.dtype == torch.bfloat16
+        errors[dtype] = (grad.double() - exact).abs().max().item()
+    assert errors[torch.float32] <= 2**-7 * exact.abs().max().item(), errors
+    assert errors[torch.float32] < errors[None], errors
+
+
 def _bad_calls():
     h, w, b, ids, vals, labels = make_head(rows=4, hidden=3, vocab=10, k=2, dtype=torch.float32)
     h, w, b = h.detach(), w.detach(), b.detach()
@@ -197,6 +355,9 @@ def _bad_calls():
         (lambda: fused_linear_topk_kl_loss(h, w, ids, vals, tail="zero"), "tail"),
         (lambda: fused_linear_topk_kl_loss(h, w, ids, vals, labels=labels[:2]), "labels"),
         (lambda: FusedLinearTopKKLLoss(softcap=-1.0), "softcap"),
+        (lambda: fused_linear_topk_kl_loss(h, w, ids, vals, chunk_bytes=0), "chunk_bytes"),
+        (lambda: fused_linear_topk_kl_loss(h, w, ids, vals, weight_grad_dtype="float32"), "weight_grad_dtype"),
+        (lambda: fused_linear_topk_kl_loss(h, w, ids, vals, weight_grad_dtype=torch.bfloat16), "weight_grad_dtype"),
     ]
 
 

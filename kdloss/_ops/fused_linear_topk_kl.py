@@ -86,6 +86,8 @@ def _setup_context(ctx, inputs, output):
     tensors = (*teacher[:7], teacher[9])
     _, stats, *grads = output
     ctx.mark_non_differentiable(stats, *grads)
+    # no zero-filled "gradients" of the non-differentiable outputs (a [V, H] one among them)
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.options = (teacher[7], teacher[8], teacher[10], weight_grad_dtype)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)

@@ -1,17 +1,29 @@
 """Fused linear head + top-k KL benchmark cases: kdloss fused vs kdloss unfused (``hidden @ Wᵀ``
-then ``topk_kl_loss``) vs eager DistillKit-style code vs torch.compile of it, forward + backward
-with gradients for hidden and weight, and peak memory."""
+then ``topk_kl_loss``) vs eager DistillKit-style code (``F.linear`` + the eager top-k KL formula +
+autograd) vs torch.compile of it, forward + backward, time and peak extra memory.
+
+Each shape runs twice: a trained head (gradients for ``hidden`` and ``weight``) and a frozen head
+(``weight.requires_grad = False``: only ``hidden``'s gradient, as with a frozen or LoRA-adapted LM
+head). On CPU the LLM vocabularies (GPT-2's 50257, Qwen's 151936) run with a small ``N`` so that a
+step stays around a second on two cores.
+
+One case alone, without the whole suite (the same numbers as ``python -m kdloss.bench``)::
+
+    python -m kdloss.bench.fused_linear_topk_kl --shape 1024,1024,32000,64 --dtype float32 --frozen --repeat 5
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..functional import fused_linear_topk_kl_loss, topk_kl_loss
 from . import Case
 from .topk_kl import TEMPERATURE, eager_distillkit
 
-CPU_SHAPES = [(1024, 1024, 32000, 64), (4096, 256, 32000, 64)]  # (N, H, V, k); the 2nd: logits ≫ weight
-GPU_SHAPES = [(8192, 4096, 151936, 64)]
+CPU_SHAPES = [(1024, 1024, 32000, 64), (4096, 256, 32000, 64),  # (N, H, V, k); the 2nd: logits ≫ weight
+              (256, 1024, 50257, 64), (128, 512, 151936, 64)]    # LLM vocabularies, small N
+GPU_SHAPES = [(8192, 4096, 151936, 64), (8192, 4096, 50257, 64)]
 QUICK_SHAPES = [(64, 64, 2048, 16), (256, 64, 8192, 16)]
 
 
@@ -20,31 +32,71 @@ def fused(hidden, weight, ids, logprobs):
 
 
 def unfused(hidden, weight, ids, logprobs):
-    return topk_kl_loss(hidden @ weight.T, ids, logprobs, temperature=TEMPERATURE, backend="kernel")
+    return topk_kl_loss(F.linear(hidden, weight), ids, logprobs, temperature=TEMPERATURE, backend="kernel")
 
 
 def eager(hidden, weight, ids, logprobs):
-    return eager_distillkit(hidden @ weight.T, ids, logprobs)
+    return eager_distillkit(F.linear(hidden, weight), ids, logprobs)
 
 
-def make_inputs(rows: int, hidden: int, vocab: int, k: int, device: str, dtype: torch.dtype, seed: int = 0):
+def make_inputs(rows: int, hidden: int, vocab: int, k: int, device: str, dtype: torch.dtype, seed: int = 0,
+                frozen: bool = False):
+    """``hidden [N, H]`` (needs a gradient), ``weight [V, H]`` (needs one unless ``frozen``), distinct
+    teacher ids and fp32 log-probs."""
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(rows, hidden, generator=gen).to(device, dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(device, dtype).requires_grad_(not frozen)
     stride = vocab // k
     ids = torch.arange(k) * stride + torch.randint(0, stride, (rows, k), generator=gen)
     logprobs = torch.log_softmax(torch.randn(rows, k, generator=gen), -1) - 0.3
     return h, w, ids.to(device), logprobs.to(device)
 
 
+def _case(shape, dtype, device, frozen: bool, compiled) -> Case:
+    rows, hidden, vocab, k = shape
+    name = "renorm T=2" + (" frozen head" if frozen else "")
+    return Case("fused_linear_topk_kl", name, f"N={rows} H={hidden} V={vocab} k={k}", dtype, device,
+                lambda: make_inputs(rows, hidden, vocab, k, device, dtype, frozen=frozen),
+                {"kdloss": fused, "kdloss-unfused": unfused, "eager": eager, "compile": compiled})
+
+
 def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     compiled = torch.compile(eager)
-    out = []
-    for dtype in dtypes:
-        for rows, hidden, vocab, k in shapes:
-            out.append(Case("fused_linear_topk_kl", "renorm T=2", f"N={rows} H={hidden} V={vocab} k={k}", dtype,
-                            device,
-                            lambda r=rows, h=hidden, v=vocab, kk=k, d=dtype: make_inputs(r, h, v, kk, device, d),
-                            {"kdloss": fused, "kdloss-unfused": unfused, "eager": eager, "compile": compiled}))
-    return out
+    return [_case(shape, dtype, device, frozen, compiled)
+            for dtype in dtypes for shape in shapes for frozen in (False, True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Times one shape (trained and, with ``--frozen``, frozen head) with the harness of
+    :mod:`kdloss.bench` and prints its table."""
+    import argparse
+
+    from . import format_table, run_case
+
+    parser = argparse.ArgumentParser(prog="python -m kdloss.bench.fused_linear_topk_kl")
+    parser.add_argument("--shape", default="1024,1024,32000,64", help="N,H,V,k")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frozen", action="store_true", help="also the frozen head")
+    parser.add_argument("--only-frozen", action="store_true", help="only the frozen head")
+    parser.add_argument("--impl", action="append", help="implementations to run (default: all)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shape = tuple(int(x) for x in args.shape.split(","))
+    compiled = torch.compile(eager)
+    frozen = [True] if args.only_frozen else ([False, True] if args.frozen else [False])
+    rows = []
+    for flag in frozen:
+        case = _case(shape, getattr(torch, args.dtype), args.device, flag, compiled)
+        if args.impl:
+            case.impls = {name: fn for name, fn in case.impls.items() if name in args.impl}
+        rows += run_case(case, args.repeat)
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
