@@ -9,8 +9,8 @@ import torch
 
 from kdloss import FusedLinearTopKKLLoss
 from kdloss._ops import float_arg
-from kdloss.fused_linear_topk_kl import default_chunk_size
 from kdloss.functional import fused_linear_topk_kl_loss, topk_kl_loss
+from kdloss.fused_linear_topk_kl import default_chunk_size
 from kdloss.reference import linear_logits, teacher_log_targets
 from kdloss.sparse import topk_teacher
 
