@@ -225,9 +225,10 @@ class _Grads:
         want_hidden, want_weight, want_bias = grad_mask
         self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_hidden else None
         self.weight = None
-        if want_weight:
-            self.weight = torch.zeros(weight.shape, dtype=_weight_grad_dtype(weight.dtype, weight_grad_dtype),
+        if want_weight:  # not zero-filled: the first chunk's GEMM overwrites it (beta = 0)
+            self.weight = torch.empty(weight.shape, dtype=_weight_grad_dtype(weight.dtype, weight_grad_dtype),
                                       device=weight.device)
+        self.weight_written = False
         self.bias = None
         if want_bias and bias is not None:
             self.bias = torch.zeros(bias.shape, dtype=accumulation_dtype(bias.dtype), device=bias.device)
@@ -246,7 +247,8 @@ class _Grads:
             else:
                 rows.copy_(grad_logits @ weight)
         if self.weight is not None:
-            _add_weight_grad(self.weight, grad_logits, hidden_c)
+            _add_weight_grad(self.weight, grad_logits, hidden_c, overwrite=not self.weight_written)
+            self.weight_written = True
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
 
@@ -257,6 +259,8 @@ class _Grads:
             return hidden.new_empty(0)  # distinct empty tensors: outputs must not alias
 
         grad_weight = self.weight
+        if grad_weight is not None and not self.weight_written:  # no rows
+            grad_weight.zero_()
         if grad_weight is not None and final:
             grad_weight = grad_weight.to(weight.dtype)
         grad_bias = None if self.bias is None else self.bias.to(bias.dtype)
@@ -267,19 +271,23 @@ def _weight_grad_dtype(weight_dtype: torch.dtype, asked: torch.dtype | None) -> 
     return weight_dtype if asked is None else torch.promote_types(weight_dtype, asked)
 
 
-def _add_weight_grad(grad_weight, grad_logits, hidden_c) -> None:
-    """``grad_weight += grad_logitsᵀ · hidden_c``, in place. A wider ``grad_weight`` (fp32 accumulation
-    of a bf16/fp16 weight) takes cuBLAS's mixed-precision GEMM on CUDA, else upcast chunk operands."""
+def _add_weight_grad(grad_weight, grad_logits, hidden_c, overwrite: bool) -> None:
+    """``grad_weight (+)= grad_logitsᵀ · hidden_c`` in place: overwritten (``beta = 0``: the buffer's
+    prior contents, even NaN, are ignored) for the first chunk, accumulated after. A wider
+    ``grad_weight`` (fp32 accumulation of a bf16/fp16 weight) takes cuBLAS's mixed-precision GEMM on
+    CUDA, else upcast chunk operands."""
+    beta = 0 if overwrite else 1
     if grad_weight.dtype == grad_logits.dtype:
-        grad_weight.addmm_(grad_logits.T, hidden_c)
+        torch.addmm(grad_weight, grad_logits.T, hidden_c, beta=beta, out=grad_weight)
         return
     if grad_weight.is_cuda and grad_weight.dtype == torch.float32:
         try:
-            torch.addmm(grad_weight, grad_logits.T, hidden_c, out_dtype=torch.float32, out=grad_weight)
+            torch.addmm(grad_weight, grad_logits.T, hidden_c, out_dtype=torch.float32, beta=beta, out=grad_weight)
             return
         except (RuntimeError, NotImplementedError):  # a torch without the mixed-precision addmm
             pass
-    grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden_c.to(grad_weight.dtype))
+    wide = grad_weight.dtype
+    torch.addmm(grad_weight, grad_logits.T.to(wide), hidden_c.to(wide), beta=beta, out=grad_weight)
 
 
 def _chunk_loss_and_logit_grad(capped, teacher, divisor, inv_temperature, scale, full_support, reduction, unit):

@@ -7,9 +7,9 @@ Each shape runs twice: a trained head (gradients for ``hidden`` and ``weight``) 
 head). On CPU the LLM vocabularies (GPT-2's 50257, Qwen's 151936) run with a small ``N`` so that a
 step stays around a second on two cores.
 
-One case alone, without the whole suite (the same numbers as ``python -m kdloss.bench``)::
+One shape alone, with the process CPU time next to the wall time (steadier on a shared machine)::
 
-    python -m kdloss.bench.fused_linear_topk_kl --shape 1024,1024,32000,64 --dtype float32 --frozen --repeat 5
+    python -m kdloss.bench.fused_linear_topk_kl --shape 1024,1024,32000,64 --dtype float32 --rss --repeat 5
 """
 
 from __future__ import annotations
@@ -67,34 +67,80 @@ def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
             for dtype in dtypes for shape in shapes for frozen in (False, True)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Times one shape (trained and, with ``--frozen``, frozen head) with the harness of
-    :mod:`kdloss.bench` and prints its table."""
-    import argparse
+def _cpu_times(fn, inputs, repeat: int) -> tuple[float, float]:
+    """Median wall and process-CPU ms of ``repeat`` forward+backward steps after one warm-up. On a
+    shared machine the CPU time (with one thread) is the steadier figure: it leaves out time spent
+    waiting for a core."""
+    import statistics
+    import time
 
-    from . import format_table, run_case
+    from . import _step
+
+    _step(fn, inputs)
+    wall, cpu = [], []
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        _step(fn, inputs)
+        wall.append((time.perf_counter() - w0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _child_rss(args) -> float:
+    """Peak extra RSS (MiB) of one implementation's step, measured in a fresh interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # as kdloss.bench: large blocks visible to VmHWM
+    result = subprocess.run([sys.executable, "-m", "kdloss.bench.fused_linear_topk_kl", "--rss-child",
+                             json.dumps(args)], capture_output=True, text=True, timeout=1800, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-500:])
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One shape, trained and/or frozen head: median wall and CPU ms of forward+backward, peak extra
+    memory from the profiler (``peak MiB``, as ``python -m kdloss.bench``) and, with ``--rss``, the
+    peak extra RSS of a step in a fresh process (sees memory freed inside ops)."""
+    import argparse
+    import json
+
+    from . import peak_mib, step_peak_rss_mib
 
     parser = argparse.ArgumentParser(prog="python -m kdloss.bench.fused_linear_topk_kl")
     parser.add_argument("--shape", default="1024,1024,32000,64", help="N,H,V,k")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--frozen", action="store_true", help="also the frozen head")
-    parser.add_argument("--only-frozen", action="store_true", help="only the frozen head")
-    parser.add_argument("--impl", action="append", help="implementations to run (default: all)")
+    parser.add_argument("--head", action="append", choices=["trained", "frozen"], help="default: both")
+    parser.add_argument("--impl", action="append", help="implementations to run (default: kdloss, eager, compile)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rss", action="store_true", help="also the peak extra RSS (CPU, fresh process each)")
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.rss_child:
+        child = json.loads(args.rss_child)
+        case = _case(tuple(child["shape"]), getattr(torch, child["dtype"]), "cpu", child["frozen"], torch.compile(eager))
+        print(step_peak_rss_mib(case.impls[child["impl"]], case.make_inputs()))
+        return 0
     shape = tuple(int(x) for x in args.shape.split(","))
     compiled = torch.compile(eager)
-    frozen = [True] if args.only_frozen else ([False, True] if args.frozen else [False])
-    rows = []
-    for flag in frozen:
-        case = _case(shape, getattr(torch, args.dtype), args.device, flag, compiled)
-        if args.impl:
-            case.impls = {name: fn for name, fn in case.impls.items() if name in args.impl}
-        rows += run_case(case, args.repeat)
-    print(format_table(rows))
+    print("| head | backend | wall ms | CPU ms | peak MiB | peak RSS MiB |\n|---|---|---|---|---|---|")
+    for head in args.head or ["trained", "frozen"]:
+        case = _case(shape, getattr(torch, args.dtype), args.device, head == "frozen", compiled)
+        for name in args.impl or ["kdloss", "eager", "compile"]:
+            inputs = case.make_inputs()
+            wall, cpu = _cpu_times(case.impls[name], inputs, args.repeat)
+            mib = peak_mib(case.impls[name], inputs, args.device)
+            rss = float("nan")
+            if args.rss and args.device == "cpu":
+                rss = _child_rss({"shape": shape, "dtype": args.dtype, "frozen": head == "frozen", "impl": name,
+                                  "threads": args.threads})
+            print(f"| {head} | {name} | {wall:.0f} | {cpu:.0f} | {mib:.1f} | {rss:.1f} |", flush=True)
     return 0
 
 
