@@ -600,8 +600,6 @@ def fused_linear_topk_kl_vocab_parallel(hidden, weight, teacher_ids, teacher_val
                                         all_reduce_hidden_grad: bool) -> torch.Tensor:
     """:func:`kdloss.fused_linear_topk_kl_loss` with ``weight`` (and ``bias``) this rank's rows of the
     output layer; ``hidden`` the same on every rank of the group."""
-    from .fused_linear_topk_kl import default_chunk_size
-
     check_bool(all_reduce_hidden_grad, "all_reduce_hidden_grad")
     hidden, weight, bias, pg = _head_shards(hidden, weight, bias, group)
     vocab_local = _check_head_shard(hidden, weight, bias)
@@ -630,8 +628,8 @@ def fused_linear_topk_kl_vocab_parallel(hidden, weight, teacher_ids, teacher_val
     cfg = Config(1.0 / options.temperature, options.scale, options.student_support == "full",
                  options.tail == "bucket" and options.student_support == "full", _REDUCTIONS[options.reduction], pg)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    head = HeadConfig(softcap, options.chunk_size or default_chunk_size(max(vocab_local, 1)), all_reduce_hidden_grad,
-                      needs_grad and options.reduction != "none")
+    chunk_size = options.rows_per_chunk(max(vocab_local, 1), weight.dtype, device)
+    head = HeadConfig(softcap, chunk_size, all_reduce_hidden_grad, needs_grad and options.reduction != "none")
     loss = _FusedVocabParallel.apply(flat, weight, bias, slots, mean_divisor(counted, num_items, acc), cfg, head)
     logits_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     return cast_loss(loss.reshape(lead) if options.reduction == "none" else loss, logits_dtype)

@@ -344,6 +344,7 @@ def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, diviso
         if compute_grad:
             loss_c, stats[s], grad_logits = _chunk_loss_and_logit_grad(capped, teacher, *options, reduction, unit)
             grads.fold(s, grad_logits, capped, hidden_c, weight, softcap)
+            del grad_logits  # freed before the next chunk's is allocated: one chunk's gradient at a time
         else:  # "sum" per chunk; the mean's divisor is applied once, below
             loss_c, stats[s] = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, *options,
                                                             _NONE if reduction == _NONE else _SUM)
@@ -371,6 +372,7 @@ def _bwd_chunks(grad, stats, hidden, weight, bias, ids, target_logp, tail_logp, 
             grad_logits = torch.ops.kdloss.topk_kl_bwd(grad_c, stats[s], capped, *teacher, divisor, inv_temperature,
                                                        scale, full_support, reduction)
             grads.fold(s, grad_logits, capped, hidden_c, weight, softcap)
+            del grad_logits
     return grads.outputs(hidden, weight, bias, final=True)
 
 
@@ -513,6 +515,9 @@ def fused_linear_topk_kl_loss(
             weight_grad_dtype=weight_grad_dtype,
     )
     if vocab_parallel_group is not None or is_dtensor(weight):
+        if options.weight_grad_dtype is not None:
+            raise ValueError("weight_grad_dtype is not available with vocabulary parallelism (vocab_parallel_group "
+                             "or a DTensor weight): the shard's gradient is accumulated in the weight's dtype")
         return fused_linear_topk_kl_vocab_parallel(
             hidden, weight, teacher_ids, teacher_values, labels, bias=bias, options=options,
             num_items_in_batch=num_items_in_batch, backend=backend, group=vocab_parallel_group,

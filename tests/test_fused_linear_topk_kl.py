@@ -108,6 +108,16 @@ def test_all_rows_ignored_is_zero_with_zero_gradients(device):
         assert torch.count_nonzero(g) == 0
 
 
+def test_zero_rows_give_zero_gradients():
+    """No chunk runs: the weight gradient (whose first chunk would overwrite the buffer) is zero-filled."""
+    h, w, b, ids, vals, _ = make_head(rows=4, seed=19)
+    h0 = h.detach()[:0].requires_grad_()
+    out = fused_linear_topk_kl_loss(h0, w, ids[:0], vals[:0], bias=b, reduction="sum")
+    gh, gw, gb = torch.autograd.grad(out, (h0, w, b))
+    assert out.item() == 0.0 and gh.shape == (0, 12)
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
 def test_never_allocates_the_full_logits():
     """Peak single allocation is O(chunk × V), far below N × V (CPU allocator events)."""
     from torch.profiler import ProfilerActivity, profile

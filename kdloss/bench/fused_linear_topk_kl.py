@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.rss_child:
         child = json.loads(args.rss_child)
-        case = _case(tuple(child["shape"]), getattr(torch, child["dtype"]), "cpu", child["frozen"], torch.compile(eager))
+        dtype = getattr(torch, child["dtype"])
+        case = _case(tuple(child["shape"]), dtype, "cpu", child["frozen"], torch.compile(eager))
         print(step_peak_rss_mib(case.impls[child["impl"]], case.make_inputs()))
         return 0
     shape = tuple(int(x) for x in args.shape.split(","))
