@@ -120,14 +120,20 @@ def _scale_in_place(ctx, grad_loss):
     """The forward's gradients times the upstream gradient, in place (no copy, no host sync), each
     rounded to its input's dtype; the context lets go of them."""
     grads, ctx.grads = ctx.grads, None
+    skip = _exactly_one_on_cpu(grad_loss)  # a pass over the weight gradient saved; never a device sync
     out = []
     for g, dtype in zip(grads, ctx.dtypes, strict=True):
         if g is not None:
-            g = g.mul_(grad_loss)
+            g = g if skip else g.mul_(grad_loss)
             if g.dtype != dtype:  # fp32 accumulation of a bf16/fp16 weight: rounded once, here
                 g = g.to(dtype)
         out.append(g)
     return out
+
+
+def _exactly_one_on_cpu(grad_loss) -> bool:
+    """Whether the upstream gradient is exactly 1, asked only where that is free: a CPU tensor."""
+    return grad_loss.device.type == "cpu" and not _traced(grad_loss) and bool(grad_loss == 1)
 
 
 def _scale_saved(ctx, grad_loss):
