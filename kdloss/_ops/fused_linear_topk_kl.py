@@ -144,6 +144,9 @@ def _scale_saved(ctx, grad_loss):
 
 
 def _backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialised as zeros)
+        ctx.grads = None
+        return (None,) * 16
     # the gradients are first-order only (see first_order_only): computed without recording, also
     # under create_graph=True (the chunked GEMMs write into preallocated buffers)
     with torch.no_grad():
