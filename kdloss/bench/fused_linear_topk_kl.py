@@ -101,6 +101,31 @@ def _child_rss(args) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def _interleaved(shape, dtype, device, heads, names, rounds: int, compiled) -> int:
+    """One step of each implementation in turn, ``rounds`` times (so that a busy spell of a shared
+    machine hits them all alike); prints min / median process-CPU ms per implementation."""
+    import statistics
+    import time
+
+    from . import _step
+
+    print("| head | backend | min CPU ms | median CPU ms |\n|---|---|---|---|")
+    for head in heads:
+        case = _case(shape, dtype, device, head == "frozen", compiled)
+        inputs = {name: case.make_inputs() for name in names}
+        for name in names:
+            _step(case.impls[name], inputs[name])
+        cpu = {name: [] for name in names}
+        for _ in range(rounds):
+            for name in names:
+                start = time.process_time()
+                _step(case.impls[name], inputs[name])
+                cpu[name].append((time.process_time() - start) * 1e3)
+        for name in names:
+            print(f"| {head} | {name} | {min(cpu[name]):.0f} | {statistics.median(cpu[name]):.0f} |", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """One shape, trained and/or frozen head: median wall and CPU ms of forward+backward, peak extra
     memory from the profiler (``peak MiB``, as ``python -m kdloss.bench``) and, with ``--rss``, the
@@ -119,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rss", action="store_true", help="also the peak extra RSS (CPU, fresh process each)")
+    parser.add_argument("--interleave", type=int, metavar="ROUNDS",
+                        help="instead: ROUNDS rounds of one step per implementation in turn; min / median CPU ms")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -130,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shape = tuple(int(x) for x in args.shape.split(","))
     compiled = torch.compile(eager)
+    if args.interleave:
+        return _interleaved(shape, getattr(torch, args.dtype), args.device, args.head or ["trained", "frozen"],
+                            args.impl or ["kdloss", "eager", "compile"], args.interleave, compiled)
     print("| head | backend | wall ms | CPU ms | peak MiB | peak RSS MiB |\n|---|---|---|---|---|---|")
     for head in args.head or ["trained", "frozen"]:
         case = _case(shape, getattr(torch, args.dtype), args.device, head == "frozen", compiled)
