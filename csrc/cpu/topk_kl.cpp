@@ -495,7 +495,8 @@ void dense_from_kept(scalar_t* out, const Acc<scalar_t>* e, const Acc<scalar_t>*
   using Vec = at::vec::Vectorized<acc_t>;
   for (int64_t b = 0, blk = 0; b < V; b += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, V - b);
-    const acc_t f = block_max[blk] == neg_inf<acc_t>() ? acc_t(0) : c * std::exp((block_max[blk] - st.m) * inv_t - st.l);
+    const acc_t f =
+        block_max[blk] == neg_inf<acc_t>() ? acc_t(0) : c * std::exp((block_max[blk] - st.m) * inv_t - st.l);
     scalar_t* o = out + b;
     const acc_t* x = e + b;
     if (f == acc_t(0)) {
@@ -527,8 +528,7 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const a
                         const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor,
                         double inv_temperature, double scale) {
   check_cpu_float(logits, "logits");
-  TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, "logits must be [N, V] or [B, T, V], got ",
-                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, "logits must be [N, V] or [B, T, V], got ", logits.sizes());
   const int64_t N = row_count(logits), V = logits.size(-1);
   TORCH_CHECK_VALUE(V <= 1 || N == 0 || logits.stride(-1) == 1, "logits must have unit stride along V");
   TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == N,
@@ -582,7 +582,8 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& option
     const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     if (void* data = std::aligned_alloc(kHugePage, rounded)) {
       madvise(data, rounded, MADV_HUGEPAGE);  // advice only: a failure leaves ordinary pages
-      return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+      return at::from_blob(
+          data, sizes, [](void* p) { std::free(p); }, options);
     }
   }
 #endif
@@ -771,8 +772,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
         } else {
           exps = kept_exps.data();
         }
-        const Stats<acc_t> st = full_support ? row_stats_kept(row.z, V, inv_t, exps, block_max.data())
-                                             : kept_stats(row, inv_t);
+        const Stats<acc_t> st =
+            full_support ? row_stats_kept(row.z, V, inv_t, exps, block_max.data()) : kept_stats(row, inv_t);
         stats_p[2 * n] = st.m;
         stats_p[2 * n + 1] = st.l;
         const auto terms = row_terms(row, V, inv_t, st, full_support);

@@ -44,7 +44,9 @@ _ARGS = (
 )
 LIB.define(f"topk_kl_fwd(Tensor logits, {_ARGS}) -> (Tensor, Tensor)")
 LIB.define(f"topk_kl_bwd(Tensor grad, Tensor stats, Tensor logits, {_ARGS}) -> Tensor")
-LIB.define(f"topk_kl_fwd_grad(Tensor logits, {_ARGS}, bool compute_grad, bool check_unique) -> (Tensor, Tensor, Tensor)")
+LIB.define(
+    f"topk_kl_fwd_grad(Tensor logits, {_ARGS}, bool compute_grad, bool check_unique) -> (Tensor, Tensor, Tensor)"
+)
 _NONE = 0
 
 
@@ -109,6 +111,8 @@ def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
     """Whether the upstream gradient is exactly 1, when that is free to know (a CPU tensor, eager)."""
     if grad_loss.device.type != "cpu" or torch.compiler.is_compiling():
         return False
+    if torch._guards.detect_fake_mode(grad_loss) is not None or torch._is_functional_tensor(grad_loss):
+        return False  # traced (AOT autograd, make_fx): the value is not known
     return bool((grad_loss == 1).all())
 
 
