@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -573,12 +574,17 @@ Row<scalar_t> make_row(const RowAddress<scalar_t>& address, const int64_t* ids, 
 
 // An uninitialised CPU tensor for a large gradient, advised for transparent huge pages before its first
 // touch (fewer page faults on a fresh buffer; effective where /sys/kernel/mm/transparent_hugepage/enabled
-// is "madvise" or "always"). Small tensors come from the default allocator.
+// is "madvise" or "always"). Small tensors come from the default allocator, and every gradient does with
+// KDLOSS_HUGEPAGES=0 in the environment.
 at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHugePage = size_t(2) << 20;
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes >= 4 * kHugePage) {
+  static const bool advise = [] {
+    const char* env = std::getenv("KDLOSS_HUGEPAGES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  if (advise && bytes >= 4 * kHugePage) {
     const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     if (void* data = std::aligned_alloc(kHugePage, rounded)) {
       madvise(data, rounded, MADV_HUGEPAGE);  // advice only: a failure leaves ordinary pages

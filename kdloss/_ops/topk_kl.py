@@ -99,6 +99,7 @@ def _setup_context_grad(ctx, inputs, output):
     *tensors, full_support, reduction, compute_grad, _check_unique = inputs
     _, stats, grad = output
     ctx.mark_non_differentiable(stats, grad)
+    ctx.set_materialize_grads(False)  # no [N, V] zeros for the gradient output's own (unused) gradient
     ctx.precomputed = compute_grad
     ctx.options = (full_support, reduction)
     if compute_grad:
@@ -128,6 +129,8 @@ def rescaled(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> tor
 
 
 def _topk_kl_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    if grad_loss is None:
+        return (None,) * 12
     if ctx.precomputed:
         (grad,) = ctx.saved_tensors
         grad = rescaled(grad, grad_loss, ctx.options[1])
