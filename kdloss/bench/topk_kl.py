@@ -4,9 +4,11 @@ dense [N, V] teacher).
 
 Every case is forward + backward of the default variant (teacher renormalised over its k ids,
 full-vocabulary student, T = 2, × T², mean over rows). Cases: ``[N, V]`` student logits; the logits
-as an LLM gives them, the label-shift slice ``full[:, :-1]`` of ``[B, T + 1, V]`` (gradients w.r.t.
-``full``); LLM vocabularies V = 50257 and 151936 (small N on CPU). ``kdloss`` computes the gradient in
-the forward (one pass over the logits); ``kdloss two-pass`` is ``precompute_grad=False``.
+as an LLM gives them, the label-shift slice ``full[:, :-1]`` of ``[B, T + 1, V]`` (gradients w.r.t. the
+slice: autograd's slice backward, a zero ``[B, T + 1, V]`` tensor and a copy into it, comes after the loss
+and is the same for every implementation); LLM vocabularies V = 50257 and 151936 (small N on CPU).
+``kdloss`` computes the gradient in the forward (one pass over the logits); ``kdloss two-pass`` is
+``precompute_grad=False``.
 
 Bandwidth: ``python -m kdloss.bench.topk_kl`` also reports, per case, the bytes the kernel must move (one
 read of the logits, one write of the gradient) over its median time, against the copy bandwidth measured
@@ -56,22 +58,15 @@ def kernel_two_pass(student_logits, teacher_ids, teacher_logprobs):
                         precompute_grad=False)
 
 
-def shifted(fn):
-    """``fn`` applied to the label-shift slice ``full[:, :-1]`` (the gradient flows to ``full``)."""
-
-    def call(full, teacher_ids, teacher_logprobs):
-        return fn(full[:, :-1], teacher_ids, teacher_logprobs)
-
-    return call
-
-
 def make_inputs(rows: int, vocab: int, k: int, device: str, dtype: torch.dtype, seed: int = 0, lead=None):
-    """Student logits (leaf, ``dtype``, ``[rows, V]`` or ``lead + (V,)``), distinct teacher ids and fp32
-    full-softmax log-probs for ``rows`` positions (``lead`` with one more position than counted: the
-    shifted case slices it off)."""
+    """Student logits (``dtype``: a leaf ``[rows, V]``, or with ``lead = (B, T + 1)`` the label-shift slice
+    ``full[:, :-1]`` of a leaf ``[B, T + 1, V]``, a strided view), distinct teacher ids and fp32 full-softmax
+    log-probs for ``rows`` positions."""
     gen = torch.Generator().manual_seed(seed)
     shape = (rows, vocab) if lead is None else (*lead, vocab)
     logits = (2.0 * torch.randn(shape, generator=gen)).to(device, dtype).requires_grad_()
+    if lead is not None:
+        logits = logits[:, :-1]
     positions = (rows,) if lead is None else (lead[0], lead[1] - 1)
     stride = vocab // k  # one id per stride-wide bucket: distinct within a row
     ids = torch.arange(k) * stride + torch.randint(0, stride, (*positions, k), generator=gen)
@@ -79,9 +74,8 @@ def make_inputs(rows: int, vocab: int, k: int, device: str, dtype: torch.dtype, 
     return logits, ids.to(device), logprobs.to(device)
 
 
-def _impls(compiled, wrap=lambda fn: fn) -> dict:
-    return {"kdloss": wrap(kernel), "kdloss two-pass": wrap(kernel_two_pass), "eager": wrap(eager_distillkit),
-            "compile": wrap(compiled)}
+def _impls(compiled) -> dict:
+    return {"kdloss": kernel, "kdloss two-pass": kernel_two_pass, "eager": eager_distillkit, "compile": compiled}
 
 
 def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
@@ -90,7 +84,6 @@ def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
     shapes = shapes + ([] if quick else (GPU_LLM_VOCABS if gpu else CPU_LLM_VOCABS))
     shifted_shapes = QUICK_SHIFTED if quick else (GPU_SHIFTED if gpu else CPU_SHIFTED)
     compiled = torch.compile(eager_distillkit)
-    compiled_shifted = torch.compile(shifted(eager_distillkit))
     out = []
     for dtype in dtypes:
         for rows, vocab, k in shapes:
@@ -98,12 +91,10 @@ def cases(device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
                             lambda r=rows, v=vocab, kk=k, d=dtype: make_inputs(r, v, kk, device, d),
                             _impls(compiled)))
         for batch, seq, vocab, k in shifted_shapes:
-            impls = {name: shifted(fn) for name, fn in _impls(None).items() if name != "compile"}
-            impls["compile"] = compiled_shifted
             out.append(Case("topk_kl", "renorm T=2 full[:, :-1]", f"B={batch} T={seq} V={vocab} k={k}", dtype, device,
                             lambda b=batch, s=seq, v=vocab, kk=k, d=dtype: make_inputs(b * s, v, kk, device, d,
                                                                                        lead=(b, s + 1)),
-                            impls))
+                            _impls(compiled)))
     return out
 
 
@@ -138,8 +129,7 @@ def bandwidth_rows(device: str, dtypes: list[torch.dtype], quick: bool, repeat: 
     for case in cases(device, dtypes, quick):
         inputs = case.make_inputs()
         logits = inputs[0]
-        counted = logits[:, :-1] if logits.dim() == 3 else logits
-        moved = 2 * counted.numel() * counted.element_size()
+        moved = 2 * logits.numel() * logits.element_size()
         copy = copy_gbps(logits.detach(), repeat)
         times = {}
         for backend, fn in case.impls.items():
