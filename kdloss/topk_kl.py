@@ -69,8 +69,9 @@ def topk_kl_loss(
     """KL(teacher ‖ student) with a sparse top-k teacher over a large vocabulary.
 
     Args:
-        student_logits: ``[..., V]`` student logits (fp32/bf16/fp16/fp64). Read through strides; copied
-            only if the vocabulary dimension is not unit-stride.
+        student_logits: ``[..., V]`` student logits (fp32/bf16/fp16/fp64). Read through strides, the
+            label-shift slice ``logits[:, :-1]`` of ``[B, T + 1, V]`` logits included; copied only if the
+            vocabulary dimension is not unit-stride (or more than two leading dims do not flatten).
         teacher_ids: ``[..., k]`` integer vocabulary ids (int64/int32/int16/uint16/int8/uint8), unique per
             position among slots with non-zero teacher mass (pad with any id and a ``-inf`` value).
         teacher_values: ``[..., k]`` teacher log-probabilities (``values="logprobs"``: full-softmax log-probs
