@@ -292,15 +292,13 @@ def _add_weight_grad(grad_weight, grad_logits, hidden_c, overwrite: bool) -> Non
     torch.addmm(grad_weight, grad_logits.T.to(wide), hidden_c.to(wide), beta=beta, out=grad_weight)
 
 
-def _chunk_loss_and_logit_grad(capped, teacher, divisor, inv_temperature, scale, full_support, reduction, unit):
-    """The one place where the fused head calls the top-k kernels with a gradient wanted: the chunk's
-    loss (summed for scalar reductions; the mean's divisor is applied once, by the caller), its per-row
-    stats and its logit gradient for an upstream gradient of ``unit`` (= 1)."""
-    loss_c, stats_c = torch.ops.kdloss.topk_kl_fwd(capped, *teacher, divisor, inv_temperature, scale,
-                                                   full_support, _SUM)
-    grad_logits = torch.ops.kdloss.topk_kl_bwd(unit, stats_c, capped, *teacher, divisor, inv_temperature, scale,
-                                               full_support, reduction)
-    return loss_c, stats_c, grad_logits
+def _chunk_loss_and_logit_grad(capped, teacher, divisor, inv_temperature, scale, full_support, reduction):
+    """The one place where the fused head calls the top-k kernels with a gradient wanted: one pass over
+    the chunk's logits (``kdloss::topk_kl_fwd_grad``) gives its loss (for ``reduction``: a chunk's share
+    of the mean is already divided by ``divisor``), its per-row stats and its logit gradient for an
+    upstream gradient of 1. The teacher was validated by the caller (no in-kernel id check)."""
+    return torch.ops.kdloss.topk_kl_fwd_grad(capped, *teacher, divisor, inv_temperature, scale, full_support,
+                                             reduction, True, False)
 
 
 def _fwd_impl(hidden, weight, bias, *args):
@@ -314,9 +312,11 @@ def _bwd_impl(grad, stats, hidden, weight, bias, *args):
         return _bwd_chunks(grad, stats, hidden, weight, bias, *args)
 
 
-def _reduce(partial, divisor, reduction, acc, device):
+def _reduce(partial, divisor, reduction, acc, device, divided: bool):
+    """The chunks' losses summed; for the mean divided by ``divisor`` (0 when it is ≤ 0) unless each
+    chunk's share already was (``divided``)."""
     total = torch.stack(partial).sum() if partial else torch.zeros((), dtype=acc, device=device)
-    if reduction == _MEAN:
+    if reduction == _MEAN and not divided:
         positive = divisor > 0
         total = torch.where(positive, total / torch.where(positive, divisor, torch.ones_like(divisor)),
                             torch.zeros_like(total))
@@ -337,14 +337,13 @@ def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, diviso
     partial = []
     work = _Workspace(hidden, weight, chunk_size)
     grads = _Grads(hidden, weight, bias, grad_mask, weight_grad_dtype) if compute_grad else None
-    unit = torch.ones((), dtype=acc, device=hidden.device)
     options = (divisor, inv_temperature, scale, full_support)
     for s in _chunks(rows, chunk_size):
         teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
         hidden_c = work.counted_rows(hidden, s, teacher[3])
         capped = work.logits_of(hidden_c, weight, bias, softcap)
         if compute_grad:
-            loss_c, stats[s], grad_logits = _chunk_loss_and_logit_grad(capped, teacher, *options, reduction, unit)
+            loss_c, stats[s], grad_logits = _chunk_loss_and_logit_grad(capped, teacher, *options, reduction)
             grads.fold(s, grad_logits, capped, hidden_c, weight, softcap)
             del grad_logits  # freed before the next chunk's is allocated: one chunk's gradient at a time
         else:  # "sum" per chunk; the mean's divisor is applied once, below
@@ -354,7 +353,8 @@ def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, diviso
             row_losses[s] = loss_c
         else:
             partial.append(loss_c)
-    loss = row_losses if reduction == _NONE else _reduce(partial, divisor, reduction, acc, hidden.device)
+    loss = row_losses if reduction == _NONE else _reduce(partial, divisor, reduction, acc, hidden.device,
+                                                         divided=compute_grad)
     if grads is None:
         return loss, stats, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
     return (loss, stats, *grads.outputs(hidden, weight, bias, final=False))

@@ -143,6 +143,24 @@ def _scale_saved(ctx, grad_loss):
             for g, want, dtype in zip(grads, ctx.grad_mask, ctx.dtypes, strict=True)]
 
 
+def _recomputed(ctx, grad_loss):
+    """The gradients from the saved inputs: ``"none"`` (per-row upstream gradient: the backward op), or
+    a second backward of a scalar loss (retain_graph: the forward's computation again, so that it rounds
+    exactly as the first one did, then scaled)."""
+    stats, hidden, weight, bias, *teacher = ctx.saved_tensors
+    *teacher, softcap = teacher
+    full_support, reduction, chunk_size, weight_grad_dtype = ctx.options
+    mask = list(ctx.needs_input_grad[:3])
+    if reduction != _NONE:
+        _, _, *again = torch.ops.kdloss.fused_linear_topk_kl_fwd(
+            hidden, weight, bias, *teacher, full_support, reduction, softcap, chunk_size, mask, weight_grad_dtype)
+        ctx.grads = [g if want else None for g, want in zip(again, mask, strict=True)]
+        return _scale_in_place(ctx, grad_loss)
+    grads = torch.ops.kdloss.fused_linear_topk_kl_bwd(grad_loss, stats, hidden, weight, bias, *teacher, full_support,
+                                                      reduction, softcap, chunk_size, mask, weight_grad_dtype)
+    return [g if want else None for g, want in zip(grads, mask, strict=True)]
+
+
 def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised as zeros)
         ctx.grads = None
@@ -155,14 +173,7 @@ def _backward(ctx, grad_loss, *_unused):
         elif ctx.grads is not None:
             grads = _scale_in_place(ctx, grad_loss)
         else:
-            stats, hidden, weight, bias, *teacher = ctx.saved_tensors
-            *teacher, softcap = teacher
-            full_support, reduction, chunk_size, weight_grad_dtype = ctx.options
-            mask = list(ctx.needs_input_grad[:3])
-            grads = list(torch.ops.kdloss.fused_linear_topk_kl_bwd(
-                grad_loss, stats, hidden, weight, bias, *teacher, full_support, reduction, softcap, chunk_size,
-                mask, weight_grad_dtype))
-            grads = [g if want else None for g, want in zip(grads, mask, strict=True)]
+            grads = _recomputed(ctx, grad_loss)
         if not ctx.has_bias:
             grads[2] = None
     return (*first_order_only("fused_linear_topk_kl", *grads),) + (None,) * 13
