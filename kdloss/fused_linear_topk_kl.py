@@ -6,9 +6,10 @@ never exist in full. Semantics and options are those of :func:`kdloss.topk_kl_lo
 ``softcap(hidden @ weightᵀ + bias)``.
 
 The ops ``kdloss::fused_linear_topk_kl_fwd|bwd`` (schemas, fakes, autograd: :mod:`kdloss._ops.fused_linear_topk_kl`)
-are implemented here, in Python, on top of the top-k kernels (``kdloss::topk_kl_fwd|bwd``): for each chunk
-of rows the logits come from an ATen GEMM, the top-k kernels run on them, and the chunk's logit gradient
-is folded back through two more GEMMs before the next chunk.
+are implemented here, in Python, on top of the top-k kernels (``kdloss::topk_kl_fwd_grad``, ``_fwd``,
+``_bwd``): for each chunk of rows the logits come from an ATen GEMM into a reused buffer, one top-k pass
+gives the chunk's loss and logit gradient, and that gradient is folded back through the GEMMs of the
+gradients that are wanted before the next chunk.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 The LM head and the top-k KL loss in one op that never materialises the ``[N, V]`` logits: rows
 are processed in chunks of ``chunk_size``; for each chunk the logits ``hidden_c @ weightᵀ + bias``
 (optionally soft-capped, ``c·tanh(z/c)``) are computed with an ATen GEMM (MKL/oneDNN on CPU,
-cuBLAS on CUDA), the streaming ``kdloss::topk_kl_fwd``/``_bwd`` kernels run on them, and the
-chunk's logit gradient is folded back through two more GEMMs before the next chunk. Extra memory
-is O(chunk_size × V) plus the gradients themselves.
+cuBLAS on CUDA), the top-k kernels (``kdloss::topk_kl_fwd_grad`` — loss and logit gradient in one
+pass —, or ``_fwd`` / ``_bwd``) run on them, and the chunk's logit gradient is folded back through
+the GEMMs of the wanted gradients before the next chunk. Extra memory is one chunk (O(chunk_size × V))
+plus the wanted gradients themselves.
 
 * ``grad_mask`` says which of ``hidden``, ``weight``, ``bias`` get a gradient; the others get an empty
   tensor, and neither their buffer nor their GEMM exists (a frozen head: no weight-gradient GEMM).
