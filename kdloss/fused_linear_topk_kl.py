@@ -210,7 +210,14 @@ class _Workspace:
     def logits_of(self, hidden_c, weight, bias, softcap: float):
         """``softcap(hidden_c @ weightᵀ + bias)`` written into the logits buffer (no allocation)."""
         out = self.logits[:hidden_c.shape[0]]
-        if bias is None:
+        if out.device.type == "cpu":
+            # MKL threads W·hᵀ ([V, C]) far better than h·Wᵀ for a short chunk (2 threads, C = 128,
+            # V = 32000: 2x faster); the transposing copy is cheap, and the [V, C] product is freed
+            # before the top-k op allocates the chunk's gradient (two [C, V]-sized buffers at a time)
+            by_vocab = torch.mm(weight, hidden_c.T) if bias is None else torch.addmm(bias[:, None], weight, hidden_c.T)
+            out.copy_(by_vocab.T)
+            del by_vocab
+        elif bias is None:
             torch.mm(hidden_c, weight.T, out=out)
         else:
             torch.addmm(bias, hidden_c, weight.T, out=out)
