@@ -116,8 +116,9 @@ def test_opcheck(device, reduction):
                                  (torch.float16, torch.float16)):
         s = tokens(2, 9, 10, dtype, device, gen).requires_grad_()
         t = tokens(2, 9, 7, teacher_dtype, device, gen)
-        torch.library.opcheck(torch.ops.kdloss.token_contextual_fwd.default, (s, t, code))
-        _, ls, lt, rho = torch.ops.kdloss.token_contextual_fwd(s.detach(), t, code)
+        for with_grad in (False, True):
+            torch.library.opcheck(torch.ops.kdloss.token_contextual_fwd.default, (s, t, code, with_grad))
+        _, ls, lt, rho, _ = torch.ops.kdloss.token_contextual_fwd(s.detach(), t, code, False)
         grad = torch.rand((2, 9) if code == 0 else (), dtype=dtype, device=device)
         torch.library.opcheck(torch.ops.kdloss.token_contextual_bwd.default,
                               (grad, s.detach(), t, ls, lt, rho, code))
@@ -150,7 +151,7 @@ def test_teacher_is_a_constant_and_mixed_dtypes(device):
 def test_cpu_results_independent_of_thread_count():
     from kdloss.testing import check_determinism
 
-    for tokens_per_image in (29, 150):  # one tile and several tiles (≤ 48 rows each) per image
+    for tokens_per_image in (29, 150):  # images shorter and longer than the micro-tiles' padding
         check_determinism("token_contextual", {"batch": 3, "tokens": tokens_per_image, "ds": 19, "dt": 11,
                                                "reduction": "mean", "layout": "contiguous", "magnitude": 1.0,
                                                "seed": 8})
