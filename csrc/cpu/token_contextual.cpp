@@ -106,12 +106,7 @@ struct PackedImage {
 // only, then the strict upper triangle mirrored from the lower one (S is exactly symmetric).
 template <typename acc_t>
 void similarities(const PackedImage<acc_t>& x, acc_t scale, acc_t* out, int64_t ld) {
-  constexpr int64_t nr = gemm_nr<acc_t>();
-  for (int64_t p0 = 0; p0 < x.n_cols; p0 += nr) {
-    const acc_t* panel = x.panels.data() + (p0 / nr) * x.D * nr;
-    for (int64_t i0 = p0 / kGemmMR * kGemmMR; i0 < x.n_pad; i0 += kGemmMR)
-      gemm_micro(x.rows.data() + i0 * x.D, x.D, panel, x.D, out + i0 * ld + p0, ld);
-  }
+  gemm_blocked(x.rows.data(), x.D, x.panels.data(), x.D, out, ld, x.n_pad, x.n_cols, true);
   const int64_t N = x.N;
   for (int64_t i = 0; i < N; ++i) {
     acc_t* row = out + i * ld;
@@ -217,12 +212,7 @@ void symmetrize(acc_t* v, int64_t N, int64_t ld, acc_t scale) {
 // buffer [n_pad, d_cols].
 template <typename acc_t, typename out_t>
 void weighted_sum(const acc_t* w, int64_t ld, const PackedImage<acc_t>& x, acc_t* g, out_t* out) {
-  constexpr int64_t nr = gemm_nr<acc_t>();
-  for (int64_t q0 = 0; q0 < x.d_cols; q0 += nr) {
-    const acc_t* panel = x.columns.data() + (q0 / nr) * x.N * nr;
-    for (int64_t i0 = 0; i0 < x.n_pad; i0 += kGemmMR)
-      gemm_micro(w + i0 * ld, ld, panel, x.N, g + i0 * x.d_cols + q0, x.d_cols);
-  }
+  gemm_blocked(w, ld, x.columns.data(), x.N, g, x.d_cols, x.n_pad, x.d_cols, false);
   for (int64_t i = 0; i < x.N; ++i)
     for (int64_t d = 0; d < x.D; ++d) out[i * x.D + d] = static_cast<out_t>(g[i * x.d_cols + d]);
 }

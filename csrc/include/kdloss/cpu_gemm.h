@@ -26,13 +26,20 @@ constexpr int64_t gemm_nr() {
 
 inline int64_t round_up_to(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// c[r·ldc + j] = Σ_k a[r·lda + k] · panel[k·nr + j] for r < kGemmMR, j < nr (overwrites c).
+constexpr int64_t kGemmKC = 256;  // K per pass: a panel slice of 256 × nr stays in L1
+
+// c[r·ldc + j] (+)= Σ_k a[r·lda + k] · panel[k·nr + j] for r < kGemmMR, j < nr: overwrites c, or
+// continues its sums when `accumulate` (c stored in acc_t between passes: the order is unchanged).
 template <typename acc_t>
-inline void gemm_micro(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, acc_t* c, int64_t ldc) {
+inline void gemm_micro(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, acc_t* c, int64_t ldc,
+                       bool accumulate) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   Vec lo[kGemmMR], hi[kGemmMR];
-  for (int64_t r = 0; r < kGemmMR; ++r) lo[r] = hi[r] = Vec(acc_t(0));
+  for (int64_t r = 0; r < kGemmMR; ++r) {
+    lo[r] = accumulate ? Vec::loadu(c + r * ldc) : Vec(acc_t(0));
+    hi[r] = accumulate ? Vec::loadu(c + r * ldc + V) : Vec(acc_t(0));
+  }
   for (int64_t k = 0; k < K; ++k) {
     const Vec b0 = Vec::loadu(panel + k * 2 * V), b1 = Vec::loadu(panel + k * 2 * V + V);
 #pragma GCC unroll 6
@@ -45,6 +52,24 @@ inline void gemm_micro(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
   for (int64_t r = 0; r < kGemmMR; ++r) {
     lo[r].store(c + r * ldc);
     hi[r].store(c + r * ldc + V);
+  }
+}
+
+// c [m_pad, n_pad] (row stride ldc) = a [m_pad, K] (row stride lda) · B, B packed as panels
+// [n_pad / nr][K][nr]; m_pad a multiple of kGemmMR, n_pad of nr. With `lower`, only the micro-tiles
+// that hold an element on or below the diagonal (j ≤ i) are computed (the others are left as they
+// are). K runs in slices of kGemmKC, each element's sum staying in order.
+template <typename acc_t>
+void gemm_blocked(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, acc_t* c, int64_t ldc, int64_t m_pad,
+                  int64_t n_pad, bool lower) {
+  constexpr int64_t nr = gemm_nr<acc_t>();
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
+    const int64_t kl = std::min(kGemmKC, K - k0);
+    for (int64_t p0 = 0; p0 < n_pad; p0 += nr) {
+      const acc_t* panel = panels + (p0 / nr) * K * nr + k0 * nr;
+      for (int64_t i0 = lower ? p0 / kGemmMR * kGemmMR : 0; i0 < m_pad; i0 += kGemmMR)
+        gemm_micro(a + i0 * lda + k0, lda, panel, kl, c + i0 * ldc + p0, ldc, k0 > 0);
+    }
   }
 }
 
