@@ -114,3 +114,69 @@ def test_inputs_on_the_second_gpu(loss, name):
     torch.cuda.set_device(0)
     _assert_ok(compare_devices(loss, CASES[loss][name], "cuda:1", torch.float32), f"{loss}/{name}")
     assert torch.cuda.current_device() == 0
+
+
+# --- TRG contextual and graph: the precomputed contextual gradient over several chunks, the kNN -------
+
+
+def _brute_force_knn(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The kNN definition spelled out in float64 over the full matrix: (distance, index) ascending."""
+    x = x.double().cpu()
+    norms = (x * x).sum(1)
+    dist = (norms[:, None] + norms[None, :] - 2 * x @ x.T).clamp_min(0)
+    dist.fill_diagonal_(float("nan"))  # sorts last: the node itself is never chosen
+    return torch.sort(dist, dim=1, stable=True).indices[:, :k]
+
+
+@on_target
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_contextual_gradient_over_several_chunks(dtype, reduction):
+    """B·N² above one chunk of the CUDA glue (2²⁴ similarities): the forward's precomputed gradient
+    (mean, sum) and the backward's recomputation (none) match the CPU kernel and stay deterministic."""
+    from kdloss.token_contextual import token_contextual_loss
+
+    gen = torch.Generator().manual_seed(11)
+    student = torch.randn(51, 580, 8, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(51, 580, 12, generator=gen, dtype=torch.float64)
+    weight = torch.rand((51, 580) if reduction == "none" else (), generator=gen, dtype=torch.float64)
+    results = []
+    for device in ("cpu", TARGET, TARGET):
+        s = student.to(device, dtype).requires_grad_()
+        out = token_contextual_loss(s, teacher.to(device, dtype), reduction=reduction, backend="kernel")
+        (grad,) = torch.autograd.grad(out, s, grad_outputs=weight.to(device, out.dtype))
+        results.append((out.detach().cpu().double(), grad.cpu().double()))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 2e-2)
+    for ours, cpu in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, cpu, rtol=tol, atol=tol * float(cpu.abs().max()))
+    for again, first in zip(results[2], results[1], strict=True):
+        assert torch.equal(again, first)
+
+
+@on_target
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=_id)
+def test_knn_exact_ties_and_duplicates_match_the_definition(dtype):
+    """Small-integer coordinates make every distance exact in any summation order: ties (and duplicated
+    points) must go to the smaller index on the device exactly as the definition says."""
+    from kdloss.token_graph import knn_indices
+
+    gen = torch.Generator().manual_seed(12)
+    for m, dim, k in ((40, 3, 5), (700, 6, 9), (1300, 4, 8)):
+        x = torch.randint(-2, 3, (m, dim), generator=gen).to(dtype)
+        x[m // 3] = x[m // 2]
+        x[m - 1] = x[0]
+        got = knn_indices(x.to(TARGET), k)
+        assert got.device.type == torch.device(TARGET).type
+        assert torch.equal(got.cpu(), _brute_force_knn(x, k)), (m, dim, k)
+
+
+@on_target
+def test_knn_random_nodes_match_the_cpu_kernel():
+    """Random fp32 nodes: the same neighbour sets on the device as on the CPU (orders may differ only
+    where two distances agree to rounding)."""
+    from kdloss.token_graph import knn_indices
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2500, 96, generator=gen)
+    got, cpu = knn_indices(x.to(TARGET), 8).cpu(), knn_indices(x, 8)
+    assert torch.equal(got.sort(1).values, cpu.sort(1).values)

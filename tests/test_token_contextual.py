@@ -178,3 +178,32 @@ def test_bad_types():
 def test_module_matches_functional():
     s, t = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
     torch.testing.assert_close(TokenContextualLoss(reduction="sum")(s, t), token_contextual_loss(s, t, reduction="sum"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_precomputed_gradient_matches_the_recomputing_backward(reduction):
+    """Scalar reductions get their gradient in the forward (scaled by the upstream gradient in the
+    backward); it equals the backward op's recomputation from the saved statistics, also when the
+    graph is retained and run twice."""
+    from kdloss._ops import REDUCTION_CODES
+
+    code = REDUCTION_CODES[reduction]
+    gen = torch.Generator().manual_seed(12)
+    s, t = tokens(3, 29, 7, gen=gen).requires_grad_(), tokens(3, 29, 5, gen=gen)
+    out = token_contextual_loss(s, t, reduction=reduction, backend="kernel")
+    first = torch.autograd.grad(2.5 * out, s, retain_graph=True)[0]
+    second = torch.autograd.grad(2.5 * out, s)[0]
+    assert torch.equal(first, second)
+    _, stats_s, stats_t, rho, unit = torch.ops.kdloss.token_contextual_fwd(s.detach(), t, code, False)
+    assert unit.numel() == 0
+    recomputed = torch.ops.kdloss.token_contextual_bwd(torch.tensor(2.5, dtype=torch.float64), s.detach(), t,
+                                                       stats_s, stats_t, rho, code)
+    assert_close_fp64(first, recomputed, atol=1e-15)
+
+
+def test_gradient_is_precomputed_only_when_needed():
+    s, t = tokens(2, 9, 4), tokens(2, 9, 6)
+    for code, with_grad, shape in ((1, True, (2, 9, 4)), (2, True, (2, 9, 4)), (0, True, (0,)), (1, False, (0,))):
+        assert torch.ops.kdloss.token_contextual_fwd(s, t, code, with_grad)[4].shape == shape
+    with torch.no_grad():
+        assert token_contextual_loss(s.requires_grad_(), t, backend="kernel").requires_grad is False

@@ -11,6 +11,9 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// The weights kernel keeps ~20 values per thread live (two rows' statistics, coefficients, exps):
+// bounding it to 64 registers lets 4 blocks (1024 threads) share an SM instead of 3.
+constexpr int kMinBlocksPerSM = 4;
 
 __device__ __forceinline__ float ex(float x) { return expf(x); }
 __device__ __forceinline__ double ex(double x) { return exp(x); }
@@ -31,7 +34,7 @@ __device__ void row_stats(const A* row, int64_t N, A scale, A* scratch, A& m_out
 }
 
 template <typename A>
-__global__ void fwd_rows_kernel(const A* __restrict__ sims_s,                                         // [B, rows, N]
+__global__ void __launch_bounds__(kThreads) fwd_rows_kernel(const A* __restrict__ sims_s,                                         // [B, rows, N]
                                 const A* __restrict__ sims_t,                                         // [B, rows, N]
                                 ContextualChunk c, A* __restrict__ stats_s, A* __restrict__ stats_t,  // [2, B, N]
                                 A* __restrict__ rho, A* __restrict__ row_loss) {                      // [B, N]
@@ -75,7 +78,7 @@ __device__ __forceinline__ A row_coef(const A* grad, Reduction reduction, int64_
 }
 
 template <typename A, typename H>
-__global__ void bwd_weights_kernel(ContextualChunk c, Reduction reduction, const A* __restrict__ grad,
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) bwd_weights_kernel(ContextualChunk c, Reduction reduction, const A* __restrict__ grad,
                                    const A* __restrict__ stats_s, const A* __restrict__ stats_t,  // [2, B, N]
                                    const A* __restrict__ rho,                                     // [B, N]
                                    A* __restrict__ sims_s,  // [B, rows, N] in: S raw, out: W

@@ -3,7 +3,9 @@
 // half-precision inputs accumulate into fp32 with bmm's out_dtype form) and the row kernels of
 // token_contextual.cu on each chunk, so extra memory is a few chunk buffers of at most
 // kChunkElements each, never a [B, N, N] tensor (spec §5.2–5.3).
-//   backward: per chunk, recompute S and T, form W = (dS + dSᵀ)/√Ds, grad rows = W · F_s
+//   gradient: per chunk, S and T (recomputed in the backward for reduction none; taken from the
+//   forward's buffers when it precomputes the gradient of a scalar loss and one chunk holds all
+//   rows), W = (dS + dSᵀ)/√Ds, grad rows = W · F_s
 //   (for bf16/fp16 students W is split into hi + lo half-precision parts: two tensor-core GEMMs
 //   with fp32 accumulation give the fp32 result to ~16 bits).
 #include <ATen/core/Tensor.h>
@@ -84,9 +86,63 @@ ContextualChunk chunk_of(const Shape& s, at::ScalarType acc, int64_t i0, int64_t
   return {dtype_code(acc), s.B, s.N, i0, rows, 1.0 / std::sqrt(double(s.Ds)), 1.0 / std::sqrt(double(s.Dt))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Tensor& student,
-                                                                                const at::Tensor& teacher,
-                                                                                int64_t reduction_code) {
+// Chunk buffers of the similarity rows (acc) and, for bf16/fp16 students, of the split weights.
+struct ChunkBuffers {
+  int64_t R;  // rows per chunk
+  at::Tensor s, t, hi, lo, row_max;
+  ChunkBuffers(const Shape& sh, const at::Tensor& xs, const at::TensorOptions& opts, bool split) : R(chunk_rows(sh)) {
+    s = at::empty({sh.B * R * sh.N}, opts);
+    t = at::empty({sh.B * R * sh.N}, opts);
+    if (split) {
+      hi = at::empty({sh.B * R * sh.N}, xs.options());
+      lo = at::empty({sh.B * R * sh.N}, xs.options());
+      row_max = at::empty({sh.B * R}, opts);
+    }
+  }
+};
+
+bool half_precision(const at::Tensor& xs) {
+  return xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf;
+}
+
+// out [B, N, Ds] (any float dtype) ← ∂loss/∂student for the upstream gradient g: per chunk, S and T
+// (recomputed, or, with `reuse`, the single chunk's similarities the forward left in buf), then
+// W = (dS + dSᵀ)/√Ds and the rows W · F_s (one GEMM; two for bf16/fp16, hi + lo).
+void gradient_into(at::Tensor& out, const at::Tensor& g, Reduction reduction, const at::Tensor& xs,
+                   const at::Tensor& xt, const at::Tensor& stats_s, const at::Tensor& stats_t, const at::Tensor& rho,
+                   const Shape& s, at::ScalarType acc, ChunkBuffers& buf, bool reuse) {
+  const bool split = half_precision(xs);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t i0 = 0; i0 < s.N; i0 += buf.R) {
+    const int64_t rows = std::min(buf.R, s.N - i0);
+    const auto [sims_s, sims_t] = reuse ? std::make_pair(chunk_view(buf.s, s, rows), chunk_view(buf.t, s, rows))
+                                        : chunk_similarities(buf.s, buf.t, xs, xt, s, i0, rows);
+    check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), stats_s.data_ptr(),
+                                             stats_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(), sims_t.data_ptr(),
+                                             split ? static_cast<int>(dtype_code(xs.scalar_type())) : kNoSplit,
+                                             split ? buf.row_max.data_ptr() : nullptr,
+                                             split ? buf.hi.data_ptr() : nullptr, split ? buf.lo.data_ptr() : nullptr,
+                                             stream),
+                 "token_contextual");
+    at::Tensor rows_grad;
+    if (split) {
+      rows_grad = at::bmm(chunk_view(buf.hi, s, rows), xs, at::kFloat);
+      rows_grad.add_(at::bmm(chunk_view(buf.lo, s, rows), xs, at::kFloat));
+      rows_grad.mul_(buf.row_max.narrow(0, 0, s.B * rows).view({s.B, rows, 1}));
+    } else {
+      rows_grad = at::bmm(sims_s, xs);
+    }
+    out.narrow(1, i0, rows).copy_(rows_grad);
+  }
+}
+
+// Forward; with with_grad and a scalar reduction it also returns the gradient for an upstream
+// gradient of 1 (accumulation dtype), computed while the similarities are at hand: when one chunk
+// holds every row (B·N² ≤ kChunkElements) nothing is recomputed (3 GEMMs in all, 2 + 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Tensor& student,
+                                                                                            const at::Tensor& teacher,
+                                                                                            int64_t reduction_code,
+                                                                                            bool with_grad) {
   const Shape s = check_inputs(student, teacher);
   const Reduction reduction = check_reduction(reduction_code);
   c10::cuda::CUDAGuard guard(student.device());
@@ -96,18 +152,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
   const auto opts = student.options().dtype(acc);
   at::Tensor stats_s = at::zeros({2, s.B, s.N}, opts), stats_t = at::zeros({2, s.B, s.N}, opts);
   at::Tensor rho = at::zeros({s.B, s.N}, opts), row_loss = at::zeros({s.B, s.N}, opts);
+  const bool precompute = with_grad && reduction != Reduction::kNone;
+  at::Tensor grad_unit = at::empty(precompute ? student.sizes() : at::IntArrayRef{0}, opts);
   if (s.B > 0 && s.N > 0) {
     const at::Tensor xs = gemm_operand(student, acc), xt = gemm_operand(teacher, acc);
-    const int64_t R = chunk_rows(s);
-    const at::Tensor buf_s = at::empty({s.B * R * s.N}, opts), buf_t = at::empty({s.B * R * s.N}, opts);
+    ChunkBuffers buf(s, xs, opts, precompute && half_precision(xs));
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    for (int64_t i0 = 0; i0 < s.N; i0 += R) {
-      const int64_t rows = std::min(R, s.N - i0);
-      const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
+    for (int64_t i0 = 0; i0 < s.N; i0 += buf.R) {
+      const int64_t rows = std::min(buf.R, s.N - i0);
+      const auto [sims_s, sims_t] = chunk_similarities(buf.s, buf.t, xs, xt, s, i0, rows);
       check_launch(
           contextual_fwd_rows_cuda(chunk_of(s, acc, i0, rows), sims_s.data_ptr(), sims_t.data_ptr(), stats_s.data_ptr(),
                                    stats_t.data_ptr(), rho.data_ptr(), row_loss.data_ptr(), stream),
           "token_contextual");
+    }
+    if (precompute) {
+      const at::Tensor one = at::ones({}, opts);
+      gradient_into(grad_unit, one, reduction, xs, xt, stats_s, stats_t, rho, s, acc, buf, buf.R >= s.N);
     }
   }
   // the loss is returned in the accumulation dtype (rounded to the student's in Python outside autocast)
@@ -118,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
     loss = row_loss.sum();
     if (reduction == Reduction::kMean && s.B * s.N > 0) loss = loss.div(double(s.B) * double(s.N) * double(s.N));
   }
-  return {loss, stats_s, stats_t, rho};
+  return {loss, stats_s, stats_t, rho, grad_unit};
 }
 
 // t must be a CUDA tensor of dtype acc and shape `lead` + [B, N].
@@ -149,35 +210,8 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad, const at::Tensor& studen
   const auto opts = student.options().dtype(acc);
   const at::Tensor xs = gemm_operand(student, acc), xt = gemm_operand(teacher, acc);
   const at::Tensor stats_s = stats_s_in.contiguous(), stats_t = stats_t_in.contiguous(), rho = rho_in.contiguous();
-  const bool split = xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf;
-  const int64_t R = chunk_rows(s);
-  const at::Tensor buf_s = at::empty({s.B * R * s.N}, opts), buf_t = at::empty({s.B * R * s.N}, opts);
-  at::Tensor buf_hi, buf_lo, row_max;
-  if (split) {
-    buf_hi = at::empty({s.B * R * s.N}, xs.options());
-    buf_lo = at::empty({s.B * R * s.N}, xs.options());
-    row_max = at::empty({s.B * R}, opts);
-  }
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t i0 = 0; i0 < s.N; i0 += R) {
-    const int64_t rows = std::min(R, s.N - i0);
-    const auto [sims_s, sims_t] = chunk_similarities(buf_s, buf_t, xs, xt, s, i0, rows);
-    check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), stats_s.data_ptr(),
-                                             stats_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(), sims_t.data_ptr(),
-                                             split ? static_cast<int>(dtype_code(xs.scalar_type())) : kNoSplit,
-                                             split ? row_max.data_ptr() : nullptr, split ? buf_hi.data_ptr() : nullptr,
-                                             split ? buf_lo.data_ptr() : nullptr, stream),
-                 "token_contextual");
-    at::Tensor rows_grad;
-    if (split) {
-      rows_grad = at::bmm(chunk_view(buf_hi, s, rows), xs, at::kFloat);
-      rows_grad.add_(at::bmm(chunk_view(buf_lo, s, rows), xs, at::kFloat));
-      rows_grad.mul_(row_max.narrow(0, 0, s.B * rows).view({s.B, rows, 1}));
-    } else {
-      rows_grad = at::bmm(sims_s, xs);
-    }
-    grad_student.narrow(1, i0, rows).copy_(rows_grad);
-  }
+  ChunkBuffers buf(s, xs, opts, half_precision(xs));
+  gradient_into(grad_student, g, reduction, xs, xt, stats_s, stats_t, rho, s, acc, buf, false);
   return grad_student;
 }
 
