@@ -17,7 +17,7 @@ import torch
 
 from . import _ops
 from ._autocast import cast_loss, no_autocast
-from ._dispatch import _kernel_loaded, use_kernel
+from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._validation import (
     REDUCTIONS,
@@ -75,7 +75,7 @@ _KNN_BLOCK_ELEMENTS = 1 << 22
 
 
 @torch.no_grad()
-def knn_indices(nodes: torch.Tensor, k: int) -> torch.Tensor:
+def knn_indices(nodes: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
     """Indices ``[M, k]`` of the k nearest other nodes of each node of ``nodes [M, D]``, without gradient.
 
     The distance is ``d_ij = max(‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩, 0)`` in the accumulation dtype (fp32; fp64
@@ -83,13 +83,16 @@ def knn_indices(nodes: torch.Tensor, k: int) -> torch.Tensor:
     Each row is ordered by ``(d_ij, j)`` ascending: **equal distances go to the smaller index**, so the
     selection is one well-defined set on data with exact ties (duplicated points, grids).
 
-    No ``[M, M]`` matrix is built: on CPU a compiled kernel runs a blocked top-k over GEMM tiles
-    (each distance computed once, both triangles served by one tile; O(M·k) state); elsewhere, or
-    without the compiled kernel, blocks of rows are ranked against all nodes (``rows × M`` at a time).
+    No ``[M, M]`` matrix is built: on CPU the compiled kernel runs a blocked top-k over GEMM tiles
+    (each distance computed once, both triangles served by one tile; O(M·k) state); on other devices,
+    with ``backend="reference"`` or without the compiled kernel, blocks of rows are ranked against all
+    nodes in PyTorch (``rows × M`` distances at a time). Both follow the definition above; they can
+    only differ where two distances agree to rounding.
 
     Args:
         nodes: ``[M, D]`` float tensor.
         k: neighbours per node, ``0 ≤ k ≤ M − 1``.
+        backend: ``"auto"``, ``"kernel"`` or ``"reference"``, as for the losses.
 
     Returns:
         ``[M, k]`` int64 on the device of ``nodes``.
@@ -106,7 +109,7 @@ def knn_indices(nodes: torch.Tensor, k: int) -> torch.Tensor:
     if m == 0 or k == 0:
         return torch.empty(m, k, dtype=torch.long, device=nodes.device)
     x = nodes.detach().to(accumulation_dtype(nodes.dtype)).contiguous()
-    if x.device.type == "cpu" and _kernel_loaded("token_graph", "cpu"):
+    if use_kernel("token_graph", x.device, backend) and x.device.type == "cpu":
         return torch.ops.kdloss.token_graph_knn(x, k)
     with no_autocast(x.device.type):  # distances in the accumulation dtype even inside autocast
         return _knn_blocked(x, k)
@@ -161,15 +164,17 @@ def _check_nodes(student_nodes, teacher_nodes) -> torch.device:
     return device
 
 
-def graph_neighbours(student_nodes, teacher_nodes, neighbours, options: TokenGraphOptions) -> torch.Tensor:
-    """The ``[M, k']`` int64 edge list: ``neighbours`` checked, or the kNN of the ``graph`` side."""
+def graph_neighbours(student_nodes, teacher_nodes, neighbours, options: TokenGraphOptions,
+                     backend: str = "auto") -> torch.Tensor:
+    """The ``[M, k']`` int64 edge list: ``neighbours`` checked, or the kNN of the ``graph`` side (selected
+    by ``backend``, see :func:`knn_indices`)."""
     m = student_nodes.shape[0]
     if neighbours is not None:
         return _check_neighbours(neighbours, m, student_nodes.device)
     if m > 0 and options.k > m - 1:
         raise ValueError(f"k must be at most M − 1 = {m - 1} (neighbours exclude the node itself), got {options.k}")
     side = teacher_nodes if options.graph == "teacher" else student_nodes
-    return knn_indices(side, options.k)
+    return knn_indices(side, options.k, backend=backend)
 
 
 _D = TokenGraphOptions
@@ -220,8 +225,9 @@ def token_graph_loss(
     options = TokenGraphOptions(k=k, sigma=sigma, graph=graph, edge=edge, kl_direction=kl_direction,
                                 reduction=reduction)
     device = _check_nodes(student_nodes, teacher_nodes)
-    edges = graph_neighbours(student_nodes, teacher_nodes, neighbours, options)
-    if not use_kernel("token_graph", device, backend):
+    kernel = use_kernel("token_graph", device, backend)
+    edges = graph_neighbours(student_nodes, teacher_nodes, neighbours, options, "kernel" if kernel else "reference")
+    if not kernel:
         from .reference.token_graph import token_graph_reference
 
         return token_graph_reference(student_nodes, teacher_nodes, neighbours=edges, options=options)

@@ -21,7 +21,9 @@
 // Every element of every product is summed in a fixed order (kdloss/cpu_gemm.h), images do not
 // depend on the thread count and the loss is an ordered sum of row partials, so results are bitwise
 // identical for any torch.set_num_threads. Extra memory: per task two N×N buffers and packed copies
-// of one image's features (plus the returned O(B·N) statistics and, when asked, the gradient).
+// of one image's features, freed when the call returns (at most kWorkspaceBudget of N×N buffers at
+// once: fewer tasks for long sequences), plus the returned O(B·N) statistics and, when asked, the
+// gradient.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -241,6 +243,19 @@ struct ImageWork {
   }
 };
 
+// Bytes of N×N image buffers that may be in flight at once: past it, fewer images run in parallel
+// (a grain of several images per task), so a long sequence cannot take 2·N² per thread.
+constexpr int64_t kWorkspaceBudget = int64_t(256) << 20;
+
+// at::parallel_for grain over images: at most kWorkspaceBudget / (one task's buffers) tasks.
+template <typename acc_t>
+int64_t image_grain(const Problem& p) {
+  const int64_t per_task =
+      2 * round_up_to(p.N, kGemmMR) * round_up_to(p.N, gemm_nr<acc_t>()) * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t tasks = std::max<int64_t>(1, kWorkspaceBudget / std::max<int64_t>(1, per_task));
+  return std::max<int64_t>(1, (p.B + tasks - 1) / tasks);
+}
+
 // c_i, the per-row scale of ∂L/∂A = c (A − P), for an upstream gradient g.
 template <typename acc_t>
 acc_t row_coefficient(const acc_t* g, Reduction reduction, int64_t row, int64_t rows_total, int64_t N) {
@@ -260,7 +275,7 @@ void contextual_forward(const Problem& p, const scalar_t* student, const teacher
   const Stats<acc_t> ss(stats_s, rows_total), st(stats_t, rows_total);
   acc_t* rh = rho.data_ptr<acc_t>();
   const acc_t one(1);
-  at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B, image_grain<acc_t>(p), [&](int64_t begin, int64_t end) {
     ImageWork<acc_t> work(p, grad_unit != nullptr);
     for (int64_t b = begin; b < end; ++b) {
       work.similarities_of(p, student, teacher, b);
@@ -336,7 +351,7 @@ void contextual_backward(const Problem& p, const scalar_t* student, const teache
   const int64_t N = p.N, rows_total = p.B * N;
   const Stats<acc_t> sa(stats_s, rows_total), sp(stats_t, rows_total);
   const acc_t* rh = rho.const_data_ptr<acc_t>();
-  at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B, image_grain<acc_t>(p), [&](int64_t begin, int64_t end) {
     ImageWork<acc_t> work(p, true);
     for (int64_t b = begin; b < end; ++b) {
       work.similarities_of(p, student, teacher, b);
