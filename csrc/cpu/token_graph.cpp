@@ -290,7 +290,6 @@ at::Tensor token_graph_bwd(const at::Tensor& grad_in, const at::Tensor& student_
   return grad_student;
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // kNN selection (token_graph_knn): the k nearest other nodes of each node by squared Euclidean
 // distance d_ij = max(‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩, 0) (NaN counts as +inf), ordered by

@@ -34,10 +34,11 @@ __device__ void row_stats(const A* row, int64_t N, A scale, A* scratch, A& m_out
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kThreads) fwd_rows_kernel(const A* __restrict__ sims_s,                                         // [B, rows, N]
-                                const A* __restrict__ sims_t,                                         // [B, rows, N]
-                                ContextualChunk c, A* __restrict__ stats_s, A* __restrict__ stats_t,  // [2, B, N]
-                                A* __restrict__ rho, A* __restrict__ row_loss) {                      // [B, N]
+__global__ void __launch_bounds__(kThreads)
+    fwd_rows_kernel(const A* __restrict__ sims_s,                                         // [B, rows, N]
+                    const A* __restrict__ sims_t,                                         // [B, rows, N]
+                    ContextualChunk c, A* __restrict__ stats_s, A* __restrict__ stats_t,  // [2, B, N]
+                    A* __restrict__ rho, A* __restrict__ row_loss) {                      // [B, N]
   __shared__ A scratch[33];
   const int64_t task = blockIdx.x;  // b · rows + r
   const int64_t b = task / c.rows, r = task % c.rows, N = c.n;
@@ -78,12 +79,13 @@ __device__ __forceinline__ A row_coef(const A* grad, Reduction reduction, int64_
 }
 
 template <typename A, typename H>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) bwd_weights_kernel(ContextualChunk c, Reduction reduction, const A* __restrict__ grad,
-                                   const A* __restrict__ stats_s, const A* __restrict__ stats_t,  // [2, B, N]
-                                   const A* __restrict__ rho,                                     // [B, N]
-                                   A* __restrict__ sims_s,  // [B, rows, N] in: S raw, out: W
-                                   const A* __restrict__ sims_t, bool split, A* __restrict__ row_max,
-                                   H* __restrict__ w_hi, H* __restrict__ w_lo) {  // [B, rows], [B, rows, N]
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    bwd_weights_kernel(ContextualChunk c, Reduction reduction, const A* __restrict__ grad,
+                       const A* __restrict__ stats_s, const A* __restrict__ stats_t,  // [2, B, N]
+                       const A* __restrict__ rho,                                     // [B, N]
+                       A* __restrict__ sims_s,                                        // [B, rows, N] in: S raw, out: W
+                       const A* __restrict__ sims_t, bool split, A* __restrict__ row_max, H* __restrict__ w_hi,
+                       H* __restrict__ w_lo) {  // [B, rows], [B, rows, N]
   __shared__ A scratch[33];
   const int64_t task = blockIdx.x;
   const int64_t b = task / c.rows, N = c.n;

@@ -101,9 +101,7 @@ struct ChunkBuffers {
   }
 };
 
-bool half_precision(const at::Tensor& xs) {
-  return xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf;
-}
+bool half_precision(const at::Tensor& xs) { return xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf; }
 
 // out [B, N, Ds] (any float dtype) ← ∂loss/∂student for the upstream gradient g: per chunk, S and T
 // (recomputed, or, with `reuse`, the single chunk's similarities the forward left in buf), then
@@ -117,13 +115,13 @@ void gradient_into(at::Tensor& out, const at::Tensor& g, Reduction reduction, co
     const int64_t rows = std::min(buf.R, s.N - i0);
     const auto [sims_s, sims_t] = reuse ? std::make_pair(chunk_view(buf.s, s, rows), chunk_view(buf.t, s, rows))
                                         : chunk_similarities(buf.s, buf.t, xs, xt, s, i0, rows);
-    check_launch(contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), stats_s.data_ptr(),
-                                             stats_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(), sims_t.data_ptr(),
-                                             split ? static_cast<int>(dtype_code(xs.scalar_type())) : kNoSplit,
-                                             split ? buf.row_max.data_ptr() : nullptr,
-                                             split ? buf.hi.data_ptr() : nullptr, split ? buf.lo.data_ptr() : nullptr,
-                                             stream),
-                 "token_contextual");
+    check_launch(
+        contextual_bwd_weights_cuda(chunk_of(s, acc, i0, rows), reduction, g.data_ptr(), stats_s.data_ptr(),
+                                    stats_t.data_ptr(), rho.data_ptr(), sims_s.data_ptr(), sims_t.data_ptr(),
+                                    split ? static_cast<int>(dtype_code(xs.scalar_type())) : kNoSplit,
+                                    split ? buf.row_max.data_ptr() : nullptr, split ? buf.hi.data_ptr() : nullptr,
+                                    split ? buf.lo.data_ptr() : nullptr, stream),
+        "token_contextual");
     at::Tensor rows_grad;
     if (split) {
       rows_grad = at::bmm(chunk_view(buf.hi, s, rows), xs, at::kFloat);
