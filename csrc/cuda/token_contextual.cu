@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
                     A* __restrict__ rho, A* __restrict__ row_loss) {                      // [B, N]
   __shared__ A scratch[33];
   const int64_t task = blockIdx.x;  // b · rows + r
-  const int64_t b = task / c.rows, r = task % c.rows, N = c.n;
+  const int64_t b = c.b0 + task / c.rows, r = task % c.rows, N = c.n;
   const int64_t out_row = b * N + c.i0 + r;
   const A* srow = sims_s + task * N;
   const A* trow = sims_t + task * N;
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
                        H* __restrict__ w_lo) {  // [B, rows], [B, rows, N]
   __shared__ A scratch[33];
   const int64_t task = blockIdx.x;
-  const int64_t b = task / c.rows, N = c.n;
+  const int64_t b = c.b0 + task / c.rows, N = c.n;
   const int64_t base = b * N, k = base + c.i0 + task % c.rows;
   A* srow = sims_s + task * N;
   const A* trow = sims_t + task * N;
@@ -126,7 +126,7 @@ template <typename A>
 cudaError_t launch_bwd(const ContextualChunk& c, Reduction reduction, const void* grad, const void* stats_s,
                        const void* stats_t, const void* rho, void* sims_s, const void* sims_t, int split_dtype,
                        void* row_max, void* w_hi, void* w_lo, cudaStream_t stream) {
-  const dim3 grid(one_block_per_row(c.batch * c.rows));
+  const dim3 grid(one_block_per_row(c.images * c.rows));
   const auto* g = static_cast<const A*>(grad);
   const auto* ls = static_cast<const A*>(stats_s);
   const auto* lt = static_cast<const A*>(stats_t);
@@ -154,8 +154,8 @@ cudaError_t launch_bwd(const ContextualChunk& c, Reduction reduction, const void
 
 cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t, void* stats_s,
                                      void* stats_t, void* rho, void* row_loss, cudaStream_t stream) {
-  if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
-  const dim3 grid(one_block_per_row(c.batch * c.rows));
+  if (c.batch <= 0 || c.images <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
+  const dim3 grid(one_block_per_row(c.images * c.rows));
   if (c.acc == DType::kFloat64) {
     fwd_rows_kernel<double><<<grid, kThreads, 0, stream>>>(
         static_cast<const double*>(sims_s), static_cast<const double*>(sims_t), c, static_cast<double*>(stats_s),
@@ -174,7 +174,7 @@ cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, Reduction redu
                                         const void* stats_s, const void* stats_t, const void* rho, void* sims_s,
                                         const void* sims_t, int split_dtype, void* row_max, void* w_hi, void* w_lo,
                                         cudaStream_t stream) {
-  if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
+  if (c.batch <= 0 || c.images <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
   if (c.acc == DType::kFloat64) {
     if (split_dtype != kNoSplit) return cudaErrorInvalidValue;  // fp64 students need no split
     return launch_bwd<double>(c, reduction, grad, stats_s, stats_t, rho, sims_s, sims_t, split_dtype, row_max, w_hi,
