@@ -128,18 +128,27 @@ def _brute_force_knn(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(dist, dim=1, stable=True).indices[:, :k]
 
 
+# (B, N, D, dtypes, reductions): groups of whole images (51 images of 580 tokens: two chunks of the
+# CUDA glue, symmetric block products) and rows of one long image (N² > 2²⁴: row chunks, recomputed)
+CONTEXTUAL_CHUNKS = [
+    (51, 580, 8, (torch.float64, torch.float32, torch.bfloat16, torch.float16), ("mean", "sum", "none")),
+    (1, 4100, 8, (torch.float32, torch.bfloat16), ("mean", "none")),
+]
+CONTEXTUAL_CHUNK_CASES = [(b, n, d, dtype, reduction) for b, n, d, dtypes, reductions in CONTEXTUAL_CHUNKS
+                          for dtype in dtypes for reduction in reductions]
+
+
 @on_target
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=_id)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_contextual_gradient_over_several_chunks(dtype, reduction):
-    """B·N² above one chunk of the CUDA glue (2²⁴ similarities): the forward's precomputed gradient
+@pytest.mark.parametrize("batch, tokens, dim, dtype, reduction", CONTEXTUAL_CHUNK_CASES, ids=_id)
+def test_contextual_gradient_over_several_chunks(batch, tokens, dim, dtype, reduction):
+    """Inputs above one chunk of the CUDA glue (2²⁴ similarities): the forward's precomputed gradient
     (mean, sum) and the backward's recomputation (none) match the CPU kernel and stay deterministic."""
     from kdloss.token_contextual import token_contextual_loss
 
     gen = torch.Generator().manual_seed(11)
-    student = torch.randn(51, 580, 8, generator=gen, dtype=torch.float64)
-    teacher = torch.randn(51, 580, 12, generator=gen, dtype=torch.float64)
-    weight = torch.rand((51, 580) if reduction == "none" else (), generator=gen, dtype=torch.float64)
+    student = torch.randn(batch, tokens, dim, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(batch, tokens, dim + 4, generator=gen, dtype=torch.float64)
+    weight = torch.rand((batch, tokens) if reduction == "none" else (), generator=gen, dtype=torch.float64)
     results = []
     for device in ("cpu", TARGET, TARGET):
         s = student.to(device, dtype).requires_grad_()
