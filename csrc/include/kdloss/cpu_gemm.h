@@ -27,6 +27,7 @@ constexpr int64_t gemm_nr() {
 inline int64_t round_up_to(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 constexpr int64_t kGemmKC = 256;  // K per pass: a panel slice of 256 × nr stays in L1
+constexpr int64_t kGemmMC = 96;   // A rows per block (a multiple of kGemmMR): 96 × 256 stays in L2
 
 // c[r·ldc + j] (+)= Σ_k a[r·lda + k] · panel[k·nr + j] for r < kGemmMR, j < nr: overwrites c, or
 // continues its sums when `accumulate` (c stored in acc_t between passes: the order is unchanged).
@@ -65,10 +66,14 @@ void gemm_blocked(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, a
   constexpr int64_t nr = gemm_nr<acc_t>();
   for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
     const int64_t kl = std::min(kGemmKC, K - k0);
-    for (int64_t p0 = 0; p0 < n_pad; p0 += nr) {
-      const acc_t* panel = panels + (p0 / nr) * K * nr + k0 * nr;
-      for (int64_t i0 = lower ? p0 / kGemmMR * kGemmMR : 0; i0 < m_pad; i0 += kGemmMR)
-        gemm_micro(a + i0 * lda + k0, lda, panel, kl, c + i0 * ldc + p0, ldc, k0 > 0);
+    for (int64_t m0 = 0; m0 < m_pad; m0 += kGemmMC) {  // a block of A rows stays in L2 …
+      const int64_t m1 = std::min(m_pad, m0 + kGemmMC);
+      for (int64_t p0 = 0; p0 < n_pad; p0 += nr) {  // … while each panel slice streams through L1
+        if (lower && p0 >= m1) break;
+        const acc_t* panel = panels + (p0 / nr) * K * nr + k0 * nr;
+        for (int64_t i0 = lower ? std::max(m0, p0 / kGemmMR * kGemmMR) : m0; i0 < m1; i0 += kGemmMR)
+          gemm_micro(a + i0 * lda + k0, lda, panel, kl, c + i0 * ldc + p0, ldc, k0 > 0);
+      }
     }
   }
 }
