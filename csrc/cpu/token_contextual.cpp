@@ -20,10 +20,11 @@
 //   the triangles and runs the one GEMM (2 GEMM-equivalents).
 // Every element of every product is summed in a fixed order (kdloss/cpu_gemm.h), images do not
 // depend on the thread count and the loss is an ordered sum of row partials, so results are bitwise
-// identical for any torch.set_num_threads. Extra memory: per task two N×N buffers and packed copies
-// of one image's features, freed when the call returns (at most kWorkspaceBudget of N×N buffers at
-// once: fewer tasks for long sequences), plus the returned O(B·N) statistics and, when asked, the
-// gradient.
+// identical for any torch.set_num_threads. With fewer images than threads (or images too long for
+// one buffer per thread) one image runs at a time, its row blocks split over the threads, with the
+// same per-element order. Extra memory: per task two N×N buffers and packed copies of one image's
+// features, freed when the call returns (at most kWorkspaceBudget of N×N buffers at once), plus the
+// returned O(B·N) statistics and, when asked, the gradient.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -104,13 +105,18 @@ struct PackedImage {
   }
 };
 
-// out [n_pad, ld] ← scale · x xᵀ for one image (ld ≥ n_cols): micro-tiles on or below the diagonal
-// only, then the strict upper triangle mirrored from the lower one (S is exactly symmetric).
+// Rows [m0, m1) (multiples of kGemmMR) of out [n_pad, ld] ← x xᵀ for one image (ld ≥ n_cols), raw
+// dot products: only the micro-tiles on or below the diagonal.
 template <typename acc_t>
-void similarities(const PackedImage<acc_t>& x, acc_t scale, acc_t* out, int64_t ld) {
-  gemm_blocked(x.rows.data(), x.D, x.panels.data(), x.D, out, ld, x.n_pad, x.n_cols, true);
-  const int64_t N = x.N;
-  for (int64_t i = 0; i < N; ++i) {
+void lower_products(const PackedImage<acc_t>& x, acc_t* out, int64_t ld, int64_t m0, int64_t m1) {
+  gemm_rows(x.rows.data(), x.D, x.panels.data(), x.D, out, ld, m0, m1, x.n_cols, true);
+}
+
+// Rows [r0, r1): the lower triangle scaled, then copied into the upper one (S exactly symmetric).
+// Row i writes only its own j ≤ i and the column entries (j, i), j < i, that no other row touches.
+template <typename acc_t>
+void scale_and_mirror(acc_t* out, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
     acc_t* row = out + i * ld;
     for (int64_t j = 0; j <= i; ++j) row[j] *= scale;
     for (int64_t j = 0; j < i; ++j) out[j * ld + i] = row[j];
@@ -197,10 +203,11 @@ void softmax_backward_row(acc_t* a, const acc_t* p, int64_t N, acc_t c, acc_t r)
   for (; j < N; ++j) a[j] = a[j] * (c * (a[j] - p[j]) - r);
 }
 
-// In place: V [N, N] (row stride ld) → W = scale · (V + Vᵀ).
+// In place, rows [r0, r1) of V [N, N] (row stride ld) → W = scale · (V + Vᵀ): the pair {i, j}, j ≤ i,
+// is handled by row i alone, so row ranges can run in parallel.
 template <typename acc_t>
-void symmetrize(acc_t* v, int64_t N, int64_t ld, acc_t scale) {
-  for (int64_t i = 0; i < N; ++i) {
+void symmetrize(acc_t* v, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
     for (int64_t j = 0; j < i; ++j) {
       const acc_t w = scale * (v[i * ld + j] + v[j * ld + i]);
       v[i * ld + j] = w;
@@ -210,13 +217,32 @@ void symmetrize(acc_t* v, int64_t N, int64_t ld, acc_t scale) {
   }
 }
 
-// out rows [N, D] ← W [N, N] (row stride ld) · x, one GEMM over the packed student; g: a task
-// buffer [n_pad, d_cols].
+// Rows [m0, m1) (multiples of kGemmMR) of W [n_pad, N] (row stride ld) · x, one GEMM over the packed
+// student into g [n_pad, d_cols], then the rows below N stored to out [N, D].
 template <typename acc_t, typename out_t>
-void weighted_sum(const acc_t* w, int64_t ld, const PackedImage<acc_t>& x, acc_t* g, out_t* out) {
-  gemm_blocked(w, ld, x.columns.data(), x.N, g, x.d_cols, x.n_pad, x.d_cols, false);
-  for (int64_t i = 0; i < x.N; ++i)
+void weighted_sum(const acc_t* w, int64_t ld, const PackedImage<acc_t>& x, acc_t* g, out_t* out, int64_t m0,
+                  int64_t m1) {
+  gemm_rows(w, ld, x.columns.data(), x.N, g, x.d_cols, m0, m1, x.d_cols, false);
+  for (int64_t i = m0; i < std::min(m1, x.N); ++i)
     for (int64_t d = 0; d < x.D; ++d) out[i * x.D + d] = static_cast<out_t>(g[i * x.d_cols + d]);
+}
+
+// Runs f(r0, r1) over rows [0, n): at once, or in parallel over blocks of kGemmMC rows (multiples of
+// kGemmMR), visited in the order 0, last, 1, last − 1, … so that the contiguous ranges each thread
+// gets mix short and long rows of a triangle.
+template <typename F>
+void over_rows(int64_t n, bool parallel, const F& f) {
+  if (!parallel) {
+    f(0, n);
+    return;
+  }
+  const int64_t blocks = (n + kGemmMC - 1) / kGemmMC;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t block = q % 2 == 0 ? q / 2 : blocks - 1 - q / 2;
+      f(block * kGemmMC, std::min(n, (block + 1) * kGemmMC));
+    }
+  });
 }
 
 // One task's buffers: the packed sides of its current image and the similarity / gradient blocks.
@@ -233,13 +259,29 @@ struct ImageWork {
         t(xs.n_pad * xs.n_cols, acc_t(0)),
         g(for_gradient ? xs.n_pad * xs.d_cols : 0) {}
 
-  // S and T of image b, scaled.
+  // S and T of image b, scaled; with `parallel` the row blocks are split over threads.
   template <typename scalar_t, typename teacher_t>
-  void similarities_of(const Problem& p, const scalar_t* student, const teacher_t* teacher, int64_t b) {
+  void similarities_of(const Problem& p, const scalar_t* student, const teacher_t* teacher, int64_t b, bool parallel) {
     xs.load(student + b * p.N * p.Ds);
     xt.load(teacher + b * p.N * p.Dt);
-    similarities(xs, static_cast<acc_t>(p.scale_s), s.data(), ld);
-    similarities(xt, static_cast<acc_t>(p.scale_t), t.data(), ld);
+    over_rows(xs.n_pad, parallel, [&](int64_t m0, int64_t m1) {
+      lower_products(xs, s.data(), ld, m0, m1);
+      lower_products(xt, t.data(), ld, m0, m1);
+    });
+    over_rows(p.N, parallel, [&](int64_t r0, int64_t r1) {
+      scale_and_mirror(s.data(), ld, static_cast<acc_t>(p.scale_s), r0, r1);
+      scale_and_mirror(t.data(), ld, static_cast<acc_t>(p.scale_t), r0, r1);
+    });
+  }
+
+  // The gradient rows of image b from the softmax-backward rows V held in s: W = (V + Vᵀ)/√Ds, then
+  // W · F_s into out [N, Ds].
+  template <typename out_t>
+  void gradient_of(const Problem& p, out_t* out, bool parallel) {
+    over_rows(p.N, parallel,
+              [&](int64_t r0, int64_t r1) { symmetrize(s.data(), ld, static_cast<acc_t>(p.scale_s), r0, r1); });
+    over_rows(xs.n_pad, parallel,
+              [&](int64_t m0, int64_t m1) { weighted_sum(s.data(), ld, xs, g.data(), out, m0, m1); });
   }
 };
 
@@ -247,13 +289,33 @@ struct ImageWork {
 // (a grain of several images per task), so a long sequence cannot take 2·N² per thread.
 constexpr int64_t kWorkspaceBudget = int64_t(256) << 20;
 
-// at::parallel_for grain over images: at most kWorkspaceBudget / (one task's buffers) tasks.
+// How images are spread over threads: whole images per task (grain: images per task, at most
+// kWorkspaceBudget / (one task's buffers) tasks), or — when there are fewer images than threads or
+// the buffers of one image per thread exceed the budget — one image at a time with its row blocks
+// split over threads (grain 0). Both compute every element in the same order.
 template <typename acc_t>
 int64_t image_grain(const Problem& p) {
   const int64_t per_task =
       2 * round_up_to(p.N, kGemmMR) * round_up_to(p.N, gemm_nr<acc_t>()) * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t threads = at::get_num_threads();
   const int64_t tasks = std::max<int64_t>(1, kWorkspaceBudget / std::max<int64_t>(1, per_task));
+  if (threads > 1 && (p.B < threads || tasks < threads)) return 0;
   return std::max<int64_t>(1, (p.B + tasks - 1) / tasks);
+}
+
+// Runs f(work, b, parallel_rows) for every image b (see image_grain).
+template <typename acc_t, typename F>
+void over_images(const Problem& p, bool for_gradient, const F& f) {
+  const int64_t grain = image_grain<acc_t>(p);
+  if (grain == 0) {
+    ImageWork<acc_t> work(p, for_gradient);
+    for (int64_t b = 0; b < p.B; ++b) f(work, b, true);
+    return;
+  }
+  at::parallel_for(0, p.B, grain, [&](int64_t begin, int64_t end) {
+    ImageWork<acc_t> work(p, for_gradient);
+    for (int64_t b = begin; b < end; ++b) f(work, b, false);
+  });
 }
 
 // c_i, the per-row scale of ∂L/∂A = c (A − P), for an upstream gradient g.
@@ -275,26 +337,22 @@ void contextual_forward(const Problem& p, const scalar_t* student, const teacher
   const Stats<acc_t> ss(stats_s, rows_total), st(stats_t, rows_total);
   acc_t* rh = rho.data_ptr<acc_t>();
   const acc_t one(1);
-  at::parallel_for(0, p.B, image_grain<acc_t>(p), [&](int64_t begin, int64_t end) {
-    ImageWork<acc_t> work(p, grad_unit != nullptr);
-    for (int64_t b = begin; b < end; ++b) {
-      work.similarities_of(p, student, teacher, b);
-      for (int64_t i = 0; i < N; ++i) {
+  over_images<acc_t>(p, grad_unit != nullptr, [&](ImageWork<acc_t>& work, int64_t b, bool parallel) {
+    work.similarities_of(p, student, teacher, b, parallel);
+    over_rows(N, parallel, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
         const int64_t row = b * N + i;
         acc_t* a = work.s.data() + i * work.ld;
         acc_t* q = work.t.data() + i * work.ld;
         softmax_row(a, N, ss.max[row], ss.logsum[row]);
         softmax_row(q, N, st.max[row], st.logsum[row]);
         row_sums[row] = squared_error_row(a, q, N, rh[row]);
+        if (grad_unit == nullptr) continue;
+        const acc_t c = row_coefficient(&one, reduction, row, rows_total, N);
+        softmax_backward_row(a, q, N, c, c * rh[row]);
       }
-      if (grad_unit == nullptr) continue;
-      for (int64_t i = 0; i < N; ++i) {
-        const acc_t c = row_coefficient(&one, reduction, b * N + i, rows_total, N);
-        softmax_backward_row(work.s.data() + i * work.ld, work.t.data() + i * work.ld, N, c, c * rh[b * N + i]);
-      }
-      symmetrize(work.s.data(), N, work.ld, static_cast<acc_t>(p.scale_s));
-      weighted_sum(work.s.data(), work.ld, work.xs, work.g.data(), grad_unit + b * N * p.Ds);
-    }
+    });
+    if (grad_unit != nullptr) work.gradient_of(p, grad_unit + b * N * p.Ds, parallel);
   });
   if (reduction == Reduction::kNone) {
     acc_t* o = out.data_ptr<acc_t>();
@@ -351,11 +409,10 @@ void contextual_backward(const Problem& p, const scalar_t* student, const teache
   const int64_t N = p.N, rows_total = p.B * N;
   const Stats<acc_t> sa(stats_s, rows_total), sp(stats_t, rows_total);
   const acc_t* rh = rho.const_data_ptr<acc_t>();
-  at::parallel_for(0, p.B, image_grain<acc_t>(p), [&](int64_t begin, int64_t end) {
-    ImageWork<acc_t> work(p, true);
-    for (int64_t b = begin; b < end; ++b) {
-      work.similarities_of(p, student, teacher, b);
-      for (int64_t i = 0; i < N; ++i) {
+  over_images<acc_t>(p, true, [&](ImageWork<acc_t>& work, int64_t b, bool parallel) {
+    work.similarities_of(p, student, teacher, b, parallel);
+    over_rows(N, parallel, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
         const int64_t row = b * N + i;
         acc_t* a = work.s.data() + i * work.ld;
         acc_t* q = work.t.data() + i * work.ld;
@@ -364,9 +421,8 @@ void contextual_backward(const Problem& p, const scalar_t* student, const teache
         const acc_t c = row_coefficient(grad, reduction, row, rows_total, N);
         softmax_backward_row(a, q, N, c, c * rh[row]);
       }
-      symmetrize(work.s.data(), N, work.ld, static_cast<acc_t>(p.scale_s));
-      weighted_sum(work.s.data(), work.ld, work.xs, work.g.data(), grad_student + b * N * p.Ds);
-    }
+    });
+    work.gradient_of(p, grad_student + b * N * p.Ds, parallel);
   });
 }
 

@@ -56,18 +56,18 @@ inline void gemm_micro(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
   }
 }
 
-// c [m_pad, n_pad] (row stride ldc) = a [m_pad, K] (row stride lda) · B, B packed as panels
-// [n_pad / nr][K][nr]; m_pad a multiple of kGemmMR, n_pad of nr. With `lower`, only the micro-tiles
-// that hold an element on or below the diagonal (j ≤ i) are computed (the others are left as they
-// are). K runs in slices of kGemmKC, each element's sum staying in order.
+// Rows [m_begin, m_end) of c [m_pad, n_pad] (row stride ldc) = a [m_pad, K] (row stride lda) · B, B
+// packed as panels [n_pad / nr][K][nr]; m_begin, m_end multiples of kGemmMR, n_pad of nr. With `lower`, only the
+// micro-tiles that hold an element on or below the diagonal (j ≤ i) are computed (the others are left as they are). K
+// runs in slices of kGemmKC, each element's sum staying in order.
 template <typename acc_t>
-void gemm_blocked(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, acc_t* c, int64_t ldc, int64_t m_pad,
-                  int64_t n_pad, bool lower) {
+void gemm_rows(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, acc_t* c, int64_t ldc, int64_t m_begin,
+               int64_t m_end, int64_t n_pad, bool lower) {
   constexpr int64_t nr = gemm_nr<acc_t>();
   for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
     const int64_t kl = std::min(kGemmKC, K - k0);
-    for (int64_t m0 = 0; m0 < m_pad; m0 += kGemmMC) {  // a block of A rows stays in L2 …
-      const int64_t m1 = std::min(m_pad, m0 + kGemmMC);
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += kGemmMC) {  // a block of A rows stays in L2 …
+      const int64_t m1 = std::min(m_end, m0 + kGemmMC);
       for (int64_t p0 = 0; p0 < n_pad; p0 += nr) {  // … while each panel slice streams through L1
         if (lower && p0 >= m1) break;
         const acc_t* panel = panels + (p0 / nr) * K * nr + k0 * nr;
@@ -76,6 +76,13 @@ void gemm_blocked(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, a
       }
     }
   }
+}
+
+// All rows: gemm_rows over [0, m_pad).
+template <typename acc_t>
+void gemm_blocked(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, acc_t* c, int64_t ldc, int64_t m_pad,
+                  int64_t n_pad, bool lower) {
+  gemm_rows(a, lda, panels, K, c, ldc, 0, m_pad, n_pad, lower);
 }
 
 // x: `rows` rows of width D (row stride ld) → out [ceil(rows / nr)][D][nr], out[p][k][j] =
