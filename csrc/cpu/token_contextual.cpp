@@ -80,12 +80,20 @@ struct Stats {
   Stats(at::Tensor& t, int64_t rows_total) : max(t.data_ptr<acc_t>()), logsum(max + rows_total) {}
 };
 
+// Row stride of a row-major GEMM operand of `cols` columns: one panel wider when cols is a multiple
+// of 1 KiB (rows 4 KiB apart would share L1 sets and evict each other in the micro-kernel's 6-row
+// reads).
+template <typename acc_t>
+int64_t similarity_stride(int64_t n_cols) {
+  return (n_cols * static_cast<int64_t>(sizeof(acc_t))) % 1024 == 0 ? n_cols + gemm_nr<acc_t>() : n_cols;
+}
+
 // One side of one image, packed for the products: `rows` [n_pad, D] (zero rows past N; the A
 // operand), `panels` (xᵀ in panels: the B operand of x xᵀ) and, for the student's gradient,
 // `columns` (x in column panels: the B operand of W x).
 template <typename acc_t>
 struct PackedImage {
-  int64_t N, D, n_pad, n_cols, d_cols;
+  int64_t N, D, n_pad, n_cols, d_cols, ld;  // ld: row stride of `rows`
   std::vector<acc_t> rows, panels, columns;
   PackedImage(int64_t N_, int64_t D_, bool for_gradient)
       : N(N_),
@@ -93,33 +101,39 @@ struct PackedImage {
         n_pad(round_up_to(N_, kGemmMR)),
         n_cols(round_up_to(N_, gemm_nr<acc_t>())),
         d_cols(round_up_to(D_, gemm_nr<acc_t>())),
-        rows(n_pad * D_, acc_t(0)),
+        ld(similarity_stride<acc_t>(D_)),
+        rows(n_pad * ld, acc_t(0)),
         panels(n_cols * D_),
         columns(for_gradient ? d_cols * N_ : 0) {}
 
   template <typename scalar_t>
   void load(const scalar_t* x) {  // x: one image [N, D], contiguous
-    for (int64_t i = 0; i < N * D; ++i) rows[i] = static_cast<acc_t>(x[i]);
-    pack_row_panels<acc_t>(rows.data(), D, N, D, panels.data());
-    if (!columns.empty()) pack_col_panels<acc_t>(rows.data(), D, N, D, columns.data());
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t d = 0; d < D; ++d) rows[i * ld + d] = static_cast<acc_t>(x[i * D + d]);
+    pack_row_panels<acc_t>(rows.data(), ld, N, D, panels.data());
+    if (!columns.empty()) pack_col_panels<acc_t>(rows.data(), ld, N, D, columns.data());
   }
 };
+
+// Rows per strip of the blocked transposes (the column entries written stay in L1).
+constexpr int64_t kTransposeBlock = 32;
 
 // Rows [m0, m1) (multiples of kGemmMR) of out [n_pad, ld] ← x xᵀ for one image (ld ≥ n_cols), raw
 // dot products: only the micro-tiles on or below the diagonal.
 template <typename acc_t>
 void lower_products(const PackedImage<acc_t>& x, acc_t* out, int64_t ld, int64_t m0, int64_t m1) {
-  gemm_rows(x.rows.data(), x.D, x.panels.data(), x.D, out, ld, m0, m1, x.n_cols, true);
+  gemm_rows(x.rows.data(), x.ld, x.panels.data(), x.D, out, ld, m0, m1, x.n_cols, true);
 }
 
 // Rows [r0, r1): the lower triangle scaled, then copied into the upper one (S exactly symmetric).
 // Row i writes only its own j ≤ i and the column entries (j, i), j < i, that no other row touches.
 template <typename acc_t>
 void scale_and_mirror(acc_t* out, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
-  for (int64_t i = r0; i < r1; ++i) {
-    acc_t* row = out + i * ld;
-    for (int64_t j = 0; j <= i; ++j) row[j] *= scale;
-    for (int64_t j = 0; j < i; ++j) out[j * ld + i] = row[j];
+  for (int64_t i = r0; i < r1; ++i)
+    for (int64_t j = 0; j <= i; ++j) out[i * ld + j] *= scale;
+  for (int64_t j0 = 0; j0 < r1; j0 += kTransposeBlock) {  // a kTransposeBlock-row strip of columns [r0, r1)
+    for (int64_t i = std::max(r0, j0); i < r1; ++i)
+      for (int64_t j = j0; j < std::min(j0 + kTransposeBlock, i); ++j) out[j * ld + i] = out[i * ld + j];
   }
 }
 
@@ -207,14 +221,16 @@ void softmax_backward_row(acc_t* a, const acc_t* p, int64_t N, acc_t c, acc_t r)
 // is handled by row i alone, so row ranges can run in parallel.
 template <typename acc_t>
 void symmetrize(acc_t* v, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
-  for (int64_t i = r0; i < r1; ++i) {
-    for (int64_t j = 0; j < i; ++j) {
-      const acc_t w = scale * (v[i * ld + j] + v[j * ld + i]);
-      v[i * ld + j] = w;
-      v[j * ld + i] = w;
+  for (int64_t j0 = 0; j0 < r1; j0 += kTransposeBlock) {  // strips of rows j, as in scale_and_mirror
+    for (int64_t i = std::max(r0, j0); i < r1; ++i) {
+      for (int64_t j = j0; j < std::min(j0 + kTransposeBlock, i); ++j) {
+        const acc_t w = scale * (v[i * ld + j] + v[j * ld + i]);
+        v[i * ld + j] = w;
+        v[j * ld + i] = w;
+      }
     }
-    v[i * ld + i] = scale * (v[i * ld + i] + v[i * ld + i]);
   }
+  for (int64_t i = r0; i < r1; ++i) v[i * ld + i] = scale * (v[i * ld + i] + v[i * ld + i]);
 }
 
 // Rows [m0, m1) (multiples of kGemmMR) of W [n_pad, N] (row stride ld) · x, one GEMM over the packed
@@ -254,9 +270,9 @@ struct ImageWork {
   ImageWork(const Problem& p, bool for_gradient)
       : xs(p.N, p.Ds, for_gradient),
         xt(p.N, p.Dt, false),
-        ld(xs.n_cols),
-        s(xs.n_pad * xs.n_cols, acc_t(0)),
-        t(xs.n_pad * xs.n_cols, acc_t(0)),
+        ld(similarity_stride<acc_t>(xs.n_cols)),
+        s(xs.n_pad * ld, acc_t(0)),
+        t(xs.n_pad * ld, acc_t(0)),
         g(for_gradient ? xs.n_pad * xs.d_cols : 0) {}
 
   // S and T of image b, scaled; with `parallel` the row blocks are split over threads.
