@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kdloss/cpu_exp.h"
@@ -45,38 +46,32 @@ namespace kdloss {
 namespace cpu {
 namespace {
 
-// Columns per task of a column-block pass (in vectors): 32 vectors = 1 KiB of fp32 per row, so a
-// task streams long contiguous row segments (short segments at a stride of B' elements defeat the
-// hardware prefetcher); its per-column accumulators stay in L1.
-constexpr int64_t kBlockVecs = 32;
+// Rows per chunk of a sweep: about 2^18 elements (~0.1 ms of work), so that small plans run on one
+// thread instead of paying a fork/join per half-step (milliseconds on a loaded machine).
+constexpr int64_t kChunkElems = int64_t(1) << 18;
 
-// Grain of the B×B' passes: a pass is one parallel region, and a recursion runs 2·n_iters of them,
-// so each task gets at least ~2^18 elements (~0.1 ms of exp) — small plans run on one thread
-// instead of paying a fork/join per half-step (which costs milliseconds on a loaded machine).
-inline int64_t pass_grain(int64_t work_per_unit) {
-  constexpr int64_t kMinWork = int64_t(1) << 18;
-  const int64_t w = work_per_unit > 0 ? work_per_unit : 1;
-  return std::max<int64_t>(row_grain(w), (kMinWork + w - 1) / w);
-}
-
+// The range the scalings u, v may take before they are absorbed into the potentials. Kernel entries
+// below the smallest normal number flush to 0; with u, v in range, an entry lost that way carries at
+// most hi²·FLT_MIN ≈ 1e-18 (1e-108 in fp64) of plan mass.
 template <typename acc_t>
-struct Problem {
-  using Vec = at::vec::Vectorized<acc_t>;
-  static constexpr int64_t V = Vec::size();
-  int64_t B, Bt, Bp, C;  // rows (student), columns (teacher), padded row length, classes
-  acc_t eps;
-
-  int64_t blocks() const { return (Bp / V + kBlockVecs - 1) / kBlockVecs; }
-  // column range [j0, j1) of block q (multiples of V)
-  int64_t block_begin(int64_t q) const { return q * kBlockVecs * V; }
-  int64_t block_end(int64_t q) const { return std::min(Bp, (q + 1) * kBlockVecs * V); }
+struct SafeRange;
+template <>
+struct SafeRange<float> {
+  static constexpr float lo = 1e-10f, hi = 1e10f;
+};
+template <>
+struct SafeRange<double> {
+  static constexpr double lo = 1e-100, hi = 1e100;
 };
 
 template <typename acc_t>
-acc_t vec_max(const at::vec::Vectorized<acc_t>& v) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
+struct Problem {
+  int64_t B, Bt, Bp, C;  // rows (student), columns (teacher), padded row length, classes
+  double eps;
+
+  int64_t chunk_rows() const { return std::max<int64_t>(1, kChunkElems / Bp); }
+  int64_t chunks() const { return (B + chunk_rows() - 1) / chunk_rows(); }
+};
 
 // out[r, :] = softmax(z[r, :] / T) for rows [0, rows); z has row stride `stride`, unit column stride.
 // The logits are shifted by their maximum before the division by T (z/T itself overflows for a
@@ -112,19 +107,17 @@ std::vector<acc_t> transpose_padded(const acc_t* t, const Problem<acc_t>& p) {
   return tT;
 }
 
-// Fills W (pads 0) and L = −W/ε (pads −inf), both [B, Bp]: W_ij = Σ_c |s_ic − t_jc|, vectorised over j.
+// W[B, Bp] (pads 0): W_ij = Σ_c |s_ic − t_jc|, vectorised over j (four independent accumulators).
 template <typename acc_t>
-void cost_matrix(const acc_t* s, const acc_t* tT, const Problem<acc_t>& p, acc_t* W, acc_t* L) {
+void cost_matrix(const acc_t* s, const acc_t* tT, const Problem<acc_t>& p, acc_t* W) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec veps(p.eps), zero(acc_t(0));
   at::parallel_for(0, p.B, row_grain(p.Bp * p.C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* si = s + i * p.C;
       acc_t* Wi = W + i * p.Bp;
-      acc_t* Li = L + i * p.Bp;
       int64_t j = 0;
-      for (; j + 4 * V <= p.Bp; j += 4 * V) {  // four independent accumulators
+      for (; j + 4 * V <= p.Bp; j += 4 * V) {
         Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
         for (int64_t c = 0; c < p.C; ++c) {
           const Vec sc(si[c]);
@@ -135,100 +128,150 @@ void cost_matrix(const acc_t* s, const acc_t* tT, const Problem<acc_t>& p, acc_t
           a3 = a3 + (sc - Vec::loadu(tc + 3 * V)).abs();
         }
         a0.store(Wi + j), a1.store(Wi + j + V), a2.store(Wi + j + 2 * V), a3.store(Wi + j + 3 * V);
-        ((zero - a0) / veps).store(Li + j), ((zero - a1) / veps).store(Li + j + V);
-        ((zero - a2) / veps).store(Li + j + 2 * V), ((zero - a3) / veps).store(Li + j + 3 * V);
       }
       for (; j < p.Bp; j += V) {
         Vec a(acc_t(0));
         for (int64_t c = 0; c < p.C; ++c) a = a + (Vec(si[c]) - Vec::loadu(tT + c * p.Bp + j)).abs();
         a.store(Wi + j);
-        ((zero - a) / veps).store(Li + j);
       }
-      for (j = p.Bt; j < p.Bp; ++j) {
-        Wi[j] = acc_t(0);
-        Li[j] = -std::numeric_limits<acc_t>::infinity();
-      }
+      for (j = p.Bt; j < p.Bp; ++j) Wi[j] = acc_t(0);
     }
   });
 }
 
-// Row step: x_ij ← x_ij − b_j (the pending column step; none for the first row step), then
-// a_i = lse_j(x_ij) and x_ij ← x_ij − a_i, for every row (parallel over rows; the row stays in L1).
+// The exponent of the kernel, x_ij = F_i + G_j − W_ij/ε, in double (F and G cancel W/ε, which is
+// large at small ε).
+inline double exponent(double Fi, double Gj, double Wij, double eps) { return Fi + Gj - Wij / eps; }
+
+// K_i· = exp(F_i + G − W_i·/ε) for one row (pads 0). The forward and the backward build every
+// kernel with this one function, so the backward's kernels are the forward's, bit for bit.
 template <typename acc_t>
-void row_step(acc_t* X, const acc_t* b_prev, const Problem<acc_t>& p, acc_t* a) {
+void kernel_row(const acc_t* Wi, double Fi, const double* G, const Problem<acc_t>& p, acc_t* Ki) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  at::parallel_for(0, p.B, pass_grain(3 * p.Bp), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t* Xi = X + i * p.Bp;
-      Vec m(-std::numeric_limits<acc_t>::infinity());
-      for (int64_t j = 0; j < p.Bp; j += V) {
-        Vec x = Vec::loadu(Xi + j);
-        if (b_prev) {
-          x = x - Vec::loadu(b_prev + j);
-          x.store(Xi + j);
-        }
-        m = at::vec::maximum(m, x);
-      }
-      const acc_t mx = vec_max(m);
-      const Vec vmx(mx);
-      Vec sum(acc_t(0));
-      for (int64_t j = 0; j < p.Bp; j += V) sum = sum + vexp(Vec::loadu(Xi + j) - vmx);
-      const acc_t ai = mx + std::log(vec_sum(sum));
-      a[i] = ai;
-      const Vec va(ai);
-      for (int64_t j = 0; j < p.Bp; j += V) (Vec::loadu(Xi + j) - va).store(Xi + j);
-    }
+  for (int64_t j = 0; j < p.Bt; ++j) Ki[j] = static_cast<acc_t>(exponent(Fi, G[j], Wi[j], p.eps));
+  for (int64_t j = p.Bt; j < p.Bp; ++j) Ki[j] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < p.Bp; j += V) vexp(Vec::loadu(Ki + j)).store(Ki + j);
+}
+
+template <typename acc_t>
+void kernel_matrix(const acc_t* W, const double* F, const double* G, const Problem<acc_t>& p, acc_t* K) {
+  at::parallel_for(0, p.B, row_grain(8 * p.Bp), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) kernel_row(W + i * p.Bp, F[i], G, p, K + i * p.Bp);
   });
 }
 
-// Column step: b_j = lse_i(x_ij) (parallel over column blocks; pads get b = 0). The subtraction
-// x ← x − b is left to the next row pass.
+// The stabilised state of the recursion: the plan is diag(u)·K·diag(v), K = exp(F_i + G_j − W_ij/ε).
 template <typename acc_t>
-void col_step(const acc_t* X, const Problem<acc_t>& p, acc_t* b) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  at::parallel_for(0, p.blocks(), pass_grain(2 * p.B * kBlockVecs * V), [&](int64_t qb, int64_t qe) {
-    for (int64_t q = qb; q < qe; ++q) {
-      const int64_t j0 = p.block_begin(q), nv = (p.block_end(q) - j0) / V;
-      Vec m[kBlockVecs], sum[kBlockVecs];
-      for (int64_t k = 0; k < nv; ++k) m[k] = Vec(-std::numeric_limits<acc_t>::infinity());
-      for (int64_t i = 0; i < p.B; ++i) {
-        const acc_t* Xi = X + i * p.Bp + j0;
-        for (int64_t k = 0; k < nv; ++k) m[k] = at::vec::maximum(m[k], Vec::loadu(Xi + k * V));
-      }
-      for (int64_t k = 0; k < nv; ++k) sum[k] = Vec(acc_t(0));
-      for (int64_t i = 0; i < p.B; ++i) {
-        const acc_t* Xi = X + i * p.Bp + j0;
-        for (int64_t k = 0; k < nv; ++k) sum[k] = sum[k] + vexp(Vec::loadu(Xi + k * V) - m[k]);
-      }
-      for (int64_t k = 0; k < nv; ++k) (m[k] + sum[k].log()).store(b + j0 + k * V);
-    }
-  });
-  for (int64_t j = p.Bt; j < p.Bp; ++j) b[j] = acc_t(0);  // pads: −inf columns would give NaN
-}
-
-// The iterates of the forward, regenerated bitwise: state(h) is the iterate after h half-steps
-// (state 0 = −W/ε; half-step t subtracts a_{t/2} from the rows for even t, b_{t/2} from the columns
-// for odd t), replayed with the forward's subtractions from the nearest stored checkpoint below h.
-template <typename acc_t>
-struct Replay {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const acc_t* L;     // state 0, [B, Bp]
-  const acc_t* ckpt;  // states m, 2m, …: [⌊2n/m⌋, B, Bp]
-  const acc_t* a;     // [n, B] row increments
-  const acc_t* b;     // [n, Bp] column increments, pads 0
-  int64_t B, Bp, m;
-
-  Vec state(int64_t h, int64_t i, int64_t j) const {
-    const int64_t c = h / m;
-    Vec x = Vec::loadu((c == 0 ? L : ckpt + (c - 1) * B * Bp) + i * Bp + j);
-    for (int64_t t = c * m; t < h; ++t) {
-      x = (t % 2 == 0) ? x - Vec(a[(t / 2) * B + i]) : x - Vec::loadu(b + (t / 2) * Bp + j);
-    }
-    return x;
-  }
+struct State {
+  std::vector<acc_t> K, u, v;  // [B, Bp], [B], [Bp] (v pads 0)
+  std::vector<double> F, G;    // [B], [Bp] (G pads 0)
+  int64_t epoch = -1;          // how many times K has been rebuilt, minus one
 };
+
+// Absorption: u and v move into the potentials (u = v = 1), then F (a row rebuild) or G (a column
+// rebuild) is shifted so that the largest entry of every row (column) of K is exp(0) = 1, and K is
+// rebuilt: the plan is unchanged, and the half-step that follows cannot leave the safe range.
+template <typename acc_t>
+void rebuild(State<acc_t>& st, const acc_t* W, const Problem<acc_t>& p, bool rows) {
+  for (int64_t i = 0; i < p.B; ++i) st.F[i] += std::log(static_cast<double>(st.u[i])), st.u[i] = acc_t(1);
+  for (int64_t j = 0; j < p.Bt; ++j) st.G[j] += std::log(static_cast<double>(st.v[j])), st.v[j] = acc_t(1);
+  const double inf = std::numeric_limits<double>::infinity();
+  if (rows) {
+    at::parallel_for(0, p.B, row_grain(p.Bp), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        double m = -inf;
+        for (int64_t j = 0; j < p.Bt; ++j) m = std::max(m, exponent(st.F[i], st.G[j], W[i * p.Bp + j], p.eps));
+        if (std::isfinite(m)) st.F[i] -= m;
+      }
+    });
+  } else {
+    std::vector<double> m(p.Bt, -inf);
+    for (int64_t i = 0; i < p.B; ++i)
+      for (int64_t j = 0; j < p.Bt; ++j) m[j] = std::max(m[j], exponent(st.F[i], st.G[j], W[i * p.Bp + j], p.eps));
+    for (int64_t j = 0; j < p.Bt; ++j)
+      if (std::isfinite(m[j])) st.G[j] -= m[j];
+  }
+  kernel_matrix(W, st.F.data(), st.G.data(), p, st.K.data());
+  ++st.epoch;
+}
+
+// Column accumulators of a sweep: one row of Bp per chunk of rows, combined in chunk order.
+template <typename acc_t>
+struct Partials {
+  std::vector<acc_t> col, colW;
+  explicit Partials(const Problem<acc_t>& p) : col(p.chunks() * p.Bp), colW(p.chunks() * p.Bp) {}
+};
+
+// One pass over the rows of K, parallel over fixed chunks of rows (a partition that depends on
+// the sizes only, so results do not depend on the thread count). For every row i:
+//   d_i = Σ_j M_ij x_j          (kDot; M = K ⊙ W if kDotW, else K)
+//   w_i = weight(i, d_i)
+//   col  += w_i · K_i·          (kAxpy)
+//   colW += w_i · (K ⊙ W)_i·    (kAxpyW)
+// then col[j] (colW[j]) = Σ over chunks, in chunk order.
+template <typename T>
+using Same = typename std::enable_if<true, T>::type;  // a non-deduced context: acc_t comes from the Problem
+
+template <bool kDot, bool kDotW, bool kAxpy, bool kAxpyW, typename acc_t, typename Weight>
+void sweep(const Problem<acc_t>& p, const Same<acc_t>* K, const Same<acc_t>* W, const Same<acc_t>* x, Weight weight,
+           Partials<acc_t>& part, Same<acc_t>* col, Same<acc_t>* colW) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t rows = p.chunk_rows(), chunks = p.chunks();
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      acc_t* pc = part.col.data() + c * p.Bp;
+      acc_t* pw = part.colW.data() + c * p.Bp;
+      if (kAxpy) std::fill(pc, pc + p.Bp, acc_t(0));
+      if (kAxpyW) std::fill(pw, pw + p.Bp, acc_t(0));
+      for (int64_t i = c * rows; i < std::min(p.B, (c + 1) * rows); ++i) {
+        const acc_t* Ki = K + i * p.Bp;
+        const acc_t* Wi = W + i * p.Bp;
+        acc_t d = acc_t(0);
+        if (kDot) {
+          Vec a0(acc_t(0)), a1(acc_t(0));
+          int64_t j = 0;
+          for (; j + 2 * V <= p.Bp; j += 2 * V) {
+            Vec k0 = Vec::loadu(Ki + j), k1 = Vec::loadu(Ki + j + V);
+            if (kDotW) k0 = k0 * Vec::loadu(Wi + j), k1 = k1 * Vec::loadu(Wi + j + V);
+            a0 = at::vec::fmadd(k0, Vec::loadu(x + j), a0);
+            a1 = at::vec::fmadd(k1, Vec::loadu(x + j + V), a1);
+          }
+          for (; j < p.Bp; j += V) {
+            Vec k0 = Vec::loadu(Ki + j);
+            if (kDotW) k0 = k0 * Vec::loadu(Wi + j);
+            a0 = at::vec::fmadd(k0, Vec::loadu(x + j), a0);
+          }
+          d = vec_sum(a0 + a1);
+        }
+        const Vec w(weight(i, d));
+        if (kAxpy || kAxpyW) {
+          for (int64_t j = 0; j < p.Bp; j += V) {
+            const Vec k = Vec::loadu(Ki + j);
+            if (kAxpy) at::vec::fmadd(w, k, Vec::loadu(pc + j)).store(pc + j);
+            if (kAxpyW) at::vec::fmadd(w, k * Vec::loadu(Wi + j), Vec::loadu(pw + j)).store(pw + j);
+          }
+        }
+      }
+    }
+  });
+  const auto combine = [&](const std::vector<acc_t>& src, acc_t* dst) {
+    std::copy(src.begin(), src.begin() + p.Bp, dst);
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t j = 0; j < p.Bp; j += V)
+        (Vec::loadu(dst + j) + Vec::loadu(src.data() + c * p.Bp + j)).store(dst + j);
+  };
+  if (kAxpy) combine(part.col, col);
+  if (kAxpyW) combine(part.colW, colW);
+}
+
+template <typename acc_t>
+bool in_safe_range(const acc_t* x, int64_t n) {
+  for (int64_t k = 0; k < n; ++k)
+    if (!(x[k] >= SafeRange<acc_t>::lo && x[k] <= SafeRange<acc_t>::hi)) return false;
+  return true;
+}
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   check_cpu_float(student, "student_logits");
@@ -250,7 +293,71 @@ void check_options(double temperature, double epsilon, double scale) {
 template <typename acc_t>
 Problem<acc_t> make_problem(int64_t B, int64_t Bt, int64_t C, double epsilon) {
   constexpr int64_t V = at::vec::Vectorized<acc_t>::size();
-  return {B, Bt, (Bt + V - 1) / V * V, C, static_cast<acc_t>(epsilon)};
+  return {B, Bt, (Bt + V - 1) / V * V, C, epsilon};
+}
+
+// Saved per half-step h = 1 … 2n (row h − 1 of `steps` and `potentials`): the plan after it is
+// diag(u)·K·diag(v), with K = exp(F_i + G_j − W_ij/ε) of the epoch in force.
+template <typename acc_t>
+struct History {
+  acc_t* steps;        // [2n, B + B']: u, v
+  double* potentials;  // [2n, 1 + B + B']: epoch, F, G
+  int64_t B, Bt;
+
+  void record(int64_t h, const State<acc_t>& st) const {
+    acc_t* row = steps + (h - 1) * (B + Bt);
+    std::copy(st.u.begin(), st.u.end(), row);
+    std::copy(st.v.begin(), st.v.begin() + Bt, row + B);
+    double* pot = potentials + (h - 1) * (1 + B + Bt);
+    pot[0] = static_cast<double>(st.epoch);
+    std::copy(st.F.begin(), st.F.end(), pot + 1);
+    std::copy(st.G.begin(), st.G.begin() + Bt, pot + 1 + B);
+  }
+  const acc_t* u(int64_t h) const { return steps + (h - 1) * (B + Bt); }
+  const acc_t* v(int64_t h) const { return steps + (h - 1) * (B + Bt) + B; }
+  int64_t epoch(int64_t h) const { return static_cast<int64_t>(potentials[(h - 1) * (1 + B + Bt)]); }
+  const double* F(int64_t h) const { return potentials + (h - 1) * (1 + B + Bt) + 1; }
+  const double* G(int64_t h) const { return potentials + (h - 1) * (1 + B + Bt) + 1 + B; }
+};
+
+// The forward recursion; returns Σ_ij P_ij W_ij.
+template <typename acc_t>
+acc_t sinkhorn_iterations(const acc_t* W, const Problem<acc_t>& p, int64_t n_iters, const History<acc_t>& hist) {
+  State<acc_t> st;
+  st.K.resize(p.B * p.Bp), st.u.assign(p.B, acc_t(1)), st.v.assign(p.Bp, acc_t(0));
+  std::fill(st.v.begin(), st.v.begin() + p.Bt, acc_t(1));
+  st.F.assign(p.B, 0.0), st.G.assign(p.Bp, 0.0);
+  Partials<acc_t> part(p);
+  std::vector<acc_t> col(p.Bp), colW(p.Bp), u_new(p.B);
+  const auto set_u = [&](int64_t i, acc_t d) { return u_new[i] = acc_t(1) / d; };
+  const auto keep_u = [&](int64_t i, acc_t) { return st.u[i]; };
+  // K = exp(−W/ε) is built shifted to row maxima 1 (a row rebuild): its entries may underflow.
+  rebuild(st, W, p, true);
+  for (int64_t k = 0; k < n_iters; ++k) {
+    const bool last = k + 1 == n_iters;
+    // row step u = 1/(K v), fused with the column sums Kᵀu of the column step (and Σ_i u_i K_ij W_ij)
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      if (last) sweep<true, false, true, true>(p, st.K.data(), W, st.v.data(), set_u, part, col.data(), colW.data());
+      else sweep<true, false, true, false>(p, st.K.data(), W, st.v.data(), set_u, part, col.data(), nullptr);
+      if (attempt == 1 || in_safe_range(u_new.data(), p.B)) break;
+      rebuild(st, W, p, true);  // then v = 1 and the rows of K peak at 1: u = 1/(K v) ∈ [1/B', 1]
+    }
+    st.u.swap(u_new);
+    hist.record(2 * k + 1, st);
+    // column step v = 1/(Kᵀu)
+    for (int64_t j = 0; j < p.Bt; ++j) col[j] = acc_t(1) / col[j];
+    if (!in_safe_range(col.data(), p.Bt)) {
+      rebuild(st, W, p, false);  // u = 1 and the columns of K peak at 1
+      if (last) sweep<false, false, true, true>(p, st.K.data(), W, nullptr, keep_u, part, col.data(), colW.data());
+      else sweep<false, false, true, false>(p, st.K.data(), W, nullptr, keep_u, part, col.data(), nullptr);
+      for (int64_t j = 0; j < p.Bt; ++j) col[j] = acc_t(1) / col[j];
+    }
+    std::copy(col.begin(), col.begin() + p.Bt, st.v.begin());
+    hist.record(2 * k + 2, st);
+  }
+  // Σ_ij u_i K_ij v_j W_ij = Σ_j v_j · colW_j
+  for (int64_t j = 0; j < p.Bt; ++j) colW[j] *= st.v[j];
+  return ordered_sum(colW.data(), p.Bt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd(
@@ -269,53 +376,170 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor loss = at::empty({}, acc_opts);  // the loss is returned in the accumulation dtype
   at::Tensor probs_s = at::empty({B, C}, acc_opts), probs_t = at::empty({Bt, C}, acc_opts);
   at::Tensor cost = at::empty({B, Bt}, acc_opts);
-  at::Tensor a_hist = at::zeros({n_iters, B}, acc_opts), b_hist = at::zeros({n_iters, Bt}, acc_opts);
+  at::Tensor steps = at::empty({2 * n_iters, B + Bt}, acc_opts);
+  at::Tensor potentials = at::empty({2 * n_iters, 1 + B + Bt}, acc_opts.dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "sinkhorn_fwd", [&] {
     using acc_t = Acc<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
-    constexpr int64_t V = Vec::size();
     acc_t* s = probs_s.data_ptr<acc_t>();
     acc_t* t = probs_t.data_ptr<acc_t>();
     softmax_rows<scalar_t, acc_t>(zs.data_ptr<scalar_t>(), B, C, zs.stride(0), temperature, s);
     softmax_rows<acc_t, acc_t>(zt.data_ptr<acc_t>(), Bt, C, C, temperature, t);
     if (B == 0 || Bt == 0) {  // an empty plan: the loss is 0
       loss.fill_(0);
+      steps.zero_(), potentials.zero_();
       return;
     }
     const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
     const std::vector<acc_t> tT = transpose_padded(t, p);
-    std::vector<acc_t> W(B * p.Bp), X(B * p.Bp), b(p.Bp, acc_t(0));
-    cost_matrix(s, tT.data(), p, W.data(), X.data());  // X = −W/ε
-    acc_t* ah = a_hist.data_ptr<acc_t>();
-    acc_t* bh = b_hist.data_ptr<acc_t>();
-    for (int64_t k = 0; k < n_iters; ++k) {
-      row_step(X.data(), k > 0 ? b.data() : nullptr, p, ah + k * B);
-      col_step(X.data(), p, b.data());
-      std::copy(b.begin(), b.begin() + Bt, bh + k * Bt);
-    }
-    std::vector<acc_t> row_sums(B);
+    std::vector<acc_t> W(B * p.Bp);
+    cost_matrix(s, tT.data(), p, W.data());
+    const History<acc_t> hist{steps.data_ptr<acc_t>(), potentials.data_ptr<double>(), B, Bt};
+    const acc_t total = sinkhorn_iterations(W.data(), p, n_iters, hist);
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(scale) * total;
     acc_t* cost_p = cost.data_ptr<acc_t>();
-    at::parallel_for(0, B, pass_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t* Xi = X.data() + i * p.Bp;
-        const acc_t* Wi = W.data() + i * p.Bp;
-        Vec acc(acc_t(0));
-        for (int64_t j = 0; j < p.Bp; j += V) {
-          acc = acc + vexp(Vec::loadu(Xi + j) - Vec::loadu(b.data() + j)) * Vec::loadu(Wi + j);
-        }
-        row_sums[i] = vec_sum(acc);
-        std::copy(Wi, Wi + Bt, cost_p + i * Bt);
-      }
-    });
-    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(scale) * ordered_sum(row_sums.data(), B);
+    for (int64_t i = 0; i < B; ++i) std::copy(W.begin() + i * p.Bp, W.begin() + i * p.Bp + Bt, cost_p + i * Bt);
   });
-  return {loss, probs_s, probs_t, cost, a_hist, b_hist};
+  return {loss, probs_s, probs_t, cost, steps, potentials};
+}
+
+// One term of the adjoint: x̄ −= diag(α)·K_e·diag(β).
+struct Term {
+  int64_t h;  // a half-step whose epoch (and potentials) the term uses
+  int64_t epoch;
+};
+
+// The adjoint recursion (see the file comment) → W̄ contracted with the signs of the cost, → z̄.
+template <typename scalar_t, typename acc_t>
+void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, double temperature, const acc_t* s,
+                       const acc_t* t, const acc_t* cost, const History<acc_t>& hist, scalar_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t B = p.B, Bp = p.Bp, H = 2 * n_iters;
+  const std::vector<acc_t> tT = transpose_padded(t, p);
+  std::vector<acc_t> W(B * Bp, acc_t(0)), K(B * Bp);
+  for (int64_t i = 0; i < B; ++i) std::copy(cost + i * p.Bt, cost + (i + 1) * p.Bt, W.begin() + i * Bp);
+  std::vector<double> G(Bp, 0.0);
+  int64_t current = -1;  // the epoch whose kernel K holds
+  const auto use_epoch = [&](int64_t h) {
+    if (hist.epoch(h) == current) return;
+    std::copy(hist.G(h), hist.G(h) + p.Bt, G.begin());
+    kernel_matrix(W.data(), hist.F(h), G.data(), p, K.data());
+    current = hist.epoch(h);
+  };
+  // padded copies of v per half-step (pads 0)
+  std::vector<acc_t> vpad(H * Bp, acc_t(0));
+  for (int64_t h = 1; h <= H; ++h) std::copy(hist.v(h), hist.v(h) + p.Bt, vpad.begin() + (h - 1) * Bp);
+  const auto v_of = [&](int64_t h) { return vpad.data() + (h - 1) * Bp; };
+
+  Partials<acc_t> part(p);
+  std::vector<acc_t> rsum(B), csum(Bp), col(Bp);
+  std::vector<acc_t> alpha(H * B), beta(H * Bp);  // the terms, in the order they are made
+  std::vector<Term> terms;
+  // x̄ = gs·P⊙W (P the final plan): rowsum_i = gs·u_i·Σ_j K_ij W_ij v_j, colsum_j = gs·v_j·Σ_i u_i K_ij W_ij
+  use_epoch(H);
+  {
+    const acc_t* u = hist.u(H);
+    sweep<true, true, false, true>(
+        p, K.data(), W.data(), v_of(H), [&](int64_t i, acc_t d) { return rsum[i] = gs * u[i] * d, u[i]; }, part,
+        nullptr, col.data());
+    for (int64_t j = 0; j < Bp; ++j) csum[j] = gs * v_of(H)[j] * col[j];
+  }
+  for (int64_t k = n_iters; k >= 1; --k) {
+    const int64_t hc = 2 * k, hr = 2 * k - 1;
+    // column step k: x̄ −= P⊙(1·cᵀ), c = colsum(x̄): the term (u, v⊙c); then colsum(x̄) = 0
+    use_epoch(hc);
+    const acc_t* uc = hist.u(hc);
+    acc_t* ac = alpha.data() + terms.size() * B;
+    acc_t* bc = beta.data() + terms.size() * Bp;
+    std::copy(uc, uc + B, ac);
+    for (int64_t j = 0; j < Bp; ++j) bc[j] = v_of(hc)[j] * csum[j];
+    terms.push_back({hc, current});
+    // row step k: x̄ −= (r·1ᵀ)⊙P, r = rowsum(x̄) = rsum − α⊙(K β): the term (u⊙r, v); then rowsum(x̄) = 0
+    const acc_t* ur = hist.u(hr);
+    acc_t* ar = alpha.data() + terms.size() * B;
+    acc_t* br = beta.data() + terms.size() * Bp;
+    std::copy(v_of(hr), v_of(hr) + Bp, br);
+    const auto row_term = [&](int64_t i, acc_t d) { return ar[i] = ur[i] * (rsum[i] - ac[i] * d); };
+    if (hist.epoch(hr) == current) {
+      sweep<true, false, true, false>(p, K.data(), W.data(), bc, row_term, part, col.data(), nullptr);
+    } else {
+      sweep<true, false, false, false>(p, K.data(), W.data(), bc, row_term, part, nullptr, nullptr);
+      use_epoch(hr);
+      sweep<false, false, true, false>(
+          p, K.data(), W.data(), nullptr, [&](int64_t i, acc_t) { return ar[i]; }, part, col.data(), nullptr);
+    }
+    terms.push_back({hr, current});
+    for (int64_t j = 0; j < Bp; ++j) csum[j] = -br[j] * col[j];
+    std::fill(rsum.begin(), rsum.end(), acc_t(0));
+  }
+  // W̄ = gs·P − x̄/ε = gs·P⊙(1 − W/ε) + (1/ε)·Σ_terms diag(α)·K_e·diag(β), row by row, each row
+  // contracted at once: s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc), z̄ = (1/T)·s⊙(s̄ − ⟨s̄, s⟩).
+  std::vector<int64_t> epochs;  // distinct epochs of the terms, the one K holds first
+  epochs.push_back(current);
+  for (const Term& term : terms)
+    if (std::find(epochs.begin(), epochs.end(), term.epoch) == epochs.end()) epochs.push_back(term.epoch);
+  const int64_t final_epoch = hist.epoch(H);
+  if (std::find(epochs.begin(), epochs.end(), final_epoch) == epochs.end()) epochs.push_back(final_epoch);
+  const auto epoch_h = [&](int64_t e) {
+    for (int64_t h = 1; h <= H; ++h)
+      if (hist.epoch(h) == e) return h;
+    return H;
+  };
+  const acc_t inv_eps = static_cast<acc_t>(1.0 / p.eps);
+  const acc_t inv_T = acc_t(1) / static_cast<acc_t>(temperature);
+  const int64_t C = p.C;
+  at::parallel_for(0, B, row_grain(Bp * (C + static_cast<int64_t>(terms.size()))), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> wbar(Bp), acc(Bp), Krow(Bp), sbar(C);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(wbar.begin(), wbar.end(), acc_t(0));
+      for (const int64_t e : epochs) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        if (e == final_epoch) {
+          const Vec g(gs * hist.u(H)[i]), one(acc_t(1)), ie(inv_eps);
+          for (int64_t j = 0; j < Bp; j += V) {
+            const Vec w = Vec::loadu(W.data() + i * Bp + j);
+            (g * Vec::loadu(v_of(H) + j) * (one - w * ie)).store(acc.data() + j);
+          }
+        }
+        for (size_t q = 0; q < terms.size(); ++q) {
+          if (terms[q].epoch != e) continue;
+          const Vec a(alpha[q * B + i] * inv_eps);
+          const acc_t* b = beta.data() + q * Bp;
+          for (int64_t j = 0; j < Bp; j += V) at::vec::fmadd(a, Vec::loadu(b + j), Vec::loadu(acc.data() + j)).store(acc.data() + j);
+        }
+        const acc_t* Ke = K.data() + i * Bp;
+        if (e != current) {
+          const int64_t h = epoch_h(e);
+          std::vector<double> Ge(hist.G(h), hist.G(h) + p.Bt);
+          Ge.resize(Bp, 0.0);
+          kernel_row(W.data() + i * Bp, hist.F(h)[i], Ge.data(), p, Krow.data());
+          Ke = Krow.data();
+        }
+        for (int64_t j = 0; j < Bp; j += V)
+          at::vec::fmadd(Vec::loadu(Ke + j), Vec::loadu(acc.data() + j), Vec::loadu(wbar.data() + j)).store(wbar.data() + j);
+      }
+      const acc_t* si = s + i * C;
+      acc_t dot = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec sc(si[c]);
+        const acc_t* tc = tT.data() + c * Bp;
+        Vec a(acc_t(0));
+        for (int64_t j = 0; j < Bp; j += V) {
+          const Vec tj = Vec::loadu(tc + j);
+          a = a + Vec::loadu(wbar.data() + j) * (sc.gt(tj) - sc.lt(tj));
+        }
+        sbar[c] = vec_sum(a);
+        dot += sbar[c] * si[c];
+      }
+      for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
+    }
+  });
 }
 
 at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits, const at::Tensor& probs_s,
-                        const at::Tensor& probs_t, const at::Tensor& cost, const at::Tensor& a_hist,
-                        const at::Tensor& b_hist, const at::Tensor& temperature_t, const at::Tensor& epsilon_t,
+                        const at::Tensor& probs_t, const at::Tensor& cost, const at::Tensor& steps,
+                        const at::Tensor& potentials, const at::Tensor& temperature_t, const at::Tensor& epsilon_t,
                         const at::Tensor& scale_t) {
   const double temperature = float_arg(temperature_t, "temperature");
   const double epsilon = float_arg(epsilon_t, "epsilon");
@@ -328,148 +552,34 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one element, got ", grad.numel());
   const int64_t B = student_logits.size(0), C = student_logits.size(1);
   const auto acc = acc_type(student_logits.scalar_type());
-  for (const auto* t : {&probs_s, &probs_t, &cost, &a_hist, &b_hist}) {
+  for (const auto* t : {&probs_s, &probs_t, &cost, &steps}) {
     check_cpu_float(*t, "saved tensor");
     TORCH_CHECK_VALUE(t->scalar_type() == acc && t->dim() == 2, "saved tensors must be 2-D ", acc);
   }
-  const int64_t Bt = probs_t.size(0), n_iters = a_hist.size(0);
+  check_cpu_float(potentials, "potentials");
+  const int64_t Bt = probs_t.size(0), H = steps.size(0);
   TORCH_CHECK_VALUE(probs_s.size(0) == B && probs_s.size(1) == C && probs_t.size(1) == C,
                     "probabilities must be [B, C] and [B', C]");
   TORCH_CHECK_VALUE(cost.size(0) == B && cost.size(1) == Bt, "cost must be [B, B'], got ", cost.sizes());
-  TORCH_CHECK_VALUE(n_iters >= 1 && a_hist.size(1) == B && b_hist.size(0) == n_iters && b_hist.size(1) == Bt,
-                    "increments must be [n_iters, B] and [n_iters, B']");
-  at::Tensor grad_student = at::zeros({B, C}, student_logits.options());
-  if (B == 0 || Bt == 0) return grad_student;
+  TORCH_CHECK_VALUE(H >= 2 && H % 2 == 0 && steps.size(1) == B + Bt, "steps must be [2·n_iters, B + B'], got ",
+                    steps.sizes());
+  TORCH_CHECK_VALUE(potentials.scalar_type() == at::kDouble && potentials.dim() == 2 && potentials.size(0) == H &&
+                        potentials.size(1) == 1 + B + Bt,
+                    "potentials must be float64 [2·n_iters, 1 + B + B'], got ", potentials.sizes());
+  at::Tensor grad_student = at::empty({B, C}, student_logits.options());
+  if (B == 0 || Bt == 0) return grad_student.zero_();
   const auto s_t = probs_s.contiguous(), t_t = probs_t.contiguous(), W_t = cost.contiguous();
-  const auto a_t = a_hist.contiguous(), b_t = b_hist.contiguous();
+  const auto steps_t = steps.contiguous(), pot_t = potentials.contiguous();
   const auto g_scalar = grad.to(acc);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "sinkhorn_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
-    constexpr int64_t V = Vec::size();
     const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
     const acc_t gs = static_cast<acc_t>(scale) * g_scalar.data_ptr<acc_t>()[0];
-    const acc_t* s = s_t.data_ptr<acc_t>();
-    const std::vector<acc_t> tT = transpose_padded(t_t.data_ptr<acc_t>(), p);
-    // column increments, zero-padded to Bp
-    std::vector<acc_t> bp(n_iters * p.Bp, acc_t(0));
-    const acc_t* bsrc = b_t.data_ptr<acc_t>();
-    for (int64_t k = 0; k < n_iters; ++k) std::copy(bsrc + k * Bt, bsrc + (k + 1) * Bt, bp.begin() + k * p.Bp);
-    // padded W (pads 0) and state 0, L = −W/ε (pads −inf), computed as the forward computed it
-    std::vector<acc_t> W(B * p.Bp), L(B * p.Bp);
-    const acc_t* Wsrc = W_t.data_ptr<acc_t>();
-    at::parallel_for(0, B, row_grain(p.Bp), [&](int64_t begin, int64_t end) {
-      const Vec veps(p.eps), zero(acc_t(0));
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t* Wi = W.data() + i * p.Bp;
-        std::copy(Wsrc + i * Bt, Wsrc + (i + 1) * Bt, Wi);
-        std::fill(Wi + Bt, Wi + p.Bp, acc_t(0));
-        for (int64_t j = 0; j < p.Bp; j += V) ((zero - Vec::loadu(Wi + j)) / veps).store(L.data() + i * p.Bp + j);
-        for (int64_t j = Bt; j < p.Bp; ++j) L[i * p.Bp + j] = -std::numeric_limits<acc_t>::infinity();
-      }
-    });
-    // checkpoints: states m, 2m, … ≤ 2n, one streaming replay per row
-    const int64_t states = 2 * n_iters;
-    const int64_t every = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(states)))));
-    const int64_t n_ckpt = states / every;
-    std::vector<acc_t> ckpt(n_ckpt * B * p.Bp);
-    const Replay<acc_t> replay{L.data(), ckpt.data(), a_t.data_ptr<acc_t>(), bp.data(), B, p.Bp, every};
-    at::parallel_for(0, B, pass_grain(states * p.Bp), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < p.Bp; j += V) {
-          Vec x = Vec::loadu(L.data() + i * p.Bp + j);
-          for (int64_t t = 0; t < n_ckpt * every; ++t) {
-            x = (t % 2 == 0) ? x - Vec(replay.a[(t / 2) * B + i]) : x - Vec::loadu(bp.data() + (t / 2) * p.Bp + j);
-            if ((t + 1) % every == 0) x.store(ckpt.data() + ((t + 1) / every - 1) * B * p.Bp + i * p.Bp + j);
-          }
-        }
-      }
-    });
-    std::vector<acc_t> Xbar(B * p.Bp), Wbar(B * p.Bp), colsum(p.Bp), rowsum(B);
-    const int64_t block_grain = pass_grain(2 * B * kBlockVecs * V);
-    const Vec vgs(gs), inv_eps(acc_t(1) / p.eps);
-
-    // x̄ = gs·P⊙W, W̄ = gs·P with the final plan (state 2n); colsum(x̄) for the last column step.
-    at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
-      for (int64_t q = qb; q < qe; ++q) {
-        const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
-        // rows outer, the block's columns inner: contiguous row segments; sums in colsum (L1)
-        std::fill(colsum.begin() + j0, colsum.begin() + j1, acc_t(0));
-        for (int64_t i = 0; i < B; ++i) {
-          for (int64_t j = j0; j < j1; j += V) {
-            const int64_t o = i * p.Bp + j;
-            const Vec wb = vgs * vexp(replay.state(states, i, j));
-            wb.store(Wbar.data() + o);
-            const Vec xb = wb * Vec::loadu(W.data() + o);
-            xb.store(Xbar.data() + o);
-            (Vec::loadu(colsum.data() + j) + xb).store(colsum.data() + j);
-          }
-        }
-      }
-    });
-    for (int64_t k = n_iters; k >= 1; --k) {
-      // column step k (output: state 2k): x̄ −= P_col⊙colsum; then rowsum(x̄).
-      at::parallel_for(0, B, pass_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          acc_t* Xi = Xbar.data() + i * p.Bp;
-          Vec rsum(acc_t(0));
-          for (int64_t j = 0; j < p.Bp; j += V) {
-            const Vec P = vexp(replay.state(2 * k, i, j));
-            const Vec xb = Vec::loadu(Xi + j) - P * Vec::loadu(colsum.data() + j);
-            xb.store(Xi + j);
-            rsum = rsum + xb;
-          }
-          rowsum[i] = vec_sum(rsum);
-        }
-      });
-      // row step k (output: state 2k − 1): x̄ −= P_row⊙rowsum; then colsum(x̄) for column step k − 1,
-      // or, after the first step, W̄ −= x̄/ε.
-      const bool last = k == 1;
-      at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
-        for (int64_t q = qb; q < qe; ++q) {
-          const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
-          std::fill(colsum.begin() + j0, colsum.begin() + j1, acc_t(0));
-          for (int64_t i = 0; i < B; ++i) {
-            const Vec ri(rowsum[i]);
-            for (int64_t j = j0; j < j1; j += V) {
-              const int64_t o = i * p.Bp + j;
-              const Vec P = vexp(replay.state(2 * k - 1, i, j));
-              const Vec xb = Vec::loadu(Xbar.data() + o) - P * ri;
-              if (last) {
-                (Vec::loadu(Wbar.data() + o) - xb * inv_eps).store(Wbar.data() + o);
-              } else {
-                xb.store(Xbar.data() + o);
-                (Vec::loadu(colsum.data() + j) + xb).store(colsum.data() + j);
-              }
-            }
-          }
-        }
-      });
-    }
-    // s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc); z̄ = (1/T)·s⊙(s̄ − ⟨s̄, s⟩)
-    scalar_t* out = grad_student.data_ptr<scalar_t>();
-    const acc_t inv_T = acc_t(1) / static_cast<acc_t>(temperature);
-    at::parallel_for(0, B, row_grain(p.Bp * C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sbar(C);
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t* si = s + i * C;
-        const acc_t* Wb = Wbar.data() + i * p.Bp;
-        acc_t dot = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const Vec sc(si[c]);
-          const acc_t* tc = tT.data() + c * p.Bp;
-          Vec a(acc_t(0));
-          for (int64_t j = 0; j < p.Bp; j += V) {
-            const Vec tj = Vec::loadu(tc + j);
-            a = a + Vec::loadu(Wb + j) * (sc.gt(tj) - sc.lt(tj));
-          }
-          sbar[c] = vec_sum(a);
-          dot += sbar[c] * si[c];
-        }
-        for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
-      }
-    });
+    const History<acc_t> hist{const_cast<acc_t*>(steps_t.data_ptr<acc_t>()), const_cast<double*>(pot_t.data_ptr<double>()),
+                              B, Bt};
+    sinkhorn_backward<scalar_t, acc_t>(p, H / 2, gs, temperature, s_t.data_ptr<acc_t>(), t_t.data_ptr<acc_t>(),
+                                       W_t.data_ptr<acc_t>(), hist, grad_student.data_ptr<scalar_t>());
   });
   return grad_student;
 }

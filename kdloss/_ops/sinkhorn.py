@@ -29,7 +29,7 @@ LIB.define(
 )
 LIB.define(
     "sinkhorn_bwd(Tensor grad, Tensor student_logits, Tensor student_probs, Tensor teacher_probs, "
-    "Tensor cost, Tensor a, Tensor b, Tensor temperature, Tensor epsilon, Tensor scale) -> Tensor"
+    "Tensor cost, Tensor steps, Tensor potentials, Tensor temperature, Tensor epsilon, Tensor scale) -> Tensor"
 )
 
 
@@ -47,22 +47,22 @@ def _sinkhorn_fwd_fake(student_logits, teacher_logits, temperature, epsilon, n_i
         student_logits.new_empty((batch, classes), dtype=acc),
         student_logits.new_empty((batch_t, classes), dtype=acc),
         student_logits.new_empty((batch, batch_t), dtype=acc),
-        student_logits.new_empty((n_iters, batch), dtype=acc),
-        student_logits.new_empty((n_iters, batch_t), dtype=acc),
+        student_logits.new_empty((2 * n_iters, batch + batch_t), dtype=acc),
+        student_logits.new_empty((2 * n_iters, 1 + batch + batch_t), dtype=torch.float64),
     )
 
 
 @torch.library.register_fake("kdloss::sinkhorn_bwd")
-def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, a, b, temperature,
+def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, steps, potentials, temperature,
                        epsilon, scale):
     return student_logits.new_empty(student_logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
     student_logits, _teacher, temperature, epsilon, _n_iters, scale = inputs
-    _loss, probs_s, probs_t, cost, a, b = output
-    ctx.mark_non_differentiable(probs_s, probs_t, cost, a, b)
-    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, a, b, temperature, epsilon, scale)
+    _loss, probs_s, probs_t, cost, steps, potentials = output
+    ctx.mark_non_differentiable(probs_s, probs_t, cost, steps, potentials)
+    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, steps, potentials, temperature, epsilon, scale)
 
 
 def _sinkhorn_backward(ctx, grad, *_unused):
