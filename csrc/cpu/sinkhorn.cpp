@@ -73,6 +73,12 @@ struct Problem {
   int64_t chunks() const { return (B + chunk_rows() - 1) / chunk_rows(); }
 };
 
+template <typename acc_t>
+acc_t vec_max(const at::vec::Vectorized<acc_t>& v) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
 // out[r, :] = softmax(z[r, :] / T) for rows [0, rows); z has row stride `stride`, unit column stride.
 // The logits are shifted by their maximum before the division by T (z/T itself overflows for a
 // tiny T).
@@ -139,18 +145,21 @@ void cost_matrix(const acc_t* s, const acc_t* tT, const Problem<acc_t>& p, acc_t
   });
 }
 
-// The exponent of the kernel, x_ij = F_i + G_j − W_ij/ε, in double (F and G cancel W/ε, which is
-// large at small ε).
-inline double exponent(double Fi, double Gj, double Wij, double eps) { return Fi + Gj - Wij / eps; }
+// K_i· = exp(F_i + G − W_i·/ε) for one row (pads 0), the exponent formed in double (F and G cancel
+// W/ε, which is large at small ε) and rounded once. The forward and the backward build every kernel
+// with this one function, so the backward's kernels are the forward's, bit for bit.
+template <typename acc_t>
+void exponent_row(const acc_t* Wi, double Fi, const double* G, const Problem<acc_t>& p, acc_t* Xi) {
+  const double inv_eps = 1.0 / p.eps;
+  for (int64_t j = 0; j < p.Bt; ++j) Xi[j] = static_cast<acc_t>(Fi + G[j] - static_cast<double>(Wi[j]) * inv_eps);
+  for (int64_t j = p.Bt; j < p.Bp; ++j) Xi[j] = -std::numeric_limits<acc_t>::infinity();
+}
 
-// K_i· = exp(F_i + G − W_i·/ε) for one row (pads 0). The forward and the backward build every
-// kernel with this one function, so the backward's kernels are the forward's, bit for bit.
 template <typename acc_t>
 void kernel_row(const acc_t* Wi, double Fi, const double* G, const Problem<acc_t>& p, acc_t* Ki) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  for (int64_t j = 0; j < p.Bt; ++j) Ki[j] = static_cast<acc_t>(exponent(Fi, G[j], Wi[j], p.eps));
-  for (int64_t j = p.Bt; j < p.Bp; ++j) Ki[j] = -std::numeric_limits<acc_t>::infinity();
+  exponent_row(Wi, Fi, G, p, Ki);
   for (int64_t j = 0; j < p.Bp; j += V) vexp(Vec::loadu(Ki + j)).store(Ki + j);
 }
 
@@ -170,27 +179,36 @@ struct State {
 };
 
 // Absorption: u and v move into the potentials (u = v = 1), then F (a row rebuild) or G (a column
-// rebuild) is shifted so that the largest entry of every row (column) of K is exp(0) = 1, and K is
-// rebuilt: the plan is unchanged, and the half-step that follows cannot leave the safe range.
+// rebuild) is shifted by the largest exponent of its row (column), so that K's rows (columns) peak
+// near exp(0) = 1, and K is rebuilt: the plan is unchanged, and the half-step that follows cannot
+// leave the safe range. (The shift needs no exactness: it is recorded in F or G.)
 template <typename acc_t>
 void rebuild(State<acc_t>& st, const acc_t* W, const Problem<acc_t>& p, bool rows) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   for (int64_t i = 0; i < p.B; ++i) st.F[i] += std::log(static_cast<double>(st.u[i])), st.u[i] = acc_t(1);
   for (int64_t j = 0; j < p.Bt; ++j) st.G[j] += std::log(static_cast<double>(st.v[j])), st.v[j] = acc_t(1);
-  const double inf = std::numeric_limits<double>::infinity();
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  acc_t* X = st.K.data();  // the exponents first
   if (rows) {
-    at::parallel_for(0, p.B, row_grain(p.Bp), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, p.B, row_grain(4 * p.Bp), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        double m = -inf;
-        for (int64_t j = 0; j < p.Bt; ++j) m = std::max(m, exponent(st.F[i], st.G[j], W[i * p.Bp + j], p.eps));
-        if (std::isfinite(m)) st.F[i] -= m;
+        exponent_row(W + i * p.Bp, st.F[i], st.G.data(), p, X + i * p.Bp);
+        Vec m(ninf);
+        for (int64_t j = 0; j < p.Bp; j += V) m = at::vec::maximum(m, Vec::loadu(X + i * p.Bp + j));
+        const acc_t mx = vec_max(m);
+        if (std::isfinite(mx)) st.F[i] -= static_cast<double>(mx);
       }
     });
   } else {
-    std::vector<double> m(p.Bt, -inf);
-    for (int64_t i = 0; i < p.B; ++i)
-      for (int64_t j = 0; j < p.Bt; ++j) m[j] = std::max(m[j], exponent(st.F[i], st.G[j], W[i * p.Bp + j], p.eps));
+    std::vector<acc_t> m(p.Bp, ninf);
+    for (int64_t i = 0; i < p.B; ++i) {
+      exponent_row(W + i * p.Bp, st.F[i], st.G.data(), p, X);
+      for (int64_t j = 0; j < p.Bp; j += V)
+        at::vec::maximum(Vec::loadu(m.data() + j), Vec::loadu(X + j)).store(m.data() + j);
+    }
     for (int64_t j = 0; j < p.Bt; ++j)
-      if (std::isfinite(m[j])) st.G[j] -= m[j];
+      if (std::isfinite(m[j])) st.G[j] -= static_cast<double>(m[j]);
   }
   kernel_matrix(W, st.F.data(), st.G.data(), p, st.K.data());
   ++st.epoch;
@@ -229,21 +247,20 @@ void sweep(const Problem<acc_t>& p, const Same<acc_t>* K, const Same<acc_t>* W, 
         const acc_t* Ki = K + i * p.Bp;
         const acc_t* Wi = W + i * p.Bp;
         acc_t d = acc_t(0);
-        if (kDot) {
-          Vec a0(acc_t(0)), a1(acc_t(0));
+        if (kDot) {  // four independent accumulators (the FMA latency, not the loads, bounds a dot)
+          Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+          const auto m = [&](int64_t j) {
+            return kDotW ? Vec::loadu(Ki + j) * Vec::loadu(Wi + j) : Vec::loadu(Ki + j);
+          };
           int64_t j = 0;
-          for (; j + 2 * V <= p.Bp; j += 2 * V) {
-            Vec k0 = Vec::loadu(Ki + j), k1 = Vec::loadu(Ki + j + V);
-            if (kDotW) k0 = k0 * Vec::loadu(Wi + j), k1 = k1 * Vec::loadu(Wi + j + V);
-            a0 = at::vec::fmadd(k0, Vec::loadu(x + j), a0);
-            a1 = at::vec::fmadd(k1, Vec::loadu(x + j + V), a1);
+          for (; j + 4 * V <= p.Bp; j += 4 * V) {
+            a0 = at::vec::fmadd(m(j), Vec::loadu(x + j), a0);
+            a1 = at::vec::fmadd(m(j + V), Vec::loadu(x + j + V), a1);
+            a2 = at::vec::fmadd(m(j + 2 * V), Vec::loadu(x + j + 2 * V), a2);
+            a3 = at::vec::fmadd(m(j + 3 * V), Vec::loadu(x + j + 3 * V), a3);
           }
-          for (; j < p.Bp; j += V) {
-            Vec k0 = Vec::loadu(Ki + j);
-            if (kDotW) k0 = k0 * Vec::loadu(Wi + j);
-            a0 = at::vec::fmadd(k0, Vec::loadu(x + j), a0);
-          }
-          d = vec_sum(a0 + a1);
+          for (; j < p.Bp; j += V) a0 = at::vec::fmadd(m(j), Vec::loadu(x + j), a0);
+          d = vec_sum((a0 + a1) + (a2 + a3));
         }
         const Vec w(weight(i, d));
         if (kAxpy || kAxpyW) {
@@ -296,28 +313,54 @@ Problem<acc_t> make_problem(int64_t B, int64_t Bt, int64_t C, double epsilon) {
   return {B, Bt, (Bt + V - 1) / V * V, C, epsilon};
 }
 
-// Saved per half-step h = 1 … 2n (row h − 1 of `steps` and `potentials`): the plan after it is
-// diag(u)·K·diag(v), with K = exp(F_i + G_j − W_ij/ε) of the epoch in force.
-template <typename acc_t>
-struct History {
-  acc_t* steps;        // [2n, B + B']: u, v
-  double* potentials;  // [2n, 1 + B + B']: epoch, F, G
-  int64_t B, Bt;
+// Below this ε a float32 problem iterates in float64: the gradient divides the adjoint of the
+// iterate by ε, and the relative rounding of float32 scalings (~1e-7, which the log-domain recursion
+// does not have where a plan saturates at 0 or 1) would be amplified to ~1e-7·2/ε.
+constexpr double kWideEpsilon = 0.02;
 
-  void record(int64_t h, const State<acc_t>& st) const {
-    acc_t* row = steps + (h - 1) * (B + Bt);
-    std::copy(st.u.begin(), st.u.end(), row);
-    std::copy(st.v.begin(), st.v.begin() + Bt, row + B);
-    double* pot = potentials + (h - 1) * (1 + B + Bt);
-    pot[0] = static_cast<double>(st.epoch);
-    std::copy(st.F.begin(), st.F.end(), pot + 1);
-    std::copy(st.G.begin(), st.G.begin() + Bt, pot + 1 + B);
+template <typename acc_t>
+bool wide_iterations(double epsilon) {
+  return !std::is_same<acc_t, double>::value && epsilon < kWideEpsilon;
+}
+
+// x [rows, cols] → [rows, stride] in work_t, pads 0.
+template <typename work_t, typename src_t>
+std::vector<work_t> padded(const src_t* x, int64_t rows, int64_t cols, int64_t stride) {
+  std::vector<work_t> out(rows * stride, work_t(0));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[i * stride + j] = static_cast<work_t>(x[i * cols + j]);
+  return out;
+}
+
+// Saved per half-step h = 1 … 2n, as row h − 1 of the float64 tensor `state` [2n, 1 + 2(B + B')]:
+// epoch, F [B], G [B'], u [B], v [B'] — the plan after that half-step is diag(u)·K·diag(v) with
+// K = exp(F_i + G_j − W_ij/ε). The backward reads u and v back in the working type (exactly).
+template <typename work_t>
+struct History {
+  double* state;
+  int64_t B, Bt, H;
+  std::vector<work_t> uv;  // [H, B + Bt]: u, v per half-step in the working type (backward only)
+
+  int64_t width() const { return 1 + 2 * (B + Bt); }
+  double* row(int64_t h) const { return state + (h - 1) * width(); }
+  void record(int64_t h, const State<work_t>& st) const {
+    double* r = row(h);
+    r[0] = static_cast<double>(st.epoch);
+    std::copy(st.F.begin(), st.F.end(), r + 1);
+    std::copy(st.G.begin(), st.G.begin() + Bt, r + 1 + B);
+    std::copy(st.u.begin(), st.u.end(), r + 1 + B + Bt);
+    std::copy(st.v.begin(), st.v.begin() + Bt, r + 1 + 2 * B + Bt);
   }
-  const acc_t* u(int64_t h) const { return steps + (h - 1) * (B + Bt); }
-  const acc_t* v(int64_t h) const { return steps + (h - 1) * (B + Bt) + B; }
-  int64_t epoch(int64_t h) const { return static_cast<int64_t>(potentials[(h - 1) * (1 + B + Bt)]); }
-  const double* F(int64_t h) const { return potentials + (h - 1) * (1 + B + Bt) + 1; }
-  const double* G(int64_t h) const { return potentials + (h - 1) * (1 + B + Bt) + 1 + B; }
+  void load() {
+    uv.resize(H * (B + Bt));
+    for (int64_t h = 1; h <= H; ++h)
+      for (int64_t k = 0; k < B + Bt; ++k) uv[(h - 1) * (B + Bt) + k] = static_cast<work_t>(row(h)[1 + B + Bt + k]);
+  }
+  const work_t* u(int64_t h) const { return uv.data() + (h - 1) * (B + Bt); }
+  const work_t* v(int64_t h) const { return uv.data() + (h - 1) * (B + Bt) + B; }
+  int64_t epoch(int64_t h) const { return static_cast<int64_t>(row(h)[0]); }
+  const double* F(int64_t h) const { return row(h) + 1; }
+  const double* G(int64_t h) const { return row(h) + 1 + B; }
 };
 
 // The forward recursion; returns Σ_ij P_ij W_ij.
@@ -376,8 +419,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor loss = at::empty({}, acc_opts);  // the loss is returned in the accumulation dtype
   at::Tensor probs_s = at::empty({B, C}, acc_opts), probs_t = at::empty({Bt, C}, acc_opts);
   at::Tensor cost = at::empty({B, Bt}, acc_opts);
-  at::Tensor steps = at::empty({2 * n_iters, B + Bt}, acc_opts);
-  at::Tensor potentials = at::empty({2 * n_iters, 1 + B + Bt}, acc_opts.dtype(at::kDouble));
+  at::Tensor steps = at::empty({0}, acc_opts);  // the CUDA kernels' increments; unused here
+  at::Tensor state = at::empty({2 * n_iters, 1 + 2 * (B + Bt)}, acc_opts.dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "sinkhorn_fwd", [&] {
     using acc_t = Acc<scalar_t>;
@@ -387,20 +430,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     softmax_rows<acc_t, acc_t>(zt.data_ptr<acc_t>(), Bt, C, C, temperature, t);
     if (B == 0 || Bt == 0) {  // an empty plan: the loss is 0
       loss.fill_(0);
-      steps.zero_(), potentials.zero_();
+      state.zero_();
       return;
     }
     const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
     const std::vector<acc_t> tT = transpose_padded(t, p);
     std::vector<acc_t> W(B * p.Bp);
     cost_matrix(s, tT.data(), p, W.data());
-    const History<acc_t> hist{steps.data_ptr<acc_t>(), potentials.data_ptr<double>(), B, Bt};
-    const acc_t total = sinkhorn_iterations(W.data(), p, n_iters, hist);
-    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(scale) * total;
     acc_t* cost_p = cost.data_ptr<acc_t>();
     for (int64_t i = 0; i < B; ++i) std::copy(W.begin() + i * p.Bp, W.begin() + i * p.Bp + Bt, cost_p + i * Bt);
+    double total;
+    if (wide_iterations<acc_t>(epsilon)) {
+      const auto pd = make_problem<double>(B, Bt, C, epsilon);
+      const std::vector<double> Wd = padded<double>(cost_p, B, Bt, pd.Bp);
+      total = sinkhorn_iterations(Wd.data(), pd, n_iters, History<double>{state.data_ptr<double>(), B, Bt, 2 * n_iters});
+    } else {
+      total = sinkhorn_iterations(W.data(), p, n_iters, History<acc_t>{state.data_ptr<double>(), B, Bt, 2 * n_iters});
+    }
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(scale * total);
   });
-  return {loss, probs_s, probs_t, cost, steps, potentials};
+  return {loss, probs_s, probs_t, cost, steps, state};
 }
 
 // One term of the adjoint: x̄ −= diag(α)·K_e·diag(β).
@@ -412,13 +461,12 @@ struct Term {
 // The adjoint recursion (see the file comment) → W̄ contracted with the signs of the cost, → z̄.
 template <typename scalar_t, typename acc_t>
 void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, double temperature, const acc_t* s,
-                       const acc_t* t, const acc_t* cost, const History<acc_t>& hist, scalar_t* out) {
+                       const acc_t* t, const std::vector<acc_t>& W, const History<acc_t>& hist, scalar_t* out) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t B = p.B, Bp = p.Bp, H = 2 * n_iters;
   const std::vector<acc_t> tT = transpose_padded(t, p);
-  std::vector<acc_t> W(B * Bp, acc_t(0)), K(B * Bp);
-  for (int64_t i = 0; i < B; ++i) std::copy(cost + i * p.Bt, cost + (i + 1) * p.Bt, W.begin() + i * Bp);
+  std::vector<acc_t> K(B * Bp);
   std::vector<double> G(Bp, 0.0);
   int64_t current = -1;  // the epoch whose kernel K holds
   const auto use_epoch = [&](int64_t h) {
@@ -490,34 +538,50 @@ void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, doubl
   const acc_t inv_T = acc_t(1) / static_cast<acc_t>(temperature);
   const int64_t C = p.C;
   at::parallel_for(0, B, row_grain(Bp * (C + static_cast<int64_t>(terms.size()))), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> wbar(Bp), acc(Bp), Krow(Bp), sbar(C);
+    std::vector<acc_t> wbar(Bp), acc(Bp), Krow(Bp), sbar(C), coef;
+    std::vector<const acc_t*> rows;
     for (int64_t i = begin; i < end; ++i) {
       std::fill(wbar.begin(), wbar.end(), acc_t(0));
       for (const int64_t e : epochs) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        if (e == final_epoch) {
-          const Vec g(gs * hist.u(H)[i]), one(acc_t(1)), ie(inv_eps);
-          for (int64_t j = 0; j < Bp; j += V) {
-            const Vec w = Vec::loadu(W.data() + i * Bp + j);
-            (g * Vec::loadu(v_of(H) + j) * (one - w * ie)).store(acc.data() + j);
-          }
-        }
+        // acc = [e final: gs·u_i·v⊙(1 − W_i·/ε)] + (1/ε)·Σ_{terms of e} α_i·β, in blocks of 4 vectors
+        // held in registers while the terms stream past
+        std::vector<acc_t>& a_i = coef;
+        std::vector<const acc_t*>& b_of = rows;
+        a_i.clear(), b_of.clear();
         for (size_t q = 0; q < terms.size(); ++q) {
           if (terms[q].epoch != e) continue;
-          const Vec a(alpha[q * B + i] * inv_eps);
-          const acc_t* b = beta.data() + q * Bp;
-          for (int64_t j = 0; j < Bp; j += V) at::vec::fmadd(a, Vec::loadu(b + j), Vec::loadu(acc.data() + j)).store(acc.data() + j);
+          a_i.push_back(alpha[q * B + i] * inv_eps);
+          b_of.push_back(beta.data() + q * Bp);
         }
+        const bool with_final = e == final_epoch;
+        const Vec g(gs * hist.u(H)[i]), one(acc_t(1)), ie(inv_eps);
+        const acc_t* Wi = W.data() + i * Bp;
+        const acc_t* vH = v_of(H);
+        const auto block = [&](int64_t j, int64_t nv) {
+          Vec r[4];
+          for (int64_t l = 0; l < nv; ++l) {
+            r[l] = with_final ? g * Vec::loadu(vH + j + l * V) * (one - Vec::loadu(Wi + j + l * V) * ie) : Vec(acc_t(0));
+          }
+          for (size_t q = 0; q < a_i.size(); ++q) {
+            const Vec a(a_i[q]);
+            for (int64_t l = 0; l < nv; ++l) r[l] = at::vec::fmadd(a, Vec::loadu(b_of[q] + j + l * V), r[l]);
+          }
+          for (int64_t l = 0; l < nv; ++l) r[l].store(acc.data() + j + l * V);
+        };
+        int64_t j = 0;
+        for (; j + 4 * V <= Bp; j += 4 * V) block(j, 4);
+        for (; j < Bp; j += V) block(j, 1);
         const acc_t* Ke = K.data() + i * Bp;
         if (e != current) {
           const int64_t h = epoch_h(e);
           std::vector<double> Ge(hist.G(h), hist.G(h) + p.Bt);
           Ge.resize(Bp, 0.0);
-          kernel_row(W.data() + i * Bp, hist.F(h)[i], Ge.data(), p, Krow.data());
+          kernel_row(Wi, hist.F(h)[i], Ge.data(), p, Krow.data());
           Ke = Krow.data();
         }
-        for (int64_t j = 0; j < Bp; j += V)
-          at::vec::fmadd(Vec::loadu(Ke + j), Vec::loadu(acc.data() + j), Vec::loadu(wbar.data() + j)).store(wbar.data() + j);
+        for (int64_t j2 = 0; j2 < Bp; j2 += V)
+          at::vec::fmadd(Vec::loadu(Ke + j2), Vec::loadu(acc.data() + j2), Vec::loadu(wbar.data() + j2))
+              .store(wbar.data() + j2);
       }
       const acc_t* si = s + i * C;
       acc_t dot = 0;
@@ -539,7 +603,7 @@ void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, doubl
 
 at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits, const at::Tensor& probs_s,
                         const at::Tensor& probs_t, const at::Tensor& cost, const at::Tensor& steps,
-                        const at::Tensor& potentials, const at::Tensor& temperature_t, const at::Tensor& epsilon_t,
+                        const at::Tensor& state, const at::Tensor& temperature_t, const at::Tensor& epsilon_t,
                         const at::Tensor& scale_t) {
   const double temperature = float_arg(temperature_t, "temperature");
   const double epsilon = float_arg(epsilon_t, "epsilon");
@@ -552,34 +616,41 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one element, got ", grad.numel());
   const int64_t B = student_logits.size(0), C = student_logits.size(1);
   const auto acc = acc_type(student_logits.scalar_type());
-  for (const auto* t : {&probs_s, &probs_t, &cost, &steps}) {
+  for (const auto* t : {&probs_s, &probs_t, &cost}) {
     check_cpu_float(*t, "saved tensor");
     TORCH_CHECK_VALUE(t->scalar_type() == acc && t->dim() == 2, "saved tensors must be 2-D ", acc);
   }
-  check_cpu_float(potentials, "potentials");
-  const int64_t Bt = probs_t.size(0), H = steps.size(0);
+  check_cpu_float(steps, "steps");
+  check_cpu_float(state, "state");
+  const int64_t Bt = probs_t.size(0), H = state.dim() == 2 ? state.size(0) : 0;
   TORCH_CHECK_VALUE(probs_s.size(0) == B && probs_s.size(1) == C && probs_t.size(1) == C,
                     "probabilities must be [B, C] and [B', C]");
   TORCH_CHECK_VALUE(cost.size(0) == B && cost.size(1) == Bt, "cost must be [B, B'], got ", cost.sizes());
-  TORCH_CHECK_VALUE(H >= 2 && H % 2 == 0 && steps.size(1) == B + Bt, "steps must be [2·n_iters, B + B'], got ",
-                    steps.sizes());
-  TORCH_CHECK_VALUE(potentials.scalar_type() == at::kDouble && potentials.dim() == 2 && potentials.size(0) == H &&
-                        potentials.size(1) == 1 + B + Bt,
-                    "potentials must be float64 [2·n_iters, 1 + B + B'], got ", potentials.sizes());
+  TORCH_CHECK_VALUE(state.scalar_type() == at::kDouble && state.dim() == 2 && H >= 2 && H % 2 == 0 &&
+                        state.size(1) == 1 + 2 * (B + Bt),
+                    "state must be float64 [2·n_iters, 1 + 2(B + B')], got ", state.sizes());
   at::Tensor grad_student = at::empty({B, C}, student_logits.options());
   if (B == 0 || Bt == 0) return grad_student.zero_();
   const auto s_t = probs_s.contiguous(), t_t = probs_t.contiguous(), W_t = cost.contiguous();
-  const auto steps_t = steps.contiguous(), pot_t = potentials.contiguous();
+  const auto state_t = state.contiguous();
   const auto g_scalar = grad.to(acc);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "sinkhorn_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
-    const acc_t gs = static_cast<acc_t>(scale) * g_scalar.data_ptr<acc_t>()[0];
-    const History<acc_t> hist{const_cast<acc_t*>(steps_t.data_ptr<acc_t>()), const_cast<double*>(pot_t.data_ptr<double>()),
-                              B, Bt};
-    sinkhorn_backward<scalar_t, acc_t>(p, H / 2, gs, temperature, s_t.data_ptr<acc_t>(), t_t.data_ptr<acc_t>(),
-                                       W_t.data_ptr<acc_t>(), hist, grad_student.data_ptr<scalar_t>());
+    const double gs = scale * static_cast<double>(g_scalar.data_ptr<acc_t>()[0]);
+    const auto run = [&](auto work) {
+      using work_t = decltype(work);
+      const auto p = make_problem<work_t>(B, Bt, C, epsilon);
+      const std::vector<work_t> s = padded<work_t>(s_t.data_ptr<acc_t>(), B, C, C);
+      const std::vector<work_t> t = padded<work_t>(t_t.data_ptr<acc_t>(), Bt, C, C);
+      const std::vector<work_t> W = padded<work_t>(W_t.data_ptr<acc_t>(), B, Bt, p.Bp);
+      History<work_t> hist{const_cast<double*>(state_t.data_ptr<double>()), B, Bt, H};
+      hist.load();
+      sinkhorn_backward<scalar_t, work_t>(p, H / 2, static_cast<work_t>(gs), temperature, s.data(), t.data(), W, hist,
+                                          grad_student.data_ptr<scalar_t>());
+    };
+    if (wide_iterations<acc_t>(epsilon)) run(double());
+    else run(acc_t());
   });
   return grad_student;
 }

@@ -47,22 +47,32 @@ def _sinkhorn_fwd_fake(student_logits, teacher_logits, temperature, epsilon, n_i
         student_logits.new_empty((batch, classes), dtype=acc),
         student_logits.new_empty((batch_t, classes), dtype=acc),
         student_logits.new_empty((batch, batch_t), dtype=acc),
-        student_logits.new_empty((2 * n_iters, batch + batch_t), dtype=acc),
-        student_logits.new_empty((2 * n_iters, 1 + batch + batch_t), dtype=torch.float64),
+        *_state_fakes(student_logits, batch, batch_t, n_iters, acc),
     )
 
 
+def _state_fakes(student_logits, batch, batch_t, n_iters, acc):
+    """The backward state: on CUDA the log-domain increments ``[n_iters, B + B']`` (accumulation
+    dtype) and an empty float64 tensor; on the CPU an empty tensor and the stabilised iterations'
+    history ``[2·n_iters, 1 + 2(B + B')]`` (float64)."""
+    if student_logits.device.type == "cuda":
+        return (student_logits.new_empty((n_iters, batch + batch_t), dtype=acc),
+                student_logits.new_empty((0,), dtype=torch.float64))
+    return (student_logits.new_empty((0,), dtype=acc),
+            student_logits.new_empty((2 * n_iters, 1 + 2 * (batch + batch_t)), dtype=torch.float64))
+
+
 @torch.library.register_fake("kdloss::sinkhorn_bwd")
-def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, steps, potentials, temperature,
+def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, steps, state, temperature,
                        epsilon, scale):
     return student_logits.new_empty(student_logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
     student_logits, _teacher, temperature, epsilon, _n_iters, scale = inputs
-    _loss, probs_s, probs_t, cost, steps, potentials = output
-    ctx.mark_non_differentiable(probs_s, probs_t, cost, steps, potentials)
-    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, steps, potentials, temperature, epsilon, scale)
+    _loss, probs_s, probs_t, cost, steps, state = output
+    ctx.mark_non_differentiable(probs_s, probs_t, cost, steps, state)
+    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, steps, state, temperature, epsilon, scale)
 
 
 def _sinkhorn_backward(ctx, grad, *_unused):
