@@ -61,7 +61,7 @@ struct SafeRange<float> {
 };
 template <>
 struct SafeRange<double> {
-  static constexpr double lo = 1e-100, hi = 1e100;
+  static constexpr double lo = 1e-30, hi = 1e30;
 };
 
 template <typename acc_t>
@@ -290,6 +290,314 @@ bool in_safe_range(const acc_t* x, int64_t n) {
   return true;
 }
 
+// ------------------------------------------------------------------------------------------
+// The log-domain recursion, for ε < kLogDomainEpsilon. There the adjoint's W̄ −= x̄/ε amplifies any
+// rounding of x̄ by 2/ε; the stabilised scalings carry a relative rounding of a few ulps even where
+// a plan saturates at 0 or 1, while the log-domain iterate (x ← x − lse) is then exactly 0 and x̄
+// exactly 0. The iterate x is kept and updated in place, exactly as the reference computes it, and
+// the increments a, b of every half-step are saved; the backward regenerates the forward's iterates
+// bitwise by replaying the subtractions from checkpoints stored every ⌈√(2n)⌉ half-steps.
+namespace logdomain {
+
+
+// Columns per task of a column-block pass (in vectors): 32 vectors = 1 KiB of fp32 per row, so a
+// task streams long contiguous row segments (short segments at a stride of B' elements defeat the
+// hardware prefetcher); its per-column accumulators stay in L1.
+constexpr int64_t kBlockVecs = 32;
+
+// Grain of the B×B' passes: a pass is one parallel region, and a recursion runs 2·n_iters of them,
+// so each task gets at least ~2^18 elements (~0.1 ms of exp) — small plans run on one thread
+// instead of paying a fork/join per half-step (which costs milliseconds on a loaded machine).
+inline int64_t pass_grain(int64_t work_per_unit) {
+  constexpr int64_t kMinWork = int64_t(1) << 18;
+  const int64_t w = work_per_unit > 0 ? work_per_unit : 1;
+  return std::max<int64_t>(row_grain(w), (kMinWork + w - 1) / w);
+}
+
+
+template <typename acc_t>
+struct Problem {
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t V = Vec::size();
+  int64_t B, Bt, Bp, C;  // rows (student), columns (teacher), padded row length, classes
+  acc_t eps;
+
+  int64_t blocks() const { return (Bp / V + kBlockVecs - 1) / kBlockVecs; }
+  // column range [j0, j1) of block q (multiples of V)
+  int64_t block_begin(int64_t q) const { return q * kBlockVecs * V; }
+  int64_t block_end(int64_t q) const { return std::min(Bp, (q + 1) * kBlockVecs * V); }
+};
+
+
+template <typename acc_t>
+acc_t vec_max(const at::vec::Vectorized<acc_t>& v) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// tT[c, j] = t[j, c], zero-padded to Bp columns.
+template <typename acc_t>
+std::vector<acc_t> transpose_padded(const acc_t* t, const Problem<acc_t>& p) {
+  std::vector<acc_t> tT(p.C * p.Bp, acc_t(0));
+  for (int64_t j = 0; j < p.Bt; ++j)
+    for (int64_t c = 0; c < p.C; ++c) tT[c * p.Bp + j] = t[j * p.C + c];
+  return tT;
+}
+
+template <typename acc_t>
+Problem<acc_t> make_problem(int64_t B, int64_t Bt, int64_t C, double epsilon) {
+  constexpr int64_t V = at::vec::Vectorized<acc_t>::size();
+  return {B, Bt, (Bt + V - 1) / V * V, C, static_cast<acc_t>(epsilon)};
+}
+
+// X = −W/ε (pads −inf) from the padded cost W [B, Bp].
+template <typename acc_t>
+void initial_iterate(const acc_t* W, const Problem<acc_t>& p, acc_t* X) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec veps(p.eps), zero(acc_t(0));
+  for (int64_t i = 0; i < p.B; ++i) {
+    for (int64_t j = 0; j < p.Bp; j += V) ((zero - Vec::loadu(W + i * p.Bp + j)) / veps).store(X + i * p.Bp + j);
+    for (int64_t j = p.Bt; j < p.Bp; ++j) X[i * p.Bp + j] = -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
+// Row step: x_ij ← x_ij − b_j (the pending column step; none for the first row step), then
+// a_i = lse_j(x_ij) and x_ij ← x_ij − a_i, for every row (parallel over rows; the row stays in L1).
+template <typename acc_t>
+void row_step(acc_t* X, const acc_t* b_prev, const Problem<acc_t>& p, acc_t* a) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, p.B, pass_grain(3 * p.Bp), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t* Xi = X + i * p.Bp;
+      Vec m(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t j = 0; j < p.Bp; j += V) {
+        Vec x = Vec::loadu(Xi + j);
+        if (b_prev) {
+          x = x - Vec::loadu(b_prev + j);
+          x.store(Xi + j);
+        }
+        m = at::vec::maximum(m, x);
+      }
+      const acc_t mx = vec_max(m);
+      const Vec vmx(mx);
+      Vec sum(acc_t(0));
+      for (int64_t j = 0; j < p.Bp; j += V) sum = sum + vexp(Vec::loadu(Xi + j) - vmx);
+      const acc_t ai = mx + std::log(vec_sum(sum));
+      a[i] = ai;
+      const Vec va(ai);
+      for (int64_t j = 0; j < p.Bp; j += V) (Vec::loadu(Xi + j) - va).store(Xi + j);
+    }
+  });
+}
+
+// Column step: b_j = lse_i(x_ij) (parallel over column blocks; pads get b = 0). The subtraction
+// x ← x − b is left to the next row pass.
+template <typename acc_t>
+void col_step(const acc_t* X, const Problem<acc_t>& p, acc_t* b) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, p.blocks(), pass_grain(2 * p.B * kBlockVecs * V), [&](int64_t qb, int64_t qe) {
+    for (int64_t q = qb; q < qe; ++q) {
+      const int64_t j0 = p.block_begin(q), nv = (p.block_end(q) - j0) / V;
+      Vec m[kBlockVecs], sum[kBlockVecs];
+      for (int64_t k = 0; k < nv; ++k) m[k] = Vec(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t i = 0; i < p.B; ++i) {
+        const acc_t* Xi = X + i * p.Bp + j0;
+        for (int64_t k = 0; k < nv; ++k) m[k] = at::vec::maximum(m[k], Vec::loadu(Xi + k * V));
+      }
+      for (int64_t k = 0; k < nv; ++k) sum[k] = Vec(acc_t(0));
+      for (int64_t i = 0; i < p.B; ++i) {
+        const acc_t* Xi = X + i * p.Bp + j0;
+        for (int64_t k = 0; k < nv; ++k) sum[k] = sum[k] + vexp(Vec::loadu(Xi + k * V) - m[k]);
+      }
+      for (int64_t k = 0; k < nv; ++k) (m[k] + sum[k].log()).store(b + j0 + k * V);
+    }
+  });
+  for (int64_t j = p.Bt; j < p.Bp; ++j) b[j] = acc_t(0);  // pads: −inf columns would give NaN
+}
+
+// The iterates of the forward, regenerated bitwise: state(h) is the iterate after h half-steps
+// (state 0 = −W/ε; half-step t subtracts a_{t/2} from the rows for even t, b_{t/2} from the columns
+// for odd t), replayed with the forward's subtractions from the nearest stored checkpoint below h.
+template <typename acc_t>
+struct Replay {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t* L;     // state 0, [B, Bp]
+  const acc_t* ckpt;  // states m, 2m, …: [⌊2n/m⌋, B, Bp]
+  const acc_t* a;     // [n, B] row increments
+  const acc_t* b;     // [n, Bp] column increments, pads 0
+  int64_t B, Bp, m;
+
+  Vec state(int64_t h, int64_t i, int64_t j) const {
+    const int64_t c = h / m;
+    Vec x = Vec::loadu((c == 0 ? L : ckpt + (c - 1) * B * Bp) + i * Bp + j);
+    for (int64_t t = c * m; t < h; ++t) {
+      x = (t % 2 == 0) ? x - Vec(a[(t / 2) * B + i]) : x - Vec::loadu(b + (t / 2) * Bp + j);
+    }
+    return x;
+  }
+};
+
+
+// The forward from the padded cost W: the increments a [n, B] and b [n, B'] to ah, bh; returns Σ P⊙W.
+template <typename acc_t>
+acc_t iterations(const acc_t* Wsrc, const Problem<acc_t>& p, int64_t n_iters, acc_t* ah, acc_t* bh) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t B = p.B, Bt = p.Bt;
+  std::vector<acc_t> W(Wsrc, Wsrc + B * p.Bp), X(B * p.Bp), b(p.Bp, acc_t(0));
+  initial_iterate(W.data(), p, X.data());
+  for (int64_t k = 0; k < n_iters; ++k) {
+    row_step(X.data(), k > 0 ? b.data() : nullptr, p, ah + k * B);
+    col_step(X.data(), p, b.data());
+    std::copy(b.begin(), b.begin() + Bt, bh + k * Bt);
+  }
+  std::vector<acc_t> row_sums(B);
+  at::parallel_for(0, B, pass_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* Xi = X.data() + i * p.Bp;
+      const acc_t* Wi = W.data() + i * p.Bp;
+      Vec acc(acc_t(0));
+      for (int64_t j = 0; j < p.Bp; j += V) {
+        acc = acc + vexp(Vec::loadu(Xi + j) - Vec::loadu(b.data() + j)) * Vec::loadu(Wi + j);
+      }
+      row_sums[i] = vec_sum(acc);
+    }
+  });
+  return ordered_sum(row_sums.data(), B);
+}
+
+// The adjoint recursion → ∂L/∂z_s into grad_student.
+template <typename scalar_t, typename acc_t>
+void backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs_in, double temperature, const acc_t* s,
+              const acc_t* t, const acc_t* Wsrc, const acc_t* a_src, const acc_t* bsrc, scalar_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t B = p.B, Bt = p.Bt, C = p.C;
+    const acc_t gs = gs_in;
+    const std::vector<acc_t> tT = transpose_padded(t, p);
+    // column increments, zero-padded to Bp
+    std::vector<acc_t> bp(n_iters * p.Bp, acc_t(0));
+    for (int64_t k = 0; k < n_iters; ++k) std::copy(bsrc + k * Bt, bsrc + (k + 1) * Bt, bp.begin() + k * p.Bp);
+    // padded W (pads 0) and state 0, L = −W/ε (pads −inf), computed as the forward computed it
+    std::vector<acc_t> W(B * p.Bp), L(B * p.Bp);
+    at::parallel_for(0, B, row_grain(p.Bp), [&](int64_t begin, int64_t end) {
+      const Vec veps(p.eps), zero(acc_t(0));
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* Wi = W.data() + i * p.Bp;
+        std::copy(Wsrc + i * Bt, Wsrc + (i + 1) * Bt, Wi);
+        std::fill(Wi + Bt, Wi + p.Bp, acc_t(0));
+        for (int64_t j = 0; j < p.Bp; j += V) ((zero - Vec::loadu(Wi + j)) / veps).store(L.data() + i * p.Bp + j);
+        for (int64_t j = Bt; j < p.Bp; ++j) L[i * p.Bp + j] = -std::numeric_limits<acc_t>::infinity();
+      }
+    });
+    // checkpoints: states m, 2m, … ≤ 2n, one streaming replay per row
+    const int64_t states = 2 * n_iters;
+    const int64_t every = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(states)))));
+    const int64_t n_ckpt = states / every;
+    std::vector<acc_t> ckpt(n_ckpt * B * p.Bp);
+    const Replay<acc_t> replay{L.data(), ckpt.data(), a_src, bp.data(), B, p.Bp, every};
+    at::parallel_for(0, B, pass_grain(states * p.Bp), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t j = 0; j < p.Bp; j += V) {
+          Vec x = Vec::loadu(L.data() + i * p.Bp + j);
+          for (int64_t t = 0; t < n_ckpt * every; ++t) {
+            x = (t % 2 == 0) ? x - Vec(replay.a[(t / 2) * B + i]) : x - Vec::loadu(bp.data() + (t / 2) * p.Bp + j);
+            if ((t + 1) % every == 0) x.store(ckpt.data() + ((t + 1) / every - 1) * B * p.Bp + i * p.Bp + j);
+          }
+        }
+      }
+    });
+    std::vector<acc_t> Xbar(B * p.Bp), Wbar(B * p.Bp), colsum(p.Bp), rowsum(B);
+    const int64_t block_grain = pass_grain(2 * B * kBlockVecs * V);
+    const Vec vgs(gs), inv_eps(acc_t(1) / p.eps);
+
+    // x̄ = gs·P⊙W, W̄ = gs·P with the final plan (state 2n); colsum(x̄) for the last column step.
+    at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
+      for (int64_t q = qb; q < qe; ++q) {
+        const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
+        // rows outer, the block's columns inner: contiguous row segments; sums in colsum (L1)
+        std::fill(colsum.begin() + j0, colsum.begin() + j1, acc_t(0));
+        for (int64_t i = 0; i < B; ++i) {
+          for (int64_t j = j0; j < j1; j += V) {
+            const int64_t o = i * p.Bp + j;
+            const Vec wb = vgs * vexp(replay.state(states, i, j));
+            wb.store(Wbar.data() + o);
+            const Vec xb = wb * Vec::loadu(W.data() + o);
+            xb.store(Xbar.data() + o);
+            (Vec::loadu(colsum.data() + j) + xb).store(colsum.data() + j);
+          }
+        }
+      }
+    });
+    for (int64_t k = n_iters; k >= 1; --k) {
+      // column step k (output: state 2k): x̄ −= P_col⊙colsum; then rowsum(x̄).
+      at::parallel_for(0, B, pass_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          acc_t* Xi = Xbar.data() + i * p.Bp;
+          Vec rsum(acc_t(0));
+          for (int64_t j = 0; j < p.Bp; j += V) {
+            const Vec P = vexp(replay.state(2 * k, i, j));
+            const Vec xb = Vec::loadu(Xi + j) - P * Vec::loadu(colsum.data() + j);
+            xb.store(Xi + j);
+            rsum = rsum + xb;
+          }
+          rowsum[i] = vec_sum(rsum);
+        }
+      });
+      // row step k (output: state 2k − 1): x̄ −= P_row⊙rowsum; then colsum(x̄) for column step k − 1,
+      // or, after the first step, W̄ −= x̄/ε.
+      const bool last = k == 1;
+      at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
+        for (int64_t q = qb; q < qe; ++q) {
+          const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
+          std::fill(colsum.begin() + j0, colsum.begin() + j1, acc_t(0));
+          for (int64_t i = 0; i < B; ++i) {
+            const Vec ri(rowsum[i]);
+            for (int64_t j = j0; j < j1; j += V) {
+              const int64_t o = i * p.Bp + j;
+              const Vec P = vexp(replay.state(2 * k - 1, i, j));
+              const Vec xb = Vec::loadu(Xbar.data() + o) - P * ri;
+              if (last) {
+                (Vec::loadu(Wbar.data() + o) - xb * inv_eps).store(Wbar.data() + o);
+              } else {
+                xb.store(Xbar.data() + o);
+                (Vec::loadu(colsum.data() + j) + xb).store(colsum.data() + j);
+              }
+            }
+          }
+        }
+      });
+    }
+    // s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc); z̄ = (1/T)·s⊙(s̄ − ⟨s̄, s⟩)
+    const acc_t inv_T = acc_t(1) / static_cast<acc_t>(temperature);
+    at::parallel_for(0, B, row_grain(p.Bp * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sbar(C);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* si = s + i * C;
+        const acc_t* Wb = Wbar.data() + i * p.Bp;
+        acc_t dot = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec sc(si[c]);
+          const acc_t* tc = tT.data() + c * p.Bp;
+          Vec a(acc_t(0));
+          for (int64_t j = 0; j < p.Bp; j += V) {
+            const Vec tj = Vec::loadu(tc + j);
+            a = a + Vec::loadu(Wb + j) * (sc.gt(tj) - sc.lt(tj));
+          }
+          sbar[c] = vec_sum(a);
+          dot += sbar[c] * si[c];
+        }
+        for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
+      }
+    });
+
+}
+
+}  // namespace logdomain
+
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   check_cpu_float(student, "student_logits");
   check_cpu_float(teacher, "teacher_logits");
@@ -313,15 +621,10 @@ Problem<acc_t> make_problem(int64_t B, int64_t Bt, int64_t C, double epsilon) {
   return {B, Bt, (Bt + V - 1) / V * V, C, epsilon};
 }
 
-// Below this ε a float32 problem iterates in float64: the gradient divides the adjoint of the
-// iterate by ε, and the relative rounding of float32 scalings (~1e-7, which the log-domain recursion
-// does not have where a plan saturates at 0 or 1) would be amplified to ~1e-7·2/ε.
-constexpr double kWideEpsilon = 0.02;
-
-template <typename acc_t>
-bool wide_iterations(double epsilon) {
-  return !std::is_same<acc_t, double>::value && epsilon < kWideEpsilon;
-}
+// Below this ε the log-domain recursion runs (namespace logdomain): the gradient divides the
+// adjoint of the iterate by ε, and the relative rounding of the scalings (a few ulps, which the
+// log-domain iterate does not have where a plan saturates at 0 or 1) would be amplified by 2/ε.
+constexpr double kLogDomainEpsilon = 0.02;
 
 // x [rows, cols] → [rows, stride] in work_t, pads 0.
 template <typename work_t, typename src_t>
@@ -439,15 +742,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     cost_matrix(s, tT.data(), p, W.data());
     acc_t* cost_p = cost.data_ptr<acc_t>();
     for (int64_t i = 0; i < B; ++i) std::copy(W.begin() + i * p.Bp, W.begin() + i * p.Bp + Bt, cost_p + i * Bt);
-    double total;
-    if (wide_iterations<acc_t>(epsilon)) {
-      const auto pd = make_problem<double>(B, Bt, C, epsilon);
-      const std::vector<double> Wd = padded<double>(cost_p, B, Bt, pd.Bp);
-      total = sinkhorn_iterations(Wd.data(), pd, n_iters, History<double>{state.data_ptr<double>(), B, Bt, 2 * n_iters});
+    double* state_p = state.data_ptr<double>();
+    acc_t total;
+    if (epsilon < kLogDomainEpsilon) {  // increments a [n, B] then b [n, B'] at the start of `state`
+      std::vector<acc_t> ah(n_iters * B), bh(n_iters * Bt);
+      total = logdomain::iterations(W.data(), logdomain::make_problem<acc_t>(B, Bt, C, epsilon), n_iters, ah.data(),
+                                    bh.data());
+      std::fill(state_p, state_p + state.numel(), 0.0);
+      std::copy(ah.begin(), ah.end(), state_p);
+      std::copy(bh.begin(), bh.end(), state_p + n_iters * B);
     } else {
-      total = sinkhorn_iterations(W.data(), p, n_iters, History<acc_t>{state.data_ptr<double>(), B, Bt, 2 * n_iters});
+      total = sinkhorn_iterations(W.data(), p, n_iters, History<acc_t>{state_p, B, Bt, 2 * n_iters});
     }
-    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(scale * total);
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(scale) * total;
   });
   return {loss, probs_s, probs_t, cost, steps, state};
 }
@@ -543,30 +850,34 @@ void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, doubl
     for (int64_t i = begin; i < end; ++i) {
       std::fill(wbar.begin(), wbar.end(), acc_t(0));
       for (const int64_t e : epochs) {
-        // acc = [e final: gs·u_i·v⊙(1 − W_i·/ε)] + (1/ε)·Σ_{terms of e} α_i·β, in blocks of 4 vectors
-        // held in registers while the terms stream past
+        // x̄_i· restricted to epoch e: K_e ⊙ y with y = [e final: gs·u_i·v⊙W_i·] − Σ_{terms of e} α_i·β,
+        // formed without the 1/ε (where the plan saturates y cancels exactly, and stays 0); in blocks
+        // of 4 vectors held in registers while the terms stream past. W̄ += K_e⊙(gs·u_i·v·[e final] − y/ε).
         std::vector<acc_t>& a_i = coef;
         std::vector<const acc_t*>& b_of = rows;
         a_i.clear(), b_of.clear();
         for (size_t q = 0; q < terms.size(); ++q) {
           if (terms[q].epoch != e) continue;
-          a_i.push_back(alpha[q * B + i] * inv_eps);
+          a_i.push_back(alpha[q * B + i]);
           b_of.push_back(beta.data() + q * Bp);
         }
         const bool with_final = e == final_epoch;
-        const Vec g(gs * hist.u(H)[i]), one(acc_t(1)), ie(inv_eps);
+        const Vec g(gs * hist.u(H)[i]), ie(inv_eps);
         const acc_t* Wi = W.data() + i * Bp;
         const acc_t* vH = v_of(H);
         const auto block = [&](int64_t j, int64_t nv) {
           Vec r[4];
           for (int64_t l = 0; l < nv; ++l) {
-            r[l] = with_final ? g * Vec::loadu(vH + j + l * V) * (one - Vec::loadu(Wi + j + l * V) * ie) : Vec(acc_t(0));
+            r[l] = with_final ? g * Vec::loadu(vH + j + l * V) * Vec::loadu(Wi + j + l * V) : Vec(acc_t(0));
           }
           for (size_t q = 0; q < a_i.size(); ++q) {
             const Vec a(a_i[q]);
-            for (int64_t l = 0; l < nv; ++l) r[l] = at::vec::fmadd(a, Vec::loadu(b_of[q] + j + l * V), r[l]);
+            for (int64_t l = 0; l < nv; ++l) r[l] = at::vec::fnmadd(a, Vec::loadu(b_of[q] + j + l * V), r[l]);
           }
-          for (int64_t l = 0; l < nv; ++l) r[l].store(acc.data() + j + l * V);
+          for (int64_t l = 0; l < nv; ++l) {
+            const Vec direct = with_final ? g * Vec::loadu(vH + j + l * V) : Vec(acc_t(0));
+            (direct - r[l] * ie).store(acc.data() + j + l * V);
+          }
         };
         int64_t j = 0;
         for (; j + 4 * V <= Bp; j += 4 * V) block(j, 4);
@@ -637,20 +948,23 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "sinkhorn_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const double gs = scale * static_cast<double>(g_scalar.data_ptr<acc_t>()[0]);
-    const auto run = [&](auto work) {
-      using work_t = decltype(work);
-      const auto p = make_problem<work_t>(B, Bt, C, epsilon);
-      const std::vector<work_t> s = padded<work_t>(s_t.data_ptr<acc_t>(), B, C, C);
-      const std::vector<work_t> t = padded<work_t>(t_t.data_ptr<acc_t>(), Bt, C, C);
-      const std::vector<work_t> W = padded<work_t>(W_t.data_ptr<acc_t>(), B, Bt, p.Bp);
-      History<work_t> hist{const_cast<double*>(state_t.data_ptr<double>()), B, Bt, H};
+    const acc_t gs = static_cast<acc_t>(scale) * g_scalar.data_ptr<acc_t>()[0];
+    const double* state_p = state_t.data_ptr<double>();
+    const acc_t* s = s_t.data_ptr<acc_t>();
+    const acc_t* t = t_t.data_ptr<acc_t>();
+    scalar_t* out = grad_student.data_ptr<scalar_t>();
+    if (epsilon < kLogDomainEpsilon) {
+      const int64_t n = H / 2;
+      const std::vector<acc_t> a(state_p, state_p + n * B), b(state_p + n * B, state_p + n * (B + Bt));
+      logdomain::backward<scalar_t, acc_t>(logdomain::make_problem<acc_t>(B, Bt, C, epsilon), n, gs, temperature, s, t,
+                                           W_t.data_ptr<acc_t>(), a.data(), b.data(), out);
+    } else {
+      const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
+      const std::vector<acc_t> W = padded<acc_t>(W_t.data_ptr<acc_t>(), B, Bt, p.Bp);
+      History<acc_t> hist{const_cast<double*>(state_p), B, Bt, H};
       hist.load();
-      sinkhorn_backward<scalar_t, work_t>(p, H / 2, static_cast<work_t>(gs), temperature, s.data(), t.data(), W, hist,
-                                          grad_student.data_ptr<scalar_t>());
-    };
-    if (wide_iterations<acc_t>(epsilon)) run(double());
-    else run(acc_t());
+      sinkhorn_backward<scalar_t, acc_t>(p, H / 2, gs, temperature, s, t, W, hist, out);
+    }
   });
   return grad_student;
 }
