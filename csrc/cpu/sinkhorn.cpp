@@ -52,7 +52,8 @@ constexpr int64_t kChunkElems = int64_t(1) << 18;
 
 // The range the scalings u, v may take before they are absorbed into the potentials. Kernel entries
 // below the smallest normal number flush to 0; with u, v in range, an entry lost that way carries at
-// most hi²·FLT_MIN ≈ 1e-18 (hi²·DBL_MIN ≈ 1e-292 in fp64; its narrower range rebuilds more often but keeps those paths exercised by float64 tests) of plan mass.
+// most hi²·FLT_MIN ≈ 1e-18 (hi²·DBL_MIN ≈ 1e-292 in fp64; its narrower range rebuilds more often but keeps those paths
+// exercised by float64 tests) of plan mass.
 template <typename acc_t>
 struct SafeRange;
 template <>
@@ -299,7 +300,6 @@ bool in_safe_range(const acc_t* x, int64_t n) {
 // bitwise by replaying the subtractions from checkpoints stored every ⌈√(2n)⌉ half-steps.
 namespace logdomain {
 
-
 // Columns per task of a column-block pass (in vectors): 32 vectors = 1 KiB of fp32 per row, so a
 // task streams long contiguous row segments (short segments at a stride of B' elements defeat the
 // hardware prefetcher); its per-column accumulators stay in L1.
@@ -314,7 +314,6 @@ inline int64_t pass_grain(int64_t work_per_unit) {
   return std::max<int64_t>(row_grain(w), (kMinWork + w - 1) / w);
 }
 
-
 template <typename acc_t>
 struct Problem {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -327,7 +326,6 @@ struct Problem {
   int64_t block_begin(int64_t q) const { return q * kBlockVecs * V; }
   int64_t block_end(int64_t q) const { return std::min(Bp, (q + 1) * kBlockVecs * V); }
 };
-
 
 template <typename acc_t>
 acc_t vec_max(const at::vec::Vectorized<acc_t>& v) {
@@ -440,7 +438,6 @@ struct Replay {
   }
 };
 
-
 // The forward from the padded cost W: the increments a [n, B] and b [n, B'] to ah, bh; returns Σ P⊙W.
 template <typename acc_t>
 acc_t iterations(const acc_t* Wsrc, const Problem<acc_t>& p, int64_t n_iters, acc_t* ah, acc_t* bh) {
@@ -471,129 +468,128 @@ acc_t iterations(const acc_t* Wsrc, const Problem<acc_t>& p, int64_t n_iters, ac
 
 // The adjoint recursion → ∂L/∂z_s into grad_student.
 template <typename scalar_t, typename acc_t>
-void backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs_in, double temperature, const acc_t* s,
-              const acc_t* t, const acc_t* Wsrc, const acc_t* a_src, const acc_t* bsrc, scalar_t* out) {
+void backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs_in, double temperature, const acc_t* s, const acc_t* t,
+              const acc_t* Wsrc, const acc_t* a_src, const acc_t* bsrc, scalar_t* out) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t B = p.B, Bt = p.Bt, C = p.C;
-    const acc_t gs = gs_in;
-    const std::vector<acc_t> tT = transpose_padded(t, p);
-    // column increments, zero-padded to Bp
-    std::vector<acc_t> bp(n_iters * p.Bp, acc_t(0));
-    for (int64_t k = 0; k < n_iters; ++k) std::copy(bsrc + k * Bt, bsrc + (k + 1) * Bt, bp.begin() + k * p.Bp);
-    // padded W (pads 0) and state 0, L = −W/ε (pads −inf), computed as the forward computed it
-    std::vector<acc_t> W(B * p.Bp), L(B * p.Bp);
-    at::parallel_for(0, B, row_grain(p.Bp), [&](int64_t begin, int64_t end) {
-      const Vec veps(p.eps), zero(acc_t(0));
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t* Wi = W.data() + i * p.Bp;
-        std::copy(Wsrc + i * Bt, Wsrc + (i + 1) * Bt, Wi);
-        std::fill(Wi + Bt, Wi + p.Bp, acc_t(0));
-        for (int64_t j = 0; j < p.Bp; j += V) ((zero - Vec::loadu(Wi + j)) / veps).store(L.data() + i * p.Bp + j);
-        for (int64_t j = Bt; j < p.Bp; ++j) L[i * p.Bp + j] = -std::numeric_limits<acc_t>::infinity();
-      }
-    });
-    // checkpoints: states m, 2m, … ≤ 2n, one streaming replay per row
-    const int64_t states = 2 * n_iters;
-    const int64_t every = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(states)))));
-    const int64_t n_ckpt = states / every;
-    std::vector<acc_t> ckpt(n_ckpt * B * p.Bp);
-    const Replay<acc_t> replay{L.data(), ckpt.data(), a_src, bp.data(), B, p.Bp, every};
-    at::parallel_for(0, B, pass_grain(states * p.Bp), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < p.Bp; j += V) {
-          Vec x = Vec::loadu(L.data() + i * p.Bp + j);
-          for (int64_t t = 0; t < n_ckpt * every; ++t) {
-            x = (t % 2 == 0) ? x - Vec(replay.a[(t / 2) * B + i]) : x - Vec::loadu(bp.data() + (t / 2) * p.Bp + j);
-            if ((t + 1) % every == 0) x.store(ckpt.data() + ((t + 1) / every - 1) * B * p.Bp + i * p.Bp + j);
-          }
+  const acc_t gs = gs_in;
+  const std::vector<acc_t> tT = transpose_padded(t, p);
+  // column increments, zero-padded to Bp
+  std::vector<acc_t> bp(n_iters * p.Bp, acc_t(0));
+  for (int64_t k = 0; k < n_iters; ++k) std::copy(bsrc + k * Bt, bsrc + (k + 1) * Bt, bp.begin() + k * p.Bp);
+  // padded W (pads 0) and state 0, L = −W/ε (pads −inf), computed as the forward computed it
+  std::vector<acc_t> W(B * p.Bp), L(B * p.Bp);
+  at::parallel_for(0, B, row_grain(p.Bp), [&](int64_t begin, int64_t end) {
+    const Vec veps(p.eps), zero(acc_t(0));
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t* Wi = W.data() + i * p.Bp;
+      std::copy(Wsrc + i * Bt, Wsrc + (i + 1) * Bt, Wi);
+      std::fill(Wi + Bt, Wi + p.Bp, acc_t(0));
+      for (int64_t j = 0; j < p.Bp; j += V) ((zero - Vec::loadu(Wi + j)) / veps).store(L.data() + i * p.Bp + j);
+      for (int64_t j = Bt; j < p.Bp; ++j) L[i * p.Bp + j] = -std::numeric_limits<acc_t>::infinity();
+    }
+  });
+  // checkpoints: states m, 2m, … ≤ 2n, one streaming replay per row
+  const int64_t states = 2 * n_iters;
+  const int64_t every = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(states)))));
+  const int64_t n_ckpt = states / every;
+  std::vector<acc_t> ckpt(n_ckpt * B * p.Bp);
+  const Replay<acc_t> replay{L.data(), ckpt.data(), a_src, bp.data(), B, p.Bp, every};
+  at::parallel_for(0, B, pass_grain(states * p.Bp), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < p.Bp; j += V) {
+        Vec x = Vec::loadu(L.data() + i * p.Bp + j);
+        for (int64_t t = 0; t < n_ckpt * every; ++t) {
+          x = (t % 2 == 0) ? x - Vec(replay.a[(t / 2) * B + i]) : x - Vec::loadu(bp.data() + (t / 2) * p.Bp + j);
+          if ((t + 1) % every == 0) x.store(ckpt.data() + ((t + 1) / every - 1) * B * p.Bp + i * p.Bp + j);
         }
       }
-    });
-    std::vector<acc_t> Xbar(B * p.Bp), Wbar(B * p.Bp), colsum(p.Bp), rowsum(B);
-    const int64_t block_grain = pass_grain(2 * B * kBlockVecs * V);
-    const Vec vgs(gs), inv_eps(acc_t(1) / p.eps);
+    }
+  });
+  std::vector<acc_t> Xbar(B * p.Bp), Wbar(B * p.Bp), colsum(p.Bp), rowsum(B);
+  const int64_t block_grain = pass_grain(2 * B * kBlockVecs * V);
+  const Vec vgs(gs), inv_eps(acc_t(1) / p.eps);
 
-    // x̄ = gs·P⊙W, W̄ = gs·P with the final plan (state 2n); colsum(x̄) for the last column step.
+  // x̄ = gs·P⊙W, W̄ = gs·P with the final plan (state 2n); colsum(x̄) for the last column step.
+  at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
+    for (int64_t q = qb; q < qe; ++q) {
+      const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
+      // rows outer, the block's columns inner: contiguous row segments; sums in colsum (L1)
+      std::fill(colsum.begin() + j0, colsum.begin() + j1, acc_t(0));
+      for (int64_t i = 0; i < B; ++i) {
+        for (int64_t j = j0; j < j1; j += V) {
+          const int64_t o = i * p.Bp + j;
+          const Vec wb = vgs * vexp(replay.state(states, i, j));
+          wb.store(Wbar.data() + o);
+          const Vec xb = wb * Vec::loadu(W.data() + o);
+          xb.store(Xbar.data() + o);
+          (Vec::loadu(colsum.data() + j) + xb).store(colsum.data() + j);
+        }
+      }
+    }
+  });
+  for (int64_t k = n_iters; k >= 1; --k) {
+    // column step k (output: state 2k): x̄ −= P_col⊙colsum; then rowsum(x̄).
+    at::parallel_for(0, B, pass_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* Xi = Xbar.data() + i * p.Bp;
+        Vec rsum(acc_t(0));
+        for (int64_t j = 0; j < p.Bp; j += V) {
+          const Vec P = vexp(replay.state(2 * k, i, j));
+          const Vec xb = Vec::loadu(Xi + j) - P * Vec::loadu(colsum.data() + j);
+          xb.store(Xi + j);
+          rsum = rsum + xb;
+        }
+        rowsum[i] = vec_sum(rsum);
+      }
+    });
+    // row step k (output: state 2k − 1): x̄ −= P_row⊙rowsum; then colsum(x̄) for column step k − 1,
+    // or, after the first step, W̄ −= x̄/ε.
+    const bool last = k == 1;
     at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
       for (int64_t q = qb; q < qe; ++q) {
         const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
-        // rows outer, the block's columns inner: contiguous row segments; sums in colsum (L1)
         std::fill(colsum.begin() + j0, colsum.begin() + j1, acc_t(0));
         for (int64_t i = 0; i < B; ++i) {
+          const Vec ri(rowsum[i]);
           for (int64_t j = j0; j < j1; j += V) {
             const int64_t o = i * p.Bp + j;
-            const Vec wb = vgs * vexp(replay.state(states, i, j));
-            wb.store(Wbar.data() + o);
-            const Vec xb = wb * Vec::loadu(W.data() + o);
-            xb.store(Xbar.data() + o);
-            (Vec::loadu(colsum.data() + j) + xb).store(colsum.data() + j);
-          }
-        }
-      }
-    });
-    for (int64_t k = n_iters; k >= 1; --k) {
-      // column step k (output: state 2k): x̄ −= P_col⊙colsum; then rowsum(x̄).
-      at::parallel_for(0, B, pass_grain(2 * p.Bp), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          acc_t* Xi = Xbar.data() + i * p.Bp;
-          Vec rsum(acc_t(0));
-          for (int64_t j = 0; j < p.Bp; j += V) {
-            const Vec P = vexp(replay.state(2 * k, i, j));
-            const Vec xb = Vec::loadu(Xi + j) - P * Vec::loadu(colsum.data() + j);
-            xb.store(Xi + j);
-            rsum = rsum + xb;
-          }
-          rowsum[i] = vec_sum(rsum);
-        }
-      });
-      // row step k (output: state 2k − 1): x̄ −= P_row⊙rowsum; then colsum(x̄) for column step k − 1,
-      // or, after the first step, W̄ −= x̄/ε.
-      const bool last = k == 1;
-      at::parallel_for(0, p.blocks(), block_grain, [&](int64_t qb, int64_t qe) {
-        for (int64_t q = qb; q < qe; ++q) {
-          const int64_t j0 = p.block_begin(q), j1 = p.block_end(q);
-          std::fill(colsum.begin() + j0, colsum.begin() + j1, acc_t(0));
-          for (int64_t i = 0; i < B; ++i) {
-            const Vec ri(rowsum[i]);
-            for (int64_t j = j0; j < j1; j += V) {
-              const int64_t o = i * p.Bp + j;
-              const Vec P = vexp(replay.state(2 * k - 1, i, j));
-              const Vec xb = Vec::loadu(Xbar.data() + o) - P * ri;
-              if (last) {
-                (Vec::loadu(Wbar.data() + o) - xb * inv_eps).store(Wbar.data() + o);
-              } else {
-                xb.store(Xbar.data() + o);
-                (Vec::loadu(colsum.data() + j) + xb).store(colsum.data() + j);
-              }
+            const Vec P = vexp(replay.state(2 * k - 1, i, j));
+            const Vec xb = Vec::loadu(Xbar.data() + o) - P * ri;
+            if (last) {
+              (Vec::loadu(Wbar.data() + o) - xb * inv_eps).store(Wbar.data() + o);
+            } else {
+              xb.store(Xbar.data() + o);
+              (Vec::loadu(colsum.data() + j) + xb).store(colsum.data() + j);
             }
           }
         }
-      });
-    }
-    // s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc); z̄ = (1/T)·s⊙(s̄ − ⟨s̄, s⟩)
-    const acc_t inv_T = acc_t(1) / static_cast<acc_t>(temperature);
-    at::parallel_for(0, B, row_grain(p.Bp * C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sbar(C);
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t* si = s + i * C;
-        const acc_t* Wb = Wbar.data() + i * p.Bp;
-        acc_t dot = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const Vec sc(si[c]);
-          const acc_t* tc = tT.data() + c * p.Bp;
-          Vec a(acc_t(0));
-          for (int64_t j = 0; j < p.Bp; j += V) {
-            const Vec tj = Vec::loadu(tc + j);
-            a = a + Vec::loadu(Wb + j) * (sc.gt(tj) - sc.lt(tj));
-          }
-          sbar[c] = vec_sum(a);
-          dot += sbar[c] * si[c];
-        }
-        for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
       }
     });
-
+  }
+  // s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc); z̄ = (1/T)·s⊙(s̄ − ⟨s̄, s⟩)
+  const acc_t inv_T = acc_t(1) / static_cast<acc_t>(temperature);
+  at::parallel_for(0, B, row_grain(p.Bp * C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sbar(C);
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* si = s + i * C;
+      const acc_t* Wb = Wbar.data() + i * p.Bp;
+      acc_t dot = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec sc(si[c]);
+        const acc_t* tc = tT.data() + c * p.Bp;
+        Vec a(acc_t(0));
+        for (int64_t j = 0; j < p.Bp; j += V) {
+          const Vec tj = Vec::loadu(tc + j);
+          a = a + Vec::loadu(Wb + j) * (sc.gt(tj) - sc.lt(tj));
+        }
+        sbar[c] = vec_sum(a);
+        dot += sbar[c] * si[c];
+      }
+      for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
+    }
+  });
 }
 
 }  // namespace logdomain
