@@ -1,34 +1,39 @@
 // SinKD CPU kernels (spec §1, decision 1) for the CPU dispatch key. The op contract (shapes, dtypes,
 // options) is documented once, with the schemas, in kdloss/_ops/sinkhorn.py.
 //
-// Forward, all in the accumulation dtype:
+// Forward, in the accumulation dtype:
 //   s = softmax((z_s − max)/T), t = softmax((z_t − max)/T)  rows; parallel over rows
 //   W_ij = Σ_c |s_ic − t_jc|                               vectorised over j (teacher transposed)
-//   x = −W/ε;  n times:  a_i = lse_j(x_ij), x ← x − a_i     row step, parallel over rows
-//                        b_j = lse_i(x_ij), x ← x − b_j     column step, parallel over column blocks
-//   loss = scale · Σ_ij exp(x_ij) · W_ij                   per-row partials + ordered_sum
-// The iterate x is kept and updated in place, exactly as the reference computes it (and not as
-// −W/ε + f_i + g_j with accumulated potentials f, g: those grow like W/ε, and adding them back onto
-// −W/ε cancels all but a few bits at small ε). The column step's subtraction is deferred to the
-// next row pass (or the loss pass), which applies it while streaming the row. The increments a, b
-// of every half-step — 2·n·(B + B') numbers — are saved for the backward.
+//   P ← K = exp(−W/ε);  n times: rows of P to sum 1, then columns (the official recursion)
+//   loss = scale · Σ_ij P_ij W_ij
 //
-// Backward (spec §1.5): x̄ = gs·P⊙W, W̄ = gs·P (gs = grad·scale); for each step in reverse
-//   column step: x̄ ← x̄ − P_col⊙colsum(x̄);  row step: x̄ ← x̄ − P_row⊙rowsum(x̄);  then W̄ −= x̄/ε,
+// Stabilised Sinkhorn (ε >= kLogDomainEpsilon): the plan is kept as P = diag(u)·K·diag(v) with
+// K_ij = exp(F_i + G_j − W_ij/ε) for potentials F, G (float64), and the official multiplicative
+// steps act on the scalings only: u = 1/(K v), v = 1/(Kᵀ u) — two matrix-vector products per
+// iteration, no exp, fused into ONE pass over K (each row's dot gives u_i, whose multiple of the row
+// is added to the column sums at once). When a scaling leaves [lo, hi] (SafeRange) it is absorbed:
+// F += log u, G += log v, u = v = 1, F (or G) shifted so that K's rows (or columns) peak at 1, and K
+// rebuilt — the only exps besides the first K, so the iterates are the official ones (mathematically
+// identical; never 0/0: an underflowing K is rebuilt, not divided). Every half-step's u, v, epoch,
+// F and G are saved (2n(1 + 2(B + B')) doubles).
+//
+// Backward (spec §1.5), the adjoint in the same factored form. With x̄ the adjoint of the log-plan:
+//   x̄ = gs·P⊙W (gs = grad·scale); for each step in reverse
+//     column step: x̄ −= P⊙(1·cᵀ), c = colsum(x̄)  → the rank-one term diag(u)·K·diag(v⊙c); colsum(x̄) = 0
+//     row step:    x̄ −= (r·1ᵀ)⊙P, r = rowsum(x̄)  → the term diag(u⊙r)·K·diag(v);         rowsum(x̄) = 0
+//   (the new row / column sums of x̄ are one matrix-vector product with K per half-step, fused into
+//   one pass per iteration as in the forward), then W̄ = gs·P − x̄/ε and, row by row,
 //   s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc), z̄ = (1/T)·s⊙(s̄ − ⟨s̄, s⟩).
-// P_row / P_col are exp of the iterate after that half-step. W̄ −= x̄/ε amplifies any inconsistency
-// between these plans and the forward's by 1/ε, so the backward regenerates the forward's iterates
-// bitwise: "state h" (the iterate after h half-steps, state 0 = −W/ε) is replayed from the saved
-// increments with the forward's own subtractions, starting from checkpoints stored every
-// ⌈√(2n)⌉ half-steps (⌊2n/m⌋ extra B×B' buffers, at most m subtractions per replayed element).
-// A row pass (apply the column update, take row sums) alternates with a column-block pass (apply
-// the row update, take column sums), so every reduction is sequential inside one task.
+// x̄ = K⊙(gs·u·vᵀ⊙W − Σ_terms α·βᵀ) is a rank-2n correction formed per row in registers; K is rebuilt
+// per epoch from the saved potentials with the forward's own function (bit for bit the same K).
 //
+// Below kLogDomainEpsilon the log-domain recursion runs instead (namespace logdomain): W̄ = gs·P − x̄/ε
+// amplifies the scalings' rounding by 2/ε, while the log-domain iterate is exact where plans saturate.
+//
+// Parallelism: passes over K run over fixed chunks of rows (a partition of the sizes only) whose
+// column partial sums are combined in chunk order, and every B×B' row is padded to a multiple of the
+// vector width (pads: W = 0, K = 0, v = 0), so results are bitwise independent of the thread count.
 // exp is `vexp` (kdloss/cpu_exp.h: ~2 ulp, ~3× Sleef's throughput on AVX2; fp64 uses ATen's exp).
-// Every B×B' matrix is stored with its rows padded to a multiple of the vector width (pads: W = 0,
-// x = −inf, b = 0, so their plan entries are exp(−inf) = 0), which removes scalar tails: each
-// element is computed by the same vector instruction whatever the thread count, and the results
-// are bitwise independent of it.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>

@@ -9,14 +9,20 @@ Op-level contract (the public function in :mod:`kdloss.sinkhorn` validates and n
 
 ``sinkhorn_fwd`` returns the loss (a scalar in the accumulation dtype; the public function rounds
 it to the student's dtype outside autocast) and, for the backward, the softmax probabilities
-``[B, C]`` / ``[B', C]``, the cost matrix ``W [B, B']`` and the increments of every half-step,
-``a [n_iters, B]`` (the row log-normalisers subtracted by each row step) and ``b [n_iters, B']``
-(those of each column step), all in the accumulation dtype. The iterate ``x`` starts at ``−W/ε`` and
-each half-step subtracts its increments, exactly as the reference does; the backward replays those
-subtractions (from a few checkpoints) to regenerate the forward's plans bitwise instead of storing
-``2·n_iters`` B×B' matrices. (Potentials accumulated as ``−W/ε + f_i + g_j`` would be cheaper to
-replay, but they grow like ``W/ε`` and cancel to a few bits at small ε.) ``sinkhorn_bwd`` runs the
-adjoint (reverse-mode) recursion of the iterations and returns ``∂L/∂student_logits``.
+``[B, C]`` / ``[B', C]`` and the cost matrix ``W [B, B']`` (accumulation dtype), then two tensors of
+device-specific backward state:
+
+* CPU: ``steps`` is empty and ``state [2·n_iters, 1 + 2(B + B')]`` (float64) holds, per half-step,
+  the stabilised iterations' epoch, potentials ``F [B]``, ``G [B']`` and scalings ``u [B]``,
+  ``v [B']`` (the plan is ``diag(u)·exp(F_i + G_j − W_ij/ε)·diag(v)``); below ε = 0.02, where the
+  log-domain recursion runs, its first ``n·(B + B')`` entries hold that recursion's increments.
+* CUDA: ``steps [n_iters, B + B']`` (accumulation dtype) holds the log-domain increments ``a [n, B]``
+  (subtracted from the rows by each row step) followed by ``b [n, B']`` (from the columns), and
+  ``state`` is empty; the backward replays the subtractions (from a few checkpoints) to regenerate
+  the forward's iterates bitwise.
+
+``sinkhorn_bwd`` runs the adjoint (reverse-mode) recursion of the iterations from that state and
+returns ``∂L/∂student_logits``.
 """
 
 import torch
