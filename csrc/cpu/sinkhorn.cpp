@@ -243,7 +243,7 @@ void sweep(const Problem<acc_t>& p, const Same<acc_t>* K, const Same<acc_t>* W, 
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t rows = p.chunk_rows(), chunks = p.chunks();
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  const auto run = [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       acc_t* pc = part.col.data() + c * p.Bp;
       acc_t* pw = part.colW.data() + c * p.Bp;
@@ -278,7 +278,9 @@ void sweep(const Problem<acc_t>& p, const Same<acc_t>* K, const Same<acc_t>* W, 
         }
       }
     }
-  });
+  };
+  if (chunks == 1) run(0, 1);  // no parallel region (it costs microseconds even on one thread)
+  else at::parallel_for(0, chunks, 1, run);
   const auto combine = [&](const std::vector<acc_t>& src, acc_t* dst) {
     std::copy(src.begin(), src.begin() + p.Bp, dst);
     for (int64_t c = 1; c < chunks; ++c)
@@ -845,72 +847,74 @@ void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, doubl
   const acc_t inv_eps = static_cast<acc_t>(1.0 / p.eps);
   const acc_t inv_T = acc_t(1) / static_cast<acc_t>(temperature);
   const int64_t C = p.C;
-  at::parallel_for(0, B, row_grain(Bp * (C + static_cast<int64_t>(terms.size()))), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> wbar(Bp), acc(Bp), Krow(Bp), sbar(C), coef;
-    std::vector<const acc_t*> rows;
-    for (int64_t i = begin; i < end; ++i) {
-      std::fill(wbar.begin(), wbar.end(), acc_t(0));
-      for (const int64_t e : epochs) {
-        // x̄_i· restricted to epoch e: K_e ⊙ y with y = [e final: gs·u_i·v⊙W_i·] − Σ_{terms of e} α_i·β,
-        // formed without the 1/ε (where the plan saturates y cancels exactly, and stays 0); in blocks
-        // of 4 vectors held in registers while the terms stream past. W̄ += K_e⊙(gs·u_i·v·[e final] − y/ε).
-        std::vector<acc_t>& a_i = coef;
-        std::vector<const acc_t*>& b_of = rows;
-        a_i.clear(), b_of.clear();
-        for (size_t q = 0; q < terms.size(); ++q) {
-          if (terms[q].epoch != e) continue;
-          a_i.push_back(alpha[q * B + i]);
-          b_of.push_back(beta.data() + q * Bp);
-        }
-        const bool with_final = e == final_epoch;
-        const Vec g(gs * hist.u(H)[i]), ie(inv_eps);
-        const acc_t* Wi = W.data() + i * Bp;
-        const acc_t* vH = v_of(H);
-        const auto block = [&](int64_t j, int64_t nv) {
-          Vec r[4];
-          for (int64_t l = 0; l < nv; ++l) {
-            r[l] = with_final ? g * Vec::loadu(vH + j + l * V) * Vec::loadu(Wi + j + l * V) : Vec(acc_t(0));
+  at::parallel_for(
+      0, B, std::max<int64_t>(1, kChunkElems / (Bp * (C + static_cast<int64_t>(terms.size())))),
+      [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> wbar(Bp), acc(Bp), Krow(Bp), sbar(C), coef;
+        std::vector<const acc_t*> rows;
+        for (int64_t i = begin; i < end; ++i) {
+          std::fill(wbar.begin(), wbar.end(), acc_t(0));
+          for (const int64_t e : epochs) {
+            // x̄_i· restricted to epoch e: K_e ⊙ y with y = [e final: gs·u_i·v⊙W_i·] − Σ_{terms of e} α_i·β,
+            // formed without the 1/ε (where the plan saturates y cancels exactly, and stays 0); in blocks
+            // of 4 vectors held in registers while the terms stream past. W̄ += K_e⊙(gs·u_i·v·[e final] − y/ε).
+            std::vector<acc_t>& a_i = coef;
+            std::vector<const acc_t*>& b_of = rows;
+            a_i.clear(), b_of.clear();
+            for (size_t q = 0; q < terms.size(); ++q) {
+              if (terms[q].epoch != e) continue;
+              a_i.push_back(alpha[q * B + i]);
+              b_of.push_back(beta.data() + q * Bp);
+            }
+            const bool with_final = e == final_epoch;
+            const Vec g(gs * hist.u(H)[i]), ie(inv_eps);
+            const acc_t* Wi = W.data() + i * Bp;
+            const acc_t* vH = v_of(H);
+            const auto block = [&](int64_t j, int64_t nv) {
+              Vec r[4];
+              for (int64_t l = 0; l < nv; ++l) {
+                r[l] = with_final ? g * Vec::loadu(vH + j + l * V) * Vec::loadu(Wi + j + l * V) : Vec(acc_t(0));
+              }
+              for (size_t q = 0; q < a_i.size(); ++q) {
+                const Vec a(a_i[q]);
+                for (int64_t l = 0; l < nv; ++l) r[l] = at::vec::fnmadd(a, Vec::loadu(b_of[q] + j + l * V), r[l]);
+              }
+              for (int64_t l = 0; l < nv; ++l) {
+                const Vec direct = with_final ? g * Vec::loadu(vH + j + l * V) : Vec(acc_t(0));
+                (direct - r[l] * ie).store(acc.data() + j + l * V);
+              }
+            };
+            int64_t j = 0;
+            for (; j + 4 * V <= Bp; j += 4 * V) block(j, 4);
+            for (; j < Bp; j += V) block(j, 1);
+            const acc_t* Ke = K.data() + i * Bp;
+            if (e != current) {
+              const int64_t h = epoch_h(e);
+              std::vector<double> Ge(hist.G(h), hist.G(h) + p.Bt);
+              Ge.resize(Bp, 0.0);
+              kernel_row(Wi, hist.F(h)[i], Ge.data(), p, Krow.data());
+              Ke = Krow.data();
+            }
+            for (int64_t j2 = 0; j2 < Bp; j2 += V)
+              at::vec::fmadd(Vec::loadu(Ke + j2), Vec::loadu(acc.data() + j2), Vec::loadu(wbar.data() + j2))
+                  .store(wbar.data() + j2);
           }
-          for (size_t q = 0; q < a_i.size(); ++q) {
-            const Vec a(a_i[q]);
-            for (int64_t l = 0; l < nv; ++l) r[l] = at::vec::fnmadd(a, Vec::loadu(b_of[q] + j + l * V), r[l]);
+          const acc_t* si = s + i * C;
+          acc_t dot = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            const Vec sc(si[c]);
+            const acc_t* tc = tT.data() + c * Bp;
+            Vec a(acc_t(0));
+            for (int64_t j = 0; j < Bp; j += V) {
+              const Vec tj = Vec::loadu(tc + j);
+              a = a + Vec::loadu(wbar.data() + j) * (sc.gt(tj) - sc.lt(tj));
+            }
+            sbar[c] = vec_sum(a);
+            dot += sbar[c] * si[c];
           }
-          for (int64_t l = 0; l < nv; ++l) {
-            const Vec direct = with_final ? g * Vec::loadu(vH + j + l * V) : Vec(acc_t(0));
-            (direct - r[l] * ie).store(acc.data() + j + l * V);
-          }
-        };
-        int64_t j = 0;
-        for (; j + 4 * V <= Bp; j += 4 * V) block(j, 4);
-        for (; j < Bp; j += V) block(j, 1);
-        const acc_t* Ke = K.data() + i * Bp;
-        if (e != current) {
-          const int64_t h = epoch_h(e);
-          std::vector<double> Ge(hist.G(h), hist.G(h) + p.Bt);
-          Ge.resize(Bp, 0.0);
-          kernel_row(Wi, hist.F(h)[i], Ge.data(), p, Krow.data());
-          Ke = Krow.data();
+          for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
         }
-        for (int64_t j2 = 0; j2 < Bp; j2 += V)
-          at::vec::fmadd(Vec::loadu(Ke + j2), Vec::loadu(acc.data() + j2), Vec::loadu(wbar.data() + j2))
-              .store(wbar.data() + j2);
-      }
-      const acc_t* si = s + i * C;
-      acc_t dot = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const Vec sc(si[c]);
-        const acc_t* tc = tT.data() + c * Bp;
-        Vec a(acc_t(0));
-        for (int64_t j = 0; j < Bp; j += V) {
-          const Vec tj = Vec::loadu(tc + j);
-          a = a + Vec::loadu(wbar.data() + j) * (sc.gt(tj) - sc.lt(tj));
-        }
-        sbar[c] = vec_sum(a);
-        dot += sbar[c] * si[c];
-      }
-      for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
-    }
-  });
+      });
 }
 
 at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits, const at::Tensor& probs_s,
