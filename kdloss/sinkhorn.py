@@ -147,9 +147,10 @@ _FLOAT_ARGS: dict = {}
 
 def _float_args(temperature, epsilon, scale):
     """The op's temperature, epsilon and scale tensors (see :func:`kdloss._ops.float_arg`). Outside
-    ``torch.compile`` they are cached per value (the op only reads them): at GLUE sizes creating
-    them is a sizeable part of a call."""
-    if torch.compiler.is_compiling():
+    ``torch.compile`` and inference mode (whose tensors cannot be saved for a later backward) they
+    are cached per value (the op only reads them): at GLUE sizes creating them is a sizeable part of
+    a call."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return _ops.float_arg(temperature), _ops.float_arg(epsilon), _ops.float_arg(scale)
     key = (float(temperature), float(epsilon), float(scale))
     cached = _FLOAT_ARGS.get(key)

@@ -467,3 +467,12 @@ def test_cuda_deterministic_and_finite_at_small_epsilon():
         for _ in range(2):
             again = sinkhorn_loss(zs, zt, epsilon=1e-3, backend="kernel")
             assert torch.equal(again, first) and torch.equal(grad_of(again, zs), first_g)
+
+
+def test_inference_mode_then_training():
+    """Option tensors made under inference mode must not reach a later call's saved tensors."""
+    zs, zt = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3)
+    with torch.inference_mode():
+        sinkhorn_loss(zs.detach(), zt, epsilon=0.37, backend="kernel")
+    out = sinkhorn_loss(zs, zt, epsilon=0.37, backend="kernel")
+    torch.testing.assert_close(grad_of(out, zs), grad_of(sinkhorn_reference(zs, zt, epsilon=0.37), zs))
