@@ -74,6 +74,9 @@ CASES: dict[str, dict[str, dict]] = {
                  "scale": 1e-3, "layout": "contiguous", "magnitude": 2.0, "seed": 402},
         "b1024": {"batch": 1024, "batch_t": 1024, "classes": 5, "temperature": 1.0, "epsilon": 0.01, "n_iters": 7,
                   "scale": -2.5, "layout": "contiguous", "magnitude": 6.0, "seed": 403},
+        # few rows, many classes: the cost matrix's B·B'·C work takes the multi-block path
+        "c1000": {"batch": 64, "batch_t": 48, "classes": 1000, "temperature": 2.0, "epsilon": 0.1, "n_iters": 20,
+                  "scale": 1.0, "layout": "contiguous", "magnitude": 3.0, "seed": 404},
     },
     "token_contextual": {
         "small": {"batch": 2, "tokens": 13, "ds": 8, "dt": 5, "reduction": "mean", "layout": "contiguous",
