@@ -128,6 +128,31 @@ def token_contrastive_loss(
     return _kernel_loss(student_emb, teacher_emb, options)
 
 
+class _Normalize(torch.autograd.Function):
+    """``F.normalize(x, dim=-1)`` (``x / max(‖x‖, 1e-12)``) with the backward in projection form,
+    ``(g − u·⟨u, g⟩) / max(‖x‖, 1e-12)`` (``g / 1e-12`` where the clamp is active): no ``1/‖x‖³`` term,
+    so the radial component cancels to the rounding of ``g`` itself (exactly, for E = 1)."""
+
+    @staticmethod
+    def forward(x):
+        return F.normalize(x, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, u = ctx.saved_tensors
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        radial = torch.where(norm > _NORM_EPS, (u * grad).sum(-1, keepdim=True), torch.zeros_like(norm))
+        return (grad - u * radial) / norm.clamp_min(_NORM_EPS)
+
+
+_NORM_EPS = 1e-12
+
+
 def _kernel_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, options: TokenContrastiveOptions):
     """The kernel path: both sides in the accumulation dtype (normalised for cosine), then the op."""
     acc = accumulation_dtype(student_emb.dtype)
@@ -135,7 +160,7 @@ def _kernel_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, options: 
     if options.detach_teacher:
         ht = ht.detach()
     if options.similarity == "cosine":
-        hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
+        hs, ht = _Normalize.apply(hs), _Normalize.apply(ht)
     loss, _ = torch.ops.kdloss.token_contrastive_fwd(hs.contiguous(), ht.contiguous(),
                                                      _ops.float_arg(options.temperature), options.symmetric,
                                                      _ops.REDUCTION_CODES[options.reduction])
