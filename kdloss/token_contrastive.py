@@ -128,26 +128,17 @@ def token_contrastive_loss(
     return _kernel_loss(student_emb, teacher_emb, options)
 
 
-class _Normalize(torch.autograd.Function):
-    """``F.normalize(x, dim=-1)`` (``x / max(‖x‖, 1e-12)``) with the backward in projection form,
-    ``(g − u·⟨u, g⟩) / max(‖x‖, 1e-12)`` (``g / 1e-12`` where the clamp is active): no ``1/‖x‖³`` term,
-    so the radial component cancels to the rounding of ``g`` itself (exactly, for E = 1)."""
-
-    @staticmethod
-    def forward(x):
-        return F.normalize(x, dim=-1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (x,) = inputs
-        ctx.save_for_backward(x, output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, u = ctx.saved_tensors
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        radial = torch.where(norm > _NORM_EPS, (u * grad).sum(-1, keepdim=True), torch.zeros_like(norm))
-        return (grad - u * radial) / norm.clamp_min(_NORM_EPS)
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` (``x / max(‖x‖, 1e-12)``, the same values) whose gradient is taken in
+    projection form, ``(g − u·⟨u, g⟩) / max(‖x‖, 1e-12)`` (``g / 1e-12`` where the clamp is active): no
+    ``1/‖x‖³`` term, so the radial component cancels to the rounding of ``g`` itself (exactly for E = 1).
+    Written with detached factors rather than an autograd.Function so that torch.compile traces it."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).detach()
+    scale = norm.clamp_min(_NORM_EPS)
+    u = (x / scale).detach()
+    radial = (norm > _NORM_EPS).to(x.dtype)
+    tangent = x - radial * u * (u * x).sum(-1, keepdim=True)  # ≈ 0 in value; its gradient is the projection
+    return u + (tangent / scale - tangent.detach() / scale)
 
 
 _NORM_EPS = 1e-12
@@ -160,7 +151,7 @@ def _kernel_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, options: 
     if options.detach_teacher:
         ht = ht.detach()
     if options.similarity == "cosine":
-        hs, ht = _Normalize.apply(hs), _Normalize.apply(ht)
+        hs, ht = _normalize(hs), _normalize(ht)
     loss, _ = torch.ops.kdloss.token_contrastive_fwd(hs.contiguous(), ht.contiguous(),
                                                      _ops.float_arg(options.temperature), options.symmetric,
                                                      _ops.REDUCTION_CODES[options.reduction])
