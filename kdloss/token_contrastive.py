@@ -13,14 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import _ops
 from ._autocast import cast_loss
 from ._collectives import gather_rows, group_rank_world
 from ._dispatch import use_kernel
 from ._options import OptionsModule
-from ._validation import REDUCTIONS, accumulation_dtype, check_bool, check_option, check_same_device, check_scale, check_tensor
+from ._validation import (
+    REDUCTIONS,
+    accumulation_dtype,
+    check_bool,
+    check_option,
+    check_same_device,
+    check_scale,
+    check_tensor,
+)
 
 __all__ = ["TokenContrastiveLoss", "TokenContrastiveOptions", "token_contrastive_loss"]
 

@@ -8,7 +8,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kdloss import TokenContrastiveLoss
 from kdloss.functional import token_contrastive_loss

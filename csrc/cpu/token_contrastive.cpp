@@ -106,7 +106,8 @@ void logits_tile(acc_t* out, int64_t ld, const acc_t* x, int64_t rows, const acc
       dot_block<acc_t, 1, NR>(x + r * E, E, y + c0 * E, E, E, scale, out + r * ld + c0, ld);
   }
   for (int64_t c = cols_full; c < cols; ++c)
-    for (int64_t r = 0; r < rows; ++r) dot_block<acc_t, 1, 1>(x + r * E, E, y + c * E, E, E, scale, out + r * ld + c, ld);
+    for (int64_t r = 0; r < rows; ++r)
+      dot_block<acc_t, 1, 1>(x + r * E, E, y + c * E, E, E, scale, out + r * ld + c, ld);
 }
 
 // c[r·ldc + j] += Σ_k a[r·lda + k] · b[k·ldb + j] for r < kMR, j < 2·Vec::size(): a register block

@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 // (max, sum) over its slice's rows, the slices merged in order by the first row of threads.
 template <typename A>
 __global__ void __launch_bounds__(kColThreads* kColSlices)
-    fwd_cols_kernel(const A* __restrict__ strip, int64_t M, int64_t j0, int64_t width, A inv_tau, A* __restrict__ lse_col) {
+    fwd_cols_kernel(const A* __restrict__ strip, int64_t M, int64_t j0, int64_t width, A inv_tau,
+                    A* __restrict__ lse_col) {
   __shared__ A sm[kColSlices][kColThreads], ss[kColSlices][kColThreads];
   const int tx = threadIdx.x % kColThreads, ty = threadIdx.x / kColThreads;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + tx;
@@ -88,8 +89,8 @@ __global__ void __launch_bounds__(kColThreads* kColSlices)
 // One warp per node: the positive logit, the row log-sum-exp and the node's loss.
 template <typename A>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    finish_kernel(const A* __restrict__ u, const A* __restrict__ v, ContrastiveProblem p,
-                  const A* __restrict__ running, A* __restrict__ lse, A* __restrict__ per_node) {
+    finish_kernel(const A* __restrict__ u, const A* __restrict__ v, ContrastiveProblem p, const A* __restrict__ running,
+                  A* __restrict__ lse, A* __restrict__ per_node) {
   const int lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   const int64_t M = p.nodes, E = p.E;
@@ -157,9 +158,8 @@ cudaError_t contrastive_fwd_strip_cuda(const ContrastiveProblem& p, const void* 
   });
 }
 
-cudaError_t contrastive_fwd_finish_cuda(const ContrastiveProblem& p, const void* u, const void* v,
-                                        const void* running, void* lse, void* loss, void* workspace,
-                                        cudaStream_t stream) {
+cudaError_t contrastive_fwd_finish_cuda(const ContrastiveProblem& p, const void* u, const void* v, const void* running,
+                                        void* lse, void* loss, void* workspace, cudaStream_t stream) {
   return dispatch_dtype(p.acc, [&](auto tag) -> cudaError_t {
     using A = decltype(tag);
     if constexpr (std::is_same_v<A, float> || std::is_same_v<A, double>) {

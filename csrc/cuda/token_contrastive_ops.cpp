@@ -46,15 +46,15 @@ Inputs prepare(const at::Tensor& student, const at::Tensor& teacher, const at::T
   const Reduction reduction = check_reduction(reduction_code);
   const double tau = float_arg(temperature, "temperature");
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "temperature must be a finite number > 0, got ", tau);
-  return {student.contiguous(), teacher.contiguous(),
+  return {student.contiguous(),
+          teacher.contiguous(),
           {dtype_code(acc), student.size(0), student.size(1), 1.0 / tau, symmetric, reduction}};
 }
 
 int64_t strip_width(int64_t M) { return std::min(kStrip, M); }
 
 // S [M, width] = u v[j0 : j0 + width]ᵀ (raw dot products), at the start of the flat buffer.
-at::Tensor strip_logits(const at::Tensor& buffer, const at::Tensor& u, const at::Tensor& v, int64_t j0,
-                        int64_t width) {
+at::Tensor strip_logits(const at::Tensor& buffer, const at::Tensor& u, const at::Tensor& v, int64_t j0, int64_t width) {
   at::Tensor S = buffer.narrow(0, 0, u.size(0) * width).view({u.size(0), width});
   at::mm_out(S, u, v.narrow(0, j0, width).t());
   return S;
@@ -101,10 +101,9 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad,
   const auto opts = in.u.options();
   const int64_t M = p.nodes, E = p.E;
   check_cuda(lse_in, in.u, "lse");
-  TORCH_CHECK_VALUE(lse_in.scalar_type() == in.u.scalar_type() && lse_in.dim() == 2 && lse_in.size(0) == 2 &&
-                        lse_in.size(1) == M,
-                    "lse must be [2, M] of dtype ", in.u.scalar_type(), ", got ", lse_in.sizes(), " ",
-                    lse_in.scalar_type());
+  TORCH_CHECK_VALUE(
+      lse_in.scalar_type() == in.u.scalar_type() && lse_in.dim() == 2 && lse_in.size(0) == 2 && lse_in.size(1) == M,
+      "lse must be [2, M] of dtype ", in.u.scalar_type(), ", got ", lse_in.sizes(), " ", lse_in.scalar_type());
   const at::Tensor g = checked_grad(grad, in.u, p.reduction, {M}, in.u.scalar_type());
   at::Tensor grad_u = at::zeros({M, E}, opts);
   at::Tensor grad_v = need_teacher ? at::empty({M, E}, opts) : at::zeros({M, E}, opts);

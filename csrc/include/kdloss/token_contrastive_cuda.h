@@ -36,9 +36,8 @@ int64_t contrastive_workspace_size(int64_t nodes);
 
 // Forward, after the last strip: lse[0 .. M) = row log-sum-exps, the positive logits ⟨u_i, v_i⟩/τ,
 // and the loss: `loss` [M] (Reduction::kNone) or one value (mean over M, sum).
-cudaError_t contrastive_fwd_finish_cuda(const ContrastiveProblem& p, const void* u, const void* v,
-                                        const void* running, void* lse, void* loss, void* workspace,
-                                        cudaStream_t stream);
+cudaError_t contrastive_fwd_finish_cuda(const ContrastiveProblem& p, const void* u, const void* v, const void* running,
+                                        void* lse, void* loss, void* workspace, cudaStream_t stream);
 
 // Backward, one strip: overwrites `strip` with the strip's columns of the logits' gradient
 // G = (c·w_i·softmax_row + [symmetric] ½·w_j·softmax_col − [i = j]·w_i) / τ, w the per-node upstream
