@@ -8,13 +8,10 @@ the synchronisation. ``register_loss`` keeps ``TRGLoss``'s projection heads equa
 from __future__ import annotations
 
 import datetime
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -22,6 +19,8 @@ import kdloss
 from kdloss.distributed import num_items_for_ddp, register_loss, world_size
 from kdloss.functional import fused_linear_topk_kl_loss, plackett_luce_loss, topk_kl_loss
 from kdloss.sparse import topk_teacher
+
+from helpers import spawn_ranks
 
 WORLD = 2
 MICRO = 2  # micro-batches per optimizer step in the accumulation scenario
@@ -223,29 +222,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def per_rank(tmp_path_factory):
     """Runs the two gloo workers once for the whole module; returns each rank's results."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    out = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the gloo workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("ddp"), TIMEOUT_S)
 
 
 def max_grad_diff(a: dict, b: dict) -> float:

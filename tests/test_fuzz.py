@@ -181,6 +181,16 @@ LONG_RUN_CASES = [
      {"nodes": 7, "ds": 41, "dt": 48, "k": 3, "graph": "teacher", "sigma": 0.5, "edge": "log_kernel",
       "kl_direction": "student_teacher", "reduction": "sum", "layout": "contiguous", "magnitude": 3.0, "seed": 1}),
 ]
+# Rule cases: an exact fp16 gradient of ±65514 (< 65520, so it rounds to ±65504) that the kernel, within its
+# error, rounds to ±inf; the naive formula overflows too, so error and bound are both inf.
+OVERFLOW_EDGE_CASES = [
+    ("margin_mse", torch.float16,
+     {"kind": "embeddings", "batch": 1, "n_neg": 47, "dim": 39, "teacher": "scores", "reduction": "none",
+      "layout": "contiguous", "magnitude": 30.0, "seed": 24494}),
+    ("margin_mse", torch.float16,
+     {"kind": "embeddings", "batch": 44, "n_neg": 19, "dim": 19, "teacher": "scores", "reduction": "sum",
+      "layout": "contiguous", "magnitude": 30.0, "seed": 0}),
+]
 
 
 @pytest.mark.parametrize("loss, dtype, case", LONG_RUN_CASES, ids=lambda v: str(v).replace("torch.", "")[:20])
@@ -188,3 +198,22 @@ def test_cases_found_by_the_long_run(loss, dtype, case):
     result = testing.check_case(loss, case, "cpu", dtype)
     assert result.ok, f"{result}\n" + "\n".join(result.details)
     assert result.ratio < 0.2, result  # with margin: the fixed kernels round only once (0.01-0.03 of the bound)
+
+
+@pytest.mark.parametrize("loss, dtype, case", OVERFLOW_EDGE_CASES, ids=lambda v: str(v).replace("torch.", "")[:20])
+def test_overflow_at_the_edge_of_the_range_is_within_the_rule(loss, dtype, case):
+    result = testing.check_case(loss, case, "cpu", dtype)
+    assert result.ok, f"{result}\n" + "\n".join(result.details)
+
+
+def test_nonfinite_rule_excuses_only_overflow_within_the_slack():
+    half = torch.float16
+    exact = torch.tensor([65514.0, -65514.0, 60000.0, 65514.0, 65514.0], dtype=torch.float64)
+    inf, nan = float("inf"), float("nan")
+    for kernel, margin, flagged in [([inf, -inf, 1.0, 1.0, 1.0], 100.0, False),  # within reach of the threshold
+                                    ([inf, -inf, 1.0, 1.0, 1.0], 0.0, True),  # no slack: 65514 must stay finite
+                                    ([1.0, 1.0, inf, 1.0, 1.0], 100.0, True),  # 60000 + 100 is far from overflow
+                                    ([-inf, 1.0, 1.0, 1.0, 1.0], 100.0, True),  # the wrong sign
+                                    ([1.0, 1.0, 1.0, nan, 1.0], 100.0, True)]:  # NaN is never excused
+        got = testing.nonfinite_where_exact_is_finite(torch.tensor(kernel, dtype=half), exact, margin)
+        assert got == flagged, (kernel, margin)

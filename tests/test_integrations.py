@@ -8,7 +8,6 @@ with one call on the whole batch.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import warnings
 
@@ -39,6 +38,8 @@ from kdloss.integrations.transformers import (
     unwrap_model,
 )
 from kdloss.sparse import topk_teacher
+
+from helpers import free_port
 
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 VOCAB = 64
@@ -354,12 +355,6 @@ def test_missing_labels_and_columns_are_explained():
 # ------------------------------------------------------------------ 2 processes: DDP through Trainer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_trainer_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -395,7 +390,7 @@ def test_trainer_ddp_two_processes_equals_global_mean(tmp_path):
     gradient equals the single-process gradient of the global mean, for KDTrainer and for a user's
     own compute_loss calling distillation_loss(..., trainer=self)."""
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_trainer_worker, args=(2, _free_port(), out), nprocs=2)
+    mp.spawn(_ddp_trainer_worker, args=(2, free_port(), out), nprocs=2)
     results = torch.load(out)
     config = DistillationConfig(temperature=2.0, top_k=8, fused=True)
     expected_loss, expected = reference_gradients(tiny_lm("llama", seed=0), token_rows(count=8), config,

@@ -203,6 +203,20 @@ def test_low_precision_error_bound(device, dtype, reduction):
     assert_within_lowp_bound(kern_g.cpu(), naive_g.cpu(), exact_g, dtype, "grad")
 
 
+@pytest.mark.parametrize("ties", [True, False])
+@pytest.mark.parametrize("temperature, reduction, seed", [(1.0, "none", 1), (4.0, "mean", 0), (4.0, "none", 1)])
+def test_large_vocabulary_within_the_error_rule(device, ties, temperature, reduction, seed):
+    """C = 32000 in fp32: every sum over the classes (the teacher's normaliser, the suffix sums, the
+    prefix scan of the backward, the row loss) would err by ~√C·eps relative if it chained fp32
+    additions — 2-4× over the bound before they were widened."""
+    from kdloss.testing import check_case
+
+    case = {"lead": [3], "classes": 32000, "ties": ties, "ignore": 0.0, "permutation": False,
+            "temperature": temperature, "reduction": reduction, "layout": "contiguous", "magnitude": 5.0, "seed": seed}
+    result = check_case("plackett_luce", case, device, torch.float32)
+    assert result.ok, "\n".join(result.details)
+
+
 # ---------------------------------------------------------------------------------------------
 # Properties (hypothesis)
 

@@ -5,17 +5,14 @@ batch (and its gradient restricted to that rank's rows). Local batch sizes diffe
 from __future__ import annotations
 
 import datetime
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kdloss.functional import sinkhorn_loss
 
-from helpers import assert_close_fp64
+from helpers import assert_close_fp64, spawn_ranks
 
 WORLD = 2
 STUDENT_ROWS = (5, 3)  # per rank
@@ -55,26 +52,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_gather_across_ranks_matches_single_process_on_the_global_batch(tmp_path):
-    context = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the gloo workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    per_rank = spawn_ranks(_worker, WORLD, tmp_path, TIMEOUT_S)
     zs, zt = _global_inputs()
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for backend, dtype in CONFIGS:
         full = zs.to(dtype).requires_grad_()
         expected = sinkhorn_loss(full, zt.to(dtype), scale=1e-3, backend=backend)

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kdloss.testing import max_abs
+
+from helpers import spawn_ranks
 
 WORLD = 4
 TIMEOUT_S = 300
@@ -447,12 +446,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def per_rank(tmp_path_factory):
     if not dist.is_available():
@@ -460,22 +453,7 @@ def per_rank(tmp_path_factory):
     from kdloss._build import require
 
     require("topk_kl", "cpu")  # build once here, not in four processes at a time
-    out_dir = tmp_path_factory.mktemp("vocab_parallel")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the gloo workers did not finish within {TIMEOUT_S} s")
-    except Exception:
-        errors = [(out_dir / f"rank{r}.error") for r in range(WORLD)]
-        details = "\n".join(e.read_text() for e in errors if e.exists())
-        raise AssertionError(f"a worker failed:\n{details}") from None
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("vocab_parallel"), TIMEOUT_S)
 
 
 def _check(per_rank, prefix: str, ranks=range(WORLD)) -> int:

@@ -56,6 +56,7 @@ struct Scratch {
   std::vector<int32_t> ranking;          // teacher ranking (all classes)
   std::vector<uint8_t> seen;             // permutation checks
   std::vector<acc_t> x, log_alpha, a, b, c, d;
+  std::vector<double> wide_factor;  // the backward scan's exp(δ_j), in double (see row_backward)
 
   explicit Scratch(int64_t classes) : C(classes), padded((classes + Vec::size() - 1) / Vec::size() * Vec::size()) {}
 
@@ -72,6 +73,7 @@ struct Scratch {
   void ensure_scan() {
     if (x.empty()) {
       for (auto* v : {&x, &log_alpha, &a, &b, &c, &d}) v->resize(padded);
+      wide_factor.resize(padded);
     }
   }
 };
@@ -165,9 +167,16 @@ void gather_row(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* order,
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t tmax = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, t, C);
   const Vec vmax(tmax), vinv(inv_tau);
-  const acc_t total = at::vec::map_reduce_all<acc_t>([&](Vec v) { return ((v - vmax) * vinv).exp(); },
-                                                     [](Vec p, Vec q) { return p + q; }, t, C);
-  const acc_t log_total = std::log(total);
+  // Σ exp in blocks (acc_t) whose sums add in double: one fp32 accumulator per lane would chain C / 8
+  // additions, and its error (~1e-5 relative at C = 32000) would scale every α_j, hence the loss
+  constexpr int64_t kBlock = 64;
+  double total = 0.0;
+  for (int64_t start = 0; start < C; start += kBlock * Vec::size()) {
+    const int64_t n = std::min<int64_t>(C - start, kBlock * Vec::size());
+    total += static_cast<double>(at::vec::map_reduce_all<acc_t>([&](Vec v) { return ((v - vmax) * vinv).exp(); },
+                                                                [](Vec p, Vec q) { return p + q; }, t + start, n));
+  }
+  const acc_t log_total = static_cast<acc_t>(std::log(total));
   acc_t* x = sc.x.data();
   acc_t* la = sc.log_alpha.data();
   constexpr acc_t lowest = std::numeric_limits<acc_t>::lowest();
@@ -185,7 +194,9 @@ void gather_row(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* order,
 }
 
 // Suffix log-sum-exp of sc.x as the pair (m, l): m_j = max_{l≥j} x_l into sc.a, l_j = log Σ_{l≥j}
-// exp(x_l − m_j) into `l` (padded tail: m = 0, l = 0). Uses sc.b, sc.c as temporaries.
+// exp(x_l − m_j) into `l` (padded tail: m = 0, l = 0). Uses sc.b, sc.c as temporaries. The sequential
+// sum runs in double: in fp32 a chain of C additions errs by up to ~C·eps (4e-3 relative at
+// C = 32000), far beyond one rounding.
 template <typename acc_t>
 void suffix_lse(Scratch<acc_t>& sc, int64_t C, acc_t* l) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -209,10 +220,10 @@ void suffix_lse(Scratch<acc_t>& sc, int64_t C, acc_t* l) {
   for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
     (Vec::loadu(x + j) - Vec::loadu(m + j)).exp().store(own + j);
   }
-  acc_t sum = acc_t(0);
+  double sum = 0.0;
   for (int64_t j = C - 1; j >= 0; --j) {
-    sum = sum * up[j] + own[j];
-    own[j] = sum;
+    sum = sum * static_cast<double>(up[j]) + static_cast<double>(own[j]);
+    own[j] = static_cast<acc_t>(sum);
   }
   for (int64_t j = C; j < sc.padded; ++j) own[j] = acc_t(1);
   for (int64_t j = 0; j < sc.padded; j += Vec::size()) Vec::loadu(own + j).log().store(l + j);
@@ -240,13 +251,21 @@ Acc<scalar_t> row_forward(const scalar_t* s, const Acc<scalar_t>* t, const int32
   const acc_t* x = sc.x.data();
   const acc_t* m = sc.a.data();
   const acc_t* la = sc.log_alpha.data();
-  Vec acc(acc_t(0));
-  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    // α = 0 (log α = lowest) contributes exactly 0 even where lse_j − x_j is the clamped maximum
-    const Vec alpha = Vec::loadu(la + j).exp();
-    acc = acc + Vec::blendv(alpha * lse_minus_x(m, x, l, j), Vec(acc_t(0)), alpha == Vec(acc_t(0)));
+  // blocks of kBlock vectors summed in acc_t, the block sums in double: a single fp32 accumulator per
+  // lane would chain C / 8 additions (an error of ~1e-5 relative at C = 32000)
+  constexpr int64_t kBlock = 8;
+  double total = 0.0;
+  for (int64_t start = 0; start < sc.padded; start += kBlock * Vec::size()) {
+    const int64_t stop = std::min<int64_t>(sc.padded, start + kBlock * Vec::size());
+    Vec acc(acc_t(0));
+    for (int64_t j = start; j < stop; j += Vec::size()) {
+      // α = 0 (log α = lowest) contributes exactly 0 even where lse_j − x_j is the clamped maximum
+      const Vec alpha = Vec::loadu(la + j).exp();
+      acc = acc + Vec::blendv(alpha * lse_minus_x(m, x, l, j), Vec(acc_t(0)), alpha == Vec(acc_t(0)));
+    }
+    total += static_cast<double>(vec_sum(acc));
   }
-  return vec_sum(acc);
+  return static_cast<acc_t>(total);
 }
 
 // Gradient of one row, times `coef`, scattered to grad_row[order[j]].
@@ -262,20 +281,25 @@ void row_backward(const scalar_t* s, const Acc<scalar_t>* t, const int32_t* orde
   const acc_t* x = sc.x.data();
   const acc_t* m = sc.a.data();
   const acc_t* la = sc.log_alpha.data();
-  acc_t* factor = sc.b.data();  // exp(δ_j), δ_j = lse_j − lse_{j−1} = (m_j − m_{j−1}) + (l_j − l_{j−1}) ≤ 0
+  // exp(δ_j), δ_j = lse_j − lse_{j−1} = (m_j − m_{j−1}) + (l_j − l_{j−1}) ≤ 0, and the scan of S, in
+  // double: the chain multiplies up to C factors, whose fp32 roundings (in δ_j and in its exp) would
+  // accumulate to ~√C·eps relative; in double the δ_j of the stored fp32 m_j, l_j telescope exactly
+  using WideVec = at::vec::Vectorized<double>;
+  double* factor = sc.wide_factor.data();
   acc_t* alpha = sc.c.data();  // α_j, then S_j
-  factor[0] = acc_t(0);        // S_0 = α_0: the factor multiplies the empty sum
-  for (int64_t j = 1; j < C; ++j) factor[j] = (m[j] - m[j - 1]) + (l[j] - l[j - 1]);
-  for (int64_t j = C; j < sc.padded; ++j) factor[j] = acc_t(0);
-  for (int64_t j = 0; j < sc.padded; j += Vec::size()) {
-    Vec::loadu(factor + j).exp().store(factor + j);
-    Vec::loadu(la + j).exp().store(alpha + j);
+  factor[0] = 0.0;             // S_0 = α_0: the factor multiplies the empty sum
+  for (int64_t j = 1; j < C; ++j) {
+    factor[j] = (static_cast<double>(m[j]) - static_cast<double>(m[j - 1])) +
+                (static_cast<double>(l[j]) - static_cast<double>(l[j - 1]));
   }
+  for (int64_t j = C; j < sc.padded; ++j) factor[j] = 0.0;
+  for (int64_t j = 0; j < sc.padded; j += WideVec::size()) WideVec::loadu(factor + j).exp().store(factor + j);
+  for (int64_t j = 0; j < sc.padded; j += Vec::size()) Vec::loadu(la + j).exp().store(alpha + j);
   acc_t* S = sc.c.data();
-  acc_t run = acc_t(0);
+  double run = 0.0;
   for (int64_t j = 0; j < C; ++j) {
-    run = (j == 0 ? acc_t(0) : run * factor[j]) + alpha[j];
-    S[j] = run;
+    run = (j == 0 ? 0.0 : run * factor[j]) + static_cast<double>(alpha[j]);
+    S[j] = static_cast<acc_t>(run);
   }
   for (int64_t j = C; j < sc.padded; ++j) S[j] = acc_t(0);
   const Vec vcoef(coef), zero(acc_t(0));

@@ -337,7 +337,11 @@ __global__ void __launch_bounds__(kThreads)
                    T* __restrict__ grad_student) {
   using A = Acc<T>;
   using Scan = cub::BlockScan<MaxSum<A>, kThreads>;
-  using AffineScan = cub::BlockScan<Affine<A>, kThreads>;
+  // The prefix scan of S runs in double for every dtype: it composes C factors e^{δ_j}, and only in
+  // double do the δ_j (differences of the stored fp32 l_j) telescope without accumulating roundings
+  // (in fp32 the error of S grows like √C·eps: 1e-5 relative at C = 32000).
+  using W = double;
+  using AffineScan = cub::BlockScan<Affine<W>, kThreads>;
   __shared__ union {
     typename Scan::TempStorage lse;
     typename AffineScan::TempStorage affine;
@@ -372,30 +376,30 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();  // mrow, lrow written by other threads of this block
   const A coef = p.reduction == Reduction::kNone ? grad[row] : grad[0] * scale[0];
   T* g = grad_student + row * C;
-  RunningCarry<Affine<A>, AffineThen<A>> carry(Affine<A>{A(1), A(0)});  // S_{−1} = 0
+  RunningCarry<Affine<W>, AffineThen<W>> carry(Affine<W>{W(1), W(0)});  // S_{−1} = 0
   for (int64_t base = 0; base < C; base += kTile) {
-    Affine<A> items[kItems];
+    Affine<W> items[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int64_t j = base + static_cast<int64_t>(threadIdx.x) * kItems + i;
       if (j < C) {
         // e^{δ_j}, δ_j = lse_j − lse_{j−1} = (m_j − m_{j−1}) + (l_j − l_{j−1}); j = 0 starts the sum
-        const A factor = j == 0 ? A(0) : exp((mrow[j] - mrow[j - 1]) + (lrow[j] - lrow[j - 1]));
-        items[i] = Affine<A>{factor, exp(v.log_alpha(j))};
+        const W factor = j == 0 ? W(0) : exp((W(mrow[j]) - W(mrow[j - 1])) + (W(lrow[j]) - W(lrow[j - 1])));
+        items[i] = Affine<W>{factor, exp(W(v.log_alpha(j)))};
       } else {
-        items[i] = Affine<A>{A(1), A(0)};
+        items[i] = Affine<W>{W(1), W(0)};
       }
     }
-    Affine<A> prefix[kItems];
-    AffineScan(storage.affine).InclusiveScan(items, prefix, AffineThen<A>(), carry);
+    Affine<W> prefix[kItems];
+    AffineScan(storage.affine).InclusiveScan(items, prefix, AffineThen<W>(), carry);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int64_t j = base + static_cast<int64_t>(threadIdx.x) * kItems + i;
       if (j < C) {
-        const A q = exp(-lse_minus_x(mrow[j], v.x(j), lrow[j]));  // exp(x_j − lse_j)
-        const A d = q * prefix[i].b - exp(v.log_alpha(j));        // S_j = b (applied to S_{−1} = 0)
-        g[o[j]] = from_acc<T>(coef * d);
+        const W q = exp(W(-lse_minus_x(mrow[j], v.x(j), lrow[j])));  // exp(x_j − lse_j)
+        const W d = q * prefix[i].b - exp(W(v.log_alpha(j)));        // S_j = b (applied to S_{−1} = 0)
+        g[o[j]] = from_acc<T>(coef * static_cast<A>(d));
       }
     }
   }

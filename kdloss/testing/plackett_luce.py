@@ -1,7 +1,8 @@
 """PLD cases for the fuzzer, property tests and benchmarks.
 
 A case: ``lead`` (leading dims of the logits: ``[N]`` or ``[B, T]``; 0 rows allowed), ``classes``
-(C ≥ 1, including sizes that leave vector tails and cross the radix-sort threshold), ``ties``
+(C ≥ 1, including sizes that leave vector tails, cross the radix-sort threshold and reach LLM
+vocabularies, where fp32 sums chained over C lose accuracy), ``ties``
 (teacher logits rounded to a coarse grid, so many classes tie), ``ignore`` (fraction of rows whose
 label is ``ignore_index``), ``permutation`` (pass a cached teacher ranking), ``temperature``,
 ``reduction``, ``layout`` ("contiguous" | "strided": last dim not unit-stride), ``magnitude`` (up to
@@ -32,7 +33,7 @@ def strategy():
         lead = draw(st.sampled_from([(0,), (1,), (5,), (2, 3), (17,), (3, 11)]))
         return {
             "lead": list(lead),
-            "classes": draw(st.one_of(st.sampled_from([1, 2, 8, 9, 257, 300]), st.integers(1, 80))),
+            "classes": draw(st.one_of(st.sampled_from([1, 2, 8, 9, 257, 300, 4099, 32000]), st.integers(1, 80))),
             "ties": draw(st.booleans()),
             "ignore": draw(st.sampled_from([0.0, 0.3, 1.0])),
             "permutation": draw(st.booleans()),
