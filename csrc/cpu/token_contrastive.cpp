@@ -283,9 +283,10 @@ void gradient_row(acc_t* s, int64_t w, int64_t i, int64_t j0, acc_t lse_i, acc_t
     for (c = 0; c < w; ++c) gt[c * ld_t + i] = s[c];
 }
 
-// out [M, E] = acc rows [M, ld] (the first E columns).
-template <typename acc_t>
+// The gradient [M, E] held in the first rows and columns of a padded accumulator: the accumulator
+// itself when there is no padding, else a contiguous copy.
 at::Tensor unpad(const at::Tensor& acc_buf, int64_t M, int64_t E) {
+  if (acc_buf.size(0) == M && acc_buf.size(1) == E) return acc_buf;
   return acc_buf.narrow(0, 0, M).narrow(1, 0, E).contiguous();
 }
 
@@ -369,8 +370,8 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
         }
       });
     }
-    grad_u = need_student ? unpad<acc_t>(du, M, E) : at::zeros({M, E}, opts);
-    grad_v = need_teacher ? unpad<acc_t>(dv, M, E) : at::zeros({M, E}, opts);
+    grad_u = need_student ? unpad(du, M, E) : at::zeros({M, E}, opts);
+    grad_v = need_teacher ? unpad(dv, M, E) : at::zeros({M, E}, opts);
   });
   return {grad_u, grad_v};
 }

@@ -12,8 +12,9 @@ from ..testing.token_contrastive import build
 from ..token_contrastive import token_contrastive_loss
 from . import Case, fuzz_case_inputs
 
-# (M, E): 16 images × 64 sampled tokens projected to 256; 4096 nodes of width 768
-SHAPES = [(1024, 256), (4096, 768)]
+# (M, E): 16 images × 64 sampled tokens projected to 256; 4096 nodes of width 768; 8192 nodes of width
+# 128 (where the eager [M, M] logits dominate memory)
+SHAPES = [(1024, 256), (4096, 768), (8192, 128)]
 QUICK_SHAPES = [(64, 32), (300, 64)]
 TEMPERATURE = 0.1
 
