@@ -14,14 +14,14 @@
 // Backward, with w_i the upstream weight of node i (÷ M for mean), c = ½ when symmetric (else 1):
 //   G_ij = (c·w_i·softmax_row(L)_ij + [symmetric] ½·w_j·softmax_col(L)_ij − [i = j]·w_i) / τ
 //   ∂/∂u = G v,  ∂/∂v = Gᵀ u
-// again strip by strip: each task recomputes its tile of L, forms its tile of G (and, for ∂/∂v, the
-// tile's transpose), and adds G_IJ v_J to its own rows of ∂/∂u; then ∂/∂v of the strip's columns is
-// one GEMM Gᵀ_J u over all rows, split over disjoint output blocks. The GEMMs are our own micro-kernels
-// (BLAS results change with its own thread count): every output element is summed in an order fixed
-// by M and E alone, so results are bitwise identical for any torch.set_num_threads. Cost: one
-// similarity GEMM forward; backward one recomputed similarity GEMM plus one GEMM per gradient (eager:
-// 1 + 2). Extra memory: O(M·E) (packed copies of the nodes, gradient accumulators) plus the strip
-// buffers O(M·kStrip).
+// again strip by strip: tasks over row blocks recompute their tiles of L and turn them into the strip
+// of G in place; then two strip GEMMs, each split over disjoint output blocks (row chunk × panel of
+// E): ∂u += G_J v_J (strips added in column order) and ∂v_J = G_Jᵀ u (G read by columns, K blocked).
+// The GEMMs are our own micro-kernels (BLAS results change with its own thread count): every output
+// element is summed in an order fixed by M and E alone, so results are bitwise identical for any
+// torch.set_num_threads. Cost: one similarity GEMM forward; backward one recomputed similarity GEMM
+// plus one GEMM per gradient (eager: 1 + 2). Extra memory: O(M·E) (packed copies of the nodes,
+// gradient accumulators) plus one strip buffer O(M·kStrip).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -40,6 +40,8 @@ namespace {
 constexpr int64_t kMR = 4;         // gradient micro-kernel rows (4 rows × 2 vectors = 8 accumulators)
 constexpr int64_t kRowBlock = 48;  // rows of L per task (a multiple of kMR)
 constexpr int64_t kStrip = 256;    // columns of L per strip (a multiple of kMR)
+constexpr int64_t kGradRows = 64;  // rows of ∂v per task of the teacher-gradient GEMM (a multiple of kMR)
+constexpr int64_t kDepth = 256;    // K block of that GEMM
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
@@ -110,10 +112,12 @@ void logits_tile(acc_t* out, int64_t ld, const acc_t* x, int64_t rows, const acc
       dot_block<acc_t, 1, 1>(x + r * E, E, y + c * E, E, E, scale, out + r * ld + c, ld);
 }
 
-// c[r·ldc + j] += Σ_k a[r·lda + k] · b[k·ldb + j] for r < kMR, j < 2·Vec::size(): a register block
-// of kMR rows × two vectors, summed over k in order, then added to c.
+// c[r·ldc + j] += Σ_k a[r·a_row + k·a_k] · b[k·ldb + j] for r < kMR, j < 2·Vec::size(): a register
+// block of kMR rows × two vectors, summed over k in order, then added to c. A is read through two
+// strides, so the same strip serves as G (a_k = 1) and as Gᵀ (a_row = 1).
 template <typename acc_t>
-inline void micro_kernel(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t* c, int64_t ldc) {
+inline void micro_kernel(const acc_t* a, int64_t a_row, int64_t a_k, const acc_t* b, int64_t ldb, int64_t K, acc_t* c,
+                         int64_t ldc) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   Vec lo[kMR], hi[kMR];
@@ -122,7 +126,7 @@ inline void micro_kernel(const acc_t* a, int64_t lda, const acc_t* b, int64_t ld
     const Vec b0 = Vec::loadu(b + k * ldb), b1 = Vec::loadu(b + k * ldb + V);
 #pragma GCC unroll 4
     for (int64_t r = 0; r < kMR; ++r) {
-      const Vec ar(a[r * lda + k]);
+      const Vec ar(a[r * a_row + k * a_k]);
       lo[r] = at::vec::fmadd(ar, b0, lo[r]);
       hi[r] = at::vec::fmadd(ar, b1, hi[r]);
     }
@@ -259,10 +263,10 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& stude
 }
 
 // Row i of a strip's tile of G (see the top of the file), written over the logits s[0..w) of row i
-// and columns j0.. (and, when gt is given, into column i of the transposed strip gt, stride ld_t).
+// and columns j0...
 template <typename acc_t>
 void gradient_row(acc_t* s, int64_t w, int64_t i, int64_t j0, acc_t lse_i, acc_t own_i, const acc_t* lse_col,
-                  const acc_t* other, acc_t diag_i, acc_t* gt, int64_t ld_t) {
+                  const acc_t* other, acc_t diag_i) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec vl(lse_i), vo(own_i);
@@ -279,8 +283,6 @@ void gradient_row(acc_t* s, int64_t w, int64_t i, int64_t j0, acc_t lse_i, acc_t
     for (; c < w; ++c) s[c] = own_i * std::exp(s[c] - lse_i);
   }
   if (i >= j0 && i < j0 + w) s[i - j0] -= diag_i;
-  if (gt != nullptr)
-    for (c = 0; c < w; ++c) gt[c * ld_t + i] = s[c];
 }
 
 // The gradient [M, E] held in the first rows and columns of a padded accumulator: the accumulator
@@ -330,13 +332,13 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
     const at::Tensor u_panels = need_teacher ? pack_panels<acc_t>(u, m_pad, e_pad) : at::Tensor();
     at::Tensor du = need_student ? at::zeros({m_pad, e_pad}, opts) : at::Tensor();
     at::Tensor dv = need_teacher ? at::zeros({m_pad, e_pad}, opts) : at::Tensor();
-    // the strip of G [m_pad, kStrip] (rows ≥ M stay zero) and its transpose [kStrip, m_pad]
+    // the strip of G [m_pad, kStrip] (rows ≥ M stay zero)
     at::Tensor strip = at::zeros({m_pad, kStrip}, opts);
-    at::Tensor strip_t = need_teacher ? at::zeros({kStrip, m_pad}, opts) : at::Tensor();
     acc_t* G = strip.data_ptr<acc_t>();
-    acc_t* Gt = need_teacher ? strip_t.data_ptr<acc_t>() : nullptr;
     for (int64_t j0 = 0; j0 < M; j0 += kStrip) {
       const int64_t w = std::min(kStrip, M - j0), w_pad = round_up(w, kMR);
+      if (w_pad > w)  // columns past the strip's last one (rows of Gᵀ): zero, not the previous strip's values
+        strip.narrow(1, w, w_pad - w).zero_();
       at::parallel_for(0, p.row_blocks(), 1, [&](int64_t begin, int64_t end) {
         for (int64_t blk = begin; blk < end; ++blk) {
           const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, M - i0);
@@ -345,28 +347,41 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
             gradient_row(tile + r * kStrip, w, i, j0, lse_row[i], own[i], lse_col, symmetric ? other.data() : nullptr,
-                         diag[i], Gt, m_pad);
+                         diag[i]);
           }
-          if (!need_student) continue;
-          // du[i0.., :] += G_tile [rows_pad, w] · v[j0..j0+w, :]
-          acc_t* c = du.data_ptr<acc_t>() + i0 * e_pad;
-          const acc_t* vb = v_panels.const_data_ptr<acc_t>() + j0 * nr;
-          const int64_t rows_pad = round_up(rows, kMR);
-          for (int64_t pn = 0; pn < panels; ++pn)
-            for (int64_t r0 = 0; r0 < rows_pad; r0 += kMR)
-              micro_kernel(tile + r0 * kStrip, kStrip, vb + pn * m_pad * nr, nr, w, c + r0 * e_pad + pn * nr, e_pad);
         }
       });
+      if (need_student) {
+        // du[rows, :] += G_strip [rows, w] · v[j0..j0+w, :], over disjoint (row chunk, panel) blocks;
+        // strips are added in order, so every element of du is summed in a fixed order
+        const int64_t chunks = (m_pad + kGradRows - 1) / kGradRows;
+        at::parallel_for(0, chunks * panels, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t t = begin; t < end; ++t) {
+            const int64_t pn = t / chunks, r_begin = (t % chunks) * kGradRows;
+            const int64_t r_end = std::min(m_pad, r_begin + kGradRows);
+            const acc_t* panel = v_panels.const_data_ptr<acc_t>() + pn * m_pad * nr + j0 * nr;
+            acc_t* c = du.data_ptr<acc_t>() + pn * nr;
+            for (int64_t r0 = r_begin; r0 < r_end; r0 += kMR)
+              micro_kernel(G + r0 * kStrip, kStrip, 1, panel, nr, w, c + r0 * e_pad, e_pad);
+          }
+        });
+      }
       if (!need_teacher) continue;
-      if (w_pad > w)  // transposed rows past the strip's last column: zero, not the previous strip's values
-        strip_t.narrow(0, w, w_pad - w).zero_();
-      // dv[j0.., :] = Gᵀ_strip [w_pad, M] · u [M, :], over disjoint (row group, panel) blocks
-      const int64_t groups = w_pad / kMR;
-      at::parallel_for(0, groups * panels, 1, [&](int64_t begin, int64_t end) {
+      // dv[j0.., :] = Gᵀ_strip [w_pad, M] · u [M, :] (G read by columns), over disjoint (row chunk, panel) blocks; K in
+      // blocks of kDepth so that a panel's slice stays in L1 across the chunk's row groups (each output
+      // element still sums its K blocks in order)
+      const int64_t chunks = (w_pad + kGradRows - 1) / kGradRows;
+      at::parallel_for(0, chunks * panels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-          const int64_t pn = t / groups, r0 = (t % groups) * kMR;
-          micro_kernel(Gt + r0 * m_pad, m_pad, u_panels.const_data_ptr<acc_t>() + pn * m_pad * nr, nr, M,
-                       dv.data_ptr<acc_t>() + (j0 + r0) * e_pad + pn * nr, e_pad);
+          const int64_t pn = t / chunks, r_begin = (t % chunks) * kGradRows;
+          const int64_t r_end = std::min(w_pad, r_begin + kGradRows);
+          const acc_t* panel = u_panels.const_data_ptr<acc_t>() + pn * m_pad * nr;
+          acc_t* c = dv.data_ptr<acc_t>() + j0 * e_pad + pn * nr;
+          for (int64_t k0 = 0; k0 < M; k0 += kDepth) {
+            const int64_t depth = std::min(kDepth, M - k0);
+            for (int64_t r0 = r_begin; r0 < r_end; r0 += kMR)
+              micro_kernel(G + k0 * kStrip + r0, 1, kStrip, panel + k0 * nr, nr, depth, c + r0 * e_pad, e_pad);
+          }
         }
       });
     }
