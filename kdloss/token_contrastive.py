@@ -135,6 +135,9 @@ def token_contrastive_loss(
     return _kernel_loss(student_emb, teacher_emb, options)
 
 
+_NORM_EPS = 1e-12  # F.normalize's default eps
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     """``F.normalize(x, dim=-1)`` (``x / max(‖x‖, 1e-12)``, the same values) whose gradient is taken in
     projection form, ``(g − u·⟨u, g⟩) / max(‖x‖, 1e-12)`` (``g / 1e-12`` where the clamp is active): no
@@ -146,9 +149,6 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     radial = (norm > _NORM_EPS).to(x.dtype)
     tangent = x - radial * u * (u * x).sum(-1, keepdim=True)  # ≈ 0 in value; its gradient is the projection
     return u + (tangent / scale - tangent.detach() / scale)
-
-
-_NORM_EPS = 1e-12
 
 
 def _kernel_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, options: TokenContrastiveOptions):
