@@ -22,7 +22,16 @@ from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
 from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets, temperature_args
-from ._validation import accumulation_dtype, check_num_items, check_same_device, check_tensor, mean_divisor
+from ._validation import (
+    accumulation_dtype,
+    check_bool,
+    check_label_values,
+    check_num_items,
+    check_same_device,
+    check_tensor,
+    has_data,
+    mean_divisor,
+)
 from ._vocab_parallel import is_dtensor, topk_kl_vocab_parallel
 
 __all__ = ["TopKKLLoss", "TopKKLOptions", "topk_kl_loss"]
@@ -54,12 +63,15 @@ def topk_kl_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     backend: str = "auto",
     vocab_parallel_group=None,
+    precompute_grad: bool | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """KL(teacher ‖ student) with a sparse top-k teacher over a large vocabulary.
 
     Args:
-        student_logits: ``[..., V]`` student logits (fp32/bf16/fp16/fp64). Read through strides; copied
-            only if the vocabulary dimension is not unit-stride.
+        student_logits: ``[..., V]`` student logits (fp32/bf16/fp16/fp64). Read through strides, the
+            label-shift slice ``logits[:, :-1]`` of ``[B, T + 1, V]`` logits included; copied only if the
+            vocabulary dimension is not unit-stride (or more than two leading dims do not flatten).
         teacher_ids: ``[..., k]`` integer vocabulary ids (int64/int32/int16/uint16/int8/uint8), unique per
             position among slots with non-zero teacher mass (pad with any id and a ``-inf`` value).
         teacher_values: ``[..., k]`` teacher log-probabilities (``values="logprobs"``: full-softmax log-probs
@@ -94,6 +106,16 @@ def topk_kl_loss(
             teacher. The loss is the full-vocabulary loss (the same on every rank) and the gradient is
             its gradient w.r.t. this shard; nothing of size V is communicated. A ``DTensor`` sharded on
             its last dimension is handled this way with its mesh's group. See docs/topk_kl.md.
+        precompute_grad: when the logits need a gradient, compute it in the forward, in the same pass over
+            the logits as the loss, and hold it until the backward (which returns it as is for an upstream
+            gradient of exactly 1 and otherwise scales it); ``False`` holds only two floats per row and
+            recomputes the gradient in the backward (a second read of the logits). Default (None): True on
+            CPU, False on CUDA. A forward without gradient never writes anything of size N×V. See
+            docs/topk_kl.md, Memory.
+        validate: check the data of ``teacher_ids`` (in ``[0, V)``, unique among slots with teacher mass) and
+            ``labels`` (default True). On CPU the id checks run inside the kernel at no extra pass; on CUDA
+            they cost a host synchronisation, which ``validate=False`` skips for hot loops: ids outside
+            ``[0, V)`` then contribute nothing and a repeated id counts once per slot.
 
     Shape:
         ``student_logits [..., V]``, ``teacher_ids [..., k]``, ``teacher_values [..., k]``, ``labels [...]``.
@@ -128,22 +150,52 @@ def topk_kl_loss(
         tensors["labels"] = labels
     device = check_same_device(**tensors)
     num_items = check_num_items(num_items_in_batch, reduction, device)
-    check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
-    if not use_kernel("topk_kl", device, backend):
+    check_bool(validate, "validate")
+    if precompute_grad is not None:
+        check_bool(precompute_grad, "precompute_grad")
+    kernel = use_kernel("topk_kl", device, backend)
+    # the CPU kernel checks the ids itself, in its pass over the rows
+    in_kernel = kernel and device.type == "cpu"
+    if validate and not in_kernel:
+        check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
+    elif validate:
+        check_label_values(labels, vocab, options.ignore_index)
+    if not kernel:
         from .reference.topk_kl import topk_kl_reference
 
         return topk_kl_reference(student_logits, teacher_ids, teacher_values, labels, options=options,
                                  num_items_in_batch=num_items)
     acc = accumulation_dtype(student_logits.dtype)
-    logits = student_logits.reshape(-1, vocab)
-    if vocab > 1 and logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, logits.shape[0], options, acc)
-    loss, _ = torch.ops.kdloss.topk_kl_fwd(
+    logits = kernel_rows(student_logits)
+    rows = student_logits.numel() // vocab if vocab else 0
+    ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, rows, options, acc)
+    wants_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if precompute_grad is None:
+        precompute_grad = device.type == "cpu"
+    loss, *_ = torch.ops.kdloss.topk_kl_fwd_grad(
         logits, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc), *temperature_args(options),
-        options.student_support == "full", _ops.REDUCTION_CODES[reduction],
+        options.student_support == "full", _ops.REDUCTION_CODES[reduction], wants_grad and precompute_grad,
+        validate and in_kernel and has_data(logits),
     )
     return cast_loss(loss.reshape(lead) if reduction == "none" else loss, student_logits.dtype)
+
+
+def kernel_rows(student_logits: torch.Tensor) -> torch.Tensor:
+    """``[..., V]`` logits as the kernels read them, without a copy where the strides allow: ``[N, V]``
+    when the leading dims flatten to one stride, else ``[B, T, V]`` (e.g. the label-shift slice
+    ``full[:, :-1]``, whose batch stride is not ``T`` rows); a copy only when V is not unit-stride or the
+    dims before the last two do not flatten."""
+    vocab = student_logits.shape[-1]
+    if vocab > 1 and student_logits.stride(-1) != 1:
+        return student_logits.reshape(-1, vocab).contiguous()
+    try:
+        return student_logits.view(-1, vocab)
+    except RuntimeError:
+        pass
+    try:
+        return student_logits.view(-1, student_logits.shape[-2], vocab)
+    except RuntimeError:
+        return student_logits.reshape(-1, vocab).contiguous()
 
 
 class TopKKLLoss(OptionsModule):
@@ -155,7 +207,8 @@ class TopKKLLoss(OptionsModule):
     Args:
         values, tail, student_support, temperature, teacher_temperature, scale_by_t2, ignore_index,
         reduction, backend: as in :func:`topk_kl_loss`.
-        vocab_parallel_group: as in :func:`topk_kl_loss`; a plain attribute (runtime state, not an option).
+        vocab_parallel_group, precompute_grad, validate: as in :func:`topk_kl_loss`; plain attributes
+            (runtime choices, not loss options).
 
     Shape:
         ``forward(student_logits [..., V], teacher_ids [..., k], teacher_values [..., k], labels [...] = None,
@@ -181,12 +234,16 @@ class TopKKLLoss(OptionsModule):
         reduction: str = _D.reduction,
         backend: str = "auto",
         vocab_parallel_group=None,
+        precompute_grad: bool | None = None,
+        validate: bool = True,
     ) -> None:
         options = TopKKLOptions(values=values, tail=tail, student_support=student_support, temperature=temperature,
                                 teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2,
                                 ignore_index=ignore_index, reduction=reduction)
         super().__init__(options, backend)
         self.vocab_parallel_group = vocab_parallel_group
+        self.precompute_grad = precompute_grad
+        self.validate = validate
 
     def forward(
         self,
@@ -200,4 +257,5 @@ class TopKKLLoss(OptionsModule):
         """See :func:`topk_kl_loss`."""
         return topk_kl_loss(student_logits, teacher_ids, teacher_values, labels,
                             num_items_in_batch=num_items_in_batch, backend=self.backend,
-                            vocab_parallel_group=self.vocab_parallel_group, **self.option_kwargs())
+                            vocab_parallel_group=self.vocab_parallel_group, precompute_grad=self.precompute_grad,
+                            validate=self.validate, **self.option_kwargs())

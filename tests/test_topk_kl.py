@@ -445,7 +445,238 @@ def test_kernel_rejects_out_of_range_ids_on_direct_op_calls():
 
 
 # ---------------------------------------------------------------------------------------------
+# One pass: the gradient computed in the forward, strided [B, T, V] logits, repeated ids
+
+
+def _fwd_grad_args(device, dtype, reduction, full_support, compute_grad, batched=False):
+    args = list(_op_args(device, dtype, reduction, full_support))
+    if batched:  # rows of a [B, T, V] label-shift slice: batch stride of T + 1 rows
+        z = args[0].detach()
+        full = torch.cat([z, z[:1]]).reshape(2, 3, z.shape[-1])
+        args[0] = full[:, :-1].requires_grad_()
+        args[1:5] = [a[:4] for a in args[1:5]]
+        args[5] = args[4].sum().to(args[5].dtype)
+    return (*args, compute_grad, False)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_fwd_grad(device, reduction):
+    from kdloss._build import require
+
+    require("topk_kl", device.type)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for full_support, compute_grad, batched in [(True, True, False), (False, True, True), (True, False, True)]:
+            args = _fwd_grad_args(device, dtype, reduction, full_support, compute_grad, batched)
+            torch.library.opcheck(torch.ops.kdloss.topk_kl_fwd_grad.default, args)
+            loss, stats = torch.ops.kdloss.topk_kl_fwd(*args[:-2])
+            grad = torch.rand(loss.shape, dtype=loss.dtype, device=device)
+            torch.library.opcheck(torch.ops.kdloss.topk_kl_bwd.default, (grad, stats, args[0].detach(), *args[1:-2]))
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+def test_fwd_grad_matches_two_pass_ops(device, reduction, tail):
+    """The gradient of topk_kl_fwd_grad (upstream 1) is topk_kl_bwd's with an upstream gradient of 1."""
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        for batched in (False, True):
+            args = _fwd_grad_args(device, dtype, reduction, True, True, batched)
+            if tail == "renorm":
+                args = (*args[:3], torch.full_like(args[3], -math.inf), *args[4:])
+            loss, stats, grad = torch.ops.kdloss.topk_kl_fwd_grad(*args)
+            loss2, stats2 = torch.ops.kdloss.topk_kl_fwd(*args[:-2])
+            torch.testing.assert_close(loss, loss2, rtol=0, atol=0)
+            assert grad.shape == args[0].shape
+            one = torch.ones(loss.shape, dtype=loss.dtype, device=device)
+            expected = torch.ops.kdloss.topk_kl_bwd(one, stats2, args[0].detach(), *args[1:-2])
+            torch.testing.assert_close(grad.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("precompute_grad", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_precomputed_gradient_rescaled(device, precompute_grad, reduction):
+    """gradcheck's upstream gradients are not 1: the saved gradient is rescaled (per row for "none")."""
+    z, ids, vals, _ = make_problem(rows=3, vocab=11, k=4, device=device, seed=23)
+    labels = torch.tensor([2, -100, 5], device=device)
+
+    def fn(x):
+        return topk_kl_loss(x, ids, vals, labels, tail="bucket", temperature=1.3, reduction=reduction,
+                            backend="kernel", precompute_grad=precompute_grad)
+
+    assert torch.autograd.gradcheck(fn, (z,))
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.5, 0.0])
+def test_precomputed_gradient_scaled_by_the_upstream_gradient(device, weight):
+    z, ids, vals, _ = make_problem(rows=5, vocab=40, k=6, device=device, seed=24)
+    kw = dict(temperature=2.0, backend="kernel")
+    a = topk_kl_loss(z, ids, vals, precompute_grad=True, **kw)
+    b = topk_kl_loss(z, ids, vals, backend="reference", temperature=2.0)
+    w = torch.tensor(weight, dtype=torch.float64, device=device)
+    assert_close_fp64(grad_of(a, z, w), grad_of(b, z, w))
+
+
+def test_shifted_slice_read_in_place_with_the_contiguous_result(device):
+    """``full[:, :-1]`` of [B, T+1, V] logits: no copy, same loss and gradient as its contiguous copy."""
+    from kdloss.topk_kl import kernel_rows
+
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(25)
+        full = torch.randn(3, 9, 257, generator=gen).to(device, dtype).requires_grad_()
+        ids = torch.randint(0, 257, (3, 8, 64), generator=gen).to(device)
+        ids = torch.arange(64, device=device) * 4 + ids % 4  # distinct per row
+        lp = torch.log_softmax(torch.randn(3, 8, 64, generator=gen), -1).to(device)
+        labels = torch.randint(0, 257, (3, 8), generator=gen).to(device)
+        labels[0, 2] = -100
+        shifted = full[:, :-1]
+        view = kernel_rows(shifted)
+        assert view.data_ptr() == full.data_ptr() and view.shape == (3, 8, 257)
+        copy = shifted.detach().contiguous().requires_grad_()
+        for precompute_grad in (True, False):
+            a = topk_kl_loss(shifted, ids, lp, labels, temperature=2.0, backend="kernel",
+                             precompute_grad=precompute_grad)
+            b = topk_kl_loss(copy, ids, lp, labels, temperature=2.0, backend="kernel", precompute_grad=precompute_grad)
+            assert torch.equal(a, b)
+            g_full, g_copy = grad_of(a, full), grad_of(b, copy)
+            assert torch.equal(g_full[:, :-1], g_copy) and torch.count_nonzero(g_full[:, -1]) == 0
+
+
+def test_forward_without_grad_writes_nothing_of_size_n_by_v():
+    z, ids, vals, _ = make_problem(rows=64, vocab=4096, k=8, dtype=torch.float32, seed=26)
+    dense_bytes = z.numel() * z.element_size()
+
+    def largest_allocation(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+    with torch.no_grad():
+        assert largest_allocation(lambda: topk_kl_loss(z, ids, vals, backend="kernel")) < dense_bytes
+    assert largest_allocation(lambda: topk_kl_loss(z.detach(), ids, vals, backend="kernel")) < dense_bytes
+    assert largest_allocation(lambda: topk_kl_loss(z, ids, vals, backend="kernel")) >= dense_bytes  # can fail
+
+
+def test_large_gradient_buffer_huge_page_path_is_correct():
+    """A gradient over 8 MiB comes from the kernel's huge-page-advised allocation: values and lifetime."""
+    z, ids, vals, _ = make_problem(rows=80, vocab=32000, k=16, dtype=torch.float32, seed=27)
+    a = topk_kl_loss(z, ids, vals, temperature=2.0, backend="kernel")
+    g = grad_of(a, z)
+    b = topk_kl_loss(z.double(), ids, vals.double(), temperature=2.0, backend="reference")
+    torch.testing.assert_close(g.double(), grad_of(b, z).double(), rtol=1e-4, atol=1e-9)
+    g.add_(1.0)  # an ordinary, writable tensor
+    assert g.is_contiguous() and g.shape == z.shape
+
+
+def _repeated_ids_problem(device, dtype=torch.float64):
+    z, ids, vals, _ = make_problem(rows=4, vocab=30, k=5, device=device, dtype=dtype, seed=28)
+    ids = ids.clone()
+    ids[:, 3] = ids[:, 1]  # a repeated id with teacher mass in every row
+    ids[2, 4] = ids[2, 1]  # three slots for one id
+    return z, ids, vals
+
+
+@pytest.mark.parametrize("tail", ["renorm", "none"])
+@pytest.mark.parametrize("precompute_grad", [True, False])
+def test_repeated_ids_count_once_per_slot_without_validation(device, tail, precompute_grad):
+    """validate=False (and torch.compile, where no data check runs): a repeated id counts once per slot —
+    the reference's gather semantics — with its gradient entries summed (race-free on CUDA)."""
+    z, ids, vals = _repeated_ids_problem(device)
+    kw = dict(tail=tail, temperature=1.7, reduction="sum")
+    a = topk_kl_loss(z, ids, vals, backend="kernel", validate=False, precompute_grad=precompute_grad, **kw)
+    b = topk_kl_reference(z, ids, vals, **kw)
+    assert_close_fp64(a, b)
+    assert_close_fp64(grad_of(a, z), grad_of(b, z))
+
+
+def test_repeated_ids_rejected_by_the_kernel_and_under_compile_summed():
+    z, ids, vals = _repeated_ids_problem("cpu", torch.float32)
+    with pytest.raises(ValueError, match="teacher_ids must be unique"):
+        topk_kl_loss(z, ids, vals, backend="kernel")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: topk_kl_loss(x, ids, vals, backend="kernel"), fullgraph=True)
+    out = compiled(z)
+    expected = topk_kl_reference(z.double(), ids, vals.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_of(out, z).double(), grad_of(expected, z).double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("position", [0, 1, 7, 8, 4095])
+def test_nan_logit_anywhere_gives_nan(device, position):
+    for dtype in (torch.float32, torch.bfloat16):
+        z, ids, vals, _ = make_problem(rows=3, vocab=4096, k=8, device=device, dtype=dtype, seed=29)
+        z = z.detach().clone()
+        z[1, position] = float("nan")
+        z.requires_grad_()
+        out = topk_kl_loss(z, ids, vals, reduction="none", backend="kernel")
+        assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+        assert torch.isnan(grad_of(out.sum(), z)[1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bucket_tail_finite_when_the_kept_student_mass_rounds_to_one(device, dtype):
+    """Σ_K q rounds to 1 in fp32: log r_s is clamped at log 1e-8 (finite), the tail term's gradient is 0."""
+    z = torch.full((2, 100), -40.0, dtype=torch.float64)
+    z[:, :4] = 10.0
+    z = z.to(device, dtype).requires_grad_()
+    ids = torch.arange(4, device=device).expand(2, 4)
+    lp = torch.log(torch.tensor([0.3, 0.3, 0.2, 0.1], device=device)).expand(2, 4)
+    out = topk_kl_loss(z, ids, lp, tail="bucket", backend="kernel")
+    ref = topk_kl_reference(z.detach().double(), ids, lp.double(), tail="bucket")
+    assert torch.isfinite(out) and torch.isfinite(grad_of(out, z)).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA-specific (run on a GPU; skipped only where none exists)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [50257, 32001, 151936])
+def test_cuda_one_pass_matches_cpu_on_shifted_and_misaligned_rows(dtype, vocab):
+    gen = torch.Generator().manual_seed(30)
+    full = (2 * torch.randn(2, 5, vocab, generator=gen)).to(dtype)
+    ids = torch.randint(0, vocab, (2, 4, 64), generator=gen)
+    ids[..., 5] = ids[..., 2]  # a repeated id: summed, race-free
+    lp = torch.log_softmax(torch.randn(2, 4, 64, generator=gen), -1)
+    results = []
+    for device in ("cpu", "cuda"):
+        f = full.to(device).requires_grad_()
+        for precompute_grad in (True, False):
+            out = topk_kl_loss(f[:, :-1], ids.to(device), lp.to(device), tail="bucket", temperature=2.0,
+                               backend="kernel", validate=False, precompute_grad=precompute_grad)
+            results.append((out.cpu(), grad_of(out, f).cpu()))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for out, grad in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=tol, atol=tol)
+        torch.testing.assert_close(grad, results[0][1], rtol=tol, atol=tol)
+
+
+@cuda_only
+def test_cuda_upstream_gradient_in_the_accumulation_dtype():
+    """An upstream gradient not representable in bf16 scales the bf16 gradient as on the CPU."""
+    z, ids, lp, _ = make_problem(rows=8, vocab=3000, k=16, dtype=torch.bfloat16, seed=31)
+    w = torch.tensor(1.0 + 2.0**-12)
+    grads = []
+    for device in ("cpu", "cuda"):
+        x = z.detach().to(device).requires_grad_()
+        for precompute_grad in (True, False):
+            out = topk_kl_loss(x, ids.to(device), lp.to(device), backend="kernel", precompute_grad=precompute_grad)
+            grads.append(grad_of(out, x, w.to(device)).cpu())
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-2, atol=1e-6)
+
+
+@cuda_only
+def test_cuda_one_pass_no_host_sync_with_validate_false():
+    z, ids, lp, _ = make_problem(rows=64, vocab=32000, k=64, device="cuda", dtype=torch.bfloat16, seed=32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = topk_kl_loss(z, ids, lp, backend="kernel", validate=False, precompute_grad=True)
+        torch.autograd.grad(out, z)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
 
 
 @cuda_only

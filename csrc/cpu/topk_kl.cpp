@@ -4,23 +4,36 @@
 // Forward: one streaming pass per row (blocked online max/Σexp in the accumulation type), then
 // O(k) gathers; saves the row's stats (m, l): m = max z, l = log Σ exp((z − m)/T). Backward:
 // recomputes q = exp((z − m)/T − l) and writes the dense gradient g·(α·q_j + β_j·[j∈K]) in one
-// pass (spec §3.4).
+// pass. Forward with the gradient (topk_kl_fwd_grad): per row, the log-sum-exp sweep keeps every
+// exp((z_j − m_b)/T) (m_b: the maximum of its block) in a row-sized buffer, and a second sweep, while
+// the row is still in L2, scales it to the gradient: one read of the logits, one exp per element.
+//
+// Rows are addressed through two strides ([B, T, V] logits, e.g. the label-shift slice
+// full[:, :-1], are read in place). Repeated ids among the kept slots count once per slot (their
+// gradient entries are summed, race-free); topk_kl_fwd_grad can reject them instead (check_unique).
 //
 // Every log q_j is computed as (z_j − m)·(1/T) − l: the shift by the maximum happens in logit units,
 // before the division by T. At small T, z/T and its log-sum-exp are large, and the difference of two
 // large rounded numbers would lose the absolute accuracy of log q (and two roundings of the same
 // z·(1/T), one of them fused into an fma, would not even cancel for k = 1).
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "kdloss/cpu_exp.h"
 #include "kdloss/cpu_utils.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace kdloss {
 namespace cpu {
@@ -259,7 +272,7 @@ Acc<scalar_t> row_kl(const Row<scalar_t>& row, int64_t V, Acc<scalar_t> inv_t, c
 // cancel. Student renormalised over K: α = 0, κ = P.
 template <typename acc_t>
 struct Coefficients {
-  acc_t alpha, kept, mass;
+  acc_t alpha, kept, mass, gamma;
 };
 
 template <typename scalar_t>
@@ -267,7 +280,7 @@ Coefficients<Acc<scalar_t>> row_coefficients(const Row<scalar_t>& row, int64_t V
                                              const Stats<Acc<scalar_t>>& st, bool full_support) {
   using acc_t = Acc<scalar_t>;
   const auto mass = kept_mass(row, inv_t, st);
-  if (!full_support) return {acc_t(0), mass.teacher, mass.teacher};
+  if (!full_support) return {acc_t(0), mass.teacher, mass.teacher, acc_t(0)};
   acc_t gamma = 0, tail_mass = 0;
   // d/dz of −r̂·log r_s; zero where DistillKit's clamp is active
   if (row.tail_logp != neg_inf<acc_t>()) {
@@ -277,7 +290,110 @@ Coefficients<Acc<scalar_t>> row_coefficients(const Row<scalar_t>& row, int64_t V
       gamma = tail_mass / tail.r;
     }
   }
-  return {mass.teacher + tail_mass - gamma, mass.teacher + tail_mass, mass.teacher};
+  return {mass.teacher + tail_mass - gamma, mass.teacher + tail_mass, mass.teacher, gamma};
+}
+
+// The loss of a row and its gradient coefficients, with one evaluation of the student's tail.
+template <typename acc_t>
+struct RowTerms {
+  acc_t kl;
+  Coefficients<acc_t> c;
+};
+
+template <typename scalar_t>
+RowTerms<Acc<scalar_t>> row_terms(const Row<scalar_t>& row, int64_t V, Acc<scalar_t> inv_t,
+                                  const Stats<Acc<scalar_t>>& st, bool full_support) {
+  using acc_t = Acc<scalar_t>;
+  acc_t head = 0, teacher = 0, student = 0;
+  for (int64_t i = 0; i < row.k; ++i) {
+    if (!row.kept(i)) continue;
+    const acc_t log_q = row.log_q(i, inv_t, st);
+    const acc_t p = std::exp(row.logp[i]);
+    head += p * (row.logp[i] - log_q);
+    teacher += p;
+    student += std::exp(log_q);
+  }
+  if (!full_support) return {head, {acc_t(0), teacher, teacher, acc_t(0)}};
+  if (row.tail_logp == neg_inf<acc_t>()) return {head, {teacher, teacher, teacher, acc_t(0)}};
+  const auto tail = student_tail(row, V, inv_t, st, student);
+  const acc_t kl = head + std::exp(row.tail_logp) * (row.tail_logp - tail.log_r);
+  if (tail.clamped) return {kl, {teacher, teacher, teacher, acc_t(0)}};
+  const acc_t tail_mass = std::exp(row.tail_logp), gamma = tail_mass / tail.r;
+  return {kl, {teacher + tail_mass - gamma, teacher + tail_mass, teacher, gamma}};
+}
+
+// Kept slots grouped by id: lead[i] is the first kept slot with the id of slot i (−1 for a slot
+// outside K). A small open-addressing table, rebuilt per row (O(k)).
+class SlotGroups {
+ public:
+  // Groups the kept slots of `row`; returns whether some id repeats among them.
+  template <typename scalar_t>
+  bool build(const Row<scalar_t>& row) {
+    int shift = 60;
+    uint64_t cap = 16;
+    while (cap < 2 * static_cast<uint64_t>(row.k)) {
+      cap <<= 1;
+      --shift;
+    }
+    keys_.assign(cap, -1);
+    first_.resize(cap);
+    lead_.resize(row.k);
+    bool repeated = false;
+    for (int64_t i = 0; i < row.k; ++i) {
+      if (!row.kept(i)) {
+        lead_[i] = -1;
+        continue;
+      }
+      const int64_t id = row.ids[i];
+      uint64_t h = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> shift;
+      while (keys_[h] != -1 && keys_[h] != id) h = (h + 1) & (cap - 1);
+      if (keys_[h] == -1) {
+        keys_[h] = id;
+        first_[h] = i;
+        lead_[i] = i;
+      } else {
+        lead_[i] = first_[h];
+        repeated = true;
+      }
+    }
+    return repeated;
+  }
+  int64_t lead(int64_t i) const { return lead_[i]; }
+
+ private:
+  std::vector<int64_t> keys_, first_, lead_;
+};
+
+// Overwrites the kept entries of a gradient row (its dense part g·α·q already written): id j gets
+// g·(α·q_j + Σ_{i: ids_i = j} (γ·q_j − p̂_i)), i.e. g·(κ·q_j − p̂_i) for an id held by one slot —
+// the exact derivative of the loss with every slot counted as its own outcome.
+template <typename scalar_t>
+void write_kept(scalar_t* out_row, const Row<scalar_t>& row, Acc<scalar_t> inv_t, const Stats<Acc<scalar_t>>& st,
+                const Coefficients<Acc<scalar_t>>& c, Acc<scalar_t> gr, SlotGroups& groups,
+                std::vector<Acc<scalar_t>>& teacher_sum, std::vector<int64_t>& count) {
+  using acc_t = Acc<scalar_t>;
+  const bool repeated = groups.build(row);
+  if (repeated) {
+    teacher_sum.assign(row.k, acc_t(0));
+    count.assign(row.k, 0);
+    for (int64_t i = 0; i < row.k; ++i) {
+      const int64_t lead = groups.lead(i);
+      if (lead < 0) continue;
+      teacher_sum[lead] += std::exp(row.logp[i]);
+      ++count[lead];
+    }
+  }
+  for (int64_t i = 0; i < row.k; ++i) {
+    if (groups.lead(i) != i) continue;
+    const acc_t q = std::exp(row.log_q(i, inv_t, st));
+    acc_t d;
+    if (!repeated || count[i] == 1) {
+      d = c.kept * q - std::exp(row.logp[i]);
+    } else {
+      d = (c.kept + static_cast<acc_t>(count[i] - 1) * c.gamma) * q - teacher_sum[i];
+    }
+    out_row[row.ids[i]] = static_cast<scalar_t>(gr * d);
+  }
 }
 
 // out[0..V) = c·exp((z − m)·inv_t − l) (or zeros when c = 0).
@@ -308,6 +424,100 @@ void dense_softmax_row(scalar_t* out, const scalar_t* z, int64_t V, Acc<scalar_t
   for (; j < V; ++j) out[j] = static_cast<scalar_t>(c * std::exp((static_cast<acc_t>(z[j]) - st.m) * inv_t - st.l));
 }
 
+// Rows of [N, V] or [B, T, V] logits.
+int64_t row_count(const at::Tensor& logits) {
+  return logits.dim() == 3 ? logits.size(0) * logits.size(1) : logits.size(0);
+}
+
+// e[0..n) = exp((x − bm)·inv_t) with bm = max x (x in the accumulation type); returns Σ e.
+template <typename acc_t>
+acc_t block_exp_store(const acc_t* x, int64_t n, acc_t inv_t, acc_t bm, acc_t* e) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vt(inv_t), vm(bm);
+  Vec s0(acc_t(0)), s1(acc_t(0));
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    const Vec a = vexp((Vec::loadu(x + i) - vm) * vt), b = vexp((Vec::loadu(x + i + Vec::size()) - vm) * vt);
+    a.store(e + i);
+    b.store(e + i + Vec::size());
+    s0 = s0 + a;
+    s1 = s1 + b;
+  }
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec a = vexp((Vec::loadu(x + i) - vm) * vt);
+    a.store(e + i);
+    s0 = s0 + a;
+  }
+  acc_t s = vec_sum(s0 + s1);
+  for (; i < n; ++i) {
+    e[i] = std::exp((x[i] - bm) * inv_t);
+    s += e[i];
+  }
+  return s;
+}
+
+// Row stats as row_stats, keeping e_j = exp((z_j − m_b)·inv_t) in e[0..V) and the block maxima m_b in
+// block_max (−inf for a block of −inf logits, whose e is not written). One read of z.
+template <typename scalar_t>
+Stats<Acc<scalar_t>> row_stats_kept(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t, Acc<scalar_t>* e,
+                                    Acc<scalar_t>* block_maxima) {
+  using acc_t = Acc<scalar_t>;
+  acc_t m = neg_inf<acc_t>(), s = 0;
+  alignas(64) float buffer[c10::is_reduced_floating_point_v<scalar_t> ? kBlock : 1];
+  for (int64_t b = 0, blk = 0; b < V; b += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, V - b);
+    const acc_t* x;
+    acc_t bm;
+    if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+      bm = block_to_float(z + b, n, buffer);
+      x = buffer;
+    } else {
+      bm = block_max(z + b, n);
+      x = z + b;
+    }
+    block_maxima[blk] = bm;
+    if (std::isnan(bm)) return {bm, bm};
+    if (bm == neg_inf<acc_t>()) continue;
+    const acc_t bs = block_exp_store<acc_t>(x, n, inv_t, bm, e + b);
+    if (bm > m) {
+      s *= std::exp((m - bm) * inv_t);  // 0 while m = −inf
+      m = bm;
+    }
+    s += bm == m ? bs : bs * std::exp((bm - m) * inv_t);
+  }
+  return {m, m == neg_inf<acc_t>() ? acc_t(0) : std::log(s)};
+}
+
+// out[0..V) = c·q_j = c·exp((m_b − m)·inv_t − l)·e_j from the kept exps (e may alias out).
+template <typename scalar_t>
+void dense_from_kept(scalar_t* out, const Acc<scalar_t>* e, const Acc<scalar_t>* block_max, int64_t V,
+                     Acc<scalar_t> inv_t, const Stats<Acc<scalar_t>>& st, Acc<scalar_t> c) {
+  using acc_t = Acc<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  for (int64_t b = 0, blk = 0; b < V; b += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, V - b);
+    const acc_t f =
+        block_max[blk] == neg_inf<acc_t>() ? acc_t(0) : c * std::exp((block_max[blk] - st.m) * inv_t - st.l);
+    scalar_t* o = out + b;
+    const acc_t* x = e + b;
+    if (f == acc_t(0)) {
+      std::fill(o, o + n, static_cast<scalar_t>(0));
+      continue;
+    }
+    const Vec vf(f);
+    int64_t j = 0;
+    if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+      using Reduced = at::vec::Vectorized<scalar_t>;
+      for (; j + Reduced::size() <= n; j += Reduced::size())
+        at::vec::convert_from_float<scalar_t>(vf * Vec::loadu(x + j), vf * Vec::loadu(x + j + Vec::size()))
+            .store(o + j);
+    } else {
+      for (; j + Vec::size() <= n; j += Vec::size()) (vf * Vec::loadu(x + j)).store(o + j);
+    }
+    for (; j < n; ++j) o[j] = static_cast<scalar_t>(f * x[j]);
+  }
+}
+
 void check_acc_tensor(const at::Tensor& t, const char* name, at::ScalarType acc, at::IntArrayRef shape) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == acc, name, " must have dtype ", acc, ", got ", t.scalar_type());
@@ -319,9 +529,9 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const a
                         const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor,
                         double inv_temperature, double scale) {
   check_cpu_float(logits, "logits");
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
-  const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK_VALUE(V <= 1 || N == 0 || logits.stride(1) == 1, "logits must have unit stride along V");
+  TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, "logits must be [N, V] or [B, T, V], got ", logits.sizes());
+  const int64_t N = row_count(logits), V = logits.size(-1);
+  TORCH_CHECK_VALUE(V <= 1 || N == 0 || logits.stride(-1) == 1, "logits must have unit stride along V");
   TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == N,
                     "ids must be an int64 CPU tensor [N, k] with N = ", N, ", got ", ids.scalar_type(), " ",
                     ids.sizes());
@@ -337,14 +547,53 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const a
   auto ids_c = ids.contiguous();
   const int64_t* p = ids_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < N * k; ++i)
-    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < V, "ids must lie in [0, V) with V = ", V, ", got ", p[i]);
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < V, "teacher_ids must lie in [0, V) with V = ", V, ", got ", p[i]);
   return ids_c;
 }
 
+// Row n of [N, V] or [B, T, V] logits (unit stride along V, any other strides: row n is (n / T, n % T)).
 template <typename scalar_t>
-Row<scalar_t> make_row(const at::Tensor& logits, const int64_t* ids, const Acc<scalar_t>* logp,
+struct RowAddress {
+  const scalar_t* base;
+  int64_t seq, batch_stride, row_stride;
+  const scalar_t* operator()(int64_t n) const { return base + (n / seq) * batch_stride + (n % seq) * row_stride; }
+};
+
+template <typename scalar_t>
+RowAddress<scalar_t> row_address(const at::Tensor& logits) {
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  if (logits.dim() == 3) return {base, std::max<int64_t>(logits.size(1), 1), logits.stride(0), logits.stride(1)};
+  return {base, std::max<int64_t>(logits.size(0), 1), 0, logits.stride(0)};
+}
+
+template <typename scalar_t>
+Row<scalar_t> make_row(const RowAddress<scalar_t>& address, const int64_t* ids, const Acc<scalar_t>* logp,
                        const Acc<scalar_t>* tail, int64_t n, int64_t k) {
-  return {logits.const_data_ptr<scalar_t>() + n * logits.stride(0), ids + n * k, logp + n * k, tail[n], k};
+  return {address(n), ids + n * k, logp + n * k, tail[n], k};
+}
+
+// An uninitialised CPU tensor for a large gradient, advised for transparent huge pages before its first
+// touch (fewer page faults on a fresh buffer; effective where /sys/kernel/mm/transparent_hugepage/enabled
+// is "madvise" or "always"). Small tensors come from the default allocator, and every gradient does with
+// KDLOSS_HUGEPAGES=0 in the environment.
+at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  static const bool advise = [] {
+    const char* env = std::getenv("KDLOSS_HUGEPAGES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  if (advise && bytes >= 4 * kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    if (void* data = std::aligned_alloc(kHugePage, rounded)) {
+      madvise(data, rounded, MADV_HUGEPAGE);  // advice only: a failure leaves ordinary pages
+      return at::from_blob(
+          data, sizes, [](void* p) { std::free(p); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const at::Tensor& ids,
@@ -356,7 +605,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
   const double scale = float_arg(scale_t, "scale");
   const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale);
   const Reduction reduction = check_reduction(reduction_code);
-  const int64_t N = logits.size(0), V = logits.size(1), k = ids.size(1);
+  const int64_t N = row_count(logits), V = logits.size(-1);
+  const int64_t k = ids.size(1);
   const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
   at::Tensor stats = at::empty({N, 2}, target_logp.options());
   // the loss is returned in the accumulation dtype, like the stats
@@ -371,6 +621,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
     const bool* ok_p = ok.const_data_ptr<bool>();
     acc_t* stats_p = stats.data_ptr<acc_t>();
     std::vector<acc_t> rows(N);
+    const auto address = row_address<scalar_t>(logits);
     at::parallel_for(0, N, row_grain(full_support ? V : k), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         if (!ok_p[n]) {
@@ -378,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
           rows[n] = 0;
           continue;
         }
-        const auto row = make_row<scalar_t>(logits, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
         const Stats<acc_t> st = full_support ? row_stats(row.z, V, inv_t) : kept_stats(row, inv_t);
         stats_p[2 * n] = st.m;
         stats_p[2 * n + 1] = st.l;
@@ -408,12 +659,13 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
   const double scale = float_arg(scale_t, "scale");
   const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale);
   const Reduction reduction = check_reduction(reduction_code);
-  const int64_t N = logits.size(0), V = logits.size(1), k = ids.size(1);
+  const int64_t N = row_count(logits), V = logits.size(-1);
+  const int64_t k = ids.size(1);
   check_acc_tensor(stats, "stats", target_logp.scalar_type(), {N, 2});
   const auto g = checked_grad(grad, reduction, {N}, target_logp.scalar_type());
   const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
   const auto stats_c = stats.contiguous();
-  at::Tensor out = at::empty({N, V}, logits.options());
+  at::Tensor out = empty_gradient(logits.sizes(), logits.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_bwd", [&] {
     using acc_t = Acc<scalar_t>;
@@ -431,7 +683,11 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
       row_scale = d > acc_t(0) ? row_scale / d : acc_t(0);
     }
     scalar_t* out_p = out.data_ptr<scalar_t>();
+    const auto address = row_address<scalar_t>(logits);
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      SlotGroups groups;
+      std::vector<acc_t> teacher_sum;
+      std::vector<int64_t> count;
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* out_row = out_p + n * V;
         const acc_t gr = ok_p[n] ? (reduction == Reduction::kNone ? row_scale * g_p[n] : row_scale) : acc_t(0);
@@ -439,21 +695,119 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
           std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
           continue;
         }
-        const auto row = make_row<scalar_t>(logits, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
         const Stats<acc_t> st{stats_p[2 * n], stats_p[2 * n + 1]};
         const auto c = row_coefficients(row, V, inv_t, st, full_support);
         dense_softmax_row(out_row, row.z, V, inv_t, st, gr * c.alpha);
-        for (int64_t i = 0; i < k; ++i) {
-          if (!row.kept(i)) continue;
-          const acc_t q = std::exp(row.log_q(i, inv_t, st));
-          const acc_t p = std::exp(row.logp[i]);
-          const acc_t d = c.kept * q - p;
-          out_row[row.ids[i]] = static_cast<scalar_t>(gr * d);
-        }
+        write_kept(out_row, row, inv_t, st, c, gr, groups, teacher_sum, count);
       }
     });
   });
   return out;
+}
+
+// The forward with, when compute_grad, the gradient for an upstream gradient of 1 (one read of the
+// logits, see the top of the file); check_unique rejects ids repeated among a counted row's kept slots.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
+    const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp, const at::Tensor& tail_logp,
+    const at::Tensor& valid, const at::Tensor& divisor, const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
+    bool full_support, int64_t reduction_code, bool compute_grad, bool check_unique) {
+  if (!compute_grad && !check_unique) {
+    auto [loss, stats] = topk_kl_fwd(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t,
+                                     full_support, reduction_code);
+    return {loss, stats, at::empty({0}, logits.options())};
+  }
+  const double inv_temperature = float_arg(inv_temperature_t, "inv_temperature");
+  const double scale = float_arg(scale_t, "scale");
+  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale);
+  const Reduction reduction = check_reduction(reduction_code);
+  const int64_t N = row_count(logits), V = logits.size(-1);
+  const int64_t k = ids.size(1);
+  const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
+  at::Tensor stats = at::empty({N, 2}, target_logp.options());
+  at::Tensor loss =
+      at::empty(reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
+  at::Tensor out = compute_grad ? empty_gradient(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd_grad", [&] {
+    using acc_t = Acc<scalar_t>;
+    constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    const acc_t* tgt_p = tgt.const_data_ptr<acc_t>();
+    const acc_t* tail_p = tail.const_data_ptr<acc_t>();
+    const bool* ok_p = ok.const_data_ptr<bool>();
+    acc_t* stats_p = stats.data_ptr<acc_t>();
+    // ∂loss/∂KL_row · 1/T for an upstream gradient of 1
+    acc_t row_scale = static_cast<acc_t>(scale) * inv_t;
+    if (reduction == Reduction::kMean) {
+      const acc_t d = divisor.item<acc_t>();
+      row_scale = d > acc_t(0) ? row_scale / d : acc_t(0);
+    }
+    scalar_t* out_p = compute_grad ? out.data_ptr<scalar_t>() : nullptr;
+    std::vector<acc_t> rows(N);
+    const auto address = row_address<scalar_t>(logits);
+    at::parallel_for(0, N, row_grain(full_support ? V : k), [&](int64_t begin, int64_t end) {
+      SlotGroups groups;
+      std::vector<acc_t> teacher_sum, kept_exps(compute_grad && full_support && !kSameType ? V : 0);
+      std::vector<acc_t> block_max(compute_grad && full_support ? (V + kBlock - 1) / kBlock : 0);
+      std::vector<int64_t> count;
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* out_row = compute_grad ? out_p + n * V : nullptr;
+        if (!ok_p[n]) {
+          stats_p[2 * n] = stats_p[2 * n + 1] = 0;
+          rows[n] = 0;
+          if (compute_grad) std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
+          continue;
+        }
+        const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        if (check_unique)
+          TORCH_CHECK_VALUE(!groups.build(row),
+                            "teacher_ids must be unique within each position among slots with non-zero teacher mass "
+                            "(a repeated id double-counts; pad with any id and a -inf value instead), row ",
+                            n);
+        if (!compute_grad) {
+          const Stats<acc_t> st = full_support ? row_stats(row.z, V, inv_t) : kept_stats(row, inv_t);
+          stats_p[2 * n] = st.m;
+          stats_p[2 * n + 1] = st.l;
+          rows[n] = static_cast<acc_t>(scale) * row_kl(row, V, inv_t, st, full_support);
+          continue;
+        }
+        acc_t* exps = nullptr;
+        if constexpr (kSameType) {
+          exps = reinterpret_cast<acc_t*>(out_row);  // the gradient row holds the exps until scaled in place
+        } else {
+          exps = kept_exps.data();
+        }
+        const Stats<acc_t> st =
+            full_support ? row_stats_kept(row.z, V, inv_t, exps, block_max.data()) : kept_stats(row, inv_t);
+        stats_p[2 * n] = st.m;
+        stats_p[2 * n + 1] = st.l;
+        const auto terms = row_terms(row, V, inv_t, st, full_support);
+        rows[n] = static_cast<acc_t>(scale) * terms.kl;
+        const acc_t c = row_scale * terms.c.alpha;
+        if (!full_support || c == acc_t(0)) {
+          std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
+        } else if (std::isnan(st.m)) {
+          dense_softmax_row(out_row, row.z, V, inv_t, st, c);
+        } else {
+          dense_from_kept(out_row, exps, block_max.data(), V, inv_t, st, c);
+        }
+        write_kept(out_row, row, inv_t, st, terms.c, row_scale, groups, teacher_sum, count);
+      }
+    });
+    acc_t* loss_p = loss.data_ptr<acc_t>();
+    if (reduction == Reduction::kNone) {
+      std::copy(rows.begin(), rows.end(), loss_p);
+      return;
+    }
+    acc_t total = ordered_sum(rows.data(), N);
+    if (reduction == Reduction::kMean) {
+      const acc_t d = divisor.item<acc_t>();
+      total = d > acc_t(0) ? total / d : acc_t(0);
+    }
+    loss_p[0] = total;
+  });
+  return {loss, stats, out};
 }
 
 }  // namespace
@@ -461,6 +815,7 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
 TORCH_LIBRARY_IMPL(kdloss, CPU, m) {
   m.impl("topk_kl_fwd", &topk_kl_fwd);
   m.impl("topk_kl_bwd", &topk_kl_bwd);
+  m.impl("topk_kl_fwd_grad", &topk_kl_fwd_grad);
 }
 
 }  // namespace cpu

@@ -7,8 +7,13 @@
 // single-CTA finalize kernel reduces in a fixed order (deterministic, no atomics). Backward: the
 // CTA recomputes the row's coefficients from the saved stats (m, l = log Σ exp((z − m)/T)), writes
 // g·α·softmax over the row with 16-byte stores, then overwrites the k kept entries (spec §3.4). No
-// host synchronisation. As on the CPU, every log q_j is (z_j − m)·(1/T) − l: the logits are
-// shifted by their maximum before the division by T, which keeps log q accurate at small T.
+// host synchronisation. Forward with the gradient (fwd_grad_rows_kernel): the forward, then the
+// gradient for an upstream gradient of 1 from the same CTA while its row is still in L2 (the grid is
+// bounded so that the rows in flight fit in L2; each CTA loops over rows). Rows are addressed with two
+// strides ([B, T, V] logits read in place); every sweep peels scalars up to 16-byte alignment and keeps
+// two 16-byte loads in flight per thread. A repeated id among the kept slots counts once per slot: its
+// lead slot sums the group's gradient and writes it alone (race-free). As on the CPU, every log q_j is (z_j − m)·(1/T)
+// − l: the logits are shifted by their maximum before the division by T, which keeps log q accurate at small T.
 #include <cstdint>
 
 #include "kdloss/cuda_utils.cuh"
@@ -64,13 +69,14 @@ __device__ __forceinline__ void lse_merge(Lse<A>& a, const Lse<A>& b, A inv_t) {
   }
 }
 
-// Adds the logits x[0..n) with one rescale at most.
+// Adds the logits x[0..n) with one rescale at most. A NaN anywhere in x makes the maximum NaN, which
+// sticks (no later maximum compares greater) and makes Σ NaN: the row's stats are NaN, as on the CPU.
 template <typename A, int n>
 __device__ __forceinline__ void lse_add(Lse<A>& a, const A (&x)[n], A inv_t) {
   A pm = x[0];
 #pragma unroll
-  for (int j = 1; j < n; ++j) pm = x[j] > pm ? x[j] : pm;
-  if (pm > a.m) {
+  for (int j = 1; j < n; ++j) pm = (x[j] > pm || x[j] != x[j]) ? x[j] : pm;
+  if (pm > a.m || pm != pm) {
     a.s = a.m == neg_inf<A>() ? A(0) : a.s * exp_acc((a.m - pm) * inv_t);
     a.m = pm;
   }
@@ -118,26 +124,45 @@ __device__ __forceinline__ Stats<A> lse_stats(const Lse<A>& a) {
   return {a.m, a.m == neg_inf<A>() ? A(0) : log_acc(a.s)};
 }
 
-// Stats over the whole row.
+// Elements before the first 16-byte boundary of p (all n when p is not even element-aligned).
+template <typename T>
+__device__ __forceinline__ int64_t head_to_aligned16(const T* p, int64_t n) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  if (address % sizeof(T) != 0) return n;
+  const int64_t head = static_cast<int64_t>(((16 - (address & 15u)) & 15u) / sizeof(T));
+  return head < n ? head : n;
+}
+
+template <typename T, int P>
+__device__ __forceinline__ void lse_add_pack(Lse<Acc<T>>& acc, const Pack<T>& pk, Acc<T> inv_t) {
+  Acc<T> x[P];
+#pragma unroll
+  for (int j = 0; j < P; ++j) x[j] = to_acc(pk.v[j]);
+  lse_add(acc, x, inv_t);
+}
+
+// Stats over the whole row: a scalar head up to 16-byte alignment, 16-byte packs (two loads in flight
+// per thread), a scalar tail.
 template <typename T>
 __device__ Stats<Acc<T>> row_stats(const T* z, int64_t V, Acc<T> inv_t, Lse<Acc<T>>* scratch) {
   using A = Acc<T>;
   constexpr int P = Pack<T>::kSize;
   Lse<A> acc{neg_inf<A>(), A(0)};
-  int64_t start = 0;
-  if (aligned16(z)) {
-    const int64_t packs = V / P;
-    const Pack<T>* zp = reinterpret_cast<const Pack<T>*>(z);
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      const Pack<T> pk = zp[i];
-      A x[P];
-#pragma unroll
-      for (int j = 0; j < P; ++j) x[j] = to_acc(pk.v[j]);
-      lse_add(acc, x, inv_t);
-    }
-    start = packs * P;
+  const int64_t head = head_to_aligned16(z, V);
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) {
+    const A x[1] = {to_acc(z[j])};
+    lse_add(acc, x, inv_t);
   }
-  for (int64_t j = start + threadIdx.x; j < V; j += blockDim.x) {
+  const int64_t packs = (V - head) / P;
+  const Pack<T>* zp = reinterpret_cast<const Pack<T>*>(z + head);
+  int64_t i = threadIdx.x;
+  for (; i + blockDim.x < packs; i += 2 * blockDim.x) {
+    const Pack<T> a = zp[i], b = zp[i + blockDim.x];
+    lse_add_pack<T, P>(acc, a, inv_t);
+    lse_add_pack<T, P>(acc, b, inv_t);
+  }
+  if (i < packs) lse_add_pack<T, P>(acc, zp[i], inv_t);
+  for (int64_t j = head + packs * P + threadIdx.x; j < V; j += blockDim.x) {
     const A x[1] = {to_acc(z[j])};
     lse_add(acc, x, inv_t);
   }
@@ -162,7 +187,7 @@ struct Slots {
 template <typename T>
 __device__ Slots<T> row_slots(const TopKKLProblem& p, int64_t n) {
   using A = Acc<T>;
-  return {static_cast<const T*>(p.logits) + n * p.row_stride, p.ids + n * p.k,
+  return {static_cast<const T*>(p.logits) + (n / p.seq) * p.batch_stride + (n % p.seq) * p.row_stride, p.ids + n * p.k,
           static_cast<const A*>(p.target_logp) + n * p.k, p.k, p.vocab};
 }
 
@@ -284,32 +309,76 @@ __global__ void __launch_bounds__(kThreads)
   if (loss_none) loss_none[n] = value;
 }
 
-// out[0..V) = c · exp((z − m)/T − l), or zeros when c = 0.
+template <typename T, int P>
+__device__ __forceinline__ Pack<T> dense_pack(const Pack<T>& in, Acc<T> inv_t, const Stats<Acc<T>>& st, Acc<T> c) {
+  Pack<T> pk;
+#pragma unroll
+  for (int j = 0; j < P; ++j)
+    pk.v[j] = from_acc<T>(c == Acc<T>(0) ? Acc<T>(0) : c * exp_acc((to_acc(in.v[j]) - st.m) * inv_t - st.l));
+  return pk;
+}
+
+// out[0..V) = c · exp((z − m)/T − l), or zeros when c = 0. 16-byte packs where z and out share their
+// alignment (after a scalar head), two loads in flight per thread; scalar otherwise.
 template <typename T>
 __device__ void write_dense(T* out, const T* z, int64_t V, Acc<T> inv_t, const Stats<Acc<T>>& st, Acc<T> c) {
   using A = Acc<T>;
   constexpr int P = Pack<T>::kSize;
-  int64_t start = 0;
-  if (aligned16(out) && aligned16(z)) {
-    const int64_t packs = V / P;
-    const Pack<T>* zp = reinterpret_cast<const Pack<T>*>(z);
-    Pack<T>* op = reinterpret_cast<Pack<T>*>(out);
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      Pack<T> pk;
-      if (c == A(0)) {
+  if (c == A(0)) {  // zeros, without reading z (rows that do not count are never read)
+    const int64_t head = head_to_aligned16(out, V);
+    for (int64_t j = threadIdx.x; j < head; j += blockDim.x) out[j] = from_acc<T>(A(0));
+    Pack<T> zero;
 #pragma unroll
-        for (int j = 0; j < P; ++j) pk.v[j] = from_acc<T>(A(0));
-      } else {
-        pk = zp[i];
-#pragma unroll
-        for (int j = 0; j < P; ++j) pk.v[j] = from_acc<T>(c * exp_acc((to_acc(pk.v[j]) - st.m) * inv_t - st.l));
-      }
-      op[i] = pk;
-    }
-    start = packs * P;
+    for (int j = 0; j < P; ++j) zero.v[j] = from_acc<T>(A(0));
+    const int64_t packs = (V - head) / P;
+    Pack<T>* op = reinterpret_cast<Pack<T>*>(out + head);
+    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) op[i] = zero;
+    for (int64_t j = head + packs * P + threadIdx.x; j < V; j += blockDim.x) out[j] = from_acc<T>(A(0));
+    return;
   }
-  for (int64_t j = start + threadIdx.x; j < V; j += blockDim.x)
+  const bool together = ((reinterpret_cast<uintptr_t>(out) ^ reinterpret_cast<uintptr_t>(z)) & 15u) == 0;
+  const int64_t head = together ? head_to_aligned16(z, V) : V;
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x)
     out[j] = from_acc<T>(c == A(0) ? A(0) : c * exp_acc((to_acc(z[j]) - st.m) * inv_t - st.l));
+  if (head == V) return;
+  const int64_t packs = (V - head) / P;
+  const Pack<T>* zp = reinterpret_cast<const Pack<T>*>(z + head);
+  Pack<T>* op = reinterpret_cast<Pack<T>*>(out + head);
+  int64_t i = threadIdx.x;
+  for (; i + blockDim.x < packs; i += 2 * blockDim.x) {
+    const Pack<T> a = zp[i], b = zp[i + blockDim.x];
+    op[i] = dense_pack<T, P>(a, inv_t, st, c);
+    op[i + blockDim.x] = dense_pack<T, P>(b, inv_t, st, c);
+  }
+  if (i < packs) op[i] = dense_pack<T, P>(zp[i], inv_t, st, c);
+  for (int64_t j = head + packs * P + threadIdx.x; j < V; j += blockDim.x)
+    out[j] = from_acc<T>(c == A(0) ? A(0) : c * exp_acc((to_acc(z[j]) - st.m) * inv_t - st.l));
+}
+
+// The kept entries of a gradient row whose dense part g·α·q is written (after a __syncthreads): id j
+// gets g·(α·q_j + Σ_{i: ids_i = j} (γ·q_j − p̂_i)) = g·(κ·q_j − p̂_i) for an id held by one slot. The
+// first kept slot of each id sums its group and writes it alone: race-free and deterministic.
+template <typename T>
+__device__ void write_kept(T* out, const Slots<T>& row, Acc<T> inv_t, const Stats<Acc<T>>& st, Acc<T> kept_coef,
+                           Acc<T> gamma, Acc<T> g) {
+  using A = Acc<T>;
+  for (int64_t i = threadIdx.x; i < row.k; i += blockDim.x) {
+    if (!row.kept(i)) continue;
+    const int64_t id = row.ids[i];
+    bool lead = true;
+    for (int64_t j = 0; j < i && lead; ++j) lead = !(row.kept(j) && row.ids[j] == id);
+    if (!lead) continue;
+    A teacher = exp_acc(row.logp[i]);
+    int64_t count = 1;
+    for (int64_t j = i + 1; j < row.k; ++j) {
+      if (!row.kept(j) || row.ids[j] != id) continue;
+      teacher += exp_acc(row.logp[j]);
+      ++count;
+    }
+    const A q = exp_acc(row.log_q(i, inv_t, st));
+    const A d = (count == 1 ? kept_coef : kept_coef + static_cast<A>(count - 1) * gamma) * q - teacher;
+    out[id] = from_acc<T>(g * d);
+  }
 }
 
 template <typename T>
@@ -318,7 +387,7 @@ __global__ void __launch_bounds__(kThreads)
   using A = Acc<T>;
   __shared__ A sum_scratch[33];
   __shared__ double wide_scratch[33];
-  __shared__ A coef[2];  // α and κ: ∂/∂z_j = g·(α·q_j) off K, g·(κ·q_j − p̂_j) on K
+  __shared__ A coef[3];  // α, κ and γ: ∂/∂z_j = g·(α·q_j) off K, g·(κ·q_j − p̂_j) on K
   const int64_t n = blockIdx.x;
   T* out = grad_logits + n * p.vocab;
   const A inv_t = static_cast<A>(p.inv_temperature);
@@ -350,17 +419,74 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) {
     coef[0] = p.full_support ? teacher + tail_mass - gamma : A(0);
     coef[1] = teacher + tail_mass;
+    coef[2] = gamma;
   }
   __syncthreads();
-  const A alpha = coef[0], kept_coef = coef[1];
+  const A alpha = coef[0], kept_coef = coef[1], gamma_coef = coef[2];
   write_dense<T>(out, row.z, p.vocab, inv_t, st, g * alpha);
   __syncthreads();  // the dense writes of every thread land before the kept entries are overwritten
-  for (int64_t i = threadIdx.x; i < row.k; i += blockDim.x) {
-    if (!row.kept(i)) continue;
-    const A q = exp_acc(row.log_q(i, inv_t, st));
-    const A pk = exp_acc(row.logp[i]);
-    const A d = kept_coef * q - pk;
-    out[row.ids[i]] = from_acc<T>(g * d);
+  write_kept<T>(out, row, inv_t, st, kept_coef, gamma_coef, g);
+}
+
+// Forward and, for an upstream gradient of 1, the gradient of each row (loops over rows: the grid is
+// bounded so that the rows in flight stay in L2 between the two sweeps).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    fwd_grad_rows_kernel(TopKKLProblem p, Acc<T>* row_loss, Acc<T>* stats_out, Acc<T>* loss_none, T* grad_logits) {
+  using A = Acc<T>;
+  __shared__ Lse<A> lse_scratch[33];
+  __shared__ A sum_scratch[33];
+  __shared__ double wide_scratch[33];
+  __shared__ A coef[3];
+  const A inv_t = static_cast<A>(p.inv_temperature);
+  A g = static_cast<A>(p.scale) * inv_t;
+  if (p.reduction == Reduction::kMean) {
+    const A d = static_cast<const A*>(p.divisor)[0];
+    g = d > A(0) ? g / d : A(0);
+  }
+  for (int64_t n = blockIdx.x; n < p.rows; n += gridDim.x) {
+    T* out = grad_logits + n * p.vocab;
+    const Slots<T> row = row_slots<T>(p, n);
+    if (!p.valid[n]) {  // uniform over the CTA
+      if (threadIdx.x == 0) {
+        row_loss[n] = A(0);
+        stats_out[2 * n] = stats_out[2 * n + 1] = A(0);
+        if (loss_none) loss_none[n] = A(0);
+      }
+      write_dense<T>(out, row.z, p.vocab, inv_t, Stats<A>{A(0), A(0)}, A(0));
+      continue;
+    }
+    const Stats<A> st =
+        p.full_support ? row_stats<T>(row.z, p.vocab, inv_t, lse_scratch) : kept_stats<T>(row, inv_t, lse_scratch);
+    A teacher, student, head;
+    kept_sums<T>(row, inv_t, st, sum_scratch, teacher, student, &head);
+    A kl = head, gamma = 0, tail_mass = 0;
+    const A tail = static_cast<const A*>(p.tail_logp)[n];
+    if (p.full_support && tail != neg_inf<A>()) {  // uniform over the CTA
+      const StudentTail<A> rs = student_tail<T>(row, inv_t, st, broadcast(student, &sum_scratch[32]), wide_scratch);
+      kl += exp_acc(tail) * (tail - rs.log_r);
+      if (!rs.clamped) {
+        tail_mass = exp_acc(tail);
+        gamma = tail_mass / rs.r;
+      }
+    }
+    if (threadIdx.x == 0) {
+      const A value = static_cast<A>(p.scale) * kl;
+      row_loss[n] = value;
+      stats_out[2 * n] = st.m;
+      stats_out[2 * n + 1] = st.l;
+      if (loss_none) loss_none[n] = value;
+      coef[0] = p.full_support ? teacher + tail_mass - gamma : A(0);
+      coef[1] = teacher + tail_mass;
+      coef[2] = gamma;
+    }
+    __syncthreads();
+    const A alpha = coef[0], kept_coef = coef[1], gamma_coef = coef[2];
+    __syncthreads();  // coef is rewritten by the next row
+    write_dense<T>(out, row.z, p.vocab, inv_t, st, g * alpha);
+    __syncthreads();
+    write_kept<T>(out, row, inv_t, st, kept_coef, gamma_coef, g);
+    __syncthreads();
   }
 }
 
@@ -377,6 +503,33 @@ cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* stats, vo
     if (p.rows > 0)
       fwd_rows_kernel<T>
           <<<one_block_per_row(p.rows), kThreads, 0, stream>>>(p, rows, static_cast<A*>(stats), loss_none);
+    if (p.reduction != Reduction::kNone)
+      launch_finalize(rows, p.rows, mean_or_sum(p.reduction, DeviceDivisor<A>{static_cast<const A*>(p.divisor)}),
+                      static_cast<A*>(loss), stream);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t topk_kl_fwd_grad_cuda(const TopKKLProblem& p, void* loss, void* stats, void* workspace, void* grad_logits,
+                                  cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using A = Acc<T>;
+    A* rows = static_cast<A*>(workspace);
+    A* loss_none = p.reduction == Reduction::kNone ? static_cast<A*>(loss) : nullptr;
+    if (p.rows > 0) {
+      int device = 0, sms = 1, l2 = 0;
+      cudaGetDevice(&device);
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+      // rows in flight: at least one per SM, at most four, and no more than 3/4 of L2 holds
+      const int64_t row_bytes = p.vocab * static_cast<int64_t>(sizeof(T)) + 1;
+      int64_t grid = (static_cast<int64_t>(l2) * 3 / 4) / row_bytes;
+      grid = grid < sms ? sms : (grid > 4 * sms ? 4 * sms : grid);
+      grid = grid > p.rows ? p.rows : grid;
+      fwd_grad_rows_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+          p, rows, static_cast<A*>(stats), loss_none, static_cast<T*>(grad_logits));
+    }
     if (p.reduction != Reduction::kNone)
       launch_finalize(rows, p.rows, mean_or_sum(p.reduction, DeviceDivisor<A>{static_cast<const A*>(p.divisor)}),
                       static_cast<A*>(loss), stream);

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -37,13 +38,15 @@ Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tenso
              const at::Tensor& inv_temperature_t, const at::Tensor& scale_t, bool full_support,
              int64_t reduction_code) {
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor");
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, "logits must be [N, V], got ", logits_in.sizes());
+  TORCH_CHECK_VALUE(logits_in.dim() == 2 || logits_in.dim() == 3, "logits must be [N, V] or [B, T, V], got ",
+                    logits_in.sizes());
   const Reduction reduction = check_reduction(reduction_code);
   const double inv_temperature = float_arg(inv_temperature_t, "inv_temperature");
   const double scale = float_arg(scale_t, "scale");
   TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "inv_temperature must be > 0");
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite");
-  const int64_t N = logits_in.size(0), V = logits_in.size(1);
+  const bool batched = logits_in.dim() == 3;
+  const int64_t N = batched ? logits_in.size(0) * logits_in.size(1) : logits_in.size(0), V = logits_in.size(-1);
   TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "the CUDA kernel takes at most 2^31 - 1 rows, got ", N);
   at::Tensor logits = N == 0 ? logits_in : unit_inner_stride(logits_in);
   check_cuda(ids, logits, "ids");
@@ -67,7 +70,9 @@ Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tenso
                   V,
                   k,
                   logits.data_ptr(),
-                  N > 0 ? logits.stride(0) : V,
+                  N > 0 ? logits.stride(batched ? 1 : 0) : V,
+                  batched ? std::max<int64_t>(logits.size(1), 1) : std::max<int64_t>(N, 1),
+                  batched && N > 0 ? logits.stride(0) : 0,
                   call.ids.data_ptr<int64_t>(),
                   call.target.data_ptr(),
                   call.tail.data_ptr(),
@@ -112,11 +117,38 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
   check_acc(stats, call.logits, "stats", {N, 2});
   const auto g = checked_grad(grad, call.logits, call.problem.reduction, {N}, acc_type(call.logits.scalar_type()));
   const auto stats_c = stats.contiguous();
-  at::Tensor out = at::empty({N, V}, call.logits.options());
+  at::Tensor out = at::empty(call.logits.sizes(), call.logits.options());
   check_launch(topk_kl_bwd_cuda(call.problem, g.data_ptr(), stats_c.data_ptr(), out.data_ptr(),
                                 c10::cuda::getCurrentCUDAStream()),
                "topk_kl");
   return out;
+}
+
+// check_unique cannot raise without a host synchronisation: it is ignored here (a repeated id counts once
+// per slot, race-free; kdloss.topk_kl_loss checks the ids in Python unless validate=False).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
+    const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp, const at::Tensor& tail_logp,
+    const at::Tensor& valid, const at::Tensor& divisor, const at::Tensor& inv_temperature, const at::Tensor& scale,
+    bool full_support, int64_t reduction, bool compute_grad, bool /*check_unique*/) {
+  if (!compute_grad) {
+    auto [loss, stats] = topk_kl_fwd(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                                     full_support, reduction);
+    return {loss, stats, at::empty({0}, logits.options())};
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto call =
+      prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale, full_support, reduction);
+  const int64_t N = call.problem.rows;
+  const auto acc_options = call.logits.options().dtype(acc_type(call.logits.scalar_type()));
+  at::Tensor loss =
+      call.problem.reduction == Reduction::kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
+  at::Tensor stats = at::empty({N, 2}, acc_options);
+  at::Tensor workspace = at::empty({topk_kl_workspace_size(N)}, acc_options);
+  at::Tensor grad = at::empty(call.logits.sizes(), call.logits.options());
+  check_launch(topk_kl_fwd_grad_cuda(call.problem, loss.data_ptr(), stats.data_ptr(), workspace.data_ptr(),
+                                     grad.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "topk_kl");
+  return {loss, stats, grad};
 }
 
 }  // namespace
@@ -124,6 +156,7 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
 TORCH_LIBRARY_IMPL(kdloss, CUDA, m) {
   m.impl("topk_kl_fwd", &topk_kl_fwd);
   m.impl("topk_kl_bwd", &topk_kl_bwd);
+  m.impl("topk_kl_fwd_grad", &topk_kl_fwd_grad);
 }
 
 }  // namespace cuda

@@ -12,6 +12,9 @@ Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user 
   (:func:`kdloss._ops.float_arg`), ``full_support`` (student log-softmax over V, else over K),
   ``reduction`` 0 none / 1 mean / 2 sum.
 
+``logits`` may also be ``[B, T, V]`` with any batch and row strides (row ``n`` is ``(n // T, n % T)``,
+``N = B·T``): the label-shift slice ``full[:, :-1]`` is read in place; gradients have the logits' shape.
+
 ``topk_kl_fwd`` returns ``(loss, stats)``: the loss (``[N]`` for none, else a scalar) and per-row
 ``stats [N, 2]``, both in the accumulation dtype (the public function rounds the loss to the logits'
 dtype outside autocast); ``stats`` is saved for the backward (not differentiable): ``m``, the largest
@@ -20,6 +23,15 @@ so that ``log q_j = (z_j − m)/T − l``. The logits are shifted by their maxim
 by T: ``z/T`` itself (or a log-sum-exp of it) would be large at small T, and rounding it would cost
 absolute accuracy in every ``log q_j``. ``topk_kl_bwd`` writes the dense ``[N, V]`` gradient from
 them in one pass (``g·(α·q_j + β_j·[j∈K])``).
+
+``topk_kl_fwd_grad`` (the path of :func:`kdloss.topk_kl_loss`) returns ``(loss, stats, grad)``: with
+``compute_grad`` also the logits' gradient for an upstream gradient of 1, computed in the same pass over the
+logits (``grad`` is empty otherwise, and nothing of size N×V is written); its backward returns that gradient
+as is when the upstream gradient is exactly 1 (read on the host only for CPU tensors) and otherwise scales it
+(per row for ``reduction=0``), and without ``compute_grad`` recomputes it with ``topk_kl_bwd`` from
+``stats``. ``check_unique`` rejects an id repeated among a counted row's kept slots (``ValueError`` on CPU;
+the CUDA kernels cannot raise and ignore the flag). Otherwise a repeated id counts once per slot — its
+gradient entries are summed, race-free — on every device and in every op.
 """
 
 import torch
@@ -32,6 +44,10 @@ _ARGS = (
 )
 LIB.define(f"topk_kl_fwd(Tensor logits, {_ARGS}) -> (Tensor, Tensor)")
 LIB.define(f"topk_kl_bwd(Tensor grad, Tensor stats, Tensor logits, {_ARGS}) -> Tensor")
+LIB.define(
+    f"topk_kl_fwd_grad(Tensor logits, {_ARGS}, bool compute_grad, bool check_unique) -> (Tensor, Tensor, Tensor)"
+)
+_NONE = 0
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,7 +57,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("kdloss::topk_kl_fwd")
 def _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
                       full_support, reduction):
-    rows = logits.shape[0]
+    rows = ids.shape[0]
     acc = _acc_dtype(logits.dtype)
     loss = logits.new_empty((rows,) if reduction == 0 else (), dtype=acc)
     return loss, logits.new_empty((rows, 2), dtype=acc)
@@ -69,3 +85,61 @@ def _topk_kl_backward(ctx, grad_loss, _grad_stats):
 
 
 torch.library.register_autograd("kdloss::topk_kl_fwd", _topk_kl_backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("kdloss::topk_kl_fwd_grad")
+def _topk_kl_fwd_grad_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                           full_support, reduction, compute_grad, check_unique):
+    loss, stats = _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                                    full_support, reduction)
+    return loss, stats, logits.new_empty(logits.shape if compute_grad else (0,))
+
+
+def _setup_context_grad(ctx, inputs, output):
+    *tensors, full_support, reduction, compute_grad, _check_unique = inputs
+    _, stats, grad = output
+    ctx.mark_non_differentiable(stats, grad)
+    ctx.set_materialize_grads(False)  # no [N, V] zeros for the gradient output's own (unused) gradient
+    ctx.precomputed = compute_grad
+    ctx.options = (full_support, reduction)
+    if compute_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(stats, *tensors)
+
+
+def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
+    """Whether the upstream gradient is exactly 1, when that is free to know (a CPU tensor, eager)."""
+    if grad_loss.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch._guards.detect_fake_mode(grad_loss) is not None or torch._is_functional_tensor(grad_loss):
+        return False  # traced (AOT autograd, make_fx): the value is not known
+    return bool((grad_loss == 1).all())
+
+
+def rescaled(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
+    """The precomputed gradient (for an upstream gradient of 1) times the upstream gradient ``grad_loss``
+    (a scalar, or ``[N]`` for ``reduction=0``: one factor per row), formed in the accumulation dtype and
+    rounded once to the gradient's dtype; ``grad`` itself when the upstream gradient is exactly 1."""
+    if _is_exactly_one(grad_loss):
+        return grad
+    factor = grad_loss.reshape(*grad.shape[:-1], 1) if reduction == _NONE else grad_loss
+    out = torch.empty_like(grad)
+    return torch.mul(grad, factor, out=out)
+
+
+def _topk_kl_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    if grad_loss is None:
+        return (None,) * 12
+    if ctx.precomputed:
+        (grad,) = ctx.saved_tensors
+        grad = rescaled(grad, grad_loss, ctx.options[1])
+    else:
+        stats, *tensors = ctx.saved_tensors
+        grad = torch.ops.kdloss.topk_kl_bwd(grad_loss, stats, *tensors, *ctx.options)
+    (grad,) = first_order_only("topk_kl", grad)
+    return (grad,) + (None,) * 11
+
+
+torch.library.register_autograd("kdloss::topk_kl_fwd_grad", _topk_kl_grad_backward,
+                                setup_context=_setup_context_grad)

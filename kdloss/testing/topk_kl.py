@@ -68,6 +68,8 @@ def strategy():
             "student_pad": student_pad,
             "quantised": draw(st.booleans()) and values == "logprobs",
             "seed": draw(st.integers(0, 2**31 - 1)),
+            "shifted": draw(st.booleans()),
+            "precompute_grad": draw(st.sampled_from([None, False])),
         }
 
     return cases()
@@ -153,8 +155,18 @@ def _view(case: dict, student: torch.Tensor) -> torch.Tensor:
     return student.reshape(*_lead(case), case["vocab"])
 
 
+def _kernel_view(case: dict, student: torch.Tensor) -> torch.Tensor:
+    """As :func:`_view`; for ``shifted`` cases with two leading dims, the same values read as the label-shift
+    slice ``full[:, :-1]`` of a ``[B, T + 1, V]`` tensor (rows with a batch stride of T + 1 rows)."""
+    view = _view(case, student)
+    if not case.get("shifted") or view.dim() != 3:
+        return view
+    return torch.cat([view, view[:, :1]], dim=1)[:, :-1]
+
+
 def kernel(case, student, *, teacher_ids, teacher_values, labels):
-    return topk_kl_loss(_view(case, student), teacher_ids, teacher_values, labels, backend="kernel", **options(case))
+    return topk_kl_loss(_kernel_view(case, student), teacher_ids, teacher_values, labels, backend="kernel",
+                        precompute_grad=case.get("precompute_grad"), **options(case))
 
 
 def reference(case, student, *, teacher_ids, teacher_values, labels):

@@ -18,8 +18,9 @@ namespace cuda {
 struct TopKKLProblem {
   DType dtype;             // element type of the logits
   int64_t rows, vocab, k;  // N, V, k
-  const void* logits;      // [N, V], unit stride along V, row stride `row_stride` elements
-  int64_t row_stride;
+  const void* logits;      // [N, V] or [B, T, V], unit stride along V: row n at (n / seq)·batch_stride
+  int64_t row_stride;      // + (n % seq)·row_stride elements
+  int64_t seq, batch_stride;
   const int64_t* ids;       // [N, k]; ids outside [0, V) are skipped (Python validates them)
   const void* target_logp;  // [N, k] log p̂; −inf slots are not part of K
   const void* tail_logp;    // [N] log r̂; −inf: no tail term
@@ -37,6 +38,11 @@ int64_t topk_kl_workspace_size(int64_t rows);
 // loss: [N] (none) or [] and stats: [N, 2], accumulation type; stats per row (m, l): the largest
 // logit and log Σ exp((z − m)/T) (over K for full_support = false).
 cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* stats, void* workspace, cudaStream_t stream);
+
+// The forward and grad_logits [N, V] (contiguous, `dtype`): the gradient for an upstream gradient of 1,
+// from the same pass over each row.
+cudaError_t topk_kl_fwd_grad_cuda(const TopKKLProblem& p, void* loss, void* stats, void* workspace, void* grad_logits,
+                                  cudaStream_t stream);
 
 // grad: [N] (none) or [] in the accumulation type; grad_logits: [N, V] contiguous in `dtype`.
 cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* stats, void* grad_logits,
