@@ -189,3 +189,31 @@ def test_knn_random_nodes_match_the_cpu_kernel():
     x = torch.randn(2500, 96, generator=gen)
     got, cpu = knn_indices(x.to(TARGET), 8).cpu(), knn_indices(x, 8)
     assert torch.equal(got.sort(1).values, cpu.sort(1).values)
+
+# ---- token_contrastive (TRG global InfoNCE) --------------------------------------------------------
+# The generic tests above cover it through CASES["token_contrastive"] (parity with the CPU kernel and
+# the reference in every dtype, layouts, determinism, no host sync in backward). Below: what only a GPU
+# can show — the strip-wise kernels never allocate the M × M logits.
+
+ON_CUDA = torch.device(TARGET).type == "cuda" and torch.cuda.is_available()
+
+
+@on_target
+@pytest.mark.skipif(not ON_CUDA, reason="needs the CUDA caching allocator's statistics")
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_token_contrastive_peak_memory_is_strips_not_m_by_m(symmetric):
+    """M = 8192, E = 64: one [M, M] fp32 matrix is 256 MiB; forward + backward into both sides must
+    peak far below it (one M × 512 strip is 16 MiB; inputs, copies and gradients 2 MiB each)."""
+    from kdloss.functional import token_contrastive_loss
+
+    gen = torch.Generator().manual_seed(0)
+    hs, ht = (torch.randn(8192, 64, generator=gen).to(TARGET).requires_grad_() for _ in range(2))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = token_contrastive_loss(hs, ht, symmetric=symmetric, backend="kernel")
+    grads = torch.autograd.grad(loss, (hs, ht))
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert peak_mib < 64, f"peak extra memory {peak_mib:.1f} MiB"

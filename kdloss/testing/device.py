@@ -111,6 +111,17 @@ CASES: dict[str, dict[str, dict]] = {
                          "edge": "log_kernel", "kl_direction": "teacher_student", "reduction": "none",
                          "layout": "contiguous", "magnitude": 3.0, "seed": 603},
     },
+    "token_contrastive": {
+        "small": {"nodes": 13, "dim": 7, "temperature": 0.5, "similarity": "cosine", "symmetric": False,
+                  "detach_teacher": False, "reduction": "mean", "layout": "contiguous", "magnitude": 1.0,
+                  "seed": 801},
+        "strips": {"nodes": 1300, "dim": 48, "temperature": 0.07, "similarity": "cosine", "symmetric": True,
+                   "detach_teacher": False, "reduction": "none", "layout": "contiguous", "magnitude": 1.0,
+                   "seed": 802},
+        "dot_m2100": {"nodes": 2100, "dim": 40, "temperature": 2.0, "similarity": "dot", "symmetric": False,
+                      "detach_teacher": True, "reduction": "sum", "layout": "contiguous", "magnitude": 1.0,
+                      "seed": 803},
+    },
 }
 
 
