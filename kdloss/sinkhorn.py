@@ -2,7 +2,7 @@
 
 The B student and B' teacher probability vectors (softmax at temperature T) are two point clouds in the
 class simplex; an entropic optimal-transport plan between them (``n_iters`` Sinkhorn iterations, row step
-then column step, on the L1 cost, computed in the log domain) weights the costs:
+then column step, on the L1 cost, stabilised against underflow) weights the costs:
 ``L = scale · Σ_ij P_ij · ||s_i − t_j||_1``. The gradient flows through the cost and through the plan (the
 exact adjoint of the iterations).
 """
@@ -80,7 +80,8 @@ def sinkhorn_loss(
 
     ``s_i = softmax(student_logits[i]/T)``, ``t_j = softmax(teacher_logits[j]/T)``,
     ``W_ij = ||s_i − t_j||_1``; ``P`` is ``exp(−W/ε)`` after ``n_iters`` rounds of "normalise rows
-    to sum 1, then columns to sum 1" (the official code's recursion, evaluated in the log domain);
+    to sum 1, then columns to sum 1" (the official code's recursion, with its scalings absorbed into
+    log-domain potentials before they under- or overflow, and in the log domain at small ε);
     the loss is ``scale · Σ_ij P_ij W_ij`` (one scalar per batch, no mean).
 
     Args:
@@ -135,9 +136,29 @@ def sinkhorn_loss(
 
         return sinkhorn_reference(student_logits, teacher_logits, options=options)
     teacher_acc = teacher_logits.to(accumulation_dtype(student_logits.dtype))
-    loss = torch.ops.kdloss.sinkhorn_fwd(student_logits, teacher_acc, _ops.float_arg(temperature),
-                                         _ops.float_arg(epsilon), int(n_iters), _ops.float_arg(scale))[0]
+    temperature_t, epsilon_t, scale_t = _float_args(temperature, epsilon, scale)
+    loss = torch.ops.kdloss.sinkhorn_fwd(student_logits, teacher_acc, temperature_t, epsilon_t, int(n_iters),
+                                         scale_t)[0]
     return cast_loss(loss, student_logits.dtype)
+
+
+_FLOAT_ARGS: dict = {}
+
+
+def _float_args(temperature, epsilon, scale):
+    """The op's temperature, epsilon and scale tensors (see :func:`kdloss._ops.float_arg`). Outside
+    ``torch.compile`` and inference mode (whose tensors cannot be saved for a later backward) they
+    are cached per value (the op only reads them): at GLUE sizes creating them is a sizeable part of
+    a call."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return _ops.float_arg(temperature), _ops.float_arg(epsilon), _ops.float_arg(scale)
+    key = (float(temperature), float(epsilon), float(scale))
+    cached = _FLOAT_ARGS.get(key)
+    if cached is None:
+        if len(_FLOAT_ARGS) >= 64:
+            _FLOAT_ARGS.clear()
+        cached = _FLOAT_ARGS[key] = tuple(_ops.float_arg(v) for v in key)
+    return cached
 
 
 class SinkhornLoss(OptionsModule):

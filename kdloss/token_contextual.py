@@ -89,8 +89,9 @@ def token_contextual_loss(
         from .reference.token_contextual import token_contextual_reference
 
         return token_contextual_reference(student_tokens, teacher_tokens, options=options)
+    with_grad = torch.is_grad_enabled() and student_tokens.requires_grad
     outputs = torch.ops.kdloss.token_contextual_fwd(
-        student_tokens.contiguous(), teacher_tokens.detach().contiguous(), _ops.REDUCTION_CODES[reduction]
+        student_tokens.contiguous(), teacher_tokens.detach().contiguous(), _ops.REDUCTION_CODES[reduction], with_grad
     )
     return cast_loss(outputs[0], student_tokens.dtype)
 

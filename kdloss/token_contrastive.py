@@ -1,10 +1,11 @@
 """Global-topology InfoNCE (TRG's ``L_global``): :func:`token_contrastive_loss` and
-:class:`TokenContrastiveLoss`. **Experimental; reference (pure PyTorch) only for now.**
+:class:`TokenContrastiveLoss`. **Experimental.**
 
 Logits ``sim(h^S_i, h^T_j) / τ`` over all node pairs of the projected student and teacher nodes; the
 positive of student node i is teacher node i, the negatives are the other teacher nodes; cross-entropy
 (log-softmax form), mean over nodes. TRG anneals τ from high to low (coarse to fine structure): see
-:func:`kdloss.trg.temperature_schedule`.
+:func:`kdloss.trg.temperature_schedule`. The CPU and CUDA kernels stream the ``M × M`` logits in column
+strips with an online log-sum-exp and never hold them (O(M·E) extra memory).
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _ops
+from ._autocast import cast_loss
 from ._collectives import gather_rows, group_rank_world
 from ._dispatch import use_kernel
 from ._options import OptionsModule
-from ._validation import REDUCTIONS, check_bool, check_option, check_same_device, check_scale, check_tensor
+from ._validation import (
+    REDUCTIONS,
+    accumulation_dtype,
+    check_bool,
+    check_option,
+    check_same_device,
+    check_scale,
+    check_tensor,
+)
 
 __all__ = ["TokenContrastiveLoss", "TokenContrastiveOptions", "token_contrastive_loss"]
 
@@ -85,8 +96,9 @@ def token_contrastive_loss(
             global ``[M_global]`` vector, identical on every rank. Without a process group: the local loss.
         group: the process group (or 1-D ``DeviceMesh``) coupled by ``gather_across_ranks`` (default
             None: the default group).
-        backend: there is no compiled kernel yet: ``"kernel"`` raises :class:`kdloss.KernelUnavailableError`;
-            ``"auto"`` and ``"reference"`` run the pure-PyTorch implementation (``O(M²)`` memory).
+        backend: ``"auto"`` (default: the compiled kernel when it is available), ``"kernel"`` or
+            ``"reference"`` (pure PyTorch, ``O(M²)`` memory). The kernels never hold the ``M × M`` logits:
+            O(M·E) extra memory, deterministic.
 
     Shape:
         ``student_emb [M, E]``, ``teacher_emb [M, E]`` → a scalar, or ``[M]`` for ``"none"`` (``[M_global]``
@@ -112,13 +124,45 @@ def token_contrastive_loss(
     if teacher_emb.shape != student_emb.shape:
         raise ValueError(f"teacher_emb must have the shape of student_emb {tuple(student_emb.shape)} "
                          f"(project both to a common width E), got {tuple(teacher_emb.shape)}")
-    use_kernel("token_contrastive", device, backend)  # validates backend; "kernel" raises: there is none
+    kernel = use_kernel("token_contrastive", device, backend)
     if gather_across_ranks and group_rank_world(group)[1] > 1:
         student_emb = gather_rows(student_emb, group)
         teacher_emb = gather_rows(teacher_emb.detach() if detach_teacher else teacher_emb, group)
-    from .reference.token_contrastive import token_contrastive_reference
+    if not kernel:
+        from .reference.token_contrastive import token_contrastive_reference
 
-    return token_contrastive_reference(student_emb, teacher_emb, options=options)
+        return token_contrastive_reference(student_emb, teacher_emb, options=options)
+    return _kernel_loss(student_emb, teacher_emb, options)
+
+
+_NORM_EPS = 1e-12  # F.normalize's default eps
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` (``x / max(‖x‖, 1e-12)``, the same values) whose gradient is taken in
+    projection form, ``(g − u·⟨u, g⟩) / max(‖x‖, 1e-12)`` (``g / 1e-12`` where the clamp is active): no
+    ``1/‖x‖³`` term, so the radial component cancels to the rounding of ``g`` itself (exactly for E = 1).
+    Written with detached factors rather than an autograd.Function so that torch.compile traces it."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).detach()
+    scale = norm.clamp_min(_NORM_EPS)
+    u = (x / scale).detach()
+    radial = (norm > _NORM_EPS).to(x.dtype)
+    tangent = x - radial * u * (u * x).sum(-1, keepdim=True)  # ≈ 0 in value; its gradient is the projection
+    return u + (tangent / scale - tangent.detach() / scale)
+
+
+def _kernel_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, options: TokenContrastiveOptions):
+    """The kernel path: both sides in the accumulation dtype (normalised for cosine), then the op."""
+    acc = accumulation_dtype(student_emb.dtype)
+    hs, ht = student_emb.to(acc), teacher_emb.to(acc)
+    if options.detach_teacher:
+        ht = ht.detach()
+    if options.similarity == "cosine":
+        hs, ht = _normalize(hs), _normalize(ht)
+    loss, _ = torch.ops.kdloss.token_contrastive_fwd(hs.contiguous(), ht.contiguous(),
+                                                     _ops.float_arg(options.temperature), options.symmetric,
+                                                     _ops.REDUCTION_CODES[options.reduction])
+    return cast_loss(loss, student_emb.dtype)
 
 
 class TokenContrastiveLoss(OptionsModule):

@@ -70,19 +70,66 @@ class TokenGraphOptions:
         check_option(self.reduction, "reduction", REDUCTIONS)
 
 
+#: distance entries per block of the PyTorch kNN path (rows × M)
+_KNN_BLOCK_ELEMENTS = 1 << 22
+
+
 @torch.no_grad()
-def knn_indices(nodes: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[M, k]`` of the k nearest other nodes of ``nodes [M, D]`` (squared Euclidean distance;
-    the node itself excluded), without gradient, from one GEMM (``torch.cdist``) and ``topk``. Ties go to
-    whichever index ``topk`` returns (kNN selection is tie-sensitive and not differentiable)."""
+def knn_indices(nodes: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
+    """Indices ``[M, k]`` of the k nearest other nodes of each node of ``nodes [M, D]``, without gradient.
+
+    The distance is ``d_ij = max(‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩, 0)`` in the accumulation dtype (fp32; fp64
+    for fp64), a NaN distance counting as +inf; the node itself is excluded (a duplicate of it is not).
+    Each row is ordered by ``(d_ij, j)`` ascending: **equal distances go to the smaller index**, so the
+    selection is one well-defined set on data with exact ties (duplicated points, grids).
+
+    No ``[M, M]`` matrix is built: on CPU the compiled kernel runs a blocked top-k over GEMM tiles
+    (each distance computed once, both triangles served by one tile; O(M·k) state); on other devices,
+    with ``backend="reference"`` or without the compiled kernel, blocks of rows are ranked against all
+    nodes in PyTorch (``rows × M`` distances at a time). Both follow the definition above; they can
+    only differ where two distances agree to rounding.
+
+    Args:
+        nodes: ``[M, D]`` float tensor.
+        k: neighbours per node, ``0 ≤ k ≤ M − 1``.
+        backend: ``"auto"``, ``"kernel"`` or ``"reference"``, as for the losses.
+
+    Returns:
+        ``[M, k]`` int64 on the device of ``nodes``.
+
+    Example:
+        >>> knn_indices(torch.tensor([[0.0], [1.0], [3.0]]), 1)
+        tensor([[1],
+                [0],
+                [1]])
+    """
     m = nodes.shape[0]
+    if m > 0 and not 0 <= k <= m - 1:
+        raise ValueError(f"k must lie in [0, M − 1] = [0, {m - 1}] (neighbours exclude the node itself), got {k}")
     if m == 0 or k == 0:
         return torch.empty(m, k, dtype=torch.long, device=nodes.device)
-    x = nodes.detach().to(accumulation_dtype(nodes.dtype))
+    x = nodes.detach().to(accumulation_dtype(nodes.dtype)).contiguous()
+    if use_kernel("token_graph", x.device, backend) and x.device.type == "cpu":
+        return torch.ops.kdloss.token_graph_knn(x, k)
     with no_autocast(x.device.type):  # distances in the accumulation dtype even inside autocast
-        dist = torch.cdist(x, x).pow(2)
-    dist.fill_diagonal_(float("inf"))
-    return dist.topk(k, dim=1, largest=False).indices
+        return _knn_blocked(x, k)
+
+
+def _knn_blocked(x: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`knn_indices` in PyTorch, a block of rows at a time (a stable sort keeps ties by index)."""
+    m = x.shape[0]
+    norms = (x * x).sum(1)
+    rows = max(1, min(m, _KNN_BLOCK_ELEMENTS // m))
+    out = torch.empty(m, k, dtype=torch.long, device=x.device)
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        dots = x[start:stop] @ x.T
+        dist = ((norms[start:stop, None] + norms[None, :]) - (dots + dots)).clamp_min_(0)
+        dist = dist.nan_to_num_(nan=float("inf"), posinf=float("inf"))
+        own = torch.arange(start, stop, device=x.device)
+        dist[own - start, own] = float("nan")  # sorts after +inf: the node itself is never chosen
+        out[start:stop] = torch.sort(dist, dim=1, stable=True).indices[:, :k]
+    return out
 
 
 def _check_neighbours(neighbours, m: int, device: torch.device) -> torch.Tensor:
@@ -117,15 +164,17 @@ def _check_nodes(student_nodes, teacher_nodes) -> torch.device:
     return device
 
 
-def graph_neighbours(student_nodes, teacher_nodes, neighbours, options: TokenGraphOptions) -> torch.Tensor:
-    """The ``[M, k']`` int64 edge list: ``neighbours`` checked, or the kNN of the ``graph`` side."""
+def graph_neighbours(student_nodes, teacher_nodes, neighbours, options: TokenGraphOptions,
+                     backend: str = "auto") -> torch.Tensor:
+    """The ``[M, k']`` int64 edge list: ``neighbours`` checked, or the kNN of the ``graph`` side (selected
+    by ``backend``, see :func:`knn_indices`)."""
     m = student_nodes.shape[0]
     if neighbours is not None:
         return _check_neighbours(neighbours, m, student_nodes.device)
     if m > 0 and options.k > m - 1:
         raise ValueError(f"k must be at most M − 1 = {m - 1} (neighbours exclude the node itself), got {options.k}")
     side = teacher_nodes if options.graph == "teacher" else student_nodes
-    return knn_indices(side, options.k)
+    return knn_indices(side, options.k, backend=backend)
 
 
 _D = TokenGraphOptions
@@ -156,7 +205,7 @@ def token_graph_loss(
             neighbours are allowed (they are just edges).
         backend: ``"auto"``, ``"kernel"`` or ``"reference"``. The kernels fuse the edge distances, both
             log-softmaxes and the KL in one pass over the ``M·k`` edges (O(M·k) state); the kNN selection
-            runs in PyTorch (GEMM + ``topk``).
+            is :func:`knn_indices` (a blocked top-k, no ``[M, M]`` matrix).
 
     Shape:
         ``student_nodes [M, Ds]``, ``teacher_nodes [M, Dt]`` → a scalar, or ``[M]`` for ``"none"``.
@@ -176,8 +225,9 @@ def token_graph_loss(
     options = TokenGraphOptions(k=k, sigma=sigma, graph=graph, edge=edge, kl_direction=kl_direction,
                                 reduction=reduction)
     device = _check_nodes(student_nodes, teacher_nodes)
-    edges = graph_neighbours(student_nodes, teacher_nodes, neighbours, options)
-    if not use_kernel("token_graph", device, backend):
+    kernel = use_kernel("token_graph", device, backend)
+    edges = graph_neighbours(student_nodes, teacher_nodes, neighbours, options, "kernel" if kernel else "reference")
+    if not kernel:
         from .reference.token_graph import token_graph_reference
 
         return token_graph_reference(student_nodes, teacher_nodes, neighbours=edges, options=options)

@@ -124,7 +124,7 @@ class TRGLoss(nn.Module):
             update ``self.temperature`` from :func:`temperature_schedule` during training.
         gather_across_ranks, group: as in :func:`token_contrastive_loss`, for the contrastive term only
             (negatives from every rank of ``group``); the other terms are per image.
-        backend: passed to the contextual and graph terms (the contrastive term is reference only).
+        backend: passed to the contextual, graph and contrastive terms.
 
     The logit-KD and cross-entropy terms of the paper's total are left to the caller. With
     ``return_terms=True``, ``forward`` returns ``(total, {"inner": …, "local": …, "global": …})``.
@@ -160,7 +160,8 @@ class TRGLoss(nn.Module):
                                          backend=backend)
         self.contrastive_loss = TokenContrastiveLoss(temperature=temperature, similarity=similarity,
                                                      symmetric=symmetric, detach_teacher=detach_teacher,
-                                                     gather_across_ranks=gather_across_ranks, group=group)
+                                                     gather_across_ranks=gather_across_ranks, group=group,
+                                                     backend=backend)
         self.backend = check_option(backend, "backend", BACKENDS)
         self.student_proj = nn.Linear(student_dim, embed_dim)
         self.teacher_proj = nn.Linear(teacher_dim, embed_dim)

@@ -484,8 +484,7 @@ def _edge_calls(scale: float, epsilon: float):
         "token_graph": (nodes_s, lambda x, b: F.token_graph_loss(x, nodes_t, k=3, sigma=scale, backend=b)),
         "token_graph log": (nodes_s, lambda x, b: F.token_graph_loss(x, nodes_t, k=3, sigma=scale, edge="log_kernel",
                                                                      backend=b)),
-        "token_contrastive": (emb_s, lambda x, b: F.token_contrastive_loss(x, emb_t, temperature=scale,
-                                                                           backend="reference" if b == "kernel" else b)),
+        "token_contrastive": (emb_s, lambda x, b: F.token_contrastive_loss(x, emb_t, temperature=scale, backend=b)),
     }
 
 

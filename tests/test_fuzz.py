@@ -70,6 +70,10 @@ THREADED_CASES = {
          "kl_direction": "student_teacher", "reduction": "mean", "layout": "contiguous", "magnitude": 1.0,
          "seed": 8},
     ],
+    "token_contrastive": [
+        {"nodes": 600, "dim": 24, "temperature": 0.1, "similarity": "cosine", "symmetric": True,
+         "detach_teacher": False, "reduction": "mean", "layout": "contiguous", "magnitude": 1.0, "seed": 9},
+    ],
 }
 
 

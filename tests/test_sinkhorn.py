@@ -85,6 +85,58 @@ def test_gradient_flows_through_the_plan():
     assert (full - detached).norm() / full.norm() > 0.1
 
 
+def _outlier_teachers(batch, dtype, device, temperature):
+    """Students and teachers in two clusters, plus two teachers far from every student: the column
+    step's scalings of those two leave the safe range and are absorbed into the potentials."""
+    gen = torch.Generator().manual_seed(21)
+    zs = torch.randn(batch, 4, generator=gen, dtype=torch.float64)
+    zt = torch.randn(batch + 3, 4, generator=gen, dtype=torch.float64)
+    zs[: batch // 2, 0] += 8
+    zs[batch // 2:, 1] += 8
+    zt[: batch // 2, 0] += 8
+    zt[batch // 2:, 1] += 8
+    zt[-2:, 3] += 16
+    return zs.to(device, dtype).requires_grad_(), zt.to(device, dtype)
+
+
+def _absorptions(zs, zt, temperature, epsilon):
+    """How many times the CPU kernel rebuilt its kernel matrix after the first time (from its saved
+    history: column 0 holds the epoch of every half-step)."""
+    options = (float_arg(temperature), float_arg(epsilon))
+    state = torch.ops.kdloss.sinkhorn_fwd(zs.detach(), zt, *options, 20, float_arg(1.0))[5]
+    return int(state[:, 0].max().item())
+
+
+@pytest.mark.parametrize("temperature", [2.0, 0.5])
+@pytest.mark.parametrize("eps", [0.03, 0.1])
+def test_absorbed_scalings_match_reference_fp64(temperature, eps):
+    """The stabilised iterations absorb out-of-range scalings into the potentials (a new kernel
+    matrix); the forward and the adjoint across such a rebuild stay exact."""
+    zs, zt = _outlier_teachers(12, torch.float64, "cpu", temperature)
+    assert _absorptions(zs, zt, temperature, eps) >= 1
+    out = sinkhorn_loss(zs, zt, temperature=temperature, epsilon=eps, backend="kernel")
+    ref = sinkhorn_reference(zs, zt, temperature=temperature, epsilon=eps)
+    grad = grad_of(out, zs)
+    assert_close_fp64(out, ref)
+    assert_close_fp64(grad, grad_of(ref, zs))
+    assert_close_fp64(grad, grad_of(official_recursion(zs, zt, temperature, eps), zs))
+
+
+def test_absorbed_scalings_fp32_as_accurate_as_reference():
+    zs, zt = _outlier_teachers(12, torch.float32, "cpu", 2.0)
+    assert _absorptions(zs, zt, 2.0, 0.03) >= 1
+    out = sinkhorn_loss(zs, zt, epsilon=0.03, backend="kernel")
+    zs_ref = zs.detach().clone().requires_grad_()
+    ref32 = sinkhorn_reference(zs_ref, zt, epsilon=0.03)
+    zs64 = zs.detach().double().requires_grad_()
+    exact = sinkhorn_reference(zs64, zt.double(), epsilon=0.03)
+    exact_g = grad_of(exact, zs64)
+    err = (grad_of(out, zs).double() - exact_g).abs().max()
+    err_ref = (grad_of(ref32, zs_ref).double() - exact_g).abs().max()
+    assert err <= 4 * err_ref + 1e-6 * exact_g.abs().max()
+    assert abs(out.item() - exact.item()) <= 4 * abs(ref32.item() - exact.item()) + 1e-6 * abs(exact.item())
+
+
 # ---------------------------------------------------------------------------------------------
 # Low precision
 
@@ -296,7 +348,8 @@ def test_module_matches_functional(device):
 
 def test_cpu_results_independent_of_thread_count():
     gen = torch.Generator().manual_seed(13)
-    zs, zt = logits(300, 10, torch.float32, gen=gen), logits(257, 10, torch.float32, gen=gen, grad=False)
+    # 600 × 520: the sweeps split the rows into two fixed chunks, combined in order
+    zs, zt = logits(600, 10, torch.float32, gen=gen), logits(520, 10, torch.float32, gen=gen, grad=False)
     before = torch.get_num_threads()
     results = []
     try:
@@ -414,3 +467,12 @@ def test_cuda_deterministic_and_finite_at_small_epsilon():
         for _ in range(2):
             again = sinkhorn_loss(zs, zt, epsilon=1e-3, backend="kernel")
             assert torch.equal(again, first) and torch.equal(grad_of(again, zs), first_g)
+
+
+def test_inference_mode_then_training():
+    """Option tensors made under inference mode must not reach a later call's saved tensors."""
+    zs, zt = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3)
+    with torch.inference_mode():
+        sinkhorn_loss(zs.detach(), zt, epsilon=0.37, backend="kernel")
+    out = sinkhorn_loss(zs, zt, epsilon=0.37, backend="kernel")
+    torch.testing.assert_close(grad_of(out, zs), grad_of(sinkhorn_reference(zs, zt, epsilon=0.37), zs))

@@ -116,8 +116,9 @@ def test_opcheck(device, reduction):
                                  (torch.float16, torch.float16)):
         s = tokens(2, 9, 10, dtype, device, gen).requires_grad_()
         t = tokens(2, 9, 7, teacher_dtype, device, gen)
-        torch.library.opcheck(torch.ops.kdloss.token_contextual_fwd.default, (s, t, code))
-        _, ls, lt, rho = torch.ops.kdloss.token_contextual_fwd(s.detach(), t, code)
+        for with_grad in (False, True):
+            torch.library.opcheck(torch.ops.kdloss.token_contextual_fwd.default, (s, t, code, with_grad))
+        _, ls, lt, rho, _ = torch.ops.kdloss.token_contextual_fwd(s.detach(), t, code, False)
         grad = torch.rand((2, 9) if code == 0 else (), dtype=dtype, device=device)
         torch.library.opcheck(torch.ops.kdloss.token_contextual_bwd.default,
                               (grad, s.detach(), t, ls, lt, rho, code))
@@ -150,7 +151,7 @@ def test_teacher_is_a_constant_and_mixed_dtypes(device):
 def test_cpu_results_independent_of_thread_count():
     from kdloss.testing import check_determinism
 
-    for tokens_per_image in (29, 150):  # one tile and several tiles (≤ 48 rows each) per image
+    for tokens_per_image in (29, 150):  # images shorter and longer than the micro-tiles' padding
         check_determinism("token_contextual", {"batch": 3, "tokens": tokens_per_image, "ds": 19, "dt": 11,
                                                "reduction": "mean", "layout": "contiguous", "magnitude": 1.0,
                                                "seed": 8})
@@ -177,3 +178,32 @@ def test_bad_types():
 def test_module_matches_functional():
     s, t = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
     torch.testing.assert_close(TokenContextualLoss(reduction="sum")(s, t), token_contextual_loss(s, t, reduction="sum"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_precomputed_gradient_matches_the_recomputing_backward(reduction):
+    """Scalar reductions get their gradient in the forward (scaled by the upstream gradient in the
+    backward); it equals the backward op's recomputation from the saved statistics, also when the
+    graph is retained and run twice."""
+    from kdloss._ops import REDUCTION_CODES
+
+    code = REDUCTION_CODES[reduction]
+    gen = torch.Generator().manual_seed(12)
+    s, t = tokens(3, 29, 7, gen=gen).requires_grad_(), tokens(3, 29, 5, gen=gen)
+    out = token_contextual_loss(s, t, reduction=reduction, backend="kernel")
+    first = torch.autograd.grad(2.5 * out, s, retain_graph=True)[0]
+    second = torch.autograd.grad(2.5 * out, s)[0]
+    assert torch.equal(first, second)
+    _, stats_s, stats_t, rho, unit = torch.ops.kdloss.token_contextual_fwd(s.detach(), t, code, False)
+    assert unit.numel() == 0
+    recomputed = torch.ops.kdloss.token_contextual_bwd(torch.tensor(2.5, dtype=torch.float64), s.detach(), t,
+                                                       stats_s, stats_t, rho, code)
+    assert_close_fp64(first, recomputed, atol=1e-15)
+
+
+def test_gradient_is_precomputed_only_when_needed():
+    s, t = tokens(2, 9, 4), tokens(2, 9, 6)
+    for code, with_grad, shape in ((1, True, (2, 9, 4)), (2, True, (2, 9, 4)), (0, True, (0,)), (1, False, (0,))):
+        assert torch.ops.kdloss.token_contextual_fwd(s, t, code, with_grad)[4].shape == shape
+    with torch.no_grad():
+        assert token_contextual_loss(s.requires_grad_(), t, backend="kernel").requires_grad is False

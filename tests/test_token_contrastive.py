@@ -1,32 +1,107 @@
-"""Token contrastive loss (reference only): its definition against cross-entropy on cosine logits, the
-teacher-side gradient, the backend contract of a loss without a kernel, bad inputs."""
+"""Token contrastive loss: its definition against cross-entropy on cosine logits, kernel parity with the
+float64 reference for every option (shapes crossing the kernels' row blocks and column strips), the
+low-precision error rule, the teacher-side gradient, memory without the M × M logits, bad inputs."""
 
 from __future__ import annotations
 
-import warnings
+import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import kdloss
 from kdloss import TokenContrastiveLoss
 from kdloss.functional import token_contrastive_loss
+from kdloss.reference.token_contrastive import token_contrastive_reference
+from kdloss.testing import check_case
 
 from helpers import assert_close_fp64, raises_naming
 
+OPTIONS = list(itertools.product((False, True), ("cosine", "dot"), ("mean", "sum", "none")))
 
-def test_backend_contract_without_a_kernel():
-    """No kernel: "kernel" raises, "auto" runs the reference without a fallback warning (there is nothing
-    to fall back from) and gives the loss's definition."""
-    s, t = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
-    with pytest.raises(kdloss.KernelUnavailableError, match="reference only"):
-        token_contrastive_loss(s, t, backend="kernel")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        auto = token_contrastive_loss(s, t, temperature=0.25, backend="auto")
-    logits = F.normalize(s, dim=-1) @ F.normalize(t, dim=-1).T / 0.25
-    assert_close_fp64(auto, F.cross_entropy(logits, torch.arange(6)))
+
+def _nodes(m, e, seed, dtype=torch.float64, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple((scale * torch.randn(m, e, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+                 for _ in range(2))
+
+
+@pytest.mark.parametrize("m, e", [(1, 3), (7, 5), (300, 19), (517, 8)])
+@pytest.mark.parametrize("symmetric, similarity, reduction", OPTIONS)
+def test_kernel_matches_reference_fp64(m, e, symmetric, similarity, reduction):
+    """Value and both gradients, with a random upstream weight; M = 300 and 517 cross the CPU kernel's
+    row blocks (48) and column strips (256), with partial last ones."""
+    hs, ht = _nodes(m, e, seed=m + e)
+    options = {"temperature": 0.3, "symmetric": symmetric, "similarity": similarity, "reduction": reduction}
+    kernel = token_contrastive_loss(hs, ht, backend="kernel", **options)
+    exact = token_contrastive_reference(hs, ht, **options)
+    assert_close_fp64(kernel, exact)
+    weight = torch.rand(kernel.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(kernel, (hs, ht), weight), torch.autograd.grad(exact, (hs, ht), weight),
+                         strict=True):
+        assert_close_fp64(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric, similarity, reduction", [(False, "cosine", "mean"), (True, "dot", "none")])
+def test_low_precision_within_the_error_rule(dtype, symmetric, similarity, reduction):
+    case = {"nodes": 300, "dim": 24, "temperature": 0.07 if similarity == "cosine" else 1.0,
+            "similarity": similarity, "symmetric": symmetric, "detach_teacher": False, "reduction": reduction,
+            "layout": "strided", "magnitude": 1.0, "seed": 5}
+    result = check_case("token_contrastive", case, "cpu", dtype)
+    assert result.ok, f"{result}\n" + "\n".join(result.details)
+
+
+def test_auto_runs_the_kernel_and_outputs_keep_the_input_dtype():
+    hs, ht = _nodes(9, 4, seed=3, dtype=torch.bfloat16)
+    out = token_contrastive_loss(hs, ht, temperature=0.25)
+    assert "token_contrastive_fwd" in type(out.grad_fn.next_functions[0][0]).__name__  # the op, then the cast
+    assert out.dtype == torch.bfloat16
+    out.backward()
+    assert hs.grad.dtype == ht.grad.dtype == torch.bfloat16
+
+
+def test_gradcheck_through_the_kernel():
+    hs, ht = _nodes(11, 4, seed=4)
+    for symmetric, similarity in [(False, "cosine"), (True, "dot"), (True, "cosine")]:
+        assert torch.autograd.gradcheck(
+            lambda a, b, s=symmetric, sim=similarity: token_contrastive_loss(
+                a, b, temperature=0.5, symmetric=s, similarity=sim, reduction="none", backend="kernel"),
+            (hs, ht))
+
+
+def test_detached_teacher_gets_no_gradient_from_the_kernel():
+    hs, ht = _nodes(6, 5, seed=6)
+    out = token_contrastive_loss(hs, ht, detach_teacher=True, backend="kernel")
+    grad_s, grad_t = torch.autograd.grad(out, (hs, ht), allow_unused=True)
+    assert grad_t is None
+    assert_close_fp64(grad_s, torch.autograd.grad(token_contrastive_reference(hs, ht, detach_teacher=True), hs)[0])
+
+
+def test_zero_rows_and_zero_nodes():
+    """A zero node (cosine clamps its norm) and the empty set of nodes: finite, as the reference."""
+    hs, ht = _nodes(5, 3, seed=7)
+    with torch.no_grad():
+        hs[2] = 0
+    out = token_contrastive_loss(hs, ht, backend="kernel", reduction="none")
+    assert_close_fp64(out, token_contrastive_reference(hs, ht, reduction="none"))
+    grads = torch.autograd.grad(out.sum(), (hs, ht))
+    for got, want in zip(grads, torch.autograd.grad(token_contrastive_reference(hs, ht, reduction="sum"), (hs, ht)),
+                         strict=True):
+        assert_close_fp64(got, want)
+    empty = token_contrastive_loss(hs[:0], ht[:0], backend="kernel")
+    assert empty.item() == 0.0
+    assert token_contrastive_loss(hs[:0], ht[:0], backend="kernel", reduction="none").shape == (0,)
+
+
+def test_kernel_never_holds_the_m_by_m_logits():
+    """Peak allocation of forward + backward at M = 2048 stays far below one [M, M] fp32 matrix (16 MiB),
+    which the reference allocates several times."""
+    from kdloss.bench import peak_mib
+
+    hs, ht = (torch.randn(2048, 16).requires_grad_() for _ in range(2))
+    kernel = peak_mib(lambda a, b: token_contrastive_loss(a, b, backend="kernel"), (hs, ht), "cpu")
+    reference = peak_mib(lambda a, b: token_contrastive_reference(a, b), (hs, ht), "cpu")
+    assert kernel < 8.0 < 2 * 16.0 <= reference, (kernel, reference)
 
 
 def test_contrastive_loss_definition_and_teacher_gradient():

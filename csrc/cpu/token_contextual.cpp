@@ -1,28 +1,30 @@
-// TRG token-wise contextual loss, CPU kernels (spec §5.2–5.3) for the CPU dispatch key. The op
-// contract (shapes, dtypes, reductions) is documented once, with the schemas, in
+// TRG token-wise contextual loss, CPU kernels for the CPU dispatch key. The op contract (shapes,
+// dtypes, reductions, the precomputed gradient) is documented once, with the schemas, in
 // kdloss/_ops/token_contextual.py. Features F_s [B, N, Ds], F_t [B, N, Dt]:
 //   S = F_s F_sᵀ/√Ds, T = F_t F_tᵀ/√Dt per image; A = softmax_row(S), P = softmax_row(T)
 //   loss = Σ_{b,i,j} (P − A)² / (B·N·N)   (mean; the sum drops the divisor; none: [B, N] row means)
 //
-// Nothing of size N×N is ever stored. Work is split into tiles of at most kRows rows of one image
-// (spread evenly); a task computes its tile's similarity rows (≤ kRows×N per side, in a buffer
-// owned by the task), consumes them with vectorised row passes and drops them. Every row is
-// complete inside its tile, so no online softmax is needed. The GEMMs are our own register-blocked
-// micro-kernels rather than BLAS so that summation orders are fixed (BLAS results change with its
-// own thread count). The similarity GEMM reads the features in place (dot products along D, a
-// 3×4 block of vector accumulators); the gradient GEMM reads one packed copy of the student.
+// One task owns one image at a time and holds its two N×N similarity matrices in a task buffer
+// (freed when the task ends; nothing N×N survives the call). S and T are symmetric, so only the
+// lower block triangle is multiplied (syrk-style: micro-tiles of 6 rows × 2 vectors that touch
+// j ≤ i), then mirrored: half the FLOPs of a full product.
 //
-// Forward saves, per row (O(B·N)): the softmax statistics of S and T (row max and log-sum, kept
-// apart for accuracy) and ρ_i = Σ_j (A_ij − P_ij) A_ij.
-// Backward (spec §5.3) with c_i the per-row scale of G = c (A − P), r_i = c_i ρ_i:
-//   W_kj = A_kj (c_k(A_kj − P_kj) − r_k) + A_jk (c_j(A_jk − P_jk) − r_j)   (row k of dS + dSᵀ)
-//   ∂L/∂F_s[k] = Σ_j W_kj F_s[j] / √Ds                                    (one GEMM per tile)
-// S and T are symmetric, so A_jk = exp(S_kj − max_j − log_j) comes from row k's similarities too: each
-// task writes only its own gradient rows (no scatter, no atomics). Tile boundaries do not depend
-// on the thread count and reductions go through per-row partials and ordered_sum, so results are
-// bitwise identical for any torch.set_num_threads. Cost: 2 GEMMs forward, 3 backward (eager: 2+2);
-// extra memory: the per-task buffers, fp32 copies of bf16/fp16 features and, in the backward, one
-// packed copy of the student (O(B·N·D); nothing N×N).
+// Gradient (∂L/∂A_ij = c_i (A_ij − P_ij); c = 2/(B N²) for mean, 2 for sum, 2 g_i / N for none):
+//   ρ_i = Σ_j (A_ij − P_ij) A_ij,  V_ij = A_ij (c_i (A_ij − P_ij) − c_i ρ_i)   (= dS, the softmax backward)
+//   ∂L/∂F_s = W F_s with W = (V + Vᵀ)/√Ds                                      (ONE GEMM per image)
+// W is formed in place over S (symmetric), then multiplied by the packed student.
+// * Scalar reductions with a gradient needed: the forward also returns this gradient for an upstream
+//   gradient of 1 (no recomputation, 1.5 GEMM-equivalents forward, none backward; eager runs 4).
+// * reduction none (per-row upstream gradients): the forward keeps per row (O(B·N)) the softmax
+//   statistics of S and T (row max and log-sum, kept apart for accuracy) and ρ; the backward recomputes
+//   the triangles and runs the one GEMM (2 GEMM-equivalents).
+// Every element of every product is summed in a fixed order (kdloss/cpu_gemm.h), images do not
+// depend on the thread count and the loss is an ordered sum of row partials, so results are bitwise
+// identical for any torch.set_num_threads. With fewer images than threads (or images too long for
+// one buffer per thread) one image runs at a time, its row blocks split over the threads, with the
+// same per-element order. Extra memory: per task two N×N buffers and packed copies of one image's
+// features, freed when the call returns (at most kWorkspaceBudget of N×N buffers at once), plus the
+// returned O(B·N) statistics and, when asked, the gradient.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -32,53 +34,16 @@
 #include <vector>
 
 #include "kdloss/cpu_exp.h"
+#include "kdloss/cpu_gemm.h"
 #include "kdloss/cpu_utils.h"
 
 namespace kdloss {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMR = 4;     // micro-kernel rows (4 rows × 2 vectors = 8 accumulators)
-constexpr int64_t kRows = 48;  // rows per tile (a multiple of kMR): one task's work unit
-
-// Softmax statistics of one row v[0..N) (N ≥ 1): its max m and l = log Σ_j exp(v[j] − m), so that
-// softmax(v)_j = exp((v[j] − m) − l). Kept apart rather than as m + l: when |m| is large, rounding
-// m + l would shift every probability of the row by up to ulp(m) relatively.
-template <typename acc_t>
-void row_stats(const acc_t* v, int64_t N, acc_t& m_out, acc_t& l_out) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  int64_t j = 0;
-  if (N >= V) {
-    Vec vm = Vec::loadu(v);
-    for (j = V; j + V <= N; j += V) vm = at::vec::maximum(vm, Vec::loadu(v + j));
-    m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
-  }
-  for (; j < N; ++j) m = std::max(m, v[j]);
-  const Vec vmax(m);
-  Vec vs(acc_t(0));
-  for (j = 0; j + V <= N; j += V) vs = vs + vexp(Vec::loadu(v + j) - vmax);
-  acc_t s = vec_sum(vs);
-  for (; j < N; ++j) s += std::exp(v[j] - m);
-  m_out = m;
-  l_out = std::log(s);
-}
-
-// Row statistics of one side for all B·N rows: max[row], logsum[row], the two halves of a
-// [2, B, N] tensor.
-template <typename acc_t>
-struct Stats {
-  acc_t* max;
-  acc_t* logsum;
-  Stats(at::Tensor& t, int64_t rows_total) : max(t.data_ptr<acc_t>()), logsum(max + rows_total) {}
-};
-
 struct Problem {
   int64_t B, N, Ds, Dt;
   double scale_s, scale_t;
-  int64_t tile_rows;  // rows per tile: ≤ kRows, a multiple of kMR, spread evenly over the image
-  int64_t tiles_per_image() const { return (N + tile_rows - 1) / tile_rows; }
 };
 
 Problem problem_of(const at::Tensor& student, const at::Tensor& teacher) {
@@ -88,11 +53,7 @@ Problem problem_of(const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
                     "student and teacher must share B and N, got ", student.sizes(), " and ", teacher.sizes());
   TORCH_CHECK_VALUE(student.size(2) > 0 && teacher.size(2) > 0, "token widths must be positive");
-  Problem p{student.size(0), student.size(1), student.size(2), teacher.size(2), 0, 0, kRows};
-  if (p.N > 0) {
-    const int64_t tiles = (p.N + kRows - 1) / kRows;
-    p.tile_rows = std::min(kRows, (((p.N + tiles - 1) / tiles) + kMR - 1) / kMR * kMR);
-  }
+  Problem p{student.size(0), student.size(1), student.size(2), teacher.size(2), 0, 0};
   p.scale_s = 1.0 / std::sqrt(static_cast<double>(p.Ds));
   p.scale_t = 1.0 / std::sqrt(static_cast<double>(p.Dt));
   return p;
@@ -110,273 +71,375 @@ void check_row_state(const at::Tensor& t, const Problem& p, at::ScalarType acc, 
       " must be a [B, N] CPU tensor of dtype ", acc, ", got ", t.sizes(), " ", t.scalar_type());
 }
 
-// c[r·ldc + j] = Σ_k a[r·lda + k] · b[k·ldb + j] for r < kMR, j < 2·Vec::size(): a register
-// block of kMR rows × two vectors, summed over k in order.
+// Row statistics of one side for all B·N rows: max[row], logsum[row], the two halves of a
+// [2, B, N] tensor.
 template <typename acc_t>
-inline void micro_kernel(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t* c, int64_t ldc) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  Vec lo[kMR], hi[kMR];
-  for (int64_t r = 0; r < kMR; ++r) lo[r] = hi[r] = Vec(acc_t(0));
-  for (int64_t k = 0; k < K; ++k) {
-    const Vec b0 = Vec::loadu(b + k * ldb), b1 = Vec::loadu(b + k * ldb + V);
-#pragma GCC unroll 4
-    for (int64_t r = 0; r < kMR; ++r) {
-      const Vec ar(a[r * lda + k]);
-      lo[r] = at::vec::fmadd(ar, b0, lo[r]);
-      hi[r] = at::vec::fmadd(ar, b1, hi[r]);
-    }
-  }
-  for (int64_t r = 0; r < kMR; ++r) {
-    lo[r].store(c + r * ldc);
-    hi[r].store(c + r * ldc + V);
-  }
-}
+struct Stats {
+  acc_t* max;
+  acc_t* logsum;
+  Stats(at::Tensor& t, int64_t rows_total) : max(t.data_ptr<acc_t>()), logsum(max + rows_total) {}
+};
 
-// C [m_pad, n_pad] = A [m_pad, K] · B, with B packed as panels [n_pad / kNR][K][kNR] (each panel
-// contiguous, so the micro-kernel streams it); m_pad a multiple of kMR, n_pad of kNR.
+// Row stride of a row-major GEMM operand of `cols` columns: one panel wider when cols is a multiple
+// of 1 KiB (rows 4 KiB apart would share L1 sets and evict each other in the micro-kernel's 6-row
+// reads).
 template <typename acc_t>
-void gemm_packed(const acc_t* a, int64_t lda, const acc_t* b_panels, int64_t K, acc_t* c, int64_t ldc, int64_t m_pad,
-                 int64_t n_pad) {
-  constexpr int64_t kNR = 2 * at::vec::Vectorized<acc_t>::size();
-  for (int64_t j0 = 0; j0 < n_pad; j0 += kNR) {  // one K×kNR panel, reused from cache by every row block
-    const acc_t* panel = b_panels + (j0 / kNR) * K * kNR;
-    for (int64_t r0 = 0; r0 < m_pad; r0 += kMR) micro_kernel(a + r0 * lda, lda, panel, kNR, K, c + r0 * ldc + j0, ldc);
-  }
+int64_t similarity_stride(int64_t n_cols) {
+  return (n_cols * static_cast<int64_t>(sizeof(acc_t))) % 1024 == 0 ? n_cols + gemm_nr<acc_t>() : n_cols;
 }
 
-int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+// One side of one image, packed for the products: `rows` [n_pad, D] (zero rows past N; the A
+// operand), `panels` (xᵀ in panels: the B operand of x xᵀ) and, for the student's gradient,
+// `columns` (x in column panels: the B operand of W x).
+template <typename acc_t>
+struct PackedImage {
+  int64_t N, D, n_pad, n_cols, d_cols, ld;  // ld: row stride of `rows`
+  std::vector<acc_t> rows, panels, columns;
+  PackedImage(int64_t N_, int64_t D_, bool for_gradient)
+      : N(N_),
+        D(D_),
+        n_pad(round_up_to(N_, kGemmMR)),
+        n_cols(round_up_to(N_, gemm_nr<acc_t>())),
+        d_cols(round_up_to(D_, gemm_nr<acc_t>())),
+        ld(similarity_stride<acc_t>(D_)),
+        rows(n_pad * ld, acc_t(0)),
+        panels(n_cols * D_),
+        columns(for_gradient ? d_cols * N_ : 0) {}
 
-// x [B, N, D] → [B, ceil(D / nr), N, nr]: x[b]'s columns in zero-padded panels of nr, each panel
-// [N, nr] contiguous: the packed B operand of the products Σ_j w_j x[b, j, :].
-at::Tensor pack_panels(const at::Tensor& x, int64_t nr, at::ScalarType acc) {
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), d_pad = round_up(D, nr);
-  at::Tensor padded = at::zeros({B, N, d_pad}, at::TensorOptions().dtype(acc));
-  padded.narrow(2, 0, D).copy_(x);
-  return padded.view({B, N, d_pad / nr, nr}).permute({0, 2, 1, 3}).contiguous();
-}
-
-// One side's features in acc dtype: `values` [B, N, D] contiguous (the input itself when it already
-// is) and, for the student in the backward, `gradient`: packed panels of x[b], the B operand of
-// W · x (one copy of the input).
-struct Features {
-  at::Tensor values, gradient;
-  int64_t d_pad;
-  Features(const at::Tensor& x, const Problem& p, at::ScalarType acc, bool for_gradient) {
-    const int64_t nr =
-        2 * (acc == at::kDouble ? at::vec::Vectorized<double>::size() : at::vec::Vectorized<float>::size());
-    values = x.detach().to(acc).contiguous();
-    d_pad = round_up(x.size(2), nr);
-    if (for_gradient) gradient = pack_panels(values, nr, acc);
+  template <typename scalar_t>
+  void load(const scalar_t* x) {  // x: one image [N, D], contiguous
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t d = 0; d < D; ++d) rows[i * ld + d] = static_cast<acc_t>(x[i * D + d]);
+    pack_row_panels<acc_t>(rows.data(), ld, N, D, panels.data());
+    if (!columns.empty()) pack_col_panels<acc_t>(rows.data(), ld, N, D, columns.data());
   }
 };
 
-// One task's scratch, acc dtype: a tile's similarity rows of each side [kRows, N] (row stride
-// ld = N) and, for the backward, its gradient rows [kRows, g_cols].
-struct TileBuffers {
-  at::Tensor s, t, g;
-  int64_t ld;
-  TileBuffers(int64_t N, int64_t g_cols, at::ScalarType acc)
-      : s(at::zeros({kRows, N}, at::TensorOptions().dtype(acc))),
-        t(at::zeros({kRows, N}, at::TensorOptions().dtype(acc))),
-        g(at::empty({g_cols > 0 ? kRows : 0, g_cols}, at::TensorOptions().dtype(acc))),
-        ld(N) {}
-};
+// Rows per strip of the blocked transposes (the column entries written stay in L1).
+constexpr int64_t kTransposeBlock = 32;
 
-// c[m·ldc + n] = scale · ⟨a_m, b_n⟩ = scale · Σ_k a[m·lda + k] · b[n·ldb + k] for m < MR, n < NR: MR×NR vector
-// accumulators along k, reduced horizontally at the end. Every element is summed in the same order
-// whatever the block shape, so edge blocks agree bitwise with full ones.
-template <typename acc_t, int MR, int NR>
-inline void dot_block(const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, int64_t K, acc_t scale, acc_t* c,
-                      int64_t ldc) {
+// Rows [m0, m1) (multiples of kGemmMR) of out [n_pad, ld] ← x xᵀ for one image (ld ≥ n_cols), raw
+// dot products: only the micro-tiles on or below the diagonal.
+template <typename acc_t>
+void lower_products(const PackedImage<acc_t>& x, acc_t* out, int64_t ld, int64_t m0, int64_t m1) {
+  gemm_rows(x.rows.data(), x.ld, x.panels.data(), x.D, out, ld, m0, m1, x.n_cols, true);
+}
+
+// Rows [r0, r1): the lower triangle scaled, then copied into the upper one (S exactly symmetric).
+// Row i writes only its own j ≤ i and the column entries (j, i), j < i, that no other row touches.
+template <typename acc_t>
+void scale_and_mirror(acc_t* out, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i)
+    for (int64_t j = 0; j <= i; ++j) out[i * ld + j] *= scale;
+  for (int64_t j0 = 0; j0 < r1; j0 += kTransposeBlock) {  // a kTransposeBlock-row strip of columns [r0, r1)
+    for (int64_t i = std::max(r0, j0); i < r1; ++i)
+      for (int64_t j = j0; j < std::min(j0 + kTransposeBlock, i); ++j) out[j * ld + i] = out[i * ld + j];
+  }
+}
+
+// In place: v[0..N) → softmax(v); writes the row's max m and l = log Σ_j exp(v_j − m).
+template <typename acc_t>
+void softmax_row(acc_t* v, int64_t N, acc_t& m_out, acc_t& l_out) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  Vec acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) acc[m][n] = Vec(acc_t(0));
-  int64_t k = 0;
-  for (; k + V <= K; k += V) {
-    Vec av[MR];
-    for (int m = 0; m < MR; ++m) av[m] = Vec::loadu(a + m * lda + k);
-    for (int n = 0; n < NR; ++n) {
-      const Vec bv = Vec::loadu(b + n * ldb + k);
-      for (int m = 0; m < MR; ++m) acc[m][n] = at::vec::fmadd(av[m], bv, acc[m][n]);
-    }
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+  if (N >= V) {
+    Vec vm = Vec::loadu(v);
+    for (j = V; j + V <= N; j += V) vm = at::vec::maximum(vm, Vec::loadu(v + j));
+    m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (int m = 0; m < MR; ++m) {
-    for (int n = 0; n < NR; ++n) {
-      acc_t sum = vec_sum(acc[m][n]);
-      for (int64_t kk = k; kk < K; ++kk) sum += a[m * lda + kk] * b[n * ldb + kk];
-      c[m * ldc + n] = sum * scale;
-    }
+  for (; j < N; ++j) m = std::max(m, v[j]);
+  const Vec vmax(m);
+  Vec vs(acc_t(0));
+  for (j = 0; j + V <= N; j += V) {
+    const Vec e = vexp(Vec::loadu(v + j) - vmax);
+    e.store(v + j);
+    vs = vs + e;
   }
+  acc_t s = vec_sum(vs);
+  for (; j < N; ++j) {
+    v[j] = std::exp(v[j] - m);
+    s += v[j];
+  }
+  const Vec inv(acc_t(1) / s);
+  for (j = 0; j + V <= N; j += V) (Vec::loadu(v + j) * inv).store(v + j);
+  for (; j < N; ++j) v[j] *= acc_t(1) / s;
+  m_out = m;
+  l_out = std::log(s);
 }
 
-// out[r·ld + j] = scale · ⟨x_{i0+r}, x_j⟩ for r < rows, j < N, x one image [N, D]. The 4 rows x_j
-// of a column block stay in L1 while the tile's rows stream past them.
+// In place: v[0..N) → exp((v − m) − l), the softmax rebuilt from saved statistics.
 template <typename acc_t>
-void gram_rows(acc_t* out, int64_t ld, const acc_t* x, int64_t N, int64_t D, acc_t scale, int64_t i0, int64_t rows) {
-  constexpr int MR = 3, NR = 4;
-  const int64_t rows_full = rows / MR * MR, n_full = N / NR * NR;
-  const acc_t* a = x + i0 * D;
-  for (int64_t j0 = 0; j0 < n_full; j0 += NR) {
-    for (int64_t r = 0; r < rows_full; r += MR)
-      dot_block<acc_t, MR, NR>(a + r * D, D, x + j0 * D, D, D, scale, out + r * ld + j0, ld);
-    for (int64_t r = rows_full; r < rows; ++r)
-      dot_block<acc_t, 1, NR>(a + r * D, D, x + j0 * D, D, D, scale, out + r * ld + j0, ld);
-  }
-  for (int64_t j = n_full; j < N; ++j)
-    for (int64_t r = 0; r < rows; ++r)
-      dot_block<acc_t, 1, 1>(a + r * D, D, x + j * D, D, D, scale, out + r * ld + j, ld);
-}
-
-// Runs body(b, i0, rows, buffers) over every tile in parallel, after filling buffers.s / .t with
-// the tile's scaled similarity rows of both sides.
-template <typename acc_t, typename Body>
-void for_each_tile(const Problem& p, const Features& fs, const Features& ft, int64_t g_cols, const Body& body) {
-  const int64_t tiles = p.B * p.tiles_per_image();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    TileBuffers buf(p.N, g_cols, fs.values.scalar_type());
-    acc_t* ss = buf.s.data_ptr<acc_t>();
-    acc_t* st = buf.t.data_ptr<acc_t>();
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t b = tile / p.tiles_per_image();
-      const int64_t i0 = (tile % p.tiles_per_image()) * p.tile_rows;
-      const int64_t rows = std::min(p.tile_rows, p.N - i0);
-      gram_rows(ss, buf.ld, fs.values.const_data_ptr<acc_t>() + b * p.N * p.Ds, p.N, p.Ds,
-                static_cast<acc_t>(p.scale_s), i0, rows);
-      gram_rows(st, buf.ld, ft.values.const_data_ptr<acc_t>() + b * p.N * p.Dt, p.N, p.Dt,
-                static_cast<acc_t>(p.scale_t), i0, rows);
-      body(b, i0, rows, buf);
-    }
-  });
-}
-
-// Forward row pass: returns Σ_j (P_ij − A_ij)² and writes ρ_i = Σ_j (A_ij − P_ij) A_ij, with
-// A_ij = exp((s_j − a_max) − a_log), P_ij = exp((t_j − p_max) − p_log).
-template <typename acc_t>
-acc_t contextual_row(const acc_t* srow, const acc_t* trow, int64_t N, acc_t a_max, acc_t a_log, acc_t p_max,
-                     acc_t p_log, acc_t& rho) {
+void softmax_from_stats(acc_t* v, int64_t N, acc_t m, acc_t l) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec vam(a_max), val(a_log), vpm(p_max), vpl(p_log);
+  const Vec vm(m), vl(l);
+  int64_t j = 0;
+  for (; j + V <= N; j += V) vexp((Vec::loadu(v + j) - vm) - vl).store(v + j);
+  for (; j < N; ++j) v[j] = std::exp((v[j] - m) - l);
+}
+
+// Σ_j (A_j − P_j)² (returned) and ρ = Σ_j (A_j − P_j) A_j of one row.
+template <typename acc_t>
+acc_t squared_error_row(const acc_t* a, const acc_t* p, int64_t N, acc_t& rho) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   Vec sq(acc_t(0)), rv(acc_t(0));
   int64_t j = 0;
   for (; j + V <= N; j += V) {
-    const Vec a = vexp((Vec::loadu(srow + j) - vam) - val);
-    const Vec e = a - vexp((Vec::loadu(trow + j) - vpm) - vpl);
+    const Vec av = Vec::loadu(a + j);
+    const Vec e = av - Vec::loadu(p + j);
     sq = at::vec::fmadd(e, e, sq);
-    rv = at::vec::fmadd(e, a, rv);
+    rv = at::vec::fmadd(e, av, rv);
   }
   acc_t s = vec_sum(sq), r = vec_sum(rv);
   for (; j < N; ++j) {
-    const acc_t a = std::exp((srow[j] - a_max) - a_log);
-    const acc_t e = a - std::exp((trow[j] - p_max) - p_log);
+    const acc_t e = a[j] - p[j];
     s += e * e;
-    r += e * a;
+    r += e * a[j];
   }
   rho = r;
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(const at::Tensor& student_in,
-                                                                                const at::Tensor& teacher_in,
-                                                                                int64_t reduction_code) {
+// In place over a row of A: V_j = A_j (c (A_j − P_j) − r), r = c ρ (row of dS).
+template <typename acc_t>
+void softmax_backward_row(acc_t* a, const acc_t* p, int64_t N, acc_t c, acc_t r) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vc(c), vr(r);
+  int64_t j = 0;
+  for (; j + V <= N; j += V) {
+    const Vec av = Vec::loadu(a + j);
+    (av * (vc * (av - Vec::loadu(p + j)) - vr)).store(a + j);
+  }
+  for (; j < N; ++j) a[j] = a[j] * (c * (a[j] - p[j]) - r);
+}
+
+// In place, rows [r0, r1) of V [N, N] (row stride ld) → W = scale · (V + Vᵀ): the pair {i, j}, j ≤ i,
+// is handled by row i alone, so row ranges can run in parallel.
+template <typename acc_t>
+void symmetrize(acc_t* v, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
+  for (int64_t j0 = 0; j0 < r1; j0 += kTransposeBlock) {  // strips of rows j, as in scale_and_mirror
+    for (int64_t i = std::max(r0, j0); i < r1; ++i) {
+      for (int64_t j = j0; j < std::min(j0 + kTransposeBlock, i); ++j) {
+        const acc_t w = scale * (v[i * ld + j] + v[j * ld + i]);
+        v[i * ld + j] = w;
+        v[j * ld + i] = w;
+      }
+    }
+  }
+  for (int64_t i = r0; i < r1; ++i) v[i * ld + i] = scale * (v[i * ld + i] + v[i * ld + i]);
+}
+
+// Rows [m0, m1) (multiples of kGemmMR) of W [n_pad, N] (row stride ld) · x, one GEMM over the packed
+// student into g [n_pad, d_cols], then the rows below N stored to out [N, D].
+template <typename acc_t, typename out_t>
+void weighted_sum(const acc_t* w, int64_t ld, const PackedImage<acc_t>& x, acc_t* g, out_t* out, int64_t m0,
+                  int64_t m1) {
+  gemm_rows(w, ld, x.columns.data(), x.N, g, x.d_cols, m0, m1, x.d_cols, false);
+  for (int64_t i = m0; i < std::min(m1, x.N); ++i)
+    for (int64_t d = 0; d < x.D; ++d) out[i * x.D + d] = static_cast<out_t>(g[i * x.d_cols + d]);
+}
+
+// Runs f(r0, r1) over rows [0, n): at once, or in parallel over blocks of kGemmMC rows (multiples of
+// kGemmMR), visited in the order 0, last, 1, last − 1, … so that the contiguous ranges each thread
+// gets mix short and long rows of a triangle.
+template <typename F>
+void over_rows(int64_t n, bool parallel, const F& f) {
+  if (!parallel) {
+    f(0, n);
+    return;
+  }
+  const int64_t blocks = (n + kGemmMC - 1) / kGemmMC;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t block = q % 2 == 0 ? q / 2 : blocks - 1 - q / 2;
+      f(block * kGemmMC, std::min(n, (block + 1) * kGemmMC));
+    }
+  });
+}
+
+// One task's buffers: the packed sides of its current image and the similarity / gradient blocks.
+template <typename acc_t>
+struct ImageWork {
+  PackedImage<acc_t> xs, xt;
+  int64_t ld;
+  std::vector<acc_t> s, t, g;
+  ImageWork(const Problem& p, bool for_gradient)
+      : xs(p.N, p.Ds, for_gradient),
+        xt(p.N, p.Dt, false),
+        ld(similarity_stride<acc_t>(xs.n_cols)),
+        s(xs.n_pad * ld, acc_t(0)),
+        t(xs.n_pad * ld, acc_t(0)),
+        g(for_gradient ? xs.n_pad * xs.d_cols : 0) {}
+
+  // S and T of image b, scaled; with `parallel` the row blocks are split over threads.
+  template <typename scalar_t, typename teacher_t>
+  void similarities_of(const Problem& p, const scalar_t* student, const teacher_t* teacher, int64_t b, bool parallel) {
+    xs.load(student + b * p.N * p.Ds);
+    xt.load(teacher + b * p.N * p.Dt);
+    over_rows(xs.n_pad, parallel, [&](int64_t m0, int64_t m1) {
+      lower_products(xs, s.data(), ld, m0, m1);
+      lower_products(xt, t.data(), ld, m0, m1);
+    });
+    over_rows(p.N, parallel, [&](int64_t r0, int64_t r1) {
+      scale_and_mirror(s.data(), ld, static_cast<acc_t>(p.scale_s), r0, r1);
+      scale_and_mirror(t.data(), ld, static_cast<acc_t>(p.scale_t), r0, r1);
+    });
+  }
+
+  // The gradient rows of image b from the softmax-backward rows V held in s: W = (V + Vᵀ)/√Ds, then
+  // W · F_s into out [N, Ds].
+  template <typename out_t>
+  void gradient_of(const Problem& p, out_t* out, bool parallel) {
+    over_rows(p.N, parallel,
+              [&](int64_t r0, int64_t r1) { symmetrize(s.data(), ld, static_cast<acc_t>(p.scale_s), r0, r1); });
+    over_rows(xs.n_pad, parallel,
+              [&](int64_t m0, int64_t m1) { weighted_sum(s.data(), ld, xs, g.data(), out, m0, m1); });
+  }
+};
+
+// Bytes of N×N image buffers that may be in flight at once: past it, fewer images run in parallel
+// (a grain of several images per task), so a long sequence cannot take 2·N² per thread.
+constexpr int64_t kWorkspaceBudget = int64_t(256) << 20;
+
+// How images are spread over threads: whole images per task (grain: images per task, at most
+// kWorkspaceBudget / (one task's buffers) tasks), or — when there are fewer images than threads or
+// the buffers of one image per thread exceed the budget — one image at a time with its row blocks
+// split over threads (grain 0). Both compute every element in the same order.
+template <typename acc_t>
+int64_t image_grain(const Problem& p) {
+  const int64_t per_task =
+      2 * round_up_to(p.N, kGemmMR) * round_up_to(p.N, gemm_nr<acc_t>()) * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t threads = at::get_num_threads();
+  const int64_t tasks = std::max<int64_t>(1, kWorkspaceBudget / std::max<int64_t>(1, per_task));
+  if (threads > 1 && (p.B < threads || tasks < threads)) return 0;
+  return std::max<int64_t>(1, (p.B + tasks - 1) / tasks);
+}
+
+// Runs f(work, b, parallel_rows) for every image b (see image_grain).
+template <typename acc_t, typename F>
+void over_images(const Problem& p, bool for_gradient, const F& f) {
+  const int64_t grain = image_grain<acc_t>(p);
+  if (grain == 0) {
+    ImageWork<acc_t> work(p, for_gradient);
+    for (int64_t b = 0; b < p.B; ++b) f(work, b, true);
+    return;
+  }
+  at::parallel_for(0, p.B, grain, [&](int64_t begin, int64_t end) {
+    ImageWork<acc_t> work(p, for_gradient);
+    for (int64_t b = begin; b < end; ++b) f(work, b, false);
+  });
+}
+
+// c_i, the per-row scale of ∂L/∂A = c (A − P), for an upstream gradient g.
+template <typename acc_t>
+acc_t row_coefficient(const acc_t* g, Reduction reduction, int64_t row, int64_t rows_total, int64_t N) {
+  const acc_t nn = static_cast<acc_t>(N);
+  if (reduction == Reduction::kNone) return acc_t(2) * g[row] / nn;
+  if (reduction == Reduction::kMean) return acc_t(2) * g[0] / (static_cast<acc_t>(rows_total) * nn);
+  return acc_t(2) * g[0];
+}
+
+template <typename teacher_t, typename scalar_t>
+void contextual_forward(const Problem& p, const scalar_t* student, const teacher_t* teacher, Reduction reduction,
+                        at::Tensor& stats_s, at::Tensor& stats_t, at::Tensor& rho, at::Tensor& out,
+                        Acc<scalar_t>* grad_unit) {
+  using acc_t = Acc<scalar_t>;
+  const int64_t N = p.N, rows_total = p.B * p.N;
+  std::vector<acc_t> row_sums(rows_total);
+  const Stats<acc_t> ss(stats_s, rows_total), st(stats_t, rows_total);
+  acc_t* rh = rho.data_ptr<acc_t>();
+  const acc_t one(1);
+  over_images<acc_t>(p, grad_unit != nullptr, [&](ImageWork<acc_t>& work, int64_t b, bool parallel) {
+    work.similarities_of(p, student, teacher, b, parallel);
+    over_rows(N, parallel, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t row = b * N + i;
+        acc_t* a = work.s.data() + i * work.ld;
+        acc_t* q = work.t.data() + i * work.ld;
+        softmax_row(a, N, ss.max[row], ss.logsum[row]);
+        softmax_row(q, N, st.max[row], st.logsum[row]);
+        row_sums[row] = squared_error_row(a, q, N, rh[row]);
+        if (grad_unit == nullptr) continue;
+        const acc_t c = row_coefficient(&one, reduction, row, rows_total, N);
+        softmax_backward_row(a, q, N, c, c * rh[row]);
+      }
+    });
+    if (grad_unit != nullptr) work.gradient_of(p, grad_unit + b * N * p.Ds, parallel);
+  });
+  if (reduction == Reduction::kNone) {
+    acc_t* o = out.data_ptr<acc_t>();
+    for (int64_t row = 0; row < rows_total; ++row) o[row] = row_sums[row] / static_cast<acc_t>(N);
+  } else {
+    acc_t total = ordered_sum(row_sums.data(), rows_total);
+    if (reduction == Reduction::kMean && rows_total > 0)
+      total = total / (static_cast<acc_t>(rows_total) * static_cast<acc_t>(N));
+    *out.data_ptr<acc_t>() = total;
+  }
+}
+
+// A [B, N, D] input as a contiguous tensor of its own dtype or of the accumulation dtype (the
+// teacher may come in another dtype than the student).
+at::Tensor teacher_operand(const at::Tensor& teacher, const at::Tensor& student) {
+  const auto acc = acc_type(student.scalar_type());
+  const auto t = teacher.scalar_type();
+  return (t == student.scalar_type() || t == acc ? teacher : teacher.to(acc)).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_contextual_fwd(
+    const at::Tensor& student_in, const at::Tensor& teacher_in, int64_t reduction_code, bool with_grad) {
   const Problem p = problem_of(student_in, teacher_in);
   const Reduction reduction = check_reduction(reduction_code);
   const auto acc = acc_type(student_in.scalar_type());
-  const Features fs(student_in, p, acc, false), ft(teacher_in, p, acc, false);
   const auto opts = at::TensorOptions().dtype(acc);
+  const at::Tensor student = student_in.contiguous();
+  const at::Tensor teacher = teacher_operand(teacher_in, student_in);
   at::Tensor stats_s = at::empty({2, p.B, p.N}, opts);
   at::Tensor stats_t = at::empty({2, p.B, p.N}, opts);
   at::Tensor rho = at::empty({p.B, p.N}, opts);
+  const bool precompute = with_grad && reduction != Reduction::kNone;
+  at::Tensor grad_unit = precompute ? at::empty(student_in.sizes(), opts) : at::empty({0}, opts);
   // the loss is returned in the accumulation dtype
   at::Tensor out = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{p.B, p.N} : at::IntArrayRef{}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "token_contextual_fwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const int64_t N = p.N, rows_total = p.B * p.N;
-    std::vector<acc_t> row_sums(rows_total);
-    const Stats<acc_t> ss(stats_s, rows_total), st(stats_t, rows_total);
-    acc_t* rh = rho.data_ptr<acc_t>();
-    for_each_tile<acc_t>(p, fs, ft, 0, [&](int64_t b, int64_t i0, int64_t rows, TileBuffers& buf) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = b * N + i0 + r;
-        const acc_t* srow = buf.s.const_data_ptr<acc_t>() + r * buf.ld;
-        const acc_t* trow = buf.t.const_data_ptr<acc_t>() + r * buf.ld;
-        row_stats(srow, N, ss.max[row], ss.logsum[row]);
-        row_stats(trow, N, st.max[row], st.logsum[row]);
-        row_sums[row] =
-            contextual_row(srow, trow, N, ss.max[row], ss.logsum[row], st.max[row], st.logsum[row], rh[row]);
-      }
-    });
-    if (reduction == Reduction::kNone) {
-      acc_t* o = out.data_ptr<acc_t>();
-      for (int64_t row = 0; row < rows_total; ++row) o[row] = row_sums[row] / static_cast<acc_t>(N);
+    acc_t* g = precompute && student.numel() > 0 ? grad_unit.data_ptr<acc_t>() : nullptr;
+    const scalar_t* xs = student.const_data_ptr<scalar_t>();
+    if (teacher.scalar_type() == student.scalar_type()) {
+      contextual_forward(p, xs, teacher.const_data_ptr<scalar_t>(), reduction, stats_s, stats_t, rho, out, g);
     } else {
-      acc_t total = ordered_sum(row_sums.data(), rows_total);
-      if (reduction == Reduction::kMean && rows_total > 0)
-        total = total / (static_cast<acc_t>(rows_total) * static_cast<acc_t>(N));
-      *out.data_ptr<acc_t>() = total;
+      contextual_forward(p, xs, teacher.const_data_ptr<acc_t>(), reduction, stats_s, stats_t, rho, out, g);
     }
   });
-  return {out, stats_s, stats_t, rho};
+  return {out, stats_s, stats_t, rho, grad_unit};
 }
 
-// out[d] = v[d] for d < D, converted to the output dtype.
-template <typename scalar_t>
-void store_row(scalar_t* out, const Acc<scalar_t>* v, int64_t D) {
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  constexpr int64_t V = IO::size();
-  int64_t d = 0;
-  for (; d + V <= D; d += V) IO::store(out + d, Vec::loadu(v + d));
-  for (; d < D; ++d) out[d] = static_cast<scalar_t>(v[d]);
-}
-
-// c_i, the per-row scale of G = c (A − P): ∂loss/∂A_ij = c_i (A_ij − P_ij).
-template <typename acc_t>
-std::vector<acc_t> row_coefficients(const acc_t* g, Reduction reduction, int64_t rows_total, int64_t N) {
-  std::vector<acc_t> coef(rows_total);
-  const acc_t nn = static_cast<acc_t>(N);
-  for (int64_t row = 0; row < rows_total; ++row) {
-    if (reduction == Reduction::kNone) coef[row] = acc_t(2) * g[row] / nn;
-    else if (reduction == Reduction::kMean) coef[row] = acc_t(2) * g[0] / (static_cast<acc_t>(rows_total) * nn);
-    else coef[row] = acc_t(2) * g[0];
-  }
-  return coef;
-}
-
-// Overwrites a tile's student similarity rows with the rows of W = (dS + dSᵀ)/√Ds (spec §5.3).
-// base: first row of the image in the [B·N] row-state arrays; i0: the tile's first row.
-template <typename acc_t>
-void gradient_weights(acc_t* ss, const acc_t* st, int64_t ld, int64_t rows, int64_t N, int64_t base, int64_t i0,
-                      const Stats<acc_t>& sa, const Stats<acc_t>& sp, const acc_t* coef, const acc_t* rsum,
-                      acc_t scale) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const acc_t *am = sa.max + base, *al = sa.logsum + base, *pm = sp.max + base, *pl = sp.logsum + base;
-  const acc_t *c_b = coef + base, *r_b = rsum + base;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t k = i0 + r;
-    acc_t* srow = ss + r * ld;
-    const acc_t* trow = st + r * ld;
-    const Vec vam(am[k]), val(al[k]), vpm(pm[k]), vpl(pl[k]), vc(c_b[k]), vr(r_b[k]), vscale(scale);
-    int64_t j = 0;
-    for (; j + V <= N; j += V) {
-      const Vec s = Vec::loadu(srow + j), t = Vec::loadu(trow + j);
-      const Vec a_kj = vexp((s - vam) - val), p_kj = vexp((t - vpm) - vpl);
-      const Vec a_jk = vexp((s - Vec::loadu(am + j)) - Vec::loadu(al + j));
-      const Vec p_jk = vexp((t - Vec::loadu(pm + j)) - Vec::loadu(pl + j));
-      const Vec w =
-          a_kj * (vc * (a_kj - p_kj) - vr) + a_jk * (Vec::loadu(c_b + j) * (a_jk - p_jk) - Vec::loadu(r_b + j));
-      (w * vscale).store(srow + j);
-    }
-    for (; j < N; ++j) {
-      const acc_t a_kj = std::exp((srow[j] - am[k]) - al[k]), p_kj = std::exp((trow[j] - pm[k]) - pl[k]);
-      const acc_t a_jk = std::exp((srow[j] - am[j]) - al[j]), p_jk = std::exp((trow[j] - pm[j]) - pl[j]);
-      srow[j] = scale * (a_kj * (c_b[k] * (a_kj - p_kj) - r_b[k]) + a_jk * (c_b[j] * (a_jk - p_jk) - r_b[j]));
-    }
-  }
+template <typename teacher_t, typename scalar_t>
+void contextual_backward(const Problem& p, const scalar_t* student, const teacher_t* teacher, Reduction reduction,
+                         const Acc<scalar_t>* grad, at::Tensor& stats_s, at::Tensor& stats_t, const at::Tensor& rho,
+                         scalar_t* grad_student) {
+  using acc_t = Acc<scalar_t>;
+  const int64_t N = p.N, rows_total = p.B * N;
+  const Stats<acc_t> sa(stats_s, rows_total), sp(stats_t, rows_total);
+  const acc_t* rh = rho.const_data_ptr<acc_t>();
+  over_images<acc_t>(p, true, [&](ImageWork<acc_t>& work, int64_t b, bool parallel) {
+    work.similarities_of(p, student, teacher, b, parallel);
+    over_rows(N, parallel, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t row = b * N + i;
+        acc_t* a = work.s.data() + i * work.ld;
+        acc_t* q = work.t.data() + i * work.ld;
+        softmax_from_stats(a, N, sa.max[row], sa.logsum[row]);
+        softmax_from_stats(q, N, sp.max[row], sp.logsum[row]);
+        const acc_t c = row_coefficient(grad, reduction, row, rows_total, N);
+        softmax_backward_row(a, q, N, c, c * rh[row]);
+      }
+    });
+    work.gradient_of(p, grad_student + b * N * p.Ds, parallel);
+  });
 }
 
 at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& student_in, const at::Tensor& teacher_in,
@@ -391,28 +454,20 @@ at::Tensor token_contextual_bwd(const at::Tensor& grad_in, const at::Tensor& stu
   const at::Tensor grad = checked_grad(grad_in, reduction, {p.B, p.N}, acc);
   at::Tensor grad_student = at::empty(student_in.sizes(), student_in.options());
   if (student_in.numel() == 0) return grad_student;
-  const Features fs(student_in, p, acc, true), ft(teacher_in, p, acc, false);
+  const at::Tensor student = student_in.contiguous();
+  const at::Tensor teacher = teacher_operand(teacher_in, student_in);
   at::Tensor stats_s = stats_s_in.contiguous(), stats_t = stats_t_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_contextual_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "token_contextual_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const int64_t N = p.N, rows_total = p.B * N;
-    const Stats<acc_t> sa(stats_s, rows_total), sp(stats_t, rows_total);
-    const std::vector<acc_t> coef = row_coefficients(grad.const_data_ptr<acc_t>(), reduction, rows_total, N);
-    std::vector<acc_t> rsum(rows_total);
-    const acc_t* rh = rho.const_data_ptr<acc_t>();
-    for (int64_t row = 0; row < rows_total; ++row) rsum[row] = coef[row] * rh[row];
-    scalar_t* gs = grad_student.data_ptr<scalar_t>();
-    for_each_tile<acc_t>(p, fs, ft, fs.d_pad, [&](int64_t b, int64_t i0, int64_t rows, TileBuffers& buf) {
-      acc_t* w = buf.s.data_ptr<acc_t>();
-      acc_t* g = buf.g.data_ptr<acc_t>();
-      gradient_weights(w, buf.t.const_data_ptr<acc_t>(), buf.ld, rows, N, b * N, i0, sa, sp, coef.data(), rsum.data(),
-                       static_cast<acc_t>(p.scale_s));
-      // g [rows, d_pad] = W [rows, N] · F_s[b] [N, d_pad]
-      gemm_packed(w, buf.ld, fs.gradient.const_data_ptr<acc_t>() + b * N * fs.d_pad, N, g, fs.d_pad,
-                  round_up(rows, kMR), fs.d_pad);
-      for (int64_t r = 0; r < rows; ++r) store_row(gs + (b * N + i0 + r) * p.Ds, g + r * fs.d_pad, p.Ds);
-    });
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    const scalar_t* xs = student.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_student.data_ptr<scalar_t>();
+    if (teacher.scalar_type() == student.scalar_type()) {
+      contextual_backward(p, xs, teacher.const_data_ptr<scalar_t>(), reduction, g, stats_s, stats_t, rho, out);
+    } else {
+      contextual_backward(p, xs, teacher.const_data_ptr<acc_t>(), reduction, g, stats_s, stats_t, rho, out);
+    }
   });
   return grad_student;
 }

@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "kdloss/cpu_gemm.h"
 #include "kdloss/cpu_utils.h"
 
 namespace kdloss {
@@ -289,11 +290,196 @@ at::Tensor token_graph_bwd(const at::Tensor& grad_in, const at::Tensor& student_
   return grad_student;
 }
 
+// ---------------------------------------------------------------------------------------------
+// kNN selection (token_graph_knn): the k nearest other nodes of each node by squared Euclidean
+// distance d_ij = max(‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩, 0) (NaN counts as +inf), ordered by
+// (d_ij, j) ascending: equal distances go to the smaller index, so the result is one well-defined
+// set and order. No M×M matrix: the nodes are cut into blocks of T rows; a tile (I, J), J ≤ I, is
+// one T×T GEMM (fixed summation order, kdloss/cpu_gemm.h) whose distances are merged into the
+// running top-k of the rows of I and, transposed (d is symmetric), of the rows of J. Tiles run in
+// rounds of a round-robin schedule in which no two tiles share a block, so each task owns the
+// top-k rows it updates; the diagonal tiles form a last round. The (d, j) order is total, so the
+// merged top-k does not depend on the order of the merges: the result is identical for any block
+// size and thread count. Memory: the [M, k] top-k state plus per task one T×T tile, a packed copy of
+// block J and a copy of block I.
+
+// True when (d, j) comes before (d_ref, j_ref).
+template <typename acc_t>
+inline bool precedes(acc_t d, int64_t j, acc_t d_ref, int64_t j_ref) {
+  return d < d_ref || (d == d_ref && j < j_ref);
+}
+
+// The running top-k of every node: dist/index [M, k] sorted by (d, j), `worst` [M] = dist[:, k − 1]
+// contiguous (the filter's threshold). Slots start as (+inf, M), after every real candidate.
+template <typename acc_t>
+struct RunningTopK {
+  int64_t k;
+  std::vector<acc_t> dist, worst;
+  std::vector<int64_t> index;
+  RunningTopK(int64_t M, int64_t k_)
+      : k(k_),
+        dist(M * k_, std::numeric_limits<acc_t>::infinity()),
+        worst(M, std::numeric_limits<acc_t>::infinity()),
+        index(M * k_, M) {}
+
+  // Offers candidate (d, j) to row i (insertion into the sorted slots).
+  void offer(int64_t i, acc_t d, int64_t j) {
+    if (std::isnan(d)) d = std::numeric_limits<acc_t>::infinity();
+    acc_t* di = dist.data() + i * k;
+    int64_t* ji = index.data() + i * k;
+    if (!precedes(d, j, di[k - 1], ji[k - 1])) return;
+    int64_t pos = k - 1;
+    for (; pos > 0 && precedes(d, j, di[pos - 1], ji[pos - 1]); --pos) {
+      di[pos] = di[pos - 1];
+      ji[pos] = ji[pos - 1];
+    }
+    di[pos] = d;
+    ji[pos] = j;
+    worst[i] = di[k - 1];
+  }
+};
+
+// d = max((n_i + n_j) − 2c, 0) for a vector of columns j (2c is exact, so contracting into an fma
+// rounds the same way).
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> tile_distances(const at::vec::Vectorized<acc_t>& ni,
+                                                 const at::vec::Vectorized<acc_t>& nj,
+                                                 const at::vec::Vectorized<acc_t>& c) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::maximum((ni + nj) - (c + c), Vec(acc_t(0)));
+}
+
+template <typename acc_t>
+inline acc_t tile_distance(acc_t ni, acc_t nj, acc_t c) {
+  const acc_t d = (ni + nj) - (c + c);
+  return d < acc_t(0) ? acc_t(0) : d;
+}
+
+// Per task: block I's rows (zero-padded to T), block J packed as panels, the T×T tile of ⟨x_i, x_j⟩.
+template <typename acc_t>
+struct KnnTile {
+  int64_t T, D;
+  std::vector<acc_t> rows, panels, dots;
+  KnnTile(int64_t T_, int64_t D_)
+      : T(T_), D(D_), rows(T_ * D_, acc_t(0)), panels(round_up_to(T_, gemm_nr<acc_t>()) * D_), dots(T_ * T_) {}
+};
+
+// Merges tile (I, J) into the top-k of the rows of I and, when I ≠ J, of the rows of J.
+template <typename acc_t>
+void knn_tile(const acc_t* x, const acc_t* norms, int64_t M, int64_t I, int64_t J, KnnTile<acc_t>& t,
+              RunningTopK<acc_t>& top) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t T = t.T, D = t.D, i_base = I * T, j_base = J * T;
+  const int64_t rows_i = std::min(T, M - i_base), rows_j = std::min(T, M - j_base);
+  std::copy(x + i_base * D, x + (i_base + rows_i) * D, t.rows.begin());
+  std::fill(t.rows.begin() + rows_i * D, t.rows.end(), acc_t(0));
+  pack_row_panels<acc_t>(x + j_base * D, D, rows_j, D, t.panels.data());
+  gemm_blocked(t.rows.data(), D, t.panels.data(), D, t.dots.data(), T, round_up_to(rows_i, kGemmMR),
+               round_up_to(rows_j, gemm_nr<acc_t>()), false);
+  const acc_t* nj_row = norms + j_base;
+  for (int64_t r = 0; r < rows_i; ++r) {  // rows of I: candidates j
+    const int64_t i = i_base + r;
+    const acc_t* c = t.dots.data() + r * T;
+    const Vec ni(norms[i]);
+    int64_t q = 0;
+    for (; q + V <= rows_j; q += V) {
+      const Vec d = tile_distances(ni, Vec::loadu(nj_row + q), Vec::loadu(c + q));
+      if (d.gt(Vec(top.worst[i])).zero_mask() == 0) continue;  // every lane is beyond the worst kept
+      acc_t lanes[V];
+      d.store(lanes);
+      for (int64_t l = 0; l < V; ++l)
+        if (j_base + q + l != i) top.offer(i, lanes[l], j_base + q + l);
+    }
+    for (; q < rows_j; ++q)
+      if (j_base + q != i) top.offer(i, tile_distance(norms[i], nj_row[q], c[q]), j_base + q);
+  }
+  if (I == J) return;
+  for (int64_t r = 0; r < rows_i; ++r) {  // rows of J: candidate i, one tile row at a time
+    const int64_t i = i_base + r;
+    const acc_t* c = t.dots.data() + r * T;
+    const Vec ni(norms[i]);
+    int64_t q = 0;
+    for (; q + V <= rows_j; q += V) {
+      const Vec d = tile_distances(ni, Vec::loadu(nj_row + q), Vec::loadu(c + q));
+      if (d.gt(Vec::loadu(top.worst.data() + j_base + q)).zero_mask() == 0) continue;
+      acc_t lanes[V];
+      d.store(lanes);
+      for (int64_t l = 0; l < V; ++l) top.offer(j_base + q + l, lanes[l], i);
+    }
+    for (; q < rows_j; ++q) top.offer(j_base + q, tile_distance(norms[i], nj_row[q], c[q]), i);
+  }
+}
+
+// Block size: a multiple of 48 (whole micro-tiles in fp32 and fp64), at most 192, small enough for
+// every round to hold a few tiles per thread.
+int64_t knn_block_rows(int64_t M) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = (M + 4 * threads - 1) / (4 * threads);
+  return std::clamp<int64_t>(round_up_to(target, 48), 48, 192);
+}
+
+// The rounds of the schedule: every pair of distinct blocks exactly once (circle method), no block
+// twice in a round; then all diagonal tiles.
+std::vector<std::vector<std::pair<int64_t, int64_t>>> knn_rounds(int64_t blocks) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  const int64_t n = blocks + (blocks & 1);  // with a dummy block when odd
+  for (int64_t r = 0; r + 1 < n; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> round;
+    for (int64_t t = 0; t < n / 2; ++t) {
+      const int64_t a = t == 0 ? n - 1 : (r + t) % (n - 1);
+      const int64_t b = (r - t + n - 1) % (n - 1);
+      if (a < blocks && b < blocks) round.emplace_back(std::max(a, b), std::min(a, b));
+    }
+    rounds.push_back(round);
+  }
+  std::vector<std::pair<int64_t, int64_t>> diagonal;
+  for (int64_t b = 0; b < blocks; ++b) diagonal.emplace_back(b, b);
+  rounds.push_back(diagonal);
+  return rounds;
+}
+
+template <typename acc_t>
+void knn_select(const acc_t* x, int64_t M, int64_t D, int64_t k, int64_t* out) {
+  std::vector<acc_t> norms(M);
+  for (int64_t i = 0; i < M; ++i) {
+    acc_t s = 0;
+    for (int64_t d = 0; d < D; ++d) s = std::fma(x[i * D + d], x[i * D + d], s);
+    norms[i] = s;
+  }
+  RunningTopK<acc_t> top(M, k);
+  const int64_t T = knn_block_rows(M), blocks = (M + T - 1) / T;
+  for (const auto& round : knn_rounds(blocks)) {
+    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
+      KnnTile<acc_t> tile(T, D);
+      for (int64_t p = begin; p < end; ++p) knn_tile(x, norms.data(), M, round[p].first, round[p].second, tile, top);
+    });
+  }
+  std::copy(top.index.begin(), top.index.end(), out);
+}
+
+at::Tensor token_graph_knn(const at::Tensor& nodes, int64_t k) {
+  check_cpu_float(nodes, "nodes");
+  TORCH_CHECK_VALUE(nodes.dim() == 2, "nodes must be [M, D], got ", nodes.sizes());
+  TORCH_CHECK_VALUE(nodes.scalar_type() == at::kFloat || nodes.scalar_type() == at::kDouble,
+                    "nodes must be float32 or float64 (the accumulation dtype), got ", nodes.scalar_type());
+  const int64_t M = nodes.size(0), D = nodes.size(1);
+  TORCH_CHECK_VALUE(k >= 0 && (M == 0 || k <= M - 1), "k must lie in [0, M − 1], got k = ", k, " for M = ", M);
+  at::Tensor out = at::empty({M, k}, nodes.options().dtype(at::kLong));
+  if (M == 0 || k == 0) return out;
+  const at::Tensor x = nodes.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_graph_knn", [&] {
+    knn_select<scalar_t>(x.const_data_ptr<scalar_t>(), M, D, k, out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdloss, CPU, m) {
   m.impl("token_graph_fwd", &token_graph_fwd);
   m.impl("token_graph_bwd", &token_graph_bwd);
+  m.impl("token_graph_knn", &token_graph_knn);
 }
 
 }  // namespace cpu

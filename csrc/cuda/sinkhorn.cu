@@ -1,29 +1,39 @@
-// SinKD CUDA kernels (spec §1, decision 1): the same log-domain recursion and adjoint as
-// csrc/cpu/sinkhorn.cpp, in plain CUDA (no torch headers). Launched by csrc/cuda/sinkhorn_ops.cpp.
+// SinKD CUDA kernels (spec §1, decision 1): the log-domain recursion and its adjoint in plain CUDA
+// (no torch headers). Launched by csrc/cuda/sinkhorn_ops.cpp.
 //
 // Every pass is a grid-stride device function:
 //   row passes     — one warp per row, lanes stride over the B' columns, warp-tree reductions;
 //   column passes  — one block per group of 32 columns, its warps split the B rows into R
 //                    interleaved subsets, the R partial results combined by warp 0 in order;
 //   element passes — one thread per matrix entry.
-// Small problems (B·B' <= kFusedMaxElems) run every pass of a direction in ONE thread block
-// (gridDim = 1, __syncthreads between passes): one launch per direction, the B×B' matrices stay
-// in L1/L2. Larger problems launch each pass as its own multi-block kernel. Reductions use fixed
-// trees and fixed orders, never atomics, so results are deterministic run to run.
+// The passes of one direction run in ONE kernel, separated by a barrier (the Sync policy):
+//   * small problems (B·B' <= kFusedMaxElems and B·B'·C <= kFusedMaxCostWork): one thread block,
+//     __syncthreads between passes, the B×B' matrices in L1/L2;
+//   * larger ones: a persistent cooperative kernel (as many blocks as fit on the device at once,
+//     cooperative_groups grid sync between passes) — one launch instead of 2·n_iters + 5;
+//   * where a cooperative launch is not possible: each pass as its own multi-block kernel.
+// So the path depends on B, B' and C (the cost matrix is O(B·B'·C) work: B = B' = 256, C = 1000
+// must not run on one SM). Reductions use fixed trees and fixed orders, never atomics, so results
+// are deterministic run to run (for a given path; the paths differ in the order of column sums).
 //
-// Data (accumulation type A = fp32, or fp64 for fp64): probabilities s [B, C], t [B', C]; cost
-// W [B, B'] (the forward's `cost` output); increments a [n, B] (subtracted from the rows by each row
-// step) and b [n, B'] (from the columns by each column step). As in csrc/cpu/sinkhorn.cpp the
-// iterate x (x = −W/ε, then x ← x − a_i, x ← x − b_j) is kept in a B×B' workspace and updated in
-// place, never recomposed as −W/ε + Σa + Σb (which cancels to a few bits at small ε); the column
-// subtraction is applied by the next row pass. The backward regenerates the forward's iterates
-// bitwise — state h = the iterate after h half-steps — by replaying the same subtractions
-// (__fsub_rn/__dsub_rn, and state 0 = __fdiv_rn(−W, ε): rounded the same way in every kernel,
-// whatever --use_fast_math does to ordinary arithmetic) from checkpoints stored every ⌈√(2n)⌉
-// half-steps. The 1/ε in the adjoint (W̄ −= x̄/ε) would amplify any mismatch.
+// Data (accumulation type A = fp32, or fp64 for fp64): probabilities s [B, C], t [B', C], and t
+// transposed, tT [C, B'] (workspace), so that the cost pass (consecutive threads: consecutive j)
+// and the cost backward (lanes over j) read the teacher coalesced; cost W [B, B'] (the forward's
+// `cost` output); increments a [n, B] (subtracted from the rows by each row step) and b [n, B']
+// (from the columns by each column step), stored one after the other in the op's `steps` output. As
+// in the CPU kernel's log-domain path the iterate x (x = −W/ε, then x ← x − a_i, x ← x − b_j) is
+// kept in a B×B' workspace and updated in place, never recomposed as −W/ε + Σa + Σb (which cancels
+// to a few bits at small ε); the column subtraction is applied by the next row pass. The backward
+// regenerates the forward's iterates bitwise — state h = the iterate after h half-steps — by
+// replaying the same subtractions (__fsub_rn/__dsub_rn, and state 0 = __fdiv_rn(−W, ε): rounded the
+// same way in every kernel, whatever --use_fast_math does to ordinary arithmetic) from checkpoints
+// stored every ⌈√(2n)⌉ half-steps. The 1/ε in the adjoint (W̄ −= x̄/ε) would amplify any mismatch.
 #include "kdloss/cuda_utils.cuh"
 #include "kdloss/sinkhorn_cuda.h"
 
+#include <cooperative_groups.h>
+
+#include <algorithm>
 #include <cmath>
 
 namespace kdloss {
@@ -34,8 +44,17 @@ constexpr int kFusedThreads = 512;
 constexpr int kThreads = 256;
 constexpr int kMaxWarps = 32;
 constexpr int64_t kFusedMaxElems = 65536;
+constexpr int64_t kFusedMaxCostWork = int64_t(1) << 21;  // B·B'·C of the one-block path
 constexpr int64_t kMaxBlocks = 65535;
 constexpr unsigned kFull = 0xffffffffu;
+
+// The barrier between two passes: the block's (one-block kernels) or the grid's (cooperative).
+struct BlockSync {
+  __device__ void operator()() const { __syncthreads(); }
+};
+struct GridSync {
+  __device__ void operator()() const { cooperative_groups::this_grid().sync(); }
+};
 
 __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
@@ -107,7 +126,7 @@ __device__ __forceinline__ int64_t thread_stride() { return static_cast<int64_t>
 // out[r, :] = softmax(z[r, :] / T); z rows of stride `stride`. The logits are shifted by their
 // maximum before the division by T (z/T itself overflows for a tiny T).
 template <typename In, typename A>
-__device__ void softmax_rows(const In* z, int64_t stride, int64_t rows, int64_t C, A temp, A* out) {
+__device__ void softmax_rows(const In* z, int64_t stride, int64_t rows, int64_t C, A temp, A* out, A* outT = nullptr) {
   const int lane = threadIdx.x & 31;
   for (int64_t r = global_warp(); r < rows; r += warp_stride()) {
     const In* zr = z + r * stride;
@@ -120,7 +139,11 @@ __device__ void softmax_rows(const In* z, int64_t stride, int64_t rows, int64_t 
     A s = A(0);
     for (int64_t c = lane; c < C; c += 32) s += dexp((to_acc(zr[c]) - m) / temp);
     s = warp_sum_all(s);
-    for (int64_t c = lane; c < C; c += 32) out[r * C + c] = dexp((to_acc(zr[c]) - m) / temp) / s;
+    for (int64_t c = lane; c < C; c += 32) {
+      const A p = dexp((to_acc(zr[c]) - m) / temp) / s;
+      out[r * C + c] = p;
+      if (outT) outT[c * rows + r] = p;  // transposed [C, rows]: the cost passes read it coalesced
+    }
   }
 }
 
@@ -130,13 +153,13 @@ __device__ __forceinline__ A initial_iterate(A w, A eps) {
   return div_rn(-w, eps);
 }
 
-// W_ij = Σ_c |s_ic − t_jc| and the iterate's state 0, X = −W/ε.
+// W_ij = Σ_c |s_ic − t_jc| and the iterate's state 0, X = −W/ε; tT = t transposed [C, B'].
 template <typename A>
-__device__ void cost_elems(const A* s, const A* t, int64_t B, int64_t Bt, int64_t C, A eps, A* W, A* X) {
+__device__ void cost_elems(const A* s, const A* tT, int64_t B, int64_t Bt, int64_t C, A eps, A* W, A* X) {
   for (int64_t idx = global_thread(); idx < B * Bt; idx += thread_stride()) {
     const int64_t i = idx / Bt, j = idx - i * Bt;
     A acc = A(0);
-    for (int64_t c = 0; c < C; ++c) acc += fabs(s[i * C + c] - t[j * C + c]);
+    for (int64_t c = 0; c < C; ++c) acc += fabs(s[i * C + c] - tT[c * Bt + j]);
     W[idx] = acc;
     X[idx] = initial_iterate(acc, eps);
   }
@@ -210,7 +233,7 @@ struct FwdArgs {
   int64_t student_stride;
   const Acc<T>* teacher;
   Acc<T>* loss;
-  Acc<T>*ps, *pt, *W, *a, *b, *partial, *X;
+  Acc<T>*ps, *pt, *W, *a, *b, *partial, *X, *tT;
   int64_t B, Bt, C, n;
   Acc<T> temp, eps;
   double scale;
@@ -218,32 +241,43 @@ struct FwdArgs {
   __device__ const Acc<T>* b_prev(int64_t k) const { return k ? b + (k - 1) * Bt : nullptr; }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kFusedThreads) fwd_fused_kernel(FwdArgs<T> a) {
+// Every pass of the forward, `sync` between them.
+template <typename T, typename Sync>
+__device__ void fwd_passes(const FwdArgs<T>& a, Sync sync) {
   softmax_rows(a.student, a.student_stride, a.B, a.C, a.temp, a.ps);
-  softmax_rows(a.teacher, a.C, a.Bt, a.C, a.temp, a.pt);
-  __syncthreads();
-  cost_elems(a.ps, a.pt, a.B, a.Bt, a.C, a.eps, a.W, a.X);
-  __syncthreads();
+  softmax_rows(a.teacher, a.C, a.Bt, a.C, a.temp, a.pt, a.tT);
+  sync();
+  cost_elems(a.ps, a.tT, a.B, a.Bt, a.C, a.eps, a.W, a.X);
+  sync();
   for (int64_t k = 0; k < a.n; ++k) {
     row_step(a.X, a.b_prev(k), a.B, a.Bt, a.a + k * a.B);
-    __syncthreads();
+    sync();
     col_step(a.X, a.B, a.Bt, a.b + k * a.Bt);
-    __syncthreads();
+    sync();
   }
   loss_rows(a.W, a.X, a.b + (a.n - 1) * a.Bt, a.B, a.Bt, a.partial);
-  __syncthreads();
+  sync();
   finalize(a.partial, a.B, Scaled{a.scale}, a.loss);  // loss = scale · Σ partial (block 0, fixed order)
 }
 
 template <typename T>
+__global__ void __launch_bounds__(kFusedThreads) fwd_fused_kernel(FwdArgs<T> a) {
+  fwd_passes(a, BlockSync{});
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_cooperative_kernel(FwdArgs<T> a) {
+  fwd_passes(a, GridSync{});
+}
+
+template <typename T>
 __global__ void __launch_bounds__(kThreads) softmax_kernel(FwdArgs<T> a, bool teacher) {
-  if (teacher) softmax_rows(a.teacher, a.C, a.Bt, a.C, a.temp, a.pt);
+  if (teacher) softmax_rows(a.teacher, a.C, a.Bt, a.C, a.temp, a.pt, a.tT);
   else softmax_rows(a.student, a.student_stride, a.B, a.C, a.temp, a.ps);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) cost_kernel(FwdArgs<T> a) {
-  cost_elems(a.ps, a.pt, a.B, a.Bt, a.C, a.eps, a.W, a.X);
+  cost_elems(a.ps, a.tT, a.B, a.Bt, a.C, a.eps, a.W, a.X);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) row_step_kernel(FwdArgs<T> a, int64_t k) {
@@ -379,8 +413,17 @@ __device__ void bwd_wbar(const Replay<A> r, A* X, int64_t n, A gs) {
 }
 
 // s̄_ic = Σ_j W̄_ij·sign(s_ic − t_jc);  ∂L/∂z_ic = (1/T)·s_ic·(s̄_ic − ⟨s̄_i, s_i⟩)
+// tT = t transposed [C, B'] (lanes over j read it coalesced).
+template <typename A>
+__device__ void transpose_rows(const A* t, int64_t rows, int64_t C, A* tT) {
+  for (int64_t idx = global_thread(); idx < rows * C; idx += thread_stride()) {
+    const int64_t c = idx / rows, r = idx - c * rows;
+    tT[idx] = t[r * C + c];
+  }
+}
+
 template <typename T>
-__device__ void cost_bwd(const Acc<T>* Wbar, const Acc<T>* s, const Acc<T>* t, int64_t B, int64_t Bt, int64_t C,
+__device__ void cost_bwd(const Acc<T>* Wbar, const Acc<T>* s, const Acc<T>* tT, int64_t B, int64_t Bt, int64_t C,
                          Acc<T> inv_temp, Acc<T>* sbar, T* out) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
@@ -389,7 +432,7 @@ __device__ void cost_bwd(const Acc<T>* Wbar, const Acc<T>* s, const Acc<T>* t, i
       const A sc = s[i * C + c];
       A acc = A(0);
       for (int64_t j = lane; j < Bt; j += 32) {
-        const A d = sc - t[j * C + c];
+        const A d = sc - tT[c * Bt + j];
         acc += Wbar[i * Bt + j] * (A(d > A(0)) - A(d < A(0)));
       }
       acc = warp_sum(acc);
@@ -418,7 +461,7 @@ struct BwdArgs {
   const Acc<T>* grad;
   const Acc<T>*ps, *pt;
   T* out;
-  Acc<T>*X, *colsum, *rowsum, *sbar, *ckpt;
+  Acc<T>*X, *colsum, *rowsum, *sbar, *ckpt, *tT;
   int64_t B, Bt, C, n, n_ckpt;
   Acc<T> inv_temp;
   double scale;
@@ -427,28 +470,41 @@ struct BwdArgs {
   __device__ Acc<T> gs() const { return *grad * static_cast<Acc<T>>(scale); }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(BwdArgs<T> a) {
+// Every pass of the backward, `sync` between them.
+template <typename T, typename Sync>
+__device__ void bwd_passes(const BwdArgs<T>& a, Sync sync) {
   store_checkpoints(a.r, a.n_ckpt, a.ckpt);
-  __syncthreads();
+  transpose_rows(a.pt, a.Bt, a.C, a.tT);
+  sync();
   bwd_init(a.r, a.n, a.gs(), a.X);
-  __syncthreads();
+  sync();
   col_sums(a.X, a.B, a.Bt, a.colsum);
-  __syncthreads();
+  sync();
   for (int64_t k = a.n; k >= 1; --k) {
     bwd_row_pass(a.r, a.X, k, a.colsum, a.rowsum);
-    __syncthreads();
+    sync();
     bwd_col_pass(a.r, a.X, k, a.rowsum, a.colsum);
-    __syncthreads();
+    sync();
   }
   bwd_wbar(a.r, a.X, a.n, a.gs());
-  __syncthreads();
-  cost_bwd(a.X, a.ps, a.pt, a.B, a.Bt, a.C, a.inv_temp, a.sbar, a.out);
+  sync();
+  cost_bwd(a.X, a.ps, a.tT, a.B, a.Bt, a.C, a.inv_temp, a.sbar, a.out);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(BwdArgs<T> a) {
+  bwd_passes(a, BlockSync{});
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bwd_cooperative_kernel(BwdArgs<T> a) {
+  bwd_passes(a, GridSync{});
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) checkpoint_kernel(BwdArgs<T> a) {
   store_checkpoints(a.r, a.n_ckpt, a.ckpt);
+  transpose_rows(a.pt, a.Bt, a.C, a.tT);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) bwd_init_kernel(BwdArgs<T> a) {
@@ -472,20 +528,60 @@ __global__ void __launch_bounds__(kThreads) bwd_wbar_kernel(BwdArgs<T> a) {
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) cost_bwd_kernel(BwdArgs<T> a) {
-  cost_bwd(a.X, a.ps, a.pt, a.B, a.Bt, a.C, a.inv_temp, a.sbar, a.out);
+  cost_bwd(a.X, a.ps, a.tT, a.B, a.Bt, a.C, a.inv_temp, a.sbar, a.out);
 }
 
 unsigned grid_for(int64_t units, int64_t per_block) { return blocks_for(units, per_block, kMaxBlocks); }
+
+// The one-block path: the whole problem fits one SM's L1/L2 and its cost matrix is little work.
+bool one_block(const SinkhornProblem& p) {
+  const int64_t elems = p.batch * p.batch_t;
+  return elems <= kFusedMaxElems && elems * p.classes <= kFusedMaxCostWork;
+}
+
+// Blocks every pass could use: rows (a warp each), column groups (a block each), entries.
+unsigned wanted_blocks(const SinkhornProblem& p) {
+  const unsigned rows = grid_for(p.batch, kThreads / 32), cols = grid_for(p.batch_t, 32);
+  const unsigned elems = grid_for(p.batch * p.batch_t, kThreads);
+  return std::max(rows, std::max(cols, elems));
+}
+
+// Launches `kernel` (kThreads per block) as a cooperative grid of as many blocks as the passes
+// can use and the device can hold at once. Returns false, with no error left pending, where the
+// device or the occupancy does not allow it (the caller then launches pass by pass).
+template <typename Args>
+bool launch_cooperative(void (*kernel)(Args), Args args, unsigned wanted, cudaStream_t stream) {
+  int device = 0, cooperative = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess || !cooperative ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess || per_sm < 1) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const unsigned grid = std::min<unsigned>(wanted, static_cast<unsigned>(per_sm) * static_cast<unsigned>(sms));
+  void* params[] = {&args};
+  if (cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), params, 0,
+                                  stream) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
 
 }  // namespace
 
 int64_t sinkhorn_fused_max_elems() { return kFusedMaxElems; }
 
-int64_t sinkhorn_fwd_workspace_size(const SinkhornProblem& p) { return p.batch + p.batch * p.batch_t; }
+bool sinkhorn_one_block(const SinkhornProblem& p) { return one_block(p); }
+
+int64_t sinkhorn_fwd_workspace_size(const SinkhornProblem& p) {
+  return p.batch + p.batch * p.batch_t + p.classes * p.batch_t;
+}
 
 int64_t sinkhorn_bwd_workspace_size(const SinkhornProblem& p) {
   const int64_t n_ckpt = 2 * p.n_iters / checkpoint_every(p.n_iters);
-  return (1 + n_ckpt) * p.batch * p.batch_t + p.batch_t + p.batch + p.batch * p.classes;
+  return (1 + n_ckpt) * p.batch * p.batch_t + p.batch_t + p.batch + p.batch * p.classes + p.classes * p.batch_t;
 }
 
 cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int64_t student_stride,
@@ -507,6 +603,7 @@ cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int
                  static_cast<A*>(b_hist),
                  ws,
                  ws + p.batch,
+                 ws + p.batch + p.batch * p.batch_t,
                  p.batch,
                  p.batch_t,
                  p.classes,
@@ -514,10 +611,11 @@ cudaError_t sinkhorn_fwd_cuda(const SinkhornProblem& p, const void* student, int
                  static_cast<A>(p.temperature),
                  static_cast<A>(p.epsilon),
                  p.scale};
-    if (p.batch * p.batch_t <= kFusedMaxElems) {
+    if (one_block(p)) {
       fwd_fused_kernel<T><<<kSingleBlock, kFusedThreads, 0, stream>>>(a);
       return cudaGetLastError();
     }
+    if (launch_cooperative(fwd_cooperative_kernel<T>, a, wanted_blocks(p), stream)) return cudaGetLastError();
     const int warps = kThreads / 32;
     const unsigned row_blocks = grid_for(p.batch, warps), col_blocks = grid_for(p.batch_t, 32);
     softmax_kernel<T><<<row_blocks, kThreads, 0, stream>>>(a, false);
@@ -546,7 +644,8 @@ cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const 
     A* colsum = X + p.batch * p.batch_t;
     A* rowsum = colsum + p.batch_t;
     A* sbar = rowsum + p.batch;
-    A* ckpt = sbar + p.batch * p.classes;
+    A* tT = sbar + p.batch * p.classes;
+    A* ckpt = tT + p.classes * p.batch_t;
     const Replay<A> replay{static_cast<const A*>(cost),
                            static_cast<const A*>(a_hist),
                            static_cast<const A*>(b_hist),
@@ -564,6 +663,7 @@ cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const 
                  rowsum,
                  sbar,
                  ckpt,
+                 tT,
                  p.batch,
                  p.batch_t,
                  p.classes,
@@ -572,10 +672,11 @@ cudaError_t sinkhorn_bwd_cuda(const SinkhornProblem& p, const void* grad, const 
                  static_cast<A>(1.0 / p.temperature),
                  p.scale,
                  replay};
-    if (p.batch * p.batch_t <= kFusedMaxElems) {
+    if (one_block(p)) {
       bwd_fused_kernel<T><<<kSingleBlock, kFusedThreads, 0, stream>>>(a);
       return cudaGetLastError();
     }
+    if (launch_cooperative(bwd_cooperative_kernel<T>, a, wanted_blocks(p), stream)) return cudaGetLastError();
     const int warps = kThreads / 32;
     const unsigned row_blocks = grid_for(p.batch, warps), col_blocks = grid_for(p.batch_t, 32);
     const unsigned elem_blocks = grid_for(p.batch * p.batch_t, kThreads);

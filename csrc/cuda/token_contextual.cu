@@ -11,6 +11,9 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// The weights kernel keeps ~20 values per thread live (two rows' statistics, coefficients, exps):
+// bounding it to 64 registers lets 4 blocks (1024 threads) share an SM instead of 3.
+constexpr int kMinBlocksPerSM = 4;
 
 __device__ __forceinline__ float ex(float x) { return expf(x); }
 __device__ __forceinline__ double ex(double x) { return exp(x); }
@@ -31,13 +34,14 @@ __device__ void row_stats(const A* row, int64_t N, A scale, A* scratch, A& m_out
 }
 
 template <typename A>
-__global__ void fwd_rows_kernel(const A* __restrict__ sims_s,                                         // [B, rows, N]
-                                const A* __restrict__ sims_t,                                         // [B, rows, N]
-                                ContextualChunk c, A* __restrict__ stats_s, A* __restrict__ stats_t,  // [2, B, N]
-                                A* __restrict__ rho, A* __restrict__ row_loss) {                      // [B, N]
+__global__ void __launch_bounds__(kThreads)
+    fwd_rows_kernel(const A* __restrict__ sims_s,                                         // [B, rows, N]
+                    const A* __restrict__ sims_t,                                         // [B, rows, N]
+                    ContextualChunk c, A* __restrict__ stats_s, A* __restrict__ stats_t,  // [2, B, N]
+                    A* __restrict__ rho, A* __restrict__ row_loss) {                      // [B, N]
   __shared__ A scratch[33];
   const int64_t task = blockIdx.x;  // b · rows + r
-  const int64_t b = task / c.rows, r = task % c.rows, N = c.n;
+  const int64_t b = c.b0 + task / c.rows, r = task % c.rows, N = c.n;
   const int64_t out_row = b * N + c.i0 + r;
   const A* srow = sims_s + task * N;
   const A* trow = sims_t + task * N;
@@ -75,15 +79,16 @@ __device__ __forceinline__ A row_coef(const A* grad, Reduction reduction, int64_
 }
 
 template <typename A, typename H>
-__global__ void bwd_weights_kernel(ContextualChunk c, Reduction reduction, const A* __restrict__ grad,
-                                   const A* __restrict__ stats_s, const A* __restrict__ stats_t,  // [2, B, N]
-                                   const A* __restrict__ rho,                                     // [B, N]
-                                   A* __restrict__ sims_s,  // [B, rows, N] in: S raw, out: W
-                                   const A* __restrict__ sims_t, bool split, A* __restrict__ row_max,
-                                   H* __restrict__ w_hi, H* __restrict__ w_lo) {  // [B, rows], [B, rows, N]
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    bwd_weights_kernel(ContextualChunk c, Reduction reduction, const A* __restrict__ grad,
+                       const A* __restrict__ stats_s, const A* __restrict__ stats_t,  // [2, B, N]
+                       const A* __restrict__ rho,                                     // [B, N]
+                       A* __restrict__ sims_s,                                        // [B, rows, N] in: S raw, out: W
+                       const A* __restrict__ sims_t, bool split, A* __restrict__ row_max, H* __restrict__ w_hi,
+                       H* __restrict__ w_lo) {  // [B, rows], [B, rows, N]
   __shared__ A scratch[33];
   const int64_t task = blockIdx.x;
-  const int64_t b = task / c.rows, N = c.n;
+  const int64_t b = c.b0 + task / c.rows, N = c.n;
   const int64_t base = b * N, k = base + c.i0 + task % c.rows;
   A* srow = sims_s + task * N;
   const A* trow = sims_t + task * N;
@@ -121,7 +126,7 @@ template <typename A>
 cudaError_t launch_bwd(const ContextualChunk& c, Reduction reduction, const void* grad, const void* stats_s,
                        const void* stats_t, const void* rho, void* sims_s, const void* sims_t, int split_dtype,
                        void* row_max, void* w_hi, void* w_lo, cudaStream_t stream) {
-  const dim3 grid(one_block_per_row(c.batch * c.rows));
+  const dim3 grid(one_block_per_row(c.images * c.rows));
   const auto* g = static_cast<const A*>(grad);
   const auto* ls = static_cast<const A*>(stats_s);
   const auto* lt = static_cast<const A*>(stats_t);
@@ -149,8 +154,8 @@ cudaError_t launch_bwd(const ContextualChunk& c, Reduction reduction, const void
 
 cudaError_t contextual_fwd_rows_cuda(const ContextualChunk& c, const void* sims_s, const void* sims_t, void* stats_s,
                                      void* stats_t, void* rho, void* row_loss, cudaStream_t stream) {
-  if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
-  const dim3 grid(one_block_per_row(c.batch * c.rows));
+  if (c.batch <= 0 || c.images <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
+  const dim3 grid(one_block_per_row(c.images * c.rows));
   if (c.acc == DType::kFloat64) {
     fwd_rows_kernel<double><<<grid, kThreads, 0, stream>>>(
         static_cast<const double*>(sims_s), static_cast<const double*>(sims_t), c, static_cast<double*>(stats_s),
@@ -169,7 +174,7 @@ cudaError_t contextual_bwd_weights_cuda(const ContextualChunk& c, Reduction redu
                                         const void* stats_s, const void* stats_t, const void* rho, void* sims_s,
                                         const void* sims_t, int split_dtype, void* row_max, void* w_hi, void* w_lo,
                                         cudaStream_t stream) {
-  if (c.batch <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
+  if (c.batch <= 0 || c.images <= 0 || c.rows <= 0 || c.n <= 0) return cudaSuccess;
   if (c.acc == DType::kFloat64) {
     if (split_dtype != kNoSplit) return cudaErrorInvalidValue;  // fp64 students need no split
     return launch_bwd<double>(c, reduction, grad, stats_s, stats_t, rho, sims_s, sims_t, split_dtype, row_max, w_hi,

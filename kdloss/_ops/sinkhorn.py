@@ -9,14 +9,20 @@ Op-level contract (the public function in :mod:`kdloss.sinkhorn` validates and n
 
 ``sinkhorn_fwd`` returns the loss (a scalar in the accumulation dtype; the public function rounds
 it to the student's dtype outside autocast) and, for the backward, the softmax probabilities
-``[B, C]`` / ``[B', C]``, the cost matrix ``W [B, B']`` and the increments of every half-step,
-``a [n_iters, B]`` (the row log-normalisers subtracted by each row step) and ``b [n_iters, B']``
-(those of each column step), all in the accumulation dtype. The iterate ``x`` starts at ``−W/ε`` and
-each half-step subtracts its increments, exactly as the reference does; the backward replays those
-subtractions (from a few checkpoints) to regenerate the forward's plans bitwise instead of storing
-``2·n_iters`` B×B' matrices. (Potentials accumulated as ``−W/ε + f_i + g_j`` would be cheaper to
-replay, but they grow like ``W/ε`` and cancel to a few bits at small ε.) ``sinkhorn_bwd`` runs the
-adjoint (reverse-mode) recursion of the iterations and returns ``∂L/∂student_logits``.
+``[B, C]`` / ``[B', C]`` and the cost matrix ``W [B, B']`` (accumulation dtype), then two tensors of
+device-specific backward state:
+
+* CPU: ``steps`` is empty and ``state [2·n_iters, 1 + 2(B + B')]`` (float64) holds, per half-step,
+  the stabilised iterations' epoch, potentials ``F [B]``, ``G [B']`` and scalings ``u [B]``,
+  ``v [B']`` (the plan is ``diag(u)·exp(F_i + G_j − W_ij/ε)·diag(v)``); below ε = 0.02, where the
+  log-domain recursion runs, its first ``n·(B + B')`` entries hold that recursion's increments.
+* CUDA: ``steps [n_iters, B + B']`` (accumulation dtype) holds the log-domain increments ``a [n, B]``
+  (subtracted from the rows by each row step) followed by ``b [n, B']`` (from the columns), and
+  ``state`` is empty; the backward replays the subtractions (from a few checkpoints) to regenerate
+  the forward's iterates bitwise.
+
+``sinkhorn_bwd`` runs the adjoint (reverse-mode) recursion of the iterations from that state and
+returns ``∂L/∂student_logits``.
 """
 
 import torch
@@ -29,7 +35,7 @@ LIB.define(
 )
 LIB.define(
     "sinkhorn_bwd(Tensor grad, Tensor student_logits, Tensor student_probs, Tensor teacher_probs, "
-    "Tensor cost, Tensor a, Tensor b, Tensor temperature, Tensor epsilon, Tensor scale) -> Tensor"
+    "Tensor cost, Tensor steps, Tensor potentials, Tensor temperature, Tensor epsilon, Tensor scale) -> Tensor"
 )
 
 
@@ -47,22 +53,32 @@ def _sinkhorn_fwd_fake(student_logits, teacher_logits, temperature, epsilon, n_i
         student_logits.new_empty((batch, classes), dtype=acc),
         student_logits.new_empty((batch_t, classes), dtype=acc),
         student_logits.new_empty((batch, batch_t), dtype=acc),
-        student_logits.new_empty((n_iters, batch), dtype=acc),
-        student_logits.new_empty((n_iters, batch_t), dtype=acc),
+        *_state_fakes(student_logits, batch, batch_t, n_iters, acc),
     )
 
 
+def _state_fakes(student_logits, batch, batch_t, n_iters, acc):
+    """The backward state: on CUDA the log-domain increments ``[n_iters, B + B']`` (accumulation
+    dtype) and an empty float64 tensor; on the CPU an empty tensor and the stabilised iterations'
+    history ``[2·n_iters, 1 + 2(B + B')]`` (float64)."""
+    if student_logits.device.type == "cuda":
+        return (student_logits.new_empty((n_iters, batch + batch_t), dtype=acc),
+                student_logits.new_empty((0,), dtype=torch.float64))
+    return (student_logits.new_empty((0,), dtype=acc),
+            student_logits.new_empty((2 * n_iters, 1 + 2 * (batch + batch_t)), dtype=torch.float64))
+
+
 @torch.library.register_fake("kdloss::sinkhorn_bwd")
-def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, a, b, temperature,
+def _sinkhorn_bwd_fake(grad, student_logits, student_probs, teacher_probs, cost, steps, state, temperature,
                        epsilon, scale):
     return student_logits.new_empty(student_logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
     student_logits, _teacher, temperature, epsilon, _n_iters, scale = inputs
-    _loss, probs_s, probs_t, cost, a, b = output
-    ctx.mark_non_differentiable(probs_s, probs_t, cost, a, b)
-    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, a, b, temperature, epsilon, scale)
+    _loss, probs_s, probs_t, cost, steps, state = output
+    ctx.mark_non_differentiable(probs_s, probs_t, cost, steps, state)
+    ctx.save_for_backward(student_logits, probs_s, probs_t, cost, steps, state, temperature, epsilon, scale)
 
 
 def _sinkhorn_backward(ctx, grad, *_unused):

@@ -19,6 +19,11 @@ the O(M·k) state the backward needs. ``token_graph_bwd`` turns it into the grad
 ``∂L/∂x_i = Σ_{edges (i,j) or (j,i)} 2·g·coef·(x_i − x_j)`` with ``g`` the upstream gradient
 (÷ M for mean); the scatter onto neighbours goes through a transposed (CSR) edge list, so each
 output row is written by one task in a fixed order (deterministic on both backends).
+
+``token_graph_knn(nodes [M, D], k)`` (CPU only; float32 or float64 nodes, ``0 ≤ k ≤ M − 1``) returns
+the ``[M, k]`` int64 indices of each node's k nearest other nodes, ordered by (squared distance,
+index) ascending, from a blocked top-k over GEMM tiles (no ``[M, M]`` matrix); see
+:func:`kdloss.token_graph.knn_indices` for the definition.
 """
 
 import torch
@@ -30,6 +35,7 @@ LIB.define(
     "int reduction) -> (Tensor, Tensor)"
 )
 LIB.define("token_graph_bwd(Tensor grad, Tensor student, Tensor neighbours, Tensor coef, int reduction) -> Tensor")
+LIB.define("token_graph_knn(Tensor nodes, int k) -> Tensor")
 
 #: option codes of the ops
 EDGE_CODES = {"kernel": 0, "log_kernel": 1}
@@ -51,6 +57,11 @@ def _fwd_fake(student, teacher, neighbours, sigma, edge, direction, reduction):
 @torch.library.register_fake("kdloss::token_graph_bwd")
 def _bwd_fake(grad, student, neighbours, coef, reduction):
     return student.new_empty(student.shape)
+
+
+@torch.library.register_fake("kdloss::token_graph_knn")
+def _knn_fake(nodes, k):
+    return nodes.new_empty((nodes.shape[0], k), dtype=torch.long)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,5 +1,7 @@
-"""Token-contextual benchmark cases: kdloss kernel (tiled, no [B, N, N] tensor) vs the eager formula
-(two batched GEMMs, two softmaxes, MSELoss) vs torch.compile(eager)."""
+"""Token-contextual benchmark cases: kdloss kernel (symmetric half products, one gradient GEMM, no
+[B, N, N] tensor kept) vs the eager formula (two batched GEMMs, two softmaxes, MSELoss) vs
+torch.compile(eager). Reproduce the B=16 N=197 D=384 row with
+``python -m kdloss.bench --loss token_contextual --dtype float32 --threads 2``."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 choice the paper leaves open is an option (:class:`kdloss.token_graph.TokenGraphOptions`).
 
 The kNN selection is the loss module's :func:`kdloss.token_graph.knn_indices` (shared pre-processing,
-tested on its own against brute force): a reference with its own tie-breaking would pick other edges
-on near-ties and disagree for reasons that are not the loss.
+tested on its own against brute force), in its pure-PyTorch form: the same definition and tie-break
+(distance, then index) as the kernel's, so both pick the same edges except where two distances agree
+to rounding.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def token_graph_reference(
     xs = student_nodes.to(acc)
     xt = teacher_nodes.detach().to(acc)
     if neighbours is None:
-        neighbours = knn_indices(xt if graph == "teacher" else xs, k)
+        neighbours = knn_indices(xt if graph == "teacher" else xs, k, backend="reference")
     if xs.shape[0] == 0 or neighbours.shape[1] == 0:  # no node (or no edge): zero loss, zero gradient
         return reduce_terms(xs.sum(-1) * 0, reduction, student_nodes.dtype)
     log_ps = torch.log_softmax(edge_logits(xs, neighbours, sigma, edge), dim=-1)

@@ -74,6 +74,9 @@ CASES: dict[str, dict[str, dict]] = {
                  "scale": 1e-3, "layout": "contiguous", "magnitude": 2.0, "seed": 402},
         "b1024": {"batch": 1024, "batch_t": 1024, "classes": 5, "temperature": 1.0, "epsilon": 0.01, "n_iters": 7,
                   "scale": -2.5, "layout": "contiguous", "magnitude": 6.0, "seed": 403},
+        # few rows, many classes: the cost matrix's B·B'·C work takes the multi-block path
+        "c1000": {"batch": 64, "batch_t": 48, "classes": 1000, "temperature": 2.0, "epsilon": 0.1, "n_iters": 20,
+                  "scale": 1.0, "layout": "contiguous", "magnitude": 3.0, "seed": 404},
     },
     "token_contextual": {
         "small": {"batch": 2, "tokens": 13, "ds": 8, "dt": 5, "reduction": "mean", "layout": "contiguous",
@@ -107,6 +110,17 @@ CASES: dict[str, dict[str, dict]] = {
         "random_edges": {"nodes": 300, "ds": 33, "dt": 17, "k": 12, "graph": "random", "sigma": 8.0,
                          "edge": "log_kernel", "kl_direction": "teacher_student", "reduction": "none",
                          "layout": "contiguous", "magnitude": 3.0, "seed": 603},
+    },
+    "token_contrastive": {
+        "small": {"nodes": 13, "dim": 7, "temperature": 0.5, "similarity": "cosine", "symmetric": False,
+                  "detach_teacher": False, "reduction": "mean", "layout": "contiguous", "magnitude": 1.0,
+                  "seed": 801},
+        "strips": {"nodes": 1300, "dim": 48, "temperature": 0.07, "similarity": "cosine", "symmetric": True,
+                   "detach_teacher": False, "reduction": "none", "layout": "contiguous", "magnitude": 1.0,
+                   "seed": 802},
+        "dot_m2100": {"nodes": 2100, "dim": 40, "temperature": 2.0, "similarity": "dot", "symmetric": False,
+                      "detach_teacher": True, "reduction": "sum", "layout": "contiguous", "magnitude": 1.0,
+                      "seed": 803},
     },
 }
 

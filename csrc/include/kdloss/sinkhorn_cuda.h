@@ -3,8 +3,10 @@
 //
 // Student logits are of the dtype `dtype` (rows of stride `student_stride`, unit column stride);
 // everything else except the student gradient (the loss and its upstream gradient included) is of
-// the accumulation type (fp32, or fp64 for fp64) and contiguous. Problems with B·B' <= sinkhorn_fused_max_elems() run
-// as one thread block per direction (one launch); larger ones as a sequence of multi-block launches.
+// the accumulation type (fp32, or fp64 for fp64) and contiguous. Small problems (sinkhorn_one_block: B·B' and
+// B·B'·C small) run as one thread block per direction; larger ones as one persistent cooperative kernel
+// per direction (grid-wide barriers between passes), or as a sequence of multi-block launches where a
+// cooperative launch is not available.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -26,6 +28,9 @@ struct SinkhornProblem {
 
 // Largest B·B' handled by the single-block fused kernels.
 int64_t sinkhorn_fused_max_elems();
+
+// Whether `p` runs on the single-block path (B·B' <= sinkhorn_fused_max_elems() and B·B'·C <= 2^21).
+bool sinkhorn_one_block(const SinkhornProblem& p);
 
 // Accumulation-type elements the launchers need as workspace.
 int64_t sinkhorn_fwd_workspace_size(const SinkhornProblem& p);

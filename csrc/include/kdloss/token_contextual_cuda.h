@@ -2,8 +2,8 @@
 // the torch glue in csrc/cuda/token_contextual_ops.cpp, which runs the similarity GEMMs (cuBLAS via
 // ATen) chunk by chunk. Raw pointers only, so the .cu needs no torch headers.
 //
-// A chunk is rows [i0, i0 + rows) of every image: the glue fills sims_s / sims_t, each
-// [B, rows, N] contiguous in the accumulation type (fp32, fp64 for fp64), with the raw dot products
+// A chunk is rows [i0, i0 + rows) of images [b0, b0 + images): the glue fills sims_s / sims_t, each
+// [images, rows, N] contiguous in the accumulation type (fp32, fp64 for fp64), with the raw dot products
 // ⟨x_i, x_j⟩ (no 1/√D scale). Per-row state, contiguous, accumulation type: stats_s / stats_t
 // [2, B, N] (row max m of the scaled similarities, then l = log Σ_j exp(v_j − m)); rho, row_loss
 // and the upstream grad for reduction none [B, N].
@@ -20,9 +20,10 @@ namespace cuda {
 
 struct ContextualChunk {
   DType acc;                // element type of the buffers and row state: kFloat32 or kFloat64
-  int64_t batch, n;         // B >= 1, N >= 1
+  int64_t batch, n;         // B >= 1 (the whole batch: row-state layout, the mean's divisor), N >= 1
   int64_t i0, rows;         // first row of the chunk, rows in it (>= 1)
   double scale_s, scale_t;  // 1/√Ds, 1/√Dt
+  int64_t b0, images;       // the chunk's images [b0, b0 + images) (>= 1; all B when chunked by rows)
 };
 
 // Forward: per row, the softmax statistics of the scaled student / teacher similarities,

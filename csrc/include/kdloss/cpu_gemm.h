@@ -1,0 +1,123 @@
+// A register-blocked GEMM micro-kernel with a fixed summation order, and the packing it reads
+// (included by csrc/cpu/*.cpp only; used by the TRG contextual and graph kernels).
+//
+// `gemm_micro` computes a kGemmMR × gemm_nr() block of C = A · B, each element summed over k in
+// order 0, 1, …, K − 1 with one fused multiply-add per step. The order depends neither on the
+// element's position in C nor on the blocking around the call, so any tiling (and any thread count)
+// gives bitwise identical elements; and since a·b = b·a exactly, ⟨x, y⟩ and ⟨y, x⟩ agree bitwise.
+// B is read as packed panels [K][nr] (`pack_row_panels` for B = xᵀ, `pack_col_panels` for B = x).
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace kdloss {
+namespace cpu {
+
+constexpr int64_t kGemmMR = 6;  // rows of the micro-kernel: 6 × 2 vector accumulators
+
+// Columns of the micro-kernel: two vectors of acc_t.
+template <typename acc_t>
+constexpr int64_t gemm_nr() {
+  return 2 * at::vec::Vectorized<acc_t>::size();
+}
+
+inline int64_t round_up_to(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+constexpr int64_t kGemmKC = 256;  // K per pass: a panel slice of 256 × nr stays in L1
+constexpr int64_t kGemmMC = 96;   // A rows per block (a multiple of kGemmMR): 96 × 256 stays in L2
+
+// c[r·ldc + j] (+)= Σ_k a[r·lda + k] · panel[k·nr + j] for r < kGemmMR, j < nr: overwrites c, or
+// continues its sums when `accumulate` (c stored in acc_t between passes: the order is unchanged).
+template <typename acc_t>
+inline void gemm_micro(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, acc_t* c, int64_t ldc,
+                       bool accumulate) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec lo[kGemmMR], hi[kGemmMR];
+  for (int64_t r = 0; r < kGemmMR; ++r) {
+    lo[r] = accumulate ? Vec::loadu(c + r * ldc) : Vec(acc_t(0));
+    hi[r] = accumulate ? Vec::loadu(c + r * ldc + V) : Vec(acc_t(0));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec b0 = Vec::loadu(panel + k * 2 * V), b1 = Vec::loadu(panel + k * 2 * V + V);
+#pragma GCC unroll 6
+    for (int64_t r = 0; r < kGemmMR; ++r) {
+      const Vec ar(a[r * lda + k]);
+      lo[r] = at::vec::fmadd(ar, b0, lo[r]);
+      hi[r] = at::vec::fmadd(ar, b1, hi[r]);
+    }
+  }
+  for (int64_t r = 0; r < kGemmMR; ++r) {
+    lo[r].store(c + r * ldc);
+    hi[r].store(c + r * ldc + V);
+  }
+}
+
+// Rows [m_begin, m_end) of c [m_pad, n_pad] (row stride ldc) = a [m_pad, K] (row stride lda) · B, B
+// packed as panels [n_pad / nr][K][nr]; m_begin, m_end multiples of kGemmMR, n_pad of nr. With `lower`, only the
+// micro-tiles that hold an element on or below the diagonal (j ≤ i) are computed (the others are left as they are). K
+// runs in slices of kGemmKC, each element's sum staying in order.
+template <typename acc_t>
+void gemm_rows(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, acc_t* c, int64_t ldc, int64_t m_begin,
+               int64_t m_end, int64_t n_pad, bool lower) {
+  constexpr int64_t nr = gemm_nr<acc_t>();
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
+    const int64_t kl = std::min(kGemmKC, K - k0);
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += kGemmMC) {  // a block of A rows stays in L2 …
+      const int64_t m1 = std::min(m_end, m0 + kGemmMC);
+      for (int64_t p0 = 0; p0 < n_pad; p0 += nr) {  // … while each panel slice streams through L1
+        if (lower && p0 >= m1) break;
+        const acc_t* panel = panels + (p0 / nr) * K * nr + k0 * nr;
+        for (int64_t i0 = lower ? std::max(m0, p0 / kGemmMR * kGemmMR) : m0; i0 < m1; i0 += kGemmMR)
+          gemm_micro(a + i0 * lda + k0, lda, panel, kl, c + i0 * ldc + p0, ldc, k0 > 0);
+      }
+    }
+  }
+}
+
+// All rows: gemm_rows over [0, m_pad).
+template <typename acc_t>
+void gemm_blocked(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, acc_t* c, int64_t ldc, int64_t m_pad,
+                  int64_t n_pad, bool lower) {
+  gemm_rows(a, lda, panels, K, c, ldc, 0, m_pad, n_pad, lower);
+}
+
+// x: `rows` rows of width D (row stride ld) → out [ceil(rows / nr)][D][nr], out[p][k][j] =
+// x[p·nr + j][k] (0 past the last row): the packed B operand of a product with xᵀ.
+template <typename acc_t, typename src_t>
+void pack_row_panels(const src_t* x, int64_t ld, int64_t rows, int64_t D, acc_t* out) {
+  constexpr int64_t nr = gemm_nr<acc_t>();
+  for (int64_t p0 = 0; p0 < rows; p0 += nr) {
+    acc_t* panel = out + (p0 / nr) * D * nr;
+    const int64_t width = std::min(nr, rows - p0);
+    for (int64_t j = 0; j < nr; ++j) {
+      if (j < width) {
+        const src_t* row = x + (p0 + j) * ld;
+        for (int64_t k = 0; k < D; ++k) panel[k * nr + j] = static_cast<acc_t>(row[k]);
+      } else {
+        for (int64_t k = 0; k < D; ++k) panel[k * nr + j] = acc_t(0);
+      }
+    }
+  }
+}
+
+// x [K, D] (row stride ld) → out [ceil(D / nr)][K][nr], out[q][k][j] = x[k][q·nr + j] (0 past
+// column D): the packed B operand of a product W · x.
+template <typename acc_t, typename src_t>
+void pack_col_panels(const src_t* x, int64_t ld, int64_t K, int64_t D, acc_t* out) {
+  constexpr int64_t nr = gemm_nr<acc_t>();
+  for (int64_t q0 = 0; q0 < D; q0 += nr) {
+    acc_t* panel = out + (q0 / nr) * K * nr;
+    const int64_t width = std::min(nr, D - q0);
+    for (int64_t k = 0; k < K; ++k) {
+      const src_t* row = x + k * ld + q0;
+      for (int64_t j = 0; j < nr; ++j) panel[k * nr + j] = j < width ? static_cast<acc_t>(row[j]) : acc_t(0);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace kdloss
