@@ -349,6 +349,24 @@ def test_sinkhorn_accuracy_at_small_epsilon(epsilon, shape):
     assert abs(got.item() - exact.item()) <= 4 * abs(ref.item() - exact.item()) + 1e-6 * (1 + abs(exact.item()))
 
 
+@pytest.mark.parametrize("case", [
+    # two teacher rows 3e-4 apart in probability: at ε = 1e-8 the exact plan splits every student row
+    # evenly between them, which a float −W/ε (ulps of 8 at 1e8) cannot resolve
+    _sinkhorn_case(40, 3, 2, 1e-8, temperature=1.0, magnitude=6.0),
+    # W from float probabilities: their rounding amplified by 1/ε
+    _sinkhorn_case(8, 8, 5, 1e-5, temperature=0.5, magnitude=6.0, seed=3),
+    _sinkhorn_case(16, 4, 2, 1e-3, temperature=0.5, magnitude=0.1, seed=1),
+    # found by the fuzzer: fp32 gradient error 1.18e-5 against a bound of 7.9e-6
+    _sinkhorn_case(2, 22, 2, 1e-3, temperature=2.0, magnitude=0.1, seed=382),
+])
+def test_sinkhorn_ill_conditioned_plans(case):
+    """Below ε = 0.02 the softmaxes, the cost W = Σ|s − t| (a difference of nearly equal
+    probabilities) and the whole log-domain recursion run in float64 for fp32 inputs too: their fp32
+    rounding would be amplified by 1/ε."""
+    result = check_case("sinkhorn", case, "cpu", torch.float32)
+    assert result.ok, "\n".join(result.details)
+
+
 @pytest.mark.parametrize("temperature", [1e-4, 1e-2, 100.0])
 def test_sinkhorn_extreme_temperatures(temperature):
     result = check_case("sinkhorn", _sinkhorn_case(9, 7, 5, 0.1, temperature=temperature, magnitude=6.0))

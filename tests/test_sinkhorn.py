@@ -4,6 +4,7 @@ hypothesis shapes, gradcheck, opcheck, torch.compile, bad inputs, determinism.""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -251,11 +252,12 @@ def test_opcheck(device):
 
     require("sinkhorn", device.type)
     gen = torch.Generator().manual_seed(8)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+    # ε = 0.1: the stabilised recursion; ε = 1e-3: the log-domain one (in float64 on the CPU)
+    for dtype, eps in itertools.product((torch.float64, torch.float32, torch.bfloat16), (0.1, 1e-3)):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         zs = logits(6, 3, dtype, device, gen)
         zt = logits(5, 3, acc, device, gen, grad=False)
-        options = (float_arg(2.0), float_arg(0.1))
+        options = (float_arg(2.0), float_arg(eps))
         torch.library.opcheck(torch.ops.kdloss.sinkhorn_fwd.default, (zs, zt, *options, 4, float_arg(0.5)))
         _, ps, pt, cost, a, b = torch.ops.kdloss.sinkhorn_fwd(zs.detach(), zt, *options, 4, float_arg(0.5))
         grad = torch.rand((), dtype=dtype, device=device)

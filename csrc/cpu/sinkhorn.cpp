@@ -627,6 +627,9 @@ Problem<acc_t> make_problem(int64_t B, int64_t Bt, int64_t C, double epsilon) {
 // Below this ε the log-domain recursion runs (namespace logdomain): the gradient divides the
 // adjoint of the iterate by ε, and the relative rounding of the scalings (a few ulps, which the
 // log-domain iterate does not have where a plan saturates at 0 or 1) would be amplified by 2/ε.
+// That path runs in float64 whatever the input dtype (softmaxes, cost, recursion and adjoint): the
+// cost W = Σ_c |s − t| is a difference of nearly equal probabilities, and its rounding (and that of
+// the iterate −W/ε) in fp32 is amplified by 1/ε. SinKD plans are B×B', so this costs little.
 constexpr double kLogDomainEpsilon = 0.02;
 
 // x [rows, cols] → [rows, stride] in work_t, pads 0.
@@ -709,6 +712,43 @@ acc_t sinkhorn_iterations(const acc_t* W, const Problem<acc_t>& p, int64_t n_ite
   return ordered_sum(colW.data(), p.Bt);
 }
 
+// The forward in the working type work_t: the accumulation type on the stabilised path, float64 on
+// the log-domain path (see kLogDomainEpsilon). The probabilities and the cost go to the float64
+// tensors probs_s, probs_t, cost (exactly: work_t values), the backward state to state_p; returns
+// Σ_ij P_ij W_ij.
+template <typename scalar_t, typename work_t>
+work_t forward_in(const at::Tensor& zs, const at::Tensor& zt, double temperature, double epsilon, int64_t n_iters,
+                  at::Tensor& probs_s, at::Tensor& probs_t, at::Tensor& cost, at::Tensor& state) {
+  using acc_t = Acc<scalar_t>;
+  const int64_t B = zs.size(0), Bt = zt.size(0), C = zs.size(1);
+  std::vector<work_t> s(B * C), t(Bt * C);
+  softmax_rows<scalar_t, work_t>(zs.data_ptr<scalar_t>(), B, C, zs.stride(0), temperature, s.data());
+  softmax_rows<acc_t, work_t>(zt.data_ptr<acc_t>(), Bt, C, C, temperature, t.data());
+  std::copy(s.begin(), s.end(), probs_s.data_ptr<double>());
+  std::copy(t.begin(), t.end(), probs_t.data_ptr<double>());
+  double* state_p = state.data_ptr<double>();
+  if (B == 0 || Bt == 0) {  // an empty plan: the loss is 0
+    std::fill(state_p, state_p + state.numel(), 0.0);
+    return work_t(0);
+  }
+  const auto p = make_problem<work_t>(B, Bt, C, epsilon);
+  const std::vector<work_t> tT = transpose_padded(t.data(), p);
+  std::vector<work_t> W(B * p.Bp);
+  cost_matrix(s.data(), tT.data(), p, W.data());
+  double* cost_p = cost.data_ptr<double>();
+  for (int64_t i = 0; i < B; ++i) std::copy(W.begin() + i * p.Bp, W.begin() + i * p.Bp + Bt, cost_p + i * Bt);
+  if (epsilon < kLogDomainEpsilon) {  // increments a [n, B] then b [n, B'] at the start of `state`
+    std::vector<work_t> ah(n_iters * B), bh(n_iters * Bt);
+    const work_t total = logdomain::iterations(W.data(), logdomain::make_problem<work_t>(B, Bt, C, epsilon), n_iters,
+                                               ah.data(), bh.data());
+    std::fill(state_p, state_p + state.numel(), 0.0);
+    std::copy(ah.begin(), ah.end(), state_p);
+    std::copy(bh.begin(), bh.end(), state_p + n_iters * B);
+    return total;
+  }
+  return sinkhorn_iterations(W.data(), p, n_iters, History<work_t>{state_p, B, Bt, 2 * n_iters});
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& temperature_t,
     const at::Tensor& epsilon_t, int64_t n_iters, const at::Tensor& scale_t) {
@@ -721,43 +761,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t B = student_logits.size(0), Bt = teacher_logits.size(0), C = student_logits.size(1);
   const auto zs = student_logits.stride(1) == 1 ? student_logits : student_logits.contiguous();
   const auto zt = teacher_logits.contiguous();
-  const auto acc_opts = zt.options();
+  const auto acc_opts = zt.options(), f64 = acc_opts.dtype(at::kDouble);
   at::Tensor loss = at::empty({}, acc_opts);  // the loss is returned in the accumulation dtype
-  at::Tensor probs_s = at::empty({B, C}, acc_opts), probs_t = at::empty({Bt, C}, acc_opts);
-  at::Tensor cost = at::empty({B, Bt}, acc_opts);
+  // the backward's inputs, float64 whatever the working type (see forward_in)
+  at::Tensor probs_s = at::empty({B, C}, f64), probs_t = at::empty({Bt, C}, f64), cost = at::empty({B, Bt}, f64);
   at::Tensor steps = at::empty({0}, acc_opts);  // the CUDA kernels' increments; unused here
-  at::Tensor state = at::empty({2 * n_iters, 1 + 2 * (B + Bt)}, acc_opts.dtype(at::kDouble));
+  at::Tensor state = at::empty({2 * n_iters, 1 + 2 * (B + Bt)}, f64);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "sinkhorn_fwd", [&] {
     using acc_t = Acc<scalar_t>;
-    acc_t* s = probs_s.data_ptr<acc_t>();
-    acc_t* t = probs_t.data_ptr<acc_t>();
-    softmax_rows<scalar_t, acc_t>(zs.data_ptr<scalar_t>(), B, C, zs.stride(0), temperature, s);
-    softmax_rows<acc_t, acc_t>(zt.data_ptr<acc_t>(), Bt, C, C, temperature, t);
-    if (B == 0 || Bt == 0) {  // an empty plan: the loss is 0
-      loss.fill_(0);
-      state.zero_();
-      return;
-    }
-    const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
-    const std::vector<acc_t> tT = transpose_padded(t, p);
-    std::vector<acc_t> W(B * p.Bp);
-    cost_matrix(s, tT.data(), p, W.data());
-    acc_t* cost_p = cost.data_ptr<acc_t>();
-    for (int64_t i = 0; i < B; ++i) std::copy(W.begin() + i * p.Bp, W.begin() + i * p.Bp + Bt, cost_p + i * Bt);
-    double* state_p = state.data_ptr<double>();
-    acc_t total;
-    if (epsilon < kLogDomainEpsilon) {  // increments a [n, B] then b [n, B'] at the start of `state`
-      std::vector<acc_t> ah(n_iters * B), bh(n_iters * Bt);
-      total = logdomain::iterations(W.data(), logdomain::make_problem<acc_t>(B, Bt, C, epsilon), n_iters, ah.data(),
-                                    bh.data());
-      std::fill(state_p, state_p + state.numel(), 0.0);
-      std::copy(ah.begin(), ah.end(), state_p);
-      std::copy(bh.begin(), bh.end(), state_p + n_iters * B);
+    acc_t value;
+    if (epsilon < kLogDomainEpsilon) {  // float64 throughout, the loss rounded once
+      const double total =
+          forward_in<scalar_t, double>(zs, zt, temperature, epsilon, n_iters, probs_s, probs_t, cost, state);
+      value = static_cast<acc_t>(scale * total);
     } else {
-      total = sinkhorn_iterations(W.data(), p, n_iters, History<acc_t>{state_p, B, Bt, 2 * n_iters});
+      const acc_t total =
+          forward_in<scalar_t, acc_t>(zs, zt, temperature, epsilon, n_iters, probs_s, probs_t, cost, state);
+      value = static_cast<acc_t>(scale) * total;
     }
-    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(scale) * total;
+    loss.data_ptr<acc_t>()[0] = value;
   });
   return {loss, probs_s, probs_t, cost, steps, state};
 }
@@ -931,10 +954,9 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
                     "student_logits must be [B, C] with C >= 1, got ", student_logits.sizes());
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one element, got ", grad.numel());
   const int64_t B = student_logits.size(0), C = student_logits.size(1);
-  const auto acc = acc_type(student_logits.scalar_type());
   for (const auto* t : {&probs_s, &probs_t, &cost}) {
     check_cpu_float(*t, "saved tensor");
-    TORCH_CHECK_VALUE(t->scalar_type() == acc && t->dim() == 2, "saved tensors must be 2-D ", acc);
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kDouble && t->dim() == 2, "saved tensors must be 2-D float64");
   }
   check_cpu_float(steps, "steps");
   check_cpu_float(state, "state");
@@ -949,26 +971,27 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   if (B == 0 || Bt == 0) return grad_student.zero_();
   const auto s_t = probs_s.contiguous(), t_t = probs_t.contiguous(), W_t = cost.contiguous();
   const auto state_t = state.contiguous();
-  const auto g_scalar = grad.to(acc);
+  const double g = grad.to(at::kDouble).item<double>();
+  const double* s64 = s_t.data_ptr<double>();
+  const double* t64 = t_t.data_ptr<double>();
+  const double* W64 = W_t.data_ptr<double>();
+  const double* state_p = state_t.data_ptr<double>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "sinkhorn_bwd", [&] {
     using acc_t = Acc<scalar_t>;
-    const acc_t gs = static_cast<acc_t>(scale) * g_scalar.data_ptr<acc_t>()[0];
-    const double* state_p = state_t.data_ptr<double>();
-    const acc_t* s = s_t.data_ptr<acc_t>();
-    const acc_t* t = t_t.data_ptr<acc_t>();
     scalar_t* out = grad_student.data_ptr<scalar_t>();
-    if (epsilon < kLogDomainEpsilon) {
+    if (epsilon < kLogDomainEpsilon) {  // float64 throughout, as in the forward
       const int64_t n = H / 2;
-      const std::vector<acc_t> a(state_p, state_p + n * B), b(state_p + n * B, state_p + n * (B + Bt));
-      logdomain::backward<scalar_t, acc_t>(logdomain::make_problem<acc_t>(B, Bt, C, epsilon), n, gs, temperature, s, t,
-                                           W_t.data_ptr<acc_t>(), a.data(), b.data(), out);
-    } else {
+      logdomain::backward<scalar_t, double>(logdomain::make_problem<double>(B, Bt, C, epsilon), n, scale * g,
+                                            temperature, s64, t64, W64, state_p, state_p + n * B, out);
+    } else {  // the saved float64 tensors hold acc_t values: read back exactly
+      const acc_t gs = static_cast<acc_t>(scale) * static_cast<acc_t>(g);
       const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
-      const std::vector<acc_t> W = padded<acc_t>(W_t.data_ptr<acc_t>(), B, Bt, p.Bp);
+      const std::vector<acc_t> s(s64, s64 + B * C), t(t64, t64 + Bt * C);
+      const std::vector<acc_t> W = padded<acc_t>(W64, B, Bt, p.Bp);
       History<acc_t> hist{const_cast<double*>(state_p), B, Bt, H};
       hist.load();
-      sinkhorn_backward<scalar_t, acc_t>(p, H / 2, gs, temperature, s, t, W, hist, out);
+      sinkhorn_backward<scalar_t, acc_t>(p, H / 2, gs, temperature, s.data(), t.data(), W, hist, out);
     }
   });
   return grad_student;

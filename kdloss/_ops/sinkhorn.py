@@ -9,13 +9,17 @@ Op-level contract (the public function in :mod:`kdloss.sinkhorn` validates and n
 
 ``sinkhorn_fwd`` returns the loss (a scalar in the accumulation dtype; the public function rounds
 it to the student's dtype outside autocast) and, for the backward, the softmax probabilities
-``[B, C]`` / ``[B', C]`` and the cost matrix ``W [B, B']`` (accumulation dtype), then two tensors of
-device-specific backward state:
+``[B, C]`` / ``[B', C]`` and the cost matrix ``W [B, B']`` (accumulation dtype on CUDA, float64 on
+the CPU), then two tensors of device-specific backward state:
 
 * CPU: ``steps`` is empty and ``state [2·n_iters, 1 + 2(B + B')]`` (float64) holds, per half-step,
   the stabilised iterations' epoch, potentials ``F [B]``, ``G [B']`` and scalings ``u [B]``,
   ``v [B']`` (the plan is ``diag(u)·exp(F_i + G_j − W_ij/ε)·diag(v)``); below ε = 0.02, where the
   log-domain recursion runs, its first ``n·(B + B')`` entries hold that recursion's increments.
+  Below ε = 0.02 the CPU kernel computes the softmaxes, the cost and the recursion (forward and
+  backward) in float64 for every input dtype (the fp32 rounding of ``W``, a difference of nearly
+  equal probabilities, would be amplified by 1/ε); above, in the accumulation dtype, whose values
+  the float64 probabilities and cost then hold exactly. The dtypes never depend on ε.
 * CUDA: ``steps [n_iters, B + B']`` (accumulation dtype) holds the log-domain increments ``a [n, B]``
   (subtracted from the rows by each row step) followed by ``b [n, B']`` (from the columns), and
   ``state`` is empty; the backward replays the subtractions (from a few checkpoints) to regenerate
@@ -48,11 +52,12 @@ def _sinkhorn_fwd_fake(student_logits, teacher_logits, temperature, epsilon, n_i
     batch, classes = student_logits.shape
     batch_t = teacher_logits.shape[0]
     acc = _acc(student_logits.dtype)
+    saved = acc if student_logits.device.type == "cuda" else torch.float64
     return (
         student_logits.new_empty((), dtype=acc),
-        student_logits.new_empty((batch, classes), dtype=acc),
-        student_logits.new_empty((batch_t, classes), dtype=acc),
-        student_logits.new_empty((batch, batch_t), dtype=acc),
+        student_logits.new_empty((batch, classes), dtype=saved),
+        student_logits.new_empty((batch_t, classes), dtype=saved),
+        student_logits.new_empty((batch, batch_t), dtype=saved),
         *_state_fakes(student_logits, batch, batch_t, n_iters, acc),
     )
 
