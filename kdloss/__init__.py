@@ -11,7 +11,7 @@ from . import distributed, functional, sparse
 from ._build import KernelUnavailableError
 from ._registry import LOSSES
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["KernelUnavailableError", "__version__", "distributed", "functional", "reference", "sparse"]
 for _loss in LOSSES:

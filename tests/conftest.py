@@ -5,6 +5,7 @@ Profiles: "ci" (default; small example budget so the suite stays fast on 2 cores
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -23,6 +24,12 @@ settings.register_profile(
     "fuzz", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck)
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# torch.compile's on-disk caches key a graph by its code, not by the fakes of the custom ops it calls:
+# a cache written against another checkout's op contracts could be replayed here (docs/building.md).
+# Subprocesses (examples, DDP workers) inherit the directory.
+if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdloss-tests-inductor-")
 
 
 def _is_cuda(value) -> bool:

@@ -103,13 +103,16 @@ def _outlier_teachers(batch, dtype, device, temperature):
 def _absorptions(zs, zt, temperature, epsilon):
     """How many times the CPU kernel rebuilt its kernel matrix after the first time (from its saved
     history: column 0 holds the epoch of every half-step)."""
+    from kdloss._build import require
+
+    require("sinkhorn", "cpu")  # the op is called directly: load its kernel first
     options = (float_arg(temperature), float_arg(epsilon))
     state = torch.ops.kdloss.sinkhorn_fwd(zs.detach(), zt, *options, 20, float_arg(1.0))[5]
     return int(state[:, 0].max().item())
 
 
-@pytest.mark.parametrize("temperature", [2.0, 0.5])
-@pytest.mark.parametrize("eps", [0.03, 0.1])
+# (T, ε) on the stabilised path: ε·min(T, 1) ≥ 0.05
+@pytest.mark.parametrize("temperature, eps", [(2.0, 0.05), (2.0, 0.1), (1.0, 0.06), (0.5, 0.1)])
 def test_absorbed_scalings_match_reference_fp64(temperature, eps):
     """The stabilised iterations absorb out-of-range scalings into the potentials (a new kernel
     matrix); the forward and the adjoint across such a rebuild stay exact."""
@@ -125,12 +128,12 @@ def test_absorbed_scalings_match_reference_fp64(temperature, eps):
 
 def test_absorbed_scalings_fp32_as_accurate_as_reference():
     zs, zt = _outlier_teachers(12, torch.float32, "cpu", 2.0)
-    assert _absorptions(zs, zt, 2.0, 0.03) >= 1
-    out = sinkhorn_loss(zs, zt, epsilon=0.03, backend="kernel")
+    assert _absorptions(zs, zt, 2.0, 0.05) >= 1
+    out = sinkhorn_loss(zs, zt, epsilon=0.05, backend="kernel")
     zs_ref = zs.detach().clone().requires_grad_()
-    ref32 = sinkhorn_reference(zs_ref, zt, epsilon=0.03)
+    ref32 = sinkhorn_reference(zs_ref, zt, epsilon=0.05)
     zs64 = zs.detach().double().requires_grad_()
-    exact = sinkhorn_reference(zs64, zt.double(), epsilon=0.03)
+    exact = sinkhorn_reference(zs64, zt.double(), epsilon=0.05)
     exact_g = grad_of(exact, zs64)
     err = (grad_of(out, zs).double() - exact_g).abs().max()
     err_ref = (grad_of(ref32, zs_ref).double() - exact_g).abs().max()

@@ -7,7 +7,7 @@
 //   P ← K = exp(−W/ε);  n times: rows of P to sum 1, then columns (the official recursion)
 //   loss = scale · Σ_ij P_ij W_ij
 //
-// Stabilised Sinkhorn (ε >= kLogDomainEpsilon): the plan is kept as P = diag(u)·K·diag(v) with
+// Stabilised Sinkhorn (where !use_log_domain(ε, T)): the plan is kept as P = diag(u)·K·diag(v) with
 // K_ij = exp(F_i + G_j − W_ij/ε) for potentials F, G (float64), and the official multiplicative
 // steps act on the scalings only: u = 1/(K v), v = 1/(Kᵀ u) — two matrix-vector products per
 // iteration, no exp, fused into ONE pass over K (each row's dot gives u_i, whose multiple of the row
@@ -27,7 +27,7 @@
 // x̄ = K⊙(gs·u·vᵀ⊙W − Σ_terms α·βᵀ) is a rank-2n correction formed per row in registers; K is rebuilt
 // per epoch from the saved potentials with the forward's own function (bit for bit the same K).
 //
-// Below kLogDomainEpsilon the log-domain recursion runs instead (namespace logdomain): W̄ = gs·P − x̄/ε
+// Elsewhere (use_log_domain) the log-domain recursion runs instead (namespace logdomain): W̄ = gs·P − x̄/ε
 // amplifies the scalings' rounding by 2/ε, while the log-domain iterate is exact where plans saturate.
 //
 // Parallelism: passes over K run over fixed chunks of rows (a partition of the sizes only) whose
@@ -299,7 +299,7 @@ bool in_safe_range(const acc_t* x, int64_t n) {
 }
 
 // ------------------------------------------------------------------------------------------
-// The log-domain recursion, for ε < kLogDomainEpsilon. There the adjoint's W̄ −= x̄/ε amplifies any
+// The log-domain recursion, where use_log_domain(ε, T). There the adjoint's W̄ −= x̄/ε amplifies any
 // rounding of x̄ by 2/ε; the stabilised scalings carry a relative rounding of a few ulps even where
 // a plan saturates at 0 or 1, while the log-domain iterate (x ← x − lse) is then exactly 0 and x̄
 // exactly 0. The iterate x is kept and updated in place, exactly as the reference computes it, and
@@ -624,13 +624,20 @@ Problem<acc_t> make_problem(int64_t B, int64_t Bt, int64_t C, double epsilon) {
   return {B, Bt, (Bt + V - 1) / V * V, C, epsilon};
 }
 
-// Below this ε the log-domain recursion runs (namespace logdomain): the gradient divides the
-// adjoint of the iterate by ε, and the relative rounding of the scalings (a few ulps, which the
-// log-domain iterate does not have where a plan saturates at 0 or 1) would be amplified by 2/ε.
+// The log-domain recursion runs (namespace logdomain) where the gradient amplifies rounding most:
+// it divides the adjoint of the iterate by ε, and the softmax's Jacobian carries a factor 1/T, so
+// the relative rounding of the scalings (a few ulps, which the log-domain iterate does not have
+// where a plan saturates at 0 or 1) would be amplified by ~2/(ε·T). The stabilised iterations run
+// where ε·min(T, 1) ≥ kStabilisedScale (the defaults T = 2, ε = 0.1 among them); below it the
+// fp32 stabilised gradients measured up to 1.8× the error bound (ε = 0.02; T = 1e-4 at ε = 0.1).
 // That path runs in float64 whatever the input dtype (softmaxes, cost, recursion and adjoint): the
 // cost W = Σ_c |s − t| is a difference of nearly equal probabilities, and its rounding (and that of
 // the iterate −W/ε) in fp32 is amplified by 1/ε. SinKD plans are B×B', so this costs little.
-constexpr double kLogDomainEpsilon = 0.02;
+constexpr double kStabilisedScale = 0.05;
+
+inline bool use_log_domain(double epsilon, double temperature) {
+  return epsilon * std::min(temperature, 1.0) < kStabilisedScale;
+}
 
 // x [rows, cols] → [rows, stride] in work_t, pads 0.
 template <typename work_t, typename src_t>
@@ -713,7 +720,7 @@ acc_t sinkhorn_iterations(const acc_t* W, const Problem<acc_t>& p, int64_t n_ite
 }
 
 // The forward in the working type work_t: the accumulation type on the stabilised path, float64 on
-// the log-domain path (see kLogDomainEpsilon). The probabilities and the cost go to the float64
+// the log-domain path (see use_log_domain). The probabilities and the cost go to the float64
 // tensors probs_s, probs_t, cost (exactly: work_t values), the backward state to state_p; returns
 // Σ_ij P_ij W_ij.
 template <typename scalar_t, typename work_t>
@@ -737,7 +744,7 @@ work_t forward_in(const at::Tensor& zs, const at::Tensor& zt, double temperature
   cost_matrix(s.data(), tT.data(), p, W.data());
   double* cost_p = cost.data_ptr<double>();
   for (int64_t i = 0; i < B; ++i) std::copy(W.begin() + i * p.Bp, W.begin() + i * p.Bp + Bt, cost_p + i * Bt);
-  if (epsilon < kLogDomainEpsilon) {  // increments a [n, B] then b [n, B'] at the start of `state`
+  if (use_log_domain(epsilon, temperature)) {  // increments a [n, B] then b [n, B'] at the start of `state`
     std::vector<work_t> ah(n_iters * B), bh(n_iters * Bt);
     const work_t total = logdomain::iterations(W.data(), logdomain::make_problem<work_t>(B, Bt, C, epsilon), n_iters,
                                                ah.data(), bh.data());
@@ -771,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "sinkhorn_fwd", [&] {
     using acc_t = Acc<scalar_t>;
     acc_t value;
-    if (epsilon < kLogDomainEpsilon) {  // float64 throughout, the loss rounded once
+    if (use_log_domain(epsilon, temperature)) {  // float64 throughout, the loss rounded once
       const double total =
           forward_in<scalar_t, double>(zs, zt, temperature, epsilon, n_iters, probs_s, probs_t, cost, state);
       value = static_cast<acc_t>(scale * total);
@@ -980,7 +987,7 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "sinkhorn_bwd", [&] {
     using acc_t = Acc<scalar_t>;
     scalar_t* out = grad_student.data_ptr<scalar_t>();
-    if (epsilon < kLogDomainEpsilon) {  // float64 throughout, as in the forward
+    if (use_log_domain(epsilon, temperature)) {  // float64 throughout, as in the forward
       const int64_t n = H / 2;
       logdomain::backward<scalar_t, double>(logdomain::make_problem<double>(B, Bt, C, epsilon), n, scale * g,
                                             temperature, s64, t64, W64, state_p, state_p + n * B, out);

@@ -14,12 +14,12 @@ the CPU), then two tensors of device-specific backward state:
 
 * CPU: ``steps`` is empty and ``state [2·n_iters, 1 + 2(B + B')]`` (float64) holds, per half-step,
   the stabilised iterations' epoch, potentials ``F [B]``, ``G [B']`` and scalings ``u [B]``,
-  ``v [B']`` (the plan is ``diag(u)·exp(F_i + G_j − W_ij/ε)·diag(v)``); below ε = 0.02, where the
-  log-domain recursion runs, its first ``n·(B + B')`` entries hold that recursion's increments.
-  Below ε = 0.02 the CPU kernel computes the softmaxes, the cost and the recursion (forward and
+  ``v [B']`` (the plan is ``diag(u)·exp(F_i + G_j − W_ij/ε)·diag(v)``); where ε·min(T, 1) < 0.05 the
+  log-domain recursion runs instead, and the first ``n·(B + B')`` entries hold its increments.
+  There the CPU kernel computes the softmaxes, the cost and the recursion (forward and
   backward) in float64 for every input dtype (the fp32 rounding of ``W``, a difference of nearly
-  equal probabilities, would be amplified by 1/ε); above, in the accumulation dtype, whose values
-  the float64 probabilities and cost then hold exactly. The dtypes never depend on ε.
+  equal probabilities, would be amplified by 1/ε); elsewhere, in the accumulation dtype, whose values
+  the float64 probabilities and cost then hold exactly. The dtypes never depend on ε or T.
 * CUDA: ``steps [n_iters, B + B']`` (accumulation dtype) holds the log-domain increments ``a [n, B]``
   (subtracted from the rows by each row step) followed by ``b [n, B']`` (from the columns), and
   ``state`` is empty; the backward replays the subtractions (from a few checkpoints) to regenerate
