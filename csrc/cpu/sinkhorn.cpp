@@ -110,9 +110,9 @@ void softmax_rows(const in_t* z, int64_t rows, int64_t C, int64_t stride, double
   });
 }
 
-// tT[c, j] = t[j, c], zero-padded to Bp columns.
-template <typename acc_t>
-std::vector<acc_t> transpose_padded(const acc_t* t, const Problem<acc_t>& p) {
+// tT[c, j] = t[j, c], zero-padded to Bp columns (p: either path's problem: C, Bt, Bp).
+template <typename acc_t, typename ProblemT>
+std::vector<acc_t> transpose_padded(const acc_t* t, const ProblemT& p) {
   std::vector<acc_t> tT(p.C * p.Bp, acc_t(0));
   for (int64_t j = 0; j < p.Bt; ++j)
     for (int64_t c = 0; c < p.C; ++c) tT[c * p.Bp + j] = t[j * p.C + c];
@@ -338,15 +338,6 @@ template <typename acc_t>
 acc_t vec_max(const at::vec::Vectorized<acc_t>& v) {
   using Vec = at::vec::Vectorized<acc_t>;
   return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
-
-// tT[c, j] = t[j, c], zero-padded to Bp columns.
-template <typename acc_t>
-std::vector<acc_t> transpose_padded(const acc_t* t, const Problem<acc_t>& p) {
-  std::vector<acc_t> tT(p.C * p.Bp, acc_t(0));
-  for (int64_t j = 0; j < p.Bt; ++j)
-    for (int64_t c = 0; c < p.C; ++c) tT[c * p.Bp + j] = t[j * p.C + c];
-  return tT;
 }
 
 template <typename acc_t>

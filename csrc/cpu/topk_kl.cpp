@@ -596,6 +596,22 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& option
   return at::empty(sizes, options);
 }
 
+// The loss from the per-row values: the rows for "none", else their fixed-order sum (divided by the
+// divisor for "mean"; 0 when it is ≤ 0).
+template <typename acc_t>
+void write_loss(const std::vector<acc_t>& rows, Reduction reduction, const at::Tensor& divisor, acc_t* out) {
+  if (reduction == Reduction::kNone) {
+    std::copy(rows.begin(), rows.end(), out);
+    return;
+  }
+  acc_t total = ordered_sum(rows.data(), static_cast<int64_t>(rows.size()));
+  if (reduction == Reduction::kMean) {
+    const acc_t d = divisor.item<acc_t>();
+    total = d > acc_t(0) ? total / d : acc_t(0);
+  }
+  out[0] = total;
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const at::Tensor& ids,
                                                const at::Tensor& target_logp, const at::Tensor& tail_logp,
                                                const at::Tensor& valid, const at::Tensor& divisor,
@@ -636,17 +652,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
         rows[n] = static_cast<acc_t>(scale) * row_kl(row, V, inv_t, st, full_support);
       }
     });
-    acc_t* out = loss.data_ptr<acc_t>();
-    if (reduction == Reduction::kNone) {
-      std::copy(rows.begin(), rows.end(), out);
-      return;
-    }
-    acc_t total = ordered_sum(rows.data(), N);
-    if (reduction == Reduction::kMean) {
-      const acc_t d = divisor.item<acc_t>();
-      total = d > acc_t(0) ? total / d : acc_t(0);
-    }
-    out[0] = total;
+    write_loss(rows, reduction, divisor, loss.data_ptr<acc_t>());
   });
   return {loss, stats};
 }
@@ -795,17 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
         write_kept(out_row, row, inv_t, st, terms.c, row_scale, groups, teacher_sum, count);
       }
     });
-    acc_t* loss_p = loss.data_ptr<acc_t>();
-    if (reduction == Reduction::kNone) {
-      std::copy(rows.begin(), rows.end(), loss_p);
-      return;
-    }
-    acc_t total = ordered_sum(rows.data(), N);
-    if (reduction == Reduction::kMean) {
-      const acc_t d = divisor.item<acc_t>();
-      total = d > acc_t(0) ? total / d : acc_t(0);
-    }
-    loss_p[0] = total;
+    write_loss(rows, reduction, divisor, loss.data_ptr<acc_t>());
   });
   return {loss, stats, out};
 }
