@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import accumulation_dtype
 from . import LIB, first_order_only
 
 _TEACHER = ("Tensor ids, Tensor target_logp, Tensor tail_logp, Tensor valid, Tensor divisor, "
@@ -47,10 +48,6 @@ LIB.define(
 )
 
 _NONE = 0
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grad_fakes(hidden, weight, bias, grad_mask, weight_grad_dtype, final: bool):
@@ -69,8 +66,8 @@ def _grad_fakes(hidden, weight, bias, grad_mask, weight_grad_dtype, final: bool)
 def _fwd_fake(hidden, weight, bias, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
               full_support, reduction, softcap, chunk_size, grad_mask, weight_grad_dtype):
     rows = hidden.shape[0]
-    loss = hidden.new_empty((rows,) if reduction == _NONE else (), dtype=_acc(hidden.dtype))
-    stats = hidden.new_empty((rows, 2), dtype=_acc(hidden.dtype))
+    loss = hidden.new_empty((rows,) if reduction == _NONE else (), dtype=accumulation_dtype(hidden.dtype))
+    stats = hidden.new_empty((rows, 2), dtype=accumulation_dtype(hidden.dtype))
     return loss, stats, *_grad_fakes(hidden, weight, bias, grad_mask, weight_grad_dtype, final=False)
 
 

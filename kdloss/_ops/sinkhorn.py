@@ -31,6 +31,7 @@ returns ``∂L/∂student_logits``.
 
 import torch
 
+from .._validation import accumulation_dtype
 from . import LIB, first_order_only
 
 LIB.define(
@@ -43,15 +44,11 @@ LIB.define(
 )
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("kdloss::sinkhorn_fwd")
 def _sinkhorn_fwd_fake(student_logits, teacher_logits, temperature, epsilon, n_iters, scale):
     batch, classes = student_logits.shape
     batch_t = teacher_logits.shape[0]
-    acc = _acc(student_logits.dtype)
+    acc = accumulation_dtype(student_logits.dtype)
     saved = acc if student_logits.device.type == "cuda" else torch.float64
     return (
         student_logits.new_empty((), dtype=acc),

@@ -28,6 +28,7 @@ index) ascending, from a blocked top-k over GEMM tiles (no ``[M, M]`` matrix); s
 
 import torch
 
+from .._validation import accumulation_dtype
 from . import LIB, first_order_only
 
 LIB.define(
@@ -42,14 +43,10 @@ EDGE_CODES = {"kernel": 0, "log_kernel": 1}
 DIRECTION_CODES = {"student_teacher": 0, "teacher_student": 1}
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("kdloss::token_graph_fwd")
 def _fwd_fake(student, teacher, neighbours, sigma, edge, direction, reduction):
     m = student.shape[0]
-    acc = _acc_dtype(student.dtype)
+    acc = accumulation_dtype(student.dtype)
     loss = student.new_empty((m,) if reduction == 0 else (), dtype=acc)
     return loss, student.new_empty(neighbours.shape, dtype=acc)
 

@@ -36,6 +36,7 @@ gradient entries are summed, race-free — on every device and in every op.
 
 import torch
 
+from .._validation import accumulation_dtype
 from . import LIB, first_order_only
 
 _ARGS = (
@@ -50,15 +51,11 @@ LIB.define(
 _NONE = 0
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("kdloss::topk_kl_fwd")
 def _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
                       full_support, reduction):
     rows = ids.shape[0]
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     loss = logits.new_empty((rows,) if reduction == 0 else (), dtype=acc)
     return loss, logits.new_empty((rows, 2), dtype=acc)
 
