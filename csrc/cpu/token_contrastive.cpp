@@ -177,10 +177,11 @@ void online_lse(const acc_t* v, int64_t n, acc_t& run_max, acc_t& run_sum) {
   run_max = new_max;
 }
 
-// lse[c] = log Σ_{i<M} exp(S[i·ld + c]) for c < cols: the column log-sum-exps of a strip, vectorised
-// across columns (two passes: max, then the sum), tasks over disjoint column groups.
+// lse[c] = log Σ_{i<M} exp(S[i·ld + c]) for c < cols: the column log-sum-exps of a strip (max + log of
+// the shifted sum, added in double), vectorised across columns (two passes: max, then the sum), tasks
+// over disjoint column groups.
 template <typename acc_t>
-void column_lse(const acc_t* S, int64_t ld, int64_t M, int64_t cols, acc_t* lse) {
+void column_lse(const acc_t* S, int64_t ld, int64_t M, int64_t cols, double* lse) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t groups = (cols + V - 1) / V;
@@ -192,13 +193,16 @@ void column_lse(const acc_t* S, int64_t ld, int64_t M, int64_t cols, acc_t* lse)
         for (int64_t i = 0; i < M; ++i) vm = at::vec::maximum(vm, Vec::loadu(S + i * ld + c0));
         Vec vs(acc_t(0));
         for (int64_t i = 0; i < M; ++i) vs = vs + vexp(Vec::loadu(S + i * ld + c0) - vm);
-        (vm + vs.log()).store(lse + c0);
+        acc_t m[V], l[V];
+        vm.store(m);
+        vs.log().store(l);
+        for (int64_t k = 0; k < V; ++k) lse[c0 + k] = static_cast<double>(m[k]) + static_cast<double>(l[k]);
       } else {
         for (int64_t c = c0; c < c0 + n; ++c) {
           acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
           for (int64_t i = 0; i < M; ++i) m = std::max(m, S[i * ld + c]);
           for (int64_t i = 0; i < M; ++i) s += std::exp(S[i * ld + c] - m);
-          lse[c] = m + std::log(s);
+          lse[c] = static_cast<double>(m) + std::log(static_cast<double>(s));
         }
       }
     }
@@ -221,15 +225,15 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& stude
   const Reduction reduction = check_reduction(reduction_code);
   const at::Tensor u = student_in.contiguous(), v = teacher_in.contiguous();
   const auto opts = u.options();
-  at::Tensor lse = at::zeros({2, p.M}, opts);
+  at::Tensor lse = at::zeros({2, p.M}, opts.dtype(at::kDouble));  // float64: see split_lse
   at::Tensor out = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{p.M} : at::IntArrayRef{}, opts);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "token_contrastive_fwd", [&] {
     using acc_t = scalar_t;
     const int64_t M = p.M, E = p.E;
     const acc_t* up = u.const_data_ptr<acc_t>();
     const acc_t* vp = v.const_data_ptr<acc_t>();
-    acc_t* lse_row = lse.data_ptr<acc_t>();
-    acc_t* lse_col = lse_row + M;
+    double* lse_row = lse.data_ptr<double>();
+    double* lse_col = lse_row + M;
     std::vector<acc_t> run_max(M, -std::numeric_limits<acc_t>::infinity()), run_sum(M, acc_t(0));
     at::Tensor strip = at::empty({M, kStrip}, opts);
     acc_t* S = strip.data_ptr<acc_t>();
@@ -247,9 +251,10 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& stude
     std::vector<acc_t> diag(M), per_row(M);
     diagonal_logits(up, vp, p, diag.data());
     for (int64_t i = 0; i < M; ++i) {
-      lse_row[i] = run_max[i] + std::log(run_sum[i]);
-      per_row[i] = lse_row[i] - diag[i];
-      if (symmetric) per_row[i] = acc_t(0.5) * per_row[i] + acc_t(0.5) * (lse_col[i] - diag[i]);
+      lse_row[i] = static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i]));
+      double term = lse_row[i] - static_cast<double>(diag[i]);
+      if (symmetric) term = 0.5 * term + 0.5 * (lse_col[i] - static_cast<double>(diag[i]));
+      per_row[i] = static_cast<acc_t>(term);
     }
     if (reduction == Reduction::kNone) {
       std::copy(per_row.begin(), per_row.end(), out.data_ptr<acc_t>());
@@ -262,25 +267,40 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& stude
   return {out, lse};
 }
 
-// Row i of a strip's tile of G (see the top of the file), written over the logits s[0..w) of row i
-// and columns j0...
+// A float64 log-sum-exp as an acc_t pair hi + lo: exp((x − hi) − lo) keeps the accuracy of the float64
+// value, since x − hi is exact wherever the probability is not negligible (x within a factor 2 of hi).
 template <typename acc_t>
-void gradient_row(acc_t* s, int64_t w, int64_t i, int64_t j0, acc_t lse_i, acc_t own_i, const acc_t* lse_col,
-                  const acc_t* other, acc_t diag_i) {
+void split_lse(const double* lse, int64_t n, std::vector<acc_t>& hi, std::vector<acc_t>& lo) {
+  hi.resize(n), lo.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    hi[i] = static_cast<acc_t>(lse[i]);
+    lo[i] = static_cast<acc_t>(lse[i] - static_cast<double>(hi[i]));
+  }
+}
+
+// Row i of a strip's tile of G (see the top of the file), written over the logits s[0..w) of row i
+// and columns j0...; (hi_i, lo_i) and (col_hi, col_lo) the row's and the columns' log-sum-exps.
+template <typename acc_t>
+void gradient_row(acc_t* s, int64_t w, int64_t i, int64_t j0, acc_t hi_i, acc_t lo_i, acc_t own_i, const acc_t* col_hi,
+                  const acc_t* col_lo, const acc_t* other, acc_t diag_i) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec vl(lse_i), vo(own_i);
+  const Vec vh(hi_i), vl(lo_i), vo(own_i);
   int64_t c = 0;
   if (other != nullptr) {
     for (; c + V <= w; c += V) {
       const Vec x = Vec::loadu(s + c);
-      const Vec g = vo * vexp(x - vl) + Vec::loadu(other + j0 + c) * vexp(x - Vec::loadu(lse_col + j0 + c));
+      const Vec col = (x - Vec::loadu(col_hi + j0 + c)) - Vec::loadu(col_lo + j0 + c);
+      const Vec g = vo * vexp((x - vh) - vl) + Vec::loadu(other + j0 + c) * vexp(col);
       g.store(s + c);
     }
-    for (; c < w; ++c) s[c] = own_i * std::exp(s[c] - lse_i) + other[j0 + c] * std::exp(s[c] - lse_col[j0 + c]);
+    for (; c < w; ++c) {
+      s[c] =
+          own_i * std::exp((s[c] - hi_i) - lo_i) + other[j0 + c] * std::exp((s[c] - col_hi[j0 + c]) - col_lo[j0 + c]);
+    }
   } else {
-    for (; c + V <= w; c += V) (vo * vexp(Vec::loadu(s + c) - vl)).store(s + c);
-    for (; c < w; ++c) s[c] = own_i * std::exp(s[c] - lse_i);
+    for (; c + V <= w; c += V) (vo * vexp((Vec::loadu(s + c) - vh) - vl)).store(s + c);
+    for (; c < w; ++c) s[c] = own_i * std::exp((s[c] - hi_i) - lo_i);
   }
   if (i >= j0 && i < j0 + w) s[i - j0] -= diag_i;
 }
@@ -299,9 +319,9 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
   const Problem p = problem_of(student_in, teacher_in, temperature, symmetric);
   const Reduction reduction = check_reduction(reduction_code);
   const auto acc = student_in.scalar_type();
-  TORCH_CHECK_VALUE(lse_in.device().is_cpu() && lse_in.scalar_type() == acc && lse_in.dim() == 2 &&
+  TORCH_CHECK_VALUE(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kDouble && lse_in.dim() == 2 &&
                         lse_in.size(0) == 2 && lse_in.size(1) == p.M,
-                    "lse must be a [2, M] CPU tensor of dtype ", acc, ", got ", lse_in.sizes(), " ",
+                    "lse must be a [2, M] CPU tensor of dtype float64, got ", lse_in.sizes(), " ",
                     lse_in.scalar_type());
   const at::Tensor grad = checked_grad(grad_in, reduction, {p.M}, acc);
   const at::Tensor u = student_in.contiguous(), v = teacher_in.contiguous(), lse = lse_in.contiguous();
@@ -315,8 +335,9 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
     const int64_t m_pad = round_up(M, kMR), e_pad = round_up(E, nr), panels = e_pad / nr;
     const acc_t* up = u.const_data_ptr<acc_t>();
     const acc_t* vp = v.const_data_ptr<acc_t>();
-    const acc_t* lse_row = lse.const_data_ptr<acc_t>();
-    const acc_t* lse_col = lse_row + M;
+    std::vector<acc_t> row_hi, row_lo, col_hi, col_lo;
+    split_lse(lse.const_data_ptr<double>(), M, row_hi, row_lo);
+    split_lse(lse.const_data_ptr<double>() + M, M, col_hi, col_lo);
     // per-node weights: own term (row softmax), other term (column softmax), diagonal; all ÷ τ
     const acc_t* g = grad.const_data_ptr<acc_t>();
     const acc_t inv_tau = static_cast<acc_t>(p.inv_tau), half = acc_t(0.5);
@@ -346,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
           logits_tile(tile, kStrip, up + i0 * E, rows, vp + j0 * E, w, E, inv_tau);
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
-            gradient_row(tile + r * kStrip, w, i, j0, lse_row[i], own[i], lse_col, symmetric ? other.data() : nullptr,
-                         diag[i]);
+            gradient_row(tile + r * kStrip, w, i, j0, row_hi[i], row_lo[i], own[i], col_hi.data(), col_lo.data(),
+                         symmetric ? other.data() : nullptr, diag[i]);
           }
         }
       });
