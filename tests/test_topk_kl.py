@@ -713,3 +713,18 @@ def test_cuda_deterministic_and_no_host_sync_in_backward():
 
 def test_math_constants_documented():
     assert math.isclose(kdloss.reference.topk_kl.TAIL_CLAMP, 1e-8)
+
+
+def test_float16_defaults_to_two_pass_so_the_unscaled_gradient_cannot_overflow():
+    """T = 1e-6 makes the gradient for an upstream 1 reach 1e6, beyond float16's range; with the mean
+    over rows and a small upstream factor the true gradient is finite. The one-pass path would hold
+    inf before scaling (found by the sanitizer job's fuzz run); the default for float16 is two-pass."""
+    from kdloss.testing import check_case
+
+    case = {"rows": 1, "split": False, "vocab": 2049, "k": 1, "pad": 0, "values": "logprobs", "tail": "renorm",
+            "support": "full", "temperature": 1e-06, "teacher_temperature": 1.0, "scale_by_t2": False,
+            "labels": None, "num_items": None, "reduction": "mean", "layout": "contiguous", "magnitude": 0.1,
+            "confident": False, "student_pad": 0, "quantised": False, "seed": 0, "shifted": False,
+            "precompute_grad": None}
+    result = check_case("topk_kl", case, "cpu", torch.float16)
+    assert result.ok, f"{result}\n" + "\n".join(result.details)
