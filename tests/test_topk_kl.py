@@ -494,6 +494,36 @@ def test_fwd_grad_matches_two_pass_ops(device, reduction, tail):
             torch.testing.assert_close(grad.float(), expected.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("full_support", [True, False])
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+def test_in_place_gradient_equals_the_out_of_place_one(full_support, tail):
+    """CPU topk_kl_fwd_grad_ (the fused head's chunks) writes topk_kl_fwd_grad's gradient over the logits,
+    bitwise, with the same loss and stats: kept logits read before they are overwritten, repeated ids,
+    a row of NaN, and for the bucket tail a student confident on its kept ids (the tail mass re-read)."""
+    from kdloss._build import require
+
+    require("topk_kl", "cpu")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for reduction in (0, 1, 2):
+            args = list(_fwd_grad_args(torch.device("cpu"), dtype, reduction, full_support, True))
+            finite = (args[0].detach().clone(), *args[1:-2])
+            torch.library.opcheck(torch.ops.kdloss.topk_kl_fwd_grad_.default, finite)
+            z = args[0].detach().clone()
+            z[3, args[1][3, 0]] = 30.0  # most of row 3's student mass on a kept id
+            z[2, 7] = math.nan
+            ids = args[1].clone()
+            ids[0, 1] = ids[0, 0]  # a repeated id
+            if tail == "renorm":
+                args[3] = torch.full_like(args[3], -math.inf)
+            args[0], args[1] = z, ids
+            loss, stats, grad = torch.ops.kdloss.topk_kl_fwd_grad(*args)
+            logits = z.clone()
+            loss2, stats2 = torch.ops.kdloss.topk_kl_fwd_grad_(logits, *args[1:-2])
+            torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(stats2, stats, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(logits, grad, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("precompute_grad", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_precomputed_gradient_rescaled(device, precompute_grad, reduction):

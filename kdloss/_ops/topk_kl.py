@@ -29,7 +29,9 @@ them in one pass (``g·(α·q_j + β_j·[j∈K])``).
 logits (``grad`` is empty otherwise, and nothing of size N×V is written); its backward returns that gradient
 as is when the upstream gradient is exactly 1 (read on the host only for CPU tensors) and otherwise scales it
 (per row for ``reduction=0``), and without ``compute_grad`` recomputes it with ``topk_kl_bwd`` from
-``stats``. ``check_unique`` rejects an id repeated among a counted row's kept slots (``ValueError`` on CPU;
+``stats``. ``topk_kl_fwd_grad_`` (CPU; the fused head's chunks) is ``topk_kl_fwd_grad`` with ``compute_grad`` and
+without ``check_unique``, writing the gradient over the (contiguous) logits and returning ``(loss, stats)``.
+``check_unique`` rejects an id repeated among a counted row's kept slots (``ValueError`` on CPU;
 the CUDA kernels cannot raise and ignore the flag). Otherwise a repeated id counts once per slot — its
 gradient entries are summed, race-free — on every device and in every op.
 """
@@ -48,8 +50,12 @@ LIB.define(f"topk_kl_bwd(Tensor grad, Tensor stats, Tensor logits, {_ARGS}) -> T
 LIB.define(
     f"topk_kl_fwd_grad(Tensor logits, {_ARGS}, bool compute_grad, bool check_unique) -> (Tensor, Tensor, Tensor)"
 )
-# Frees the CPU kernel's idle gradient block (see kdloss.empty_cache); returns its size in bytes.
+# CPU only, inside the fused head: topk_kl_fwd_grad with the gradient written over the contiguous logits.
+LIB.define(f"topk_kl_fwd_grad_(Tensor(a!) logits, {_ARGS}) -> (Tensor, Tensor)")
+# Frees the CPU kernels' idle gradient blocks (see kdloss.empty_cache); returns their size in bytes.
 LIB.define("topk_kl_release_buffers() -> int")
+# An uninitialised CPU tensor from the same block cache (the fused head's weight gradient and chunk logits).
+LIB.define("topk_kl_empty(int[] size, ScalarType dtype) -> Tensor")
 _NONE = 0
 
 
@@ -92,6 +98,13 @@ def _topk_kl_fwd_grad_fake(logits, ids, target_logp, tail_logp, valid, divisor, 
     loss, stats = _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
                                     full_support, reduction)
     return loss, stats, logits.new_empty(logits.shape if compute_grad else (0,))
+
+
+@torch.library.register_fake("kdloss::topk_kl_fwd_grad_")
+def _topk_kl_fwd_grad_in_place_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                                    full_support, reduction):
+    return _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                             full_support, reduction)
 
 
 def _setup_context_grad(ctx, inputs, output):
