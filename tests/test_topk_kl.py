@@ -748,6 +748,39 @@ def test_cuda_one_pass_no_host_sync_with_validate_false():
 
 
 
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_rescale_op_skips_rows_with_a_factor_of_one(device, reduction):
+    """kdloss::topk_kl_rescale_ (the CUDA backward's in-place scaling): rows times their factor, rounded
+    once; a row whose factor is exactly 1 is left bitwise as it is (on CUDA: not even read)."""
+    from kdloss._build import require
+
+    require("topk_kl", device.type)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        grad = torch.randn(2, 3, 1001, dtype=torch.float64).to(device, dtype)  # odd V: an unaligned row tail
+        factor = torch.tensor([1.0, 0.25, -3.0, 1.0, 1e-3, 1.0], dtype=acc, device=device)
+        if reduction == 1:
+            factor = torch.tensor(0.125, dtype=acc, device=device)
+        rows = factor.reshape(2, 3, 1) if reduction == 0 else factor
+        expected = (grad.to(acc) * rows).to(dtype)
+        out = grad.clone()
+        torch.ops.kdloss.topk_kl_rescale_(out, factor, reduction)
+        assert torch.equal(out, expected)
+        torch.library.opcheck(torch.ops.kdloss.topk_kl_rescale_.default, (grad.clone(), factor, reduction))
+
+
+@cuda_only
+def test_cuda_one_pass_default_scales_in_place_and_refuses_a_second_backward():
+    z, ids, lp, _ = make_problem(rows=33, vocab=5003, k=16, device="cuda", dtype=torch.float32, seed=34)
+    out = topk_kl_loss(z, ids, lp, backend="kernel", temperature=2.0)  # precompute_grad None: one pass
+    expected = topk_kl_loss(z, ids, lp, backend="kernel", temperature=2.0, precompute_grad=False)
+    (g_two_pass,) = torch.autograd.grad(0.5 * expected, z)
+    (g,) = torch.autograd.grad(0.5 * out, z, retain_graph=True)
+    torch.testing.assert_close(g, g_two_pass, rtol=1e-5, atol=1e-8)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        torch.autograd.grad(out, z)
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("values, tail, support", [VARIANTS[0], VARIANTS[1], VARIANTS[3]])

@@ -921,9 +921,34 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd_grad_(const at::Tensor& logits, c
                        reduction_code, true, false, logits, true);
 }
 
+// grad *= the upstream gradient in place, per row for reduction none; rows whose factor is exactly 1 are
+// skipped. The eager CUDA backward's op (csrc/cuda/topk_kl_ops.cpp); here for parity and opcheck.
+void topk_kl_rescale_(const at::Tensor& grad, const at::Tensor& grad_loss, int64_t reduction) {
+  check_cpu_float(grad, "grad");
+  TORCH_CHECK_VALUE(grad.is_contiguous() && grad.dim() >= 1, "grad must be contiguous, got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device().is_cpu(), "grad_loss must be a CPU tensor, got ", grad_loss.device());
+  const int64_t V = grad.size(-1), N = V > 0 ? grad.numel() / V : 0;
+  const Reduction code = check_reduction(reduction);
+  const auto factor = upstream_grad(grad_loss, code, {N}, acc_type(grad.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "topk_kl_rescale_", [&] {
+    using acc_t = Acc<scalar_t>;
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const acc_t* f = factor.const_data_ptr<acc_t>();
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const acc_t fn = f[code == Reduction::kNone ? n : 0];
+        if (fn == acc_t(1)) continue;
+        for (scalar_t* x = g + n * V; x != g + (n + 1) * V; ++x)
+          *x = static_cast<scalar_t>(static_cast<acc_t>(*x) * fn);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdloss, CPU, m) {
+  m.impl("topk_kl_rescale_", &topk_kl_rescale_);
   m.impl("topk_kl_fwd", &topk_kl_fwd);
   m.impl("topk_kl_bwd", &topk_kl_bwd);
   m.impl("topk_kl_fwd_grad", &topk_kl_fwd_grad);

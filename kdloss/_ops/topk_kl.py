@@ -39,7 +39,7 @@ gradient entries are summed, race-free — on every device and in every op.
 import torch
 
 from .._validation import accumulation_dtype
-from . import LIB, first_order_only
+from . import LIB, first_order_only, traced
 
 _ARGS = (
     "Tensor ids, Tensor target_logp, Tensor tail_logp, Tensor valid, Tensor divisor, "
@@ -52,6 +52,9 @@ LIB.define(
 )
 # CPU only, inside the fused head: topk_kl_fwd_grad with the gradient written over the contiguous logits.
 LIB.define(f"topk_kl_fwd_grad_(Tensor(a!) logits, {_ARGS}) -> (Tensor, Tensor)")
+# The one-pass gradient times the upstream gradient, in place; rows whose factor is exactly 1 are skipped
+# on the device (the eager CUDA backward: no host sync, no pass for the common upstream gradient of 1).
+LIB.define("topk_kl_rescale_(Tensor(a!) grad, Tensor grad_loss, int reduction) -> ()")
 # Frees the CPU kernels' idle gradient blocks (see kdloss.empty_cache); returns their size in bytes.
 LIB.define("topk_kl_release_buffers() -> int")
 # An uninitialised CPU tensor from the same block cache (the fused head's weight gradient and chunk logits).
@@ -107,6 +110,11 @@ def _topk_kl_fwd_grad_in_place_fake(logits, ids, target_logp, tail_logp, valid, 
                              full_support, reduction)
 
 
+@torch.library.register_fake("kdloss::topk_kl_rescale_")
+def _topk_kl_rescale_fake(grad, grad_loss, reduction):
+    return None
+
+
 def _setup_context_grad(ctx, inputs, output):
     *tensors, full_support, reduction, compute_grad, _check_unique = inputs
     _, stats, grad = output
@@ -114,7 +122,11 @@ def _setup_context_grad(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no [N, V] zeros for the gradient output's own (unused) gradient
     ctx.precomputed = compute_grad
     ctx.options = (full_support, reduction)
-    if compute_grad:
+    ctx.held = None
+    if compute_grad and grad.is_cuda and not traced(grad):
+        # held, not saved: the backward scales it in place on the device and hands it over
+        ctx.held = grad
+    elif compute_grad:
         ctx.save_for_backward(grad)
     else:
         ctx.save_for_backward(stats, *tensors)
@@ -143,9 +155,17 @@ def rescaled(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> tor
 def _topk_kl_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
     if grad_loss is None:
         return (None,) * 12
-    if ctx.precomputed:
+    if ctx.precomputed and ctx.saved_tensors:
         (grad,) = ctx.saved_tensors
         grad = rescaled(grad, grad_loss, ctx.options[1])
+    elif ctx.precomputed:
+        grad, ctx.held = ctx.held, None
+        if grad is None:
+            raise RuntimeError(
+                "topk_kl_loss: the gradient computed in the forward (precompute_grad, the CUDA default) was "
+                "handed over by the first backward through this graph; for a second backward (retain_graph=True) "
+                "pass precompute_grad=False")
+        torch.ops.kdloss.topk_kl_rescale_(grad, grad_loss, ctx.options[1])
     else:
         stats, *tensors = ctx.saved_tensors
         grad = torch.ops.kdloss.topk_kl_bwd(grad_loss, stats, *tensors, *ctx.options)
