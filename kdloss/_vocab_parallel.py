@@ -425,7 +425,7 @@ def _reference_loss(full_logits, teacher_ids, teacher_values, labels, options, n
 
 
 def topk_kl_vocab_parallel(student_logits, teacher_ids, teacher_values, labels, *, options, num_items_in_batch,
-                           backend: str, group) -> torch.Tensor:
+                           backend: str, group, validate: bool = True) -> torch.Tensor:
     """:func:`kdloss.topk_kl_loss` with ``student_logits`` this rank's vocabulary shard (see the module
     docstring); every rank of the group must call it with the same rows and teacher."""
     local, pg = vocab_shard(student_logits, group, -1, "student_logits", other_shards=True)
@@ -438,7 +438,8 @@ def topk_kl_vocab_parallel(student_logits, teacher_ids, teacher_values, labels, 
     device = check_same_device(**tensors)
     num_items = check_num_items(num_items_in_batch, options.reduction, device)
     offset, vocab = shard_layout(vocab_local, pg, device)
-    check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
+    if validate:
+        check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
     if not use_kernel("topk_kl", device, backend):
         full = _GatherVocab.apply(local, pg, offset)
         return _reference_loss(full, teacher_ids, teacher_values, labels, options, num_items)
@@ -597,7 +598,7 @@ def _head_shards(hidden, weight, bias, group):
 
 def fused_linear_topk_kl_vocab_parallel(hidden, weight, teacher_ids, teacher_values, labels, *, bias, options,
                                         num_items_in_batch, backend: str, group,
-                                        all_reduce_hidden_grad: bool) -> torch.Tensor:
+                                        all_reduce_hidden_grad: bool, validate: bool = True) -> torch.Tensor:
     """:func:`kdloss.fused_linear_topk_kl_loss` with ``weight`` (and ``bias``) this rank's rows of the
     output layer; ``hidden`` the same on every rank of the group."""
     check_bool(all_reduce_hidden_grad, "all_reduce_hidden_grad")
@@ -610,7 +611,8 @@ def fused_linear_topk_kl_vocab_parallel(hidden, weight, teacher_ids, teacher_val
     device = check_same_device(**tensors)
     num_items = check_num_items(num_items_in_batch, options.reduction, device)
     offset, vocab = shard_layout(vocab_local, pg, device)
-    check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
+    if validate:
+        check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
     softcap = 0.0 if options.softcap is None else float(options.softcap)
     if not use_kernel("fused_linear_topk_kl", device, backend):
         from .fused_linear_topk_kl import chunk_logits

@@ -25,6 +25,7 @@ from ._options import OptionsModule
 from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets, temperature_args
 from ._validation import (
     accumulation_dtype,
+    check_bool,
     check_int,
     check_num_items,
     check_same_device,
@@ -485,6 +486,7 @@ def fused_linear_topk_kl_loss(
     backend: str = "auto",
     vocab_parallel_group=None,
     all_reduce_hidden_grad: bool = True,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Top-k sparse KL of the logits ``softcap(hidden @ weightᵀ + bias)`` without materialising them.
 
@@ -521,6 +523,10 @@ def fused_linear_topk_kl_loss(
             in the backward (default True: what the replicated input of a column-parallel layer needs).
             Set False when your framework reduces it already (for example Megatron's
             ``copy_to_tensor_model_parallel_region`` or a sequence-parallel gather in front of the head).
+        validate: check the data of ``teacher_ids`` (in ``[0, V)``, unique among slots with teacher mass)
+            and ``labels`` (default True): one host synchronisation per call, which ``validate=False``
+            skips for hot loops. Without it a repeated id counts once per slot; ids outside ``[0, V)``
+            still raise on CPU (the kernel checks them in its pass) and contribute nothing on CUDA.
 
     Shape:
         ``hidden [..., H]``, ``weight [V, H]``, ``teacher_ids [..., k]``, ``teacher_values [..., k]``,
@@ -552,6 +558,7 @@ def fused_linear_topk_kl_loss(
         reduction=reduction, softcap=softcap, chunk_size=chunk_size, chunk_bytes=chunk_bytes,
             weight_grad_dtype=weight_grad_dtype,
     )
+    check_bool(validate, "validate")
     if vocab_parallel_group is not None or is_dtensor(weight):
         if options.weight_grad_dtype is not None:
             raise ValueError("weight_grad_dtype is not available with vocabulary parallelism (vocab_parallel_group "
@@ -559,7 +566,7 @@ def fused_linear_topk_kl_loss(
         return fused_linear_topk_kl_vocab_parallel(
             hidden, weight, teacher_ids, teacher_values, labels, bias=bias, options=options,
             num_items_in_batch=num_items_in_batch, backend=backend, group=vocab_parallel_group,
-            all_reduce_hidden_grad=all_reduce_hidden_grad)
+            all_reduce_hidden_grad=all_reduce_hidden_grad, validate=validate)
     vocab = _check_head(hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
     check_teacher(teacher_ids, teacher_values, labels, lead, "hidden [..., H]")
@@ -567,7 +574,8 @@ def fused_linear_topk_kl_loss(
     tensors.update({name: t for name, t in (("bias", bias), ("labels", labels)) if t is not None})
     device = check_same_device(**tensors)
     num_items = check_num_items(num_items_in_batch, reduction, device)
-    check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
+    if validate:
+        check_teacher_data(teacher_ids, teacher_values, labels, vocab, options.ignore_index)
     logits_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if not use_kernel("fused_linear_topk_kl", device, backend):
         from .reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
@@ -595,8 +603,8 @@ class FusedLinearTopKKLLoss(OptionsModule):
     Args:
         softcap, chunk_size, chunk_bytes, weight_grad_dtype, values, tail, student_support, temperature,
         teacher_temperature, scale_by_t2, ignore_index, reduction, backend: as in :func:`fused_linear_topk_kl_loss`.
-        vocab_parallel_group, all_reduce_hidden_grad: as in :func:`fused_linear_topk_kl_loss`; plain attributes
-            (runtime state, not options).
+        vocab_parallel_group, all_reduce_hidden_grad, validate: as in :func:`fused_linear_topk_kl_loss`; plain
+            attributes (runtime state, not options).
 
     Shape:
         ``forward(hidden [..., H], weight [V, H], teacher_ids [..., k], teacher_values [..., k],
@@ -627,6 +635,7 @@ class FusedLinearTopKKLLoss(OptionsModule):
         backend: str = "auto",
         vocab_parallel_group=None,
         all_reduce_hidden_grad: bool = True,
+        validate: bool = True,
     ) -> None:
         options = FusedLinearTopKKLOptions(
             values=values, tail=tail, student_support=student_support, temperature=temperature,
@@ -637,6 +646,7 @@ class FusedLinearTopKKLLoss(OptionsModule):
         super().__init__(options, backend)
         self.vocab_parallel_group = vocab_parallel_group
         self.all_reduce_hidden_grad = all_reduce_hidden_grad
+        self.validate = validate
 
     def forward(
         self,
@@ -653,4 +663,5 @@ class FusedLinearTopKKLLoss(OptionsModule):
         return fused_linear_topk_kl_loss(hidden, weight, teacher_ids, teacher_values, labels, bias=bias,
                                          num_items_in_batch=num_items_in_batch, backend=self.backend,
                                          vocab_parallel_group=self.vocab_parallel_group,
-                                         all_reduce_hidden_grad=self.all_reduce_hidden_grad, **self.option_kwargs())
+                                         all_reduce_hidden_grad=self.all_reduce_hidden_grad, validate=self.validate,
+                                         **self.option_kwargs())

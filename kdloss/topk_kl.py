@@ -143,9 +143,10 @@ def topk_kl_loss(
                             teacher_temperature=teacher_temperature, scale_by_t2=scale_by_t2,
                             ignore_index=ignore_index, reduction=reduction)
     if vocab_parallel_group is not None or is_dtensor(student_logits):
+        check_bool(validate, "validate")
         return topk_kl_vocab_parallel(student_logits, teacher_ids, teacher_values, labels, options=options,
                                       num_items_in_batch=num_items_in_batch, backend=backend,
-                                      group=vocab_parallel_group)
+                                      group=vocab_parallel_group, validate=validate)
     vocab = _check_logits(student_logits)
     lead = tuple(student_logits.shape[:-1])
     check_teacher(teacher_ids, teacher_values, labels, lead, "student_logits [..., V]")

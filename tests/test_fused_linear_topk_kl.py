@@ -378,3 +378,28 @@ def test_bad_inputs_raise_naming_the_argument(index):
     call, name = _bad_calls()[index]
     with raises_naming(name):
         call()
+
+
+def test_validate_false_skips_the_data_checks_and_counts_repeated_ids_per_slot():
+    """validate=False (hot loops): no host-synchronising id checks; a repeated id counts once per slot,
+    as the unfused loss counts it with validation off; ids outside [0, V) still raise on CPU."""
+    h, w, _, ids, vals, labels = make_head(seed=41)
+    ids = ids.clone()
+    ids[:, 2] = ids[:, 1]
+    with raises_naming("teacher_ids"):
+        fused_linear_topk_kl_loss(h, w, ids, vals, labels=labels)
+    fused = fused_linear_topk_kl_loss(h, w, ids, vals, labels=labels, validate=False, backend="kernel")
+    unfused = topk_kl_loss(h @ w.T, ids, vals, labels, validate=False, backend="kernel")
+    assert_close_fp64(fused, unfused)
+    gf = torch.autograd.grad(fused, (h, w))
+    gu = torch.autograd.grad(unfused, (h, w))
+    for a, b in zip(gf, gu, strict=True):
+        assert_close_fp64(a, b)
+    module = FusedLinearTopKKLLoss(validate=False)
+    assert_close_fp64(module(h, w, ids, vals, labels), fused)
+    bad = ids.clone()
+    bad[0, 0] = w.shape[0]
+    with pytest.raises(ValueError, match="teacher_ids"):
+        fused_linear_topk_kl_loss(h, w, bad, vals, labels=labels, validate=False, backend="kernel")
+    with raises_naming("validate"):
+        fused_linear_topk_kl_loss(h, w, ids, vals, validate=1)
