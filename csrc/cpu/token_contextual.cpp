@@ -31,6 +31,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kdloss/cpu_exp.h"
@@ -137,33 +138,63 @@ void scale_and_mirror(acc_t* out, int64_t ld, acc_t scale, int64_t r0, int64_t r
   }
 }
 
-// In place: v[0..N) → softmax(v); writes the row's max m and l = log Σ_j exp(v_j − m).
+// The max of v[0..N), NaN when any element is NaN.
 template <typename acc_t>
-void softmax_row(acc_t* v, int64_t N, acc_t& m_out, acc_t& l_out) {
+acc_t row_max(const acc_t* v, int64_t N) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   int64_t j = 0;
   if (N >= V) {
-    Vec vm = Vec::loadu(v);
+    Vec vm = Vec::loadu(v);  // at::vec::maximum propagates NaN
     for (j = V; j + V <= N; j += V) vm = at::vec::maximum(vm, Vec::loadu(v + j));
     m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; j < N; ++j) m = std::max(m, v[j]);
-  const Vec vmax(m);
+  for (; j < N; ++j) m = std::isnan(v[j]) || v[j] > m ? v[j] : m;
+  return m;
+}
+
+// In place: v[0..N) → exp((v − m) − l); returns Σ_j of the results. With m and l finite every
+// argument is ≤ 0 or −inf (m is the row max, l ≥ 0): the cheaper exp without the overflow branch;
+// otherwise (an infinite or NaN row) the general one, so that NaN and inf propagate.
+template <typename acc_t>
+acc_t exp_shifted(acc_t* v, int64_t N, acc_t m, acc_t l) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vm(m), vl(l);
   Vec vs(acc_t(0));
-  for (j = 0; j + V <= N; j += V) {
-    const Vec e = vexp(Vec::loadu(v + j) - vmax);
-    e.store(v + j);
-    vs = vs + e;
+  int64_t j = 0;
+  if (std::isfinite(m) && std::isfinite(l)) {
+    for (; j + V <= N; j += V) {
+      const Vec e = vexp_nonpositive((Vec::loadu(v + j) - vm) - vl);
+      e.store(v + j);
+      vs = vs + e;
+    }
+  } else {
+    for (; j + V <= N; j += V) {
+      const Vec e = vexp((Vec::loadu(v + j) - vm) - vl);
+      e.store(v + j);
+      vs = vs + e;
+    }
   }
   acc_t s = vec_sum(vs);
   for (; j < N; ++j) {
-    v[j] = std::exp(v[j] - m);
+    v[j] = std::exp((v[j] - m) - l);
     s += v[j];
   }
+  return s;
+}
+
+// In place: v[0..N) → softmax(v); writes the row's max m and l = log Σ_j exp(v_j − m).
+template <typename acc_t>
+void softmax_row(acc_t* v, int64_t N, acc_t& m_out, acc_t& l_out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t m = row_max(v, N);
+  const acc_t s = exp_shifted(v, N, m, acc_t(0));
   const Vec inv(acc_t(1) / s);
-  for (j = 0; j + V <= N; j += V) (Vec::loadu(v + j) * inv).store(v + j);
+  int64_t j = 0;
+  for (; j + V <= N; j += V) (Vec::loadu(v + j) * inv).store(v + j);
   for (; j < N; ++j) v[j] *= acc_t(1) / s;
   m_out = m;
   l_out = std::log(s);
@@ -172,12 +203,7 @@ void softmax_row(acc_t* v, int64_t N, acc_t& m_out, acc_t& l_out) {
 // In place: v[0..N) → exp((v − m) − l), the softmax rebuilt from saved statistics.
 template <typename acc_t>
 void softmax_from_stats(acc_t* v, int64_t N, acc_t m, acc_t l) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const Vec vm(m), vl(l);
-  int64_t j = 0;
-  for (; j + V <= N; j += V) vexp((Vec::loadu(v + j) - vm) - vl).store(v + j);
-  for (; j < N; ++j) v[j] = std::exp((v[j] - m) - l);
+  exp_shifted(v, N, m, l);
 }
 
 // Σ_j (A_j − P_j)² (returned) and ρ = Σ_j (A_j − P_j) A_j of one row.
@@ -233,13 +259,20 @@ void symmetrize(acc_t* v, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) v[i * ld + i] = scale * (v[i * ld + i] + v[i * ld + i]);
 }
 
-// Rows [m0, m1) (multiples of kGemmMR) of W [n_pad, N] (row stride ld) · x, one GEMM over the packed
-// student into g [n_pad, d_cols], then the rows below N stored to out [N, D].
+// Rows [m0, m1) (multiples of kGemmMR) of W [n_pad, N] (row stride ld) · x into out [N, D]: one GEMM
+// over the packed student, straight into out where its rows and columns match the micro-tiles (same
+// type, D a multiple of the panel width, whole tiles below N), the rest through g [n_pad, d_cols].
 template <typename acc_t, typename out_t>
 void weighted_sum(const acc_t* w, int64_t ld, const PackedImage<acc_t>& x, acc_t* g, out_t* out, int64_t m0,
                   int64_t m1) {
-  gemm_rows(w, ld, x.columns.data(), x.N, g, x.d_cols, m0, m1, x.d_cols, false);
-  for (int64_t i = m0; i < std::min(m1, x.N); ++i)
+  int64_t direct_end = m0;  // rows [m0, direct_end) go straight to out
+  if constexpr (std::is_same_v<acc_t, out_t>) {
+    if (x.d_cols == x.D) direct_end = std::max(m0, std::min(m1, x.N / kGemmMR * kGemmMR));
+    if (direct_end > m0) gemm_rows(w, ld, x.columns.data(), x.N, out, x.D, m0, direct_end, x.d_cols, false);
+  }
+  if (direct_end == m1) return;
+  gemm_rows(w, ld, x.columns.data(), x.N, g, x.d_cols, direct_end, m1, x.d_cols, false);
+  for (int64_t i = direct_end; i < std::min(m1, x.N); ++i)
     for (int64_t d = 0; d < x.D; ++d) out[i * x.D + d] = static_cast<out_t>(g[i * x.d_cols + d]);
 }
 

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace kdloss {
 namespace cpu {
@@ -100,6 +101,28 @@ void gemm_blocked(const acc_t* a, int64_t lda, const acc_t* panels, int64_t K, a
   gemm_rows(a, lda, panels, K, c, ldc, 0, m_pad, n_pad, lower);
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// dst[c·ldd + r] = src[r·ld + c] for r, c < 8: one 8 × 8 block transposed in registers.
+inline void transpose_8x8(const float* src, int64_t ld, float* dst, int64_t ldd) {
+  __m256 r[8], t[8], u[8];
+  for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src + q * ld);
+  for (int q = 0; q < 8; q += 2) {  // pairs of rows interleaved: (r0 r1) element by element
+    t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+    t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+  }
+  for (int q = 0; q < 8; q += 4) {  // quadruples of rows: columns c and c + 4 of rows q..q+3
+    u[q] = _mm256_shuffle_ps(t[q], t[q + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[q + 1] = _mm256_shuffle_ps(t[q], t[q + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[q + 2] = _mm256_shuffle_ps(t[q + 1], t[q + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(u[c], u[c + 4], 0x20));
+    _mm256_storeu_ps(dst + (c + 4) * ldd, _mm256_permute2f128_ps(u[c], u[c + 4], 0x31));
+  }
+}
+#endif
+
 // x: `rows` rows of width D (row stride ld) → out [ceil(rows / nr)][D][nr], out[p][k][j] =
 // x[p·nr + j][k] (0 past the last row): the packed B operand of a product with xᵀ.
 template <typename acc_t, typename src_t>
@@ -108,12 +131,21 @@ void pack_row_panels(const src_t* x, int64_t ld, int64_t rows, int64_t D, acc_t*
   for (int64_t p0 = 0; p0 < rows; p0 += nr) {
     acc_t* panel = out + (p0 / nr) * D * nr;
     const int64_t width = std::min(nr, rows - p0);
+    int64_t k_done = 0;  // columns already packed by the 8 × 8 transposes
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<src_t, float>) {
+      if (width == nr) {
+        for (; k_done + 8 <= D; k_done += 8)
+          for (int64_t j0 = 0; j0 < nr; j0 += 8) transpose_8x8(x + (p0 + j0) * ld + k_done, ld, panel + k_done * nr + j0, nr);
+      }
+    }
+#endif
     for (int64_t j = 0; j < nr; ++j) {
       if (j < width) {
         const src_t* row = x + (p0 + j) * ld;
-        for (int64_t k = 0; k < D; ++k) panel[k * nr + j] = static_cast<acc_t>(row[k]);
+        for (int64_t k = k_done; k < D; ++k) panel[k * nr + j] = static_cast<acc_t>(row[k]);
       } else {
-        for (int64_t k = 0; k < D; ++k) panel[k * nr + j] = acc_t(0);
+        for (int64_t k = k_done; k < D; ++k) panel[k * nr + j] = acc_t(0);
       }
     }
   }
@@ -129,7 +161,11 @@ void pack_col_panels(const src_t* x, int64_t ld, int64_t K, int64_t D, acc_t* ou
     const int64_t width = std::min(nr, D - q0);
     for (int64_t k = 0; k < K; ++k) {
       const src_t* row = x + k * ld + q0;
-      for (int64_t j = 0; j < nr; ++j) panel[k * nr + j] = j < width ? static_cast<acc_t>(row[j]) : acc_t(0);
+      if (width == nr) {  // a full panel row: a straight (vectorisable) copy
+        for (int64_t j = 0; j < nr; ++j) panel[k * nr + j] = static_cast<acc_t>(row[j]);
+      } else {
+        for (int64_t j = 0; j < nr; ++j) panel[k * nr + j] = j < width ? static_cast<acc_t>(row[j]) : acc_t(0);
+      }
     }
   }
 }
