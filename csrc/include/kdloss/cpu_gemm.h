@@ -136,7 +136,8 @@ void pack_row_panels(const src_t* x, int64_t ld, int64_t rows, int64_t D, acc_t*
     if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<src_t, float>) {
       if (width == nr) {
         for (; k_done + 8 <= D; k_done += 8)
-          for (int64_t j0 = 0; j0 < nr; j0 += 8) transpose_8x8(x + (p0 + j0) * ld + k_done, ld, panel + k_done * nr + j0, nr);
+          for (int64_t j0 = 0; j0 < nr; j0 += 8)
+            transpose_8x8(x + (p0 + j0) * ld + k_done, ld, panel + k_done * nr + j0, nr);
       }
     }
 #endif
