@@ -18,7 +18,8 @@ student's dtype outside autocast) and the O(B·N) state the backward needs, so t
 * ``rho`` ``[B, N]``: ``ρ_i = Σ_j (A_ij − P_ij) A_ij``;
 * ``grad_unit``: with ``with_grad`` and a scalar reduction (mean or sum), the gradient for an
   upstream gradient of 1, ``[B, N, Ds]`` in the accumulation dtype, computed in the forward (the
-  backward scales it and rounds once to the student's dtype: no recomputation); otherwise an empty
+  backward scales it and rounds once to the student's dtype: no recomputation; for an upstream
+  gradient of exactly 1 on CPU, outside tracing, it skips the product); otherwise an empty
   ``[0]`` tensor and the backward recomputes the similarities from the O(B·N) statistics.
 """
 
