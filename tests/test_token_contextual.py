@@ -59,11 +59,12 @@ def test_kernel_matches_reference_fp64(device, reduction, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_error_bound(device, dtype):
+@pytest.mark.parametrize("ds, dt", [(24, 40), (32, 17)])  # 32: whole fp32 panels, gradient written in place
+def test_low_precision_error_bound(device, dtype, ds, dt):
     from kdloss.testing import get
 
     spec = get("token_contextual")
-    case = {"batch": 2, "tokens": 37, "ds": 24, "dt": 40, "reduction": "mean", "layout": "contiguous",
+    case = {"batch": 2, "tokens": 37, "ds": ds, "dt": dt, "reduction": "mean", "layout": "contiguous",
             "magnitude": 1.0, "seed": 3}
     built = spec.build(case, device, dtype)
     (s,) = built.inputs
@@ -151,10 +152,25 @@ def test_teacher_is_a_constant_and_mixed_dtypes(device):
 def test_cpu_results_independent_of_thread_count():
     from kdloss.testing import check_determinism
 
-    for tokens_per_image in (29, 150):  # images shorter and longer than the micro-tiles' padding
-        check_determinism("token_contextual", {"batch": 3, "tokens": tokens_per_image, "ds": 19, "dt": 11,
+    # images shorter and longer than the micro-tiles' padding; ds = 32: whole panels (register transposes,
+    # the gradient written straight into the output)
+    for tokens_per_image, ds in ((29, 19), (150, 19), (29, 32)):
+        check_determinism("token_contextual", {"batch": 3, "tokens": tokens_per_image, "ds": ds, "dt": 11,
                                                "reduction": "mean", "layout": "contiguous", "magnitude": 1.0,
                                                "seed": 8})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_non_finite_tokens_give_the_reference_nans(bad, side):
+    gen = torch.Generator().manual_seed(4)
+    s, t = tokens(2, 19, 16, torch.float32, gen=gen), tokens(2, 19, 16, torch.float32, gen=gen)
+    (s if side == "student" else t)[1, 3, 2] = bad
+    out = token_contextual_loss(s, t, reduction="none", backend="kernel")
+    ref = token_contextual_reference(s, t, reduction="none")
+    assert ref.isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert token_contextual_loss(s, t, backend="kernel").isnan()
 
 
 @pytest.mark.parametrize("call, match", [

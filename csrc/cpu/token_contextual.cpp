@@ -31,6 +31,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kdloss/cpu_exp.h"
@@ -125,59 +126,94 @@ void lower_products(const PackedImage<acc_t>& x, acc_t* out, int64_t ld, int64_t
   gemm_rows(x.rows.data(), x.ld, x.panels.data(), x.D, out, ld, m0, m1, x.n_cols, true);
 }
 
-// Rows [r0, r1): the lower triangle scaled, then copied into the upper one (S exactly symmetric).
-// Row i writes only its own j ≤ i and the column entries (j, i), j < i, that no other row touches.
+// Rows [r0, r1): the lower triangle copied into the upper one (S exactly symmetric). Row i writes
+// only the column entries (j, i), j < i, that no other row touches.
 template <typename acc_t>
-void scale_and_mirror(acc_t* out, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
-  for (int64_t i = r0; i < r1; ++i)
-    for (int64_t j = 0; j <= i; ++j) out[i * ld + j] *= scale;
+void mirror_lower(acc_t* out, int64_t ld, int64_t r0, int64_t r1) {
   for (int64_t j0 = 0; j0 < r1; j0 += kTransposeBlock) {  // a kTransposeBlock-row strip of columns [r0, r1)
     for (int64_t i = std::max(r0, j0); i < r1; ++i)
       for (int64_t j = j0; j < std::min(j0 + kTransposeBlock, i); ++j) out[j * ld + i] = out[i * ld + j];
   }
 }
 
-// In place: v[0..N) → softmax(v); writes the row's max m and l = log Σ_j exp(v_j − m).
+// In place: v[0..N) → scale·v (rounded: a product alone, nothing to fuse it with); returns the max
+// of the results, NaN when any is NaN.
 template <typename acc_t>
-void softmax_row(acc_t* v, int64_t N, acc_t& m_out, acc_t& l_out) {
+acc_t scale_row_max(acc_t* v, int64_t N, acc_t scale) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
+  const Vec vscale(scale);
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   int64_t j = 0;
   if (N >= V) {
-    Vec vm = Vec::loadu(v);
-    for (j = V; j + V <= N; j += V) vm = at::vec::maximum(vm, Vec::loadu(v + j));
+    Vec vm(m);
+    for (; j + V <= N; j += V) {
+      const Vec x = Vec::loadu(v + j) * vscale;
+      x.store(v + j);
+      vm = at::vec::maximum(vm, x);  // propagates NaN
+    }
     m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; j < N; ++j) m = std::max(m, v[j]);
-  const Vec vmax(m);
+  for (; j < N; ++j) {
+    v[j] *= scale;
+    m = std::isnan(v[j]) || v[j] > m ? v[j] : m;
+  }
+  return m;
+}
+
+// In place: v[0..N) → exp((v − m) − l); returns Σ_j of the results. With m and l finite every
+// argument is ≤ 0 or −inf (m is the row max, l ≥ 0): the cheaper exp without the overflow branch;
+// otherwise (an infinite or NaN row) the general one, so that NaN and inf propagate.
+template <typename acc_t>
+acc_t exp_shifted(acc_t* v, int64_t N, acc_t m, acc_t l) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vm(m), vl(l);
   Vec vs(acc_t(0));
-  for (j = 0; j + V <= N; j += V) {
-    const Vec e = vexp(Vec::loadu(v + j) - vmax);
-    e.store(v + j);
-    vs = vs + e;
+  int64_t j = 0;
+  if (std::isfinite(m) && std::isfinite(l)) {
+    for (; j + V <= N; j += V) {
+      const Vec e = vexp_nonpositive((Vec::loadu(v + j) - vm) - vl);
+      e.store(v + j);
+      vs = vs + e;
+    }
+  } else {
+    for (; j + V <= N; j += V) {
+      const Vec e = vexp((Vec::loadu(v + j) - vm) - vl);
+      e.store(v + j);
+      vs = vs + e;
+    }
   }
   acc_t s = vec_sum(vs);
   for (; j < N; ++j) {
-    v[j] = std::exp(v[j] - m);
+    v[j] = std::exp((v[j] - m) - l);
     s += v[j];
   }
+  return s;
+}
+
+// In place: v[0..N) (raw dot products) → softmax(scale·v); writes the row's max m of scale·v and
+// l = log Σ_j exp(scale·v_j − m).
+template <typename acc_t>
+void softmax_row(acc_t* v, int64_t N, acc_t scale, acc_t& m_out, acc_t& l_out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t m = scale_row_max(v, N, scale);
+  const acc_t s = exp_shifted(v, N, m, acc_t(0));
   const Vec inv(acc_t(1) / s);
-  for (j = 0; j + V <= N; j += V) (Vec::loadu(v + j) * inv).store(v + j);
+  int64_t j = 0;
+  for (; j + V <= N; j += V) (Vec::loadu(v + j) * inv).store(v + j);
   for (; j < N; ++j) v[j] *= acc_t(1) / s;
   m_out = m;
   l_out = std::log(s);
 }
 
-// In place: v[0..N) → exp((v − m) − l), the softmax rebuilt from saved statistics.
+// In place: v[0..N) (raw dot products) → exp((scale·v − m) − l), the softmax rebuilt from saved
+// statistics.
 template <typename acc_t>
-void softmax_from_stats(acc_t* v, int64_t N, acc_t m, acc_t l) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const Vec vm(m), vl(l);
-  int64_t j = 0;
-  for (; j + V <= N; j += V) vexp((Vec::loadu(v + j) - vm) - vl).store(v + j);
-  for (; j < N; ++j) v[j] = std::exp((v[j] - m) - l);
+void softmax_from_stats(acc_t* v, int64_t N, acc_t scale, acc_t m, acc_t l) {
+  scale_row_max(v, N, scale);
+  exp_shifted(v, N, m, l);
 }
 
 // Σ_j (A_j − P_j)² (returned) and ρ = Σ_j (A_j − P_j) A_j of one row.
@@ -221,7 +257,7 @@ void softmax_backward_row(acc_t* a, const acc_t* p, int64_t N, acc_t c, acc_t r)
 // is handled by row i alone, so row ranges can run in parallel.
 template <typename acc_t>
 void symmetrize(acc_t* v, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
-  for (int64_t j0 = 0; j0 < r1; j0 += kTransposeBlock) {  // strips of rows j, as in scale_and_mirror
+  for (int64_t j0 = 0; j0 < r1; j0 += kTransposeBlock) {  // strips of rows j, as in mirror_lower
     for (int64_t i = std::max(r0, j0); i < r1; ++i) {
       for (int64_t j = j0; j < std::min(j0 + kTransposeBlock, i); ++j) {
         const acc_t w = scale * (v[i * ld + j] + v[j * ld + i]);
@@ -233,13 +269,20 @@ void symmetrize(acc_t* v, int64_t ld, acc_t scale, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) v[i * ld + i] = scale * (v[i * ld + i] + v[i * ld + i]);
 }
 
-// Rows [m0, m1) (multiples of kGemmMR) of W [n_pad, N] (row stride ld) · x, one GEMM over the packed
-// student into g [n_pad, d_cols], then the rows below N stored to out [N, D].
+// Rows [m0, m1) (multiples of kGemmMR) of W [n_pad, N] (row stride ld) · x into out [N, D]: one GEMM
+// over the packed student, straight into out where its rows and columns match the micro-tiles (same
+// type, D a multiple of the panel width, whole tiles below N), the rest through g [n_pad, d_cols].
 template <typename acc_t, typename out_t>
 void weighted_sum(const acc_t* w, int64_t ld, const PackedImage<acc_t>& x, acc_t* g, out_t* out, int64_t m0,
                   int64_t m1) {
-  gemm_rows(w, ld, x.columns.data(), x.N, g, x.d_cols, m0, m1, x.d_cols, false);
-  for (int64_t i = m0; i < std::min(m1, x.N); ++i)
+  int64_t direct_end = m0;  // rows [m0, direct_end) go straight to out
+  if constexpr (std::is_same_v<acc_t, out_t>) {
+    if (x.d_cols == x.D) direct_end = std::max(m0, std::min(m1, x.N / kGemmMR * kGemmMR));
+    if (direct_end > m0) gemm_rows(w, ld, x.columns.data(), x.N, out, x.D, m0, direct_end, x.d_cols, false);
+  }
+  if (direct_end == m1) return;
+  gemm_rows(w, ld, x.columns.data(), x.N, g, x.d_cols, direct_end, m1, x.d_cols, false);
+  for (int64_t i = direct_end; i < std::min(m1, x.N); ++i)
     for (int64_t d = 0; d < x.D; ++d) out[i * x.D + d] = static_cast<out_t>(g[i * x.d_cols + d]);
 }
 
@@ -275,7 +318,8 @@ struct ImageWork {
         t(xs.n_pad * ld, acc_t(0)),
         g(for_gradient ? xs.n_pad * xs.d_cols : 0) {}
 
-  // S and T of image b, scaled; with `parallel` the row blocks are split over threads.
+  // The raw dot products F Fᵀ of image b, both sides (the softmaxes apply 1/√D); with `parallel` the
+  // row blocks are split over threads.
   template <typename scalar_t, typename teacher_t>
   void similarities_of(const Problem& p, const scalar_t* student, const teacher_t* teacher, int64_t b, bool parallel) {
     xs.load(student + b * p.N * p.Ds);
@@ -285,8 +329,8 @@ struct ImageWork {
       lower_products(xt, t.data(), ld, m0, m1);
     });
     over_rows(p.N, parallel, [&](int64_t r0, int64_t r1) {
-      scale_and_mirror(s.data(), ld, static_cast<acc_t>(p.scale_s), r0, r1);
-      scale_and_mirror(t.data(), ld, static_cast<acc_t>(p.scale_t), r0, r1);
+      mirror_lower(s.data(), ld, r0, r1);
+      mirror_lower(t.data(), ld, r0, r1);
     });
   }
 
@@ -352,7 +396,7 @@ void contextual_forward(const Problem& p, const scalar_t* student, const teacher
   std::vector<acc_t> row_sums(rows_total);
   const Stats<acc_t> ss(stats_s, rows_total), st(stats_t, rows_total);
   acc_t* rh = rho.data_ptr<acc_t>();
-  const acc_t one(1);
+  const acc_t one(1), scale_s = static_cast<acc_t>(p.scale_s), scale_t = static_cast<acc_t>(p.scale_t);
   over_images<acc_t>(p, grad_unit != nullptr, [&](ImageWork<acc_t>& work, int64_t b, bool parallel) {
     work.similarities_of(p, student, teacher, b, parallel);
     over_rows(N, parallel, [&](int64_t r0, int64_t r1) {
@@ -360,8 +404,8 @@ void contextual_forward(const Problem& p, const scalar_t* student, const teacher
         const int64_t row = b * N + i;
         acc_t* a = work.s.data() + i * work.ld;
         acc_t* q = work.t.data() + i * work.ld;
-        softmax_row(a, N, ss.max[row], ss.logsum[row]);
-        softmax_row(q, N, st.max[row], st.logsum[row]);
+        softmax_row(a, N, scale_s, ss.max[row], ss.logsum[row]);
+        softmax_row(q, N, scale_t, st.max[row], st.logsum[row]);
         row_sums[row] = squared_error_row(a, q, N, rh[row]);
         if (grad_unit == nullptr) continue;
         const acc_t c = row_coefficient(&one, reduction, row, rows_total, N);
@@ -424,6 +468,7 @@ void contextual_backward(const Problem& p, const scalar_t* student, const teache
   using acc_t = Acc<scalar_t>;
   const int64_t N = p.N, rows_total = p.B * N;
   const Stats<acc_t> sa(stats_s, rows_total), sp(stats_t, rows_total);
+  const acc_t scale_s = static_cast<acc_t>(p.scale_s), scale_t = static_cast<acc_t>(p.scale_t);
   const acc_t* rh = rho.const_data_ptr<acc_t>();
   over_images<acc_t>(p, true, [&](ImageWork<acc_t>& work, int64_t b, bool parallel) {
     work.similarities_of(p, student, teacher, b, parallel);
@@ -432,8 +477,8 @@ void contextual_backward(const Problem& p, const scalar_t* student, const teache
         const int64_t row = b * N + i;
         acc_t* a = work.s.data() + i * work.ld;
         acc_t* q = work.t.data() + i * work.ld;
-        softmax_from_stats(a, N, sa.max[row], sa.logsum[row]);
-        softmax_from_stats(q, N, sp.max[row], sp.logsum[row]);
+        softmax_from_stats(a, N, scale_s, sa.max[row], sa.logsum[row]);
+        softmax_from_stats(q, N, scale_t, sp.max[row], sp.logsum[row]);
         const acc_t c = row_coefficient(grad, reduction, row, rows_total, N);
         softmax_backward_row(a, q, N, c, c * rh[row]);
       }

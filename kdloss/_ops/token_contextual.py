@@ -18,13 +18,15 @@ student's dtype outside autocast) and the O(B·N) state the backward needs, so t
 * ``rho`` ``[B, N]``: ``ρ_i = Σ_j (A_ij − P_ij) A_ij``;
 * ``grad_unit``: with ``with_grad`` and a scalar reduction (mean or sum), the gradient for an
   upstream gradient of 1, ``[B, N, Ds]`` in the accumulation dtype, computed in the forward (the
-  backward scales it and rounds once to the student's dtype: no recomputation); otherwise an empty
+  backward scales it and rounds once to the student's dtype: no recomputation; for an upstream
+  gradient of exactly 1 on CPU, outside tracing, it skips the product); otherwise an empty
   ``[0]`` tensor and the backward recomputes the similarities from the O(B·N) statistics.
 """
 
 import torch
 
 from . import LIB, first_order_only
+from .topk_kl import rescaled
 
 LIB.define(
     "token_contextual_fwd(Tensor student, Tensor teacher, int reduction, bool with_grad) "
@@ -59,6 +61,7 @@ def _setup_context(ctx, inputs, output):
     student, teacher, reduction, with_grad = inputs
     _, stats_s, stats_t, rho, grad_unit = output
     ctx.mark_non_differentiable(stats_s, stats_t, rho, grad_unit)
+    ctx.set_materialize_grads(False)  # no [B, N, Ds] zeros for grad_unit's own (unused) gradient
     ctx.precomputed = _precomputed(reduction, with_grad)
     ctx.reduction = reduction
     ctx.student_dtype = student.dtype
@@ -69,12 +72,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *_unused):
+    if grad is None:
+        return None, None, None, None
     with torch.no_grad():
         if ctx.precomputed:
             (grad_unit,) = ctx.saved_tensors
-            # out of place (retain_graph may run the backward again); scaled in the accumulation
-            # dtype, rounded once to the student's dtype
-            grad_student = (grad_unit * grad).to(ctx.student_dtype)
+            # out of place (retain_graph may run the backward again; an upstream gradient of exactly 1
+            # on CPU skips the product); scaled in the accumulation dtype, rounded once to the
+            # student's dtype
+            grad_student = rescaled(grad_unit, grad, ctx.reduction).to(ctx.student_dtype)
         else:
             student, teacher, stats_s, stats_t, rho = ctx.saved_tensors
             grad_student = torch.ops.kdloss.token_contextual_bwd(grad, student, teacher, stats_s, stats_t, rho,
