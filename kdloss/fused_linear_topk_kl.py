@@ -397,8 +397,11 @@ for _key in ("CPU", "CUDA"):
 
 def _forward_grad_mask(hidden, weight, bias, reduction: str) -> list[bool]:
     """Which gradients (hidden, weight, bias) the forward computes: those of the inputs that require
-    one, when autograd records and the reduction is a scalar (the backward of ``"none"`` recomputes)."""
-    if reduction == "none" or not torch.is_grad_enabled():
+    one, when autograd records and the reduction is a scalar (the backward of ``"none"`` recomputes).
+    None for float16 logits: the forward's gradients are for an upstream gradient of 1 and held in the
+    logits' dtype, and at a small temperature they may exceed float16's 65504 before the upstream factor
+    brings them back; the backward op applies that factor before anything is rounded to float16."""
+    if reduction == "none" or not torch.is_grad_enabled() or weight.dtype == torch.float16:
         return [False, False, False]
     return [t is not None and t.requires_grad for t in (hidden, weight, bias)]
 
