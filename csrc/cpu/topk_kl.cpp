@@ -306,8 +306,8 @@ struct Coefficients {
 };
 
 template <typename scalar_t>
-Coefficients<double> row_coefficients(const Row<scalar_t>& row, int64_t V, double inv_t,
-                                      const Stats<Acc<scalar_t>>& st, bool full_support) {
+Coefficients<double> row_coefficients(const Row<scalar_t>& row, int64_t V, double inv_t, const Stats<Acc<scalar_t>>& st,
+                                      bool full_support) {
   using acc_t = Acc<scalar_t>;
   const auto mass = kept_mass(row, inv_t, st);
   if (!full_support) return {0.0, mass.teacher, mass.teacher, 0.0};
@@ -735,9 +735,8 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
         }
         const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
         // the kept stats are O(k): recomputed in double rather than read back rounded
-        const Stats<acc_t> st = full_support
-                                    ? Stats<acc_t>{stats_p[2 * n], stats_p[2 * n + 1], stats_p[2 * n + 1]}
-                                    : kept_stats(row, inv_temperature);
+        const Stats<acc_t> st = full_support ? Stats<acc_t>{stats_p[2 * n], stats_p[2 * n + 1], stats_p[2 * n + 1]}
+                                             : kept_stats(row, inv_temperature);
         const auto c = row_coefficients(row, V, inv_temperature, st, full_support);
         dense_softmax_row(out_row, row.z, V, inv_t, st, static_cast<acc_t>(gr * c.alpha));
         write_kept(out_row, row, inv_temperature, st, c, gr, groups, teacher_sum, count);
