@@ -389,6 +389,11 @@ _FUZZ_REGRESSIONS = {
     "fp16-small-T-v2": (torch.float16, dict(rows=1, hidden=1, vocab=2, k=1, tail="renorm", support="full",
                                             temperature=1e-6, scale_by_t2=False, reduction="sum", bias=False,
                                             magnitude=0.3, seed=2)),
+    # float16, T = 1e-6, after the upstream factor: the logit gradient (4e5) still overflowed float16 on
+    # its way to a finite weight gradient (4178 = 4e5 · |h|); the backward now scales it by a power of two
+    "fp16-small-T-logit-gradient": (torch.float16, dict(rows=1, hidden=1, vocab=2, k=1, tail="renorm",
+                                                        support="full", temperature=1e-6, scale_by_t2=False,
+                                                        reduction="sum", bias=False, magnitude=0.3, seed=58)),
     # float32, T = 1000 with T²: q ≈ p̂ ≈ uniform, the gradient T·(κ·q − p̂) a small difference scaled by T;
     # q was rounded through fp32 log q (1.2x and 4.7x over); the kept slots' arithmetic is now in double
     "fp32-large-T-topk-none": (torch.float32, dict(rows=2, hidden=1, vocab=136, k=3, tail="none", support="topk",
