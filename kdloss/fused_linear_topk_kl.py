@@ -373,8 +373,8 @@ def _bwd_chunks(grad, stats, hidden, weight, bias, ids, target_logp, tail_logp, 
     softcap = float(softcap_t)
     grads = _Grads(hidden, weight, bias, grad_mask, weight_grad_dtype)
     if any(g is not None for g in (grads.hidden, grads.weight, grads.bias)):
-        down = _float16_headroom(grad, divisor, inv_temperature, scale, reduction) if weight.dtype == torch.float16 \
-            else None
+        float16 = weight.dtype == torch.float16 and grad.numel() > 0
+        down = _float16_headroom(grad, divisor, inv_temperature, scale, reduction) if float16 else None
         work = _Workspace(hidden, weight, chunk_size)
         for s in _chunks(hidden.shape[0], chunk_size):
             teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
