@@ -48,8 +48,9 @@ _WEIGHT_GRAD_DTYPES = (torch.float32, torch.float64)
 # Chunk size: chosen by bytes
 
 
-#: Default byte budget of one chunk's ``[C, V]`` buffers (the logits and their gradient, both in the
-#: logits' dtype), per device type. CPU: small enough that the fused head's peak extra memory stays a
+#: Default byte budget of one chunk's ``[C, V]`` buffers (the logits, and on CUDA or with a soft-cap
+#: their gradient too, in the logits' dtype; on CPU the gradient is otherwise written over the logits), per
+#: device type. CPU: small enough that the fused head's peak extra memory stays a
 #: fraction of the unfused head's, large enough for efficient GEMMs. CUDA: large chunks, so that the weight
 #: is read few times per step and the top-k kernels get thousands of CTAs.
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
@@ -61,23 +62,32 @@ MIN_CHUNK_ROWS = {"cpu": 64, "cuda": 1024}
 ROW_ALIGN = 64
 
 
-def chunk_row_bytes(vocab: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes a chunk holds per row: its logits and their gradient, ``2 · V · itemsize``."""
-    return 2 * max(vocab, 1) * torch.empty((), dtype=dtype).element_size()
+def gradient_over_logits(device: str | torch.device, softcap: bool) -> bool:
+    """Whether a chunk's logit gradient is written over its logits (one ``[C, V]`` buffer, not two): on
+    CPU without a soft-cap (whose backward needs the capped logits next to the gradient)."""
+    return torch.device(device).type == "cpu" and not softcap
+
+
+def chunk_row_bytes(vocab: int, dtype: torch.dtype = torch.float32, buffers: int = 2) -> int:
+    """Bytes a chunk holds per row: ``buffers · V · itemsize`` (its logits, and its logit gradient unless
+    that is written over them)."""
+    return buffers * max(vocab, 1) * torch.empty((), dtype=dtype).element_size()
 
 
 def default_chunk_size(vocab: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                       chunk_bytes: int | None = None) -> int:
-    """Rows per chunk when ``chunk_size`` is None: the rows whose logits and logit gradient fit in
-    ``chunk_bytes`` (default :data:`CHUNK_BYTES` of the device type: 32 MiB on CPU, 512 MiB on CUDA),
-    at least :data:`MIN_CHUNK_ROWS` (64 on CPU, 1024 on CUDA) unless ``chunk_bytes`` is given, at
-    least 1, rounded down to a multiple of 64 from 64 rows on.
+                       chunk_bytes: int | None = None, softcap: bool = False) -> int:
+    """Rows per chunk when ``chunk_size`` is None: the rows whose ``[C, V]`` buffers fit in ``chunk_bytes``
+    (default :data:`CHUNK_BYTES` of the device type: 32 MiB on CPU, 512 MiB on CUDA), at least
+    :data:`MIN_CHUNK_ROWS` (64 on CPU, 1024 on CUDA) unless ``chunk_bytes`` is given, at least 1, rounded
+    down to a multiple of 64 from 64 rows on. The buffers are the logits and their gradient, or on CPU
+    without a soft-cap the logits alone (the gradient is written over them).
 
     Args:
         vocab: ``V``, the rows of the weight.
         dtype: the logits' dtype (the weight's).
         device: where the head runs (its type picks the defaults).
         chunk_bytes: a byte budget instead of the device's default (then no minimum but 1 row).
+        softcap: whether the logits are soft-capped.
 
     Returns:
         The rows per chunk (an int ≥ 1; a chunk never holds more rows than the input has).
@@ -86,11 +96,13 @@ def default_chunk_size(vocab: int, dtype: torch.dtype = torch.float32, device: s
         >>> default_chunk_size(151936, torch.bfloat16, "cuda")
         1024
         >>> default_chunk_size(32000, torch.float32, "cpu")
+        256
+        >>> default_chunk_size(32000, torch.float32, "cpu", softcap=True)
         128
     """
     kind = torch.device(device).type
     budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES.get(kind, CHUNK_BYTES["cuda"])
-    rows = budget // chunk_row_bytes(vocab, dtype)
+    rows = budget // chunk_row_bytes(vocab, dtype, 1 if gradient_over_logits(device, softcap) else 2)
     if chunk_bytes is None:
         rows = max(rows, MIN_CHUNK_ROWS.get(kind, MIN_CHUNK_ROWS["cuda"]))
     if rows >= ROW_ALIGN:
@@ -138,7 +150,7 @@ class FusedLinearTopKKLOptions(TopKKLOptions):
         """``chunk_size`` when given, else :func:`default_chunk_size` for these logits."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return default_chunk_size(vocab, dtype, device, self.chunk_bytes)
+        return default_chunk_size(vocab, dtype, device, self.chunk_bytes, softcap=self.softcap is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +203,19 @@ def _teacher_slice(s, ids, target_logp, tail_logp, valid):
     return ids[s], target_logp[s], tail_logp[s], valid[s]
 
 
+#: CPU chunks of fewer rows compute their logits as ``(W·hᵀ)ᵀ`` (see :meth:`_Workspace.logits_of`); from
+#: 256 rows on, ``h·Wᵀ`` runs as fast (2 threads, V = 32000) and needs no transient ``[V, C]`` product.
+_DIRECT_GEMM_ROWS = 256
+
+
+def _buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer of the chunk loop: on CPU from the top-k kernels' block cache, so that a
+    training step reuses the previous step's mapped pages (see :func:`kdloss.empty_cache`)."""
+    if device.type == "cpu":
+        return torch.ops.kdloss.topk_kl_empty(list(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class _Workspace:
     """The two buffers a chunk reuses: its counted hidden rows ``[C, H]`` and its logits ``[C, V]``,
     both in the weight's dtype, allocated once per call (the logit gradient comes from the top-k op)."""
@@ -198,7 +223,7 @@ class _Workspace:
     def __init__(self, hidden, weight, chunk_size: int):
         rows = min(chunk_size, hidden.shape[0])
         self.hidden = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        self.logits = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        self.logits = _buffer((rows, weight.shape[0]), weight.dtype, weight.device)
 
     def counted_rows(self, hidden, s, valid_c):
         """``hidden[s]`` in the weight's dtype with the rows that do not count set to 0: they may hold
@@ -210,7 +235,7 @@ class _Workspace:
     def logits_of(self, hidden_c, weight, bias, softcap: float):
         """``softcap(hidden_c @ weightᵀ + bias)`` written into the logits buffer (no allocation)."""
         out = self.logits[:hidden_c.shape[0]]
-        if out.device.type == "cpu":
+        if out.device.type == "cpu" and out.shape[0] < _DIRECT_GEMM_ROWS:
             # MKL threads W·hᵀ ([V, C]) far better than h·Wᵀ for a short chunk (2 threads, C = 128,
             # V = 32000: 2x faster); the transposing copy is cheap, and the [V, C] product is freed
             # before the top-k op allocates the chunk's gradient (two [C, V]-sized buffers at a time)
@@ -236,8 +261,7 @@ class _Grads:
         self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_hidden else None
         self.weight = None
         if want_weight:  # not zero-filled: the first chunk's GEMM overwrites it (beta = 0)
-            self.weight = torch.empty(weight.shape, dtype=_weight_grad_dtype(weight.dtype, weight_grad_dtype),
-                                      device=weight.device)
+            self.weight = _buffer(weight.shape, _weight_grad_dtype(weight.dtype, weight_grad_dtype), weight.device)
         self.weight_written = False
         self.bias = None
         if want_bias and bias is not None:
@@ -350,7 +374,10 @@ def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, diviso
         teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
         hidden_c = work.counted_rows(hidden, s, teacher[3])
         capped = work.logits_of(hidden_c, weight, bias, softcap)
-        if compute_grad:
+        if compute_grad and gradient_over_logits(hidden.device, softcap > 0):
+            loss_c, stats[s] = torch.ops.kdloss.topk_kl_fwd_grad_(capped, *teacher, *options, reduction)
+            grads.fold(s, capped, capped, hidden_c, weight, softcap)
+        elif compute_grad:
             loss_c, stats[s], grad_logits = _chunk_loss_and_logit_grad(capped, teacher, *options, reduction)
             grads.fold(s, grad_logits, capped, hidden_c, weight, softcap)
             del grad_logits  # freed before the next chunk's is allocated: one chunk's gradient at a time
@@ -497,7 +524,8 @@ def fused_linear_topk_kl_loss(
             the softmax). None (default) for none.
         chunk_size: rows per chunk (default: chosen by bytes, :func:`default_chunk_size` — the rows whose
             logits and logit gradient fit in 32 MiB on CPU, 512 MiB on CUDA, and at least 64 rows on CPU,
-            1024 on CUDA). Extra memory is one chunk, ``2 · chunk_size · V`` logits, plus the gradients wanted.
+            1024 on CUDA). Extra memory is one chunk, ``2 · chunk_size · V`` logits (``chunk_size · V`` on
+            CPU without a soft-cap: the gradient is written over the logits), plus the gradients wanted.
         chunk_bytes: instead of ``chunk_size``, the byte budget of a chunk's logits and logit gradient.
         weight_grad_dtype: None (default: the weight gradient is accumulated over chunks in the
             weight's dtype) or ``torch.float32``: accumulated in fp32 and rounded once to the weight's

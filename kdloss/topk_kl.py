@@ -109,11 +109,13 @@ def topk_kl_loss(
         precompute_grad: when the logits need a gradient, compute it in the forward, in the same pass over
             the logits as the loss, and hold it until the backward (which returns it as is for an upstream
             gradient of exactly 1 and otherwise scales it); ``False`` holds only two floats per row and
-            recomputes the gradient in the backward (a second read of the logits). Default (None): True on
-            CPU, False on CUDA and for float16 logits (the held gradient is in the logits' dtype and unscaled:
-            at a small temperature it may exceed float16's range, 65504, before the upstream factor brings it
-            back, where the two-pass path applies that factor first). A forward without gradient never
-            writes anything of size N×V. See docs/topk_kl.md, Memory.
+            recomputes the gradient in the backward (a second read of the logits). Default (None): True, but
+            False for float16 logits (the held gradient is in the logits' dtype and unscaled: at a small
+            temperature it may exceed float16's range, 65504, before the upstream factor brings it back, where
+            the two-pass path applies that factor first). On CUDA the backward scales the held gradient in
+            place on the device (rows whose factor is exactly 1 are skipped, no host sync) and hands it over,
+            so a second backward through the same graph (``retain_graph=True``) raises: pass False for that.
+            A forward without gradient never writes anything of size N×V. See docs/topk_kl.md, Memory.
         validate: check the data of ``teacher_ids`` (in ``[0, V)``, unique among slots with teacher mass) and
             ``labels`` (default True). On CPU the id checks run inside the kernel at no extra pass; on CUDA
             they cost a host synchronisation, which ``validate=False`` skips for hot loops: ids outside
@@ -173,7 +175,7 @@ def topk_kl_loss(
     ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, rows, options, acc)
     wants_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if precompute_grad is None:  # fp16 holds the unscaled gradient only up to 65504: scale first
-        precompute_grad = device.type == "cpu" and student_logits.dtype != torch.float16
+        precompute_grad = student_logits.dtype != torch.float16
     loss, *_ = torch.ops.kdloss.topk_kl_fwd_grad(
         logits, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc), *temperature_args(options),
         options.student_support == "full", _ops.REDUCTION_CODES[reduction], wants_grad and precompute_grad,

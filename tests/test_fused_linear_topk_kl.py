@@ -305,22 +305,25 @@ def test_torch_compile_fullgraph_partial_gradients(device, mask):
 
 
 def test_chunk_size_rule():
-    """Rows per chunk from a byte budget of logits + logit gradient; ≥ 1024 rows on CUDA."""
+    """Rows per chunk from a byte budget of logits + logit gradient (CPU without a soft-cap: the logits
+    alone, the gradient is written over them); ≥ 1024 rows on CUDA."""
     assert default_chunk_size(151936, torch.bfloat16, "cuda") == 1024  # 512 MiB would give 883: the floor
     assert default_chunk_size(32000, torch.bfloat16, "cuda") == 4160  # 512 MiB / (2 · 32000 · 2 B), to 64s
-    assert default_chunk_size(32000, torch.float32, "cpu") == 128  # 32 MiB / 256000 B = 131
-    assert default_chunk_size(151936, torch.float32, "cpu") == 64  # 27 by bytes: the CPU floor
-    assert default_chunk_size(1000, torch.float32, "cpu", chunk_bytes=80_000) == 10  # no floor with a budget
+    assert default_chunk_size(32000, torch.float32, "cpu") == 256  # 32 MiB / 128000 B = 262
+    assert default_chunk_size(32000, torch.float32, "cpu", softcap=True) == 128  # 32 MiB / 256000 B = 131
+    assert default_chunk_size(151936, torch.float32, "cpu") == 64  # 55 by bytes: the CPU floor
+    assert default_chunk_size(1000, torch.float32, "cpu", chunk_bytes=80_000) == 20  # no floor with a budget
+    assert default_chunk_size(1000, torch.float32, "cpu", chunk_bytes=80_000, softcap=True) == 10
     assert default_chunk_size(10**6, torch.float32, "cuda", chunk_bytes=1) == 1
 
 
 def test_chunk_bytes_option():
-    h, w, b, ids, vals, labels = make_head(seed=17)  # fp64, V = 150: 2400 B per row
+    h, w, b, ids, vals, labels = make_head(seed=17)  # fp64, V = 150: 1200 B per row (CPU: the logits alone)
     by_rows = fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, chunk_size=3)
-    by_bytes = fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, chunk_bytes=3 * 2400)
+    by_bytes = fused_linear_topk_kl_loss(h, w, ids, vals, bias=b, labels=labels, chunk_bytes=3 * 1200)
     assert_close_fp64(by_bytes, by_rows)
     module = FusedLinearTopKKLLoss(chunk_bytes=1 << 20)
-    assert module.options.rows_per_chunk(150, torch.float64, torch.device("cpu")) == 384
+    assert module.options.rows_per_chunk(150, torch.float64, torch.device("cpu")) == 832  # 873, to 64s
     with raises_naming("chunk_bytes"):
         FusedLinearTopKKLLoss(chunk_size=4, chunk_bytes=1 << 20)
 

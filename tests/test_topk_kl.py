@@ -494,6 +494,36 @@ def test_fwd_grad_matches_two_pass_ops(device, reduction, tail):
             torch.testing.assert_close(grad.float(), expected.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("full_support", [True, False])
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+def test_in_place_gradient_equals_the_out_of_place_one(full_support, tail):
+    """CPU topk_kl_fwd_grad_ (the fused head's chunks) writes topk_kl_fwd_grad's gradient over the logits,
+    bitwise, with the same loss and stats: kept logits read before they are overwritten, repeated ids,
+    a row of NaN, and for the bucket tail a student confident on its kept ids (the tail mass re-read)."""
+    from kdloss._build import require
+
+    require("topk_kl", "cpu")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for reduction in (0, 1, 2):
+            args = list(_fwd_grad_args(torch.device("cpu"), dtype, reduction, full_support, True))
+            finite = (args[0].detach().clone(), *args[1:-2])
+            torch.library.opcheck(torch.ops.kdloss.topk_kl_fwd_grad_.default, finite)
+            z = args[0].detach().clone()
+            z[3, args[1][3, 0]] = 30.0  # most of row 3's student mass on a kept id
+            z[2, 7] = math.nan
+            ids = args[1].clone()
+            ids[0, 1] = ids[0, 0]  # a repeated id
+            if tail == "renorm":
+                args[3] = torch.full_like(args[3], -math.inf)
+            args[0], args[1] = z, ids
+            loss, stats, grad = torch.ops.kdloss.topk_kl_fwd_grad(*args)
+            logits = z.clone()
+            loss2, stats2 = torch.ops.kdloss.topk_kl_fwd_grad_(logits, *args[1:-2])
+            torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(stats2, stats, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(logits, grad, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("precompute_grad", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_precomputed_gradient_rescaled(device, precompute_grad, reduction):
@@ -716,6 +746,39 @@ def test_cuda_one_pass_no_host_sync_with_validate_false():
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
+
+
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_rescale_op_skips_rows_with_a_factor_of_one(device, reduction):
+    """kdloss::topk_kl_rescale_ (the CUDA backward's in-place scaling): rows times their factor, rounded
+    once; a row whose factor is exactly 1 is left bitwise as it is (on CUDA: not even read)."""
+    from kdloss._build import require
+
+    require("topk_kl", device.type)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        grad = torch.randn(2, 3, 1001, dtype=torch.float64).to(device, dtype)  # odd V: an unaligned row tail
+        factor = torch.tensor([1.0, 0.25, -3.0, 1.0, 1e-3, 1.0], dtype=acc, device=device)
+        if reduction == 1:
+            factor = torch.tensor(0.125, dtype=acc, device=device)
+        rows = factor.reshape(2, 3, 1) if reduction == 0 else factor
+        expected = (grad.to(acc) * rows).to(dtype)
+        out = grad.clone()
+        torch.ops.kdloss.topk_kl_rescale_(out, factor, reduction)
+        assert torch.equal(out, expected)
+        torch.library.opcheck(torch.ops.kdloss.topk_kl_rescale_.default, (grad.clone(), factor, reduction))
+
+
+@cuda_only
+def test_cuda_one_pass_default_scales_in_place_and_refuses_a_second_backward():
+    z, ids, lp, _ = make_problem(rows=33, vocab=5003, k=16, device="cuda", dtype=torch.float32, seed=34)
+    out = topk_kl_loss(z, ids, lp, backend="kernel", temperature=2.0)  # precompute_grad None: one pass
+    expected = topk_kl_loss(z, ids, lp, backend="kernel", temperature=2.0, precompute_grad=False)
+    (g_two_pass,) = torch.autograd.grad(0.5 * expected, z)
+    (g,) = torch.autograd.grad(0.5 * out, z, retain_graph=True)
+    torch.testing.assert_close(g, g_two_pass, rtol=1e-5, atol=1e-8)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        torch.autograd.grad(out, z)
 
 
 @cuda_only

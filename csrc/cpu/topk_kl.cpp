@@ -190,9 +190,10 @@ struct Row {
   const acc_t* logp;   // [k] log p̂
   acc_t tail_logp;     // log r̂
   int64_t k;
+  const acc_t* kept_z = nullptr;  // [k] z[ids] gathered before z is overwritten (in-place gradient), or null
 
   bool kept(int64_t i) const { return logp[i] != neg_inf<acc_t>(); }
-  acc_t logit(int64_t i) const { return static_cast<acc_t>(z[ids[i]]); }
+  acc_t logit(int64_t i) const { return kept_z != nullptr ? kept_z[i] : static_cast<acc_t>(z[ids[i]]); }
   // log q_i in double (z_i − m exact), from lw
   double log_q(int64_t i, double inv_t, const Stats<acc_t>& st) const {
     return (static_cast<double>(logit(i)) - static_cast<double>(st.m)) * inv_t - st.lw;
@@ -609,14 +610,14 @@ Row<scalar_t> make_row(const RowAddress<scalar_t>& address, const int64_t* ids, 
   return {address(n), ids + n * k, logp + n * k, tail[n], k};
 }
 
-// Large gradients come from a one-slot cache of 2 MiB-aligned blocks advised for transparent huge pages
-// before their first touch (fewer page faults on a fresh block; effective where
-// /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or "always"). A gradient's block returns to
-// the slot when its last tensor is freed, and the next gradient of a similar size reuses it: pages
-// already faulted in, as a caching allocator keeps them, instead of ~4 ms of page clearing per 10 MB
-// on every training step. The slot holds at most one idle block (the larger of two returned ones);
-// `kdloss.empty_cache()` frees it (topk_kl_release_buffers). KDLOSS_GRAD_CACHE=0 frees every block at
-// once; KDLOSS_HUGEPAGES=0 takes every gradient from the default allocator instead.
+// Large gradients (and the fused head's CPU buffers) come from a small cache of 2 MiB-aligned blocks
+// advised for transparent huge pages before their first touch (fewer page faults on a fresh block;
+// effective where /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or "always"). A block returns
+// to the cache when its last tensor is freed, and the next request of a similar size reuses it: pages
+// already faulted in, as a caching allocator keeps them, instead of ~4 ms of page clearing per 10 MB on
+// every training step. At most kIdleBlocks blocks are idle (the smallest is freed first);
+// `kdloss.empty_cache()` frees them (topk_kl_release_buffers). KDLOSS_GRAD_CACHE=0 frees every block at
+// once; KDLOSS_HUGEPAGES=0 takes every buffer from the default allocator instead.
 bool env_enabled(const char* name) {
   const char* env = std::getenv(name);
   return env == nullptr || std::string(env) != "0";
@@ -625,20 +626,23 @@ bool env_enabled(const char* name) {
 class BlockCache {
  public:
   static constexpr size_t kHugePage = size_t(2) << 20;
+  static constexpr size_t kIdleBlocks = 2;
 
-  // A block of at least `bytes` (a multiple of kHugePage): the idle one when it is no more than twice
-  // that size, else a fresh one (an idle block that does not fit is freed first). Null on failure.
+  // A block of at least `bytes` (a multiple of kHugePage): the smallest idle one no more than twice
+  // that size, else a fresh one. Null on failure.
   std::pair<void*, size_t> take(size_t bytes) {
     const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     {
       std::lock_guard<std::mutex> guard(mutex_);
-      if (idle_ != nullptr && idle_size_ >= rounded && idle_size_ <= 2 * rounded) {
-        void* block = idle_;
-        idle_ = nullptr;
-        return {block, idle_size_};
+      auto best = idle_.end();
+      for (auto it = idle_.begin(); it != idle_.end(); ++it)
+        if (it->second >= rounded && it->second <= 2 * rounded && (best == idle_.end() || it->second < best->second))
+          best = it;
+      if (best != idle_.end()) {
+        const auto block = *best;
+        idle_.erase(best);
+        return block;
       }
-      std::free(idle_);
-      idle_ = nullptr;
     }
     void* block = std::aligned_alloc(kHugePage, rounded);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -647,32 +651,42 @@ class BlockCache {
     return {block, rounded};
   }
 
-  // Keeps a freed block idle (the larger one when a block is idle already) or frees it.
+  // Keeps a freed block idle, freeing the smallest idle one beyond kIdleBlocks.
   void give_back(void* block, size_t size) {
     static const bool keep = env_enabled("KDLOSS_GRAD_CACHE");
-    if (keep) {
+    if (!keep) {
+      std::free(block);
+      return;
+    }
+    std::pair<void*, size_t> evicted{nullptr, 0};
+    {
       std::lock_guard<std::mutex> guard(mutex_);
-      if (idle_ == nullptr || idle_size_ < size) {
-        std::swap(block, idle_);
-        idle_size_ = size;
+      idle_.emplace_back(block, size);
+      if (idle_.size() > kIdleBlocks) {
+        auto smallest = std::min_element(idle_.begin(), idle_.end(),
+                                         [](const auto& a, const auto& b) { return a.second < b.second; });
+        evicted = *smallest;
+        idle_.erase(smallest);
       }
     }
-    std::free(block);
+    std::free(evicted.first);
   }
 
-  // Frees the idle block; returns its size in bytes.
+  // Frees the idle blocks; returns their total size in bytes.
   int64_t release() {
     std::lock_guard<std::mutex> guard(mutex_);
-    const auto size = static_cast<int64_t>(idle_ == nullptr ? 0 : idle_size_);
-    std::free(idle_);
-    idle_ = nullptr;
-    return size;
+    int64_t total = 0;
+    for (const auto& [block, size] : idle_) {
+      total += static_cast<int64_t>(size);
+      std::free(block);
+    }
+    idle_.clear();
+    return total;
   }
 
  private:
   std::mutex mutex_;
-  void* idle_ = nullptr;
-  size_t idle_size_ = 0;
+  std::vector<std::pair<void*, size_t>> idle_;
 };
 
 BlockCache& block_cache() {
@@ -682,8 +696,8 @@ BlockCache& block_cache() {
 
 int64_t topk_kl_release_buffers() { return block_cache().release(); }
 
-// An uninitialised CPU tensor for a gradient: large ones from the block cache, small ones (< 8 MiB)
-// from the default allocator.
+// An uninitialised CPU tensor: large ones (≥ 8 MiB) from the block cache, small ones from the default
+// allocator.
 at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   static const bool advise = env_enabled("KDLOSS_HUGEPAGES");
@@ -692,6 +706,11 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& option
   if (block == nullptr) return at::empty(sizes, options);
   return at::from_blob(
       block, sizes, [size = size](void* p) { block_cache().give_back(p, size); }, options);
+}
+
+// The fused head's CPU buffers (weight gradient, chunk logits) from the same cache.
+at::Tensor topk_kl_empty(at::IntArrayRef size, at::ScalarType dtype) {
+  return empty_gradient(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
 }
 
 // The loss from the per-row values: the rows for "none", else their fixed-order sum (divided by the
@@ -814,15 +833,15 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
 
 // The forward with, when compute_grad, the gradient for an upstream gradient of 1 (one read of the
 // logits, see the top of the file); check_unique rejects ids repeated among a counted row's kept slots.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
-    const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp, const at::Tensor& tail_logp,
-    const at::Tensor& valid, const at::Tensor& divisor, const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
-    bool full_support, int64_t reduction_code, bool compute_grad, bool check_unique) {
-  if (!compute_grad && !check_unique) {
-    auto [loss, stats] = topk_kl_fwd(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t,
-                                     full_support, reduction_code);
-    return {loss, stats, at::empty({0}, logits.options())};
-  }
+// The gradient goes to `out` ([N, V] contiguous, the logits' dtype; empty without compute_grad), which
+// may be the logits themselves (in_place): each row's exps then go to a row buffer, and its kept logits
+// are gathered before the row is overwritten.
+std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const at::Tensor& ids,
+                                                 const at::Tensor& target_logp, const at::Tensor& tail_logp,
+                                                 const at::Tensor& valid, const at::Tensor& divisor,
+                                                 const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
+                                                 bool full_support, int64_t reduction_code, bool compute_grad,
+                                                 bool check_unique, const at::Tensor& out, bool in_place) {
   const double inv_temperature = float_arg(inv_temperature_t, "inv_temperature");
   const double scale = float_arg(scale_t, "scale");
   const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale);
@@ -833,7 +852,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
   at::Tensor stats = at::empty({N, 2}, target_logp.options());
   at::Tensor loss =
       at::empty(reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
-  at::Tensor out = compute_grad ? empty_gradient(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd_grad", [&] {
     using acc_t = Acc<scalar_t>;
@@ -855,7 +873,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
     at::parallel_for(0, N, row_grain(full_support ? V : k), [&](int64_t begin, int64_t end) {
       SlotGroups groups;
       std::vector<double> teacher_sum;
-      std::vector<acc_t> kept_exps(compute_grad && full_support && !kSameType ? V : 0);
+      std::vector<acc_t> kept_exps(compute_grad && full_support && (!kSameType || in_place) ? V : 0);
+      std::vector<acc_t> kept_logits(in_place ? k : 0);
       std::vector<acc_t> block_max(compute_grad && full_support ? (V + kBlock - 1) / kBlock : 0);
       std::vector<int64_t> count;
       for (int64_t n = begin; n < end; ++n) {
@@ -866,7 +885,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
           if (compute_grad) std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
           continue;
         }
-        const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        if (in_place) {
+          for (int64_t i = 0; i < k; ++i) kept_logits[i] = static_cast<acc_t>(row.z[row.ids[i]]);
+          row.kept_z = kept_logits.data();
+        }
         if (check_unique)
           TORCH_CHECK_VALUE(!groups.build(row),
                             "teacher_ids must be unique within each position among slots with non-zero teacher mass "
@@ -881,7 +904,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
         }
         acc_t* exps = nullptr;
         if constexpr (kSameType) {
-          exps = reinterpret_cast<acc_t*>(out_row);  // the gradient row holds the exps until scaled in place
+          // the gradient row holds the exps until scaled in place (unless it is the logits row)
+          exps = in_place ? kept_exps.data() : reinterpret_cast<acc_t*>(out_row);
         } else {
           exps = kept_exps.data();
         }
@@ -904,19 +928,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
     });
     write_loss(rows, reduction, divisor, loss.data_ptr<acc_t>());
   });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
+    const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp, const at::Tensor& tail_logp,
+    const at::Tensor& valid, const at::Tensor& divisor, const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
+    bool full_support, int64_t reduction_code, bool compute_grad, bool check_unique) {
+  if (!compute_grad && !check_unique) {
+    auto [loss, stats] = topk_kl_fwd(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t,
+                                     full_support, reduction_code);
+    return {loss, stats, at::empty({0}, logits.options())};
+  }
+  at::Tensor out = compute_grad ? empty_gradient(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  auto [loss, stats] = fwd_grad_into(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t,
+                                     full_support, reduction_code, compute_grad, check_unique, out, false);
   return {loss, stats, out};
+}
+
+// topk_kl_fwd_grad with the gradient written over the (contiguous) logits: no second [N, V] buffer.
+std::tuple<at::Tensor, at::Tensor> topk_kl_fwd_grad_(const at::Tensor& logits, const at::Tensor& ids,
+                                                     const at::Tensor& target_logp, const at::Tensor& tail_logp,
+                                                     const at::Tensor& valid, const at::Tensor& divisor,
+                                                     const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
+                                                     bool full_support, int64_t reduction_code) {
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous for the in-place gradient");
+  return fwd_grad_into(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t, full_support,
+                       reduction_code, true, false, logits, true);
+}
+
+// grad *= the upstream gradient in place, per row for reduction none; rows whose factor is exactly 1 are
+// skipped. The eager CUDA backward's op (csrc/cuda/topk_kl_ops.cpp); here for parity and opcheck.
+void topk_kl_rescale_(const at::Tensor& grad, const at::Tensor& grad_loss, int64_t reduction) {
+  check_cpu_float(grad, "grad");
+  TORCH_CHECK_VALUE(grad.is_contiguous() && grad.dim() >= 1, "grad must be contiguous, got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device().is_cpu(), "grad_loss must be a CPU tensor, got ", grad_loss.device());
+  const int64_t V = grad.size(-1), N = V > 0 ? grad.numel() / V : 0;
+  const Reduction code = check_reduction(reduction);
+  const auto factor = upstream_grad(grad_loss, code, {N}, acc_type(grad.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "topk_kl_rescale_", [&] {
+    using acc_t = Acc<scalar_t>;
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const acc_t* f = factor.const_data_ptr<acc_t>();
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const acc_t fn = f[code == Reduction::kNone ? n : 0];
+        if (fn == acc_t(1)) continue;
+        for (scalar_t* x = g + n * V; x != g + (n + 1) * V; ++x)
+          *x = static_cast<scalar_t>(static_cast<acc_t>(*x) * fn);
+      }
+    });
+  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdloss, CPU, m) {
+  m.impl("topk_kl_rescale_", &topk_kl_rescale_);
   m.impl("topk_kl_fwd", &topk_kl_fwd);
   m.impl("topk_kl_bwd", &topk_kl_bwd);
   m.impl("topk_kl_fwd_grad", &topk_kl_fwd_grad);
+  m.impl("topk_kl_fwd_grad_", &topk_kl_fwd_grad_);
 }
 
 TORCH_LIBRARY_IMPL(kdloss, CompositeExplicitAutograd, m) {
   m.impl("topk_kl_release_buffers", &topk_kl_release_buffers);
+  m.impl("topk_kl_empty", &topk_kl_empty);
 }
 
 }  // namespace cpu

@@ -490,9 +490,50 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// grad[n, :] *= factor[n] (per_row) or factor[0], in place; a row whose factor is exactly 1 is neither read
+// nor written — decided on the device, so the common upstream gradient of 1 costs a launch, not a pass.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    rescale_rows_kernel(T* grad, const Acc<T>* factor, int64_t rows, int64_t vocab, bool per_row) {
+  using A = Acc<T>;
+  constexpr int P = Pack<T>::kSize;
+  for (int64_t n = blockIdx.x; n < rows; n += gridDim.x) {
+    const A f = factor[per_row ? n : 0];
+    if (f == A(1)) continue;  // uniform over the CTA
+    T* row = grad + n * vocab;
+    const int64_t head = head_to_aligned16(row, vocab);
+    for (int64_t j = threadIdx.x; j < head; j += blockDim.x) row[j] = from_acc<T>(to_acc(row[j]) * f);
+    const int64_t packs = (vocab - head) / P;
+    Pack<T>* rp = reinterpret_cast<Pack<T>*>(row + head);
+    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+      Pack<T> pk = rp[i];
+#pragma unroll
+      for (int j = 0; j < P; ++j) pk.v[j] = from_acc<T>(to_acc(pk.v[j]) * f);
+      rp[i] = pk;
+    }
+    for (int64_t j = head + packs * P + threadIdx.x; j < vocab; j += blockDim.x)
+      row[j] = from_acc<T>(to_acc(row[j]) * f);
+  }
+}
+
 }  // namespace
 
 int64_t topk_kl_workspace_size(int64_t rows) { return rows > 0 ? rows : 1; }
+
+cudaError_t topk_kl_rescale_cuda(DType dtype, void* grad, const void* factor, int64_t rows, int64_t vocab, bool per_row,
+                                 cudaStream_t stream) {
+  if (rows == 0 || vocab == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    int device = 0, sms = 1;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const int64_t grid = rows < 8 * static_cast<int64_t>(sms) ? rows : 8 * static_cast<int64_t>(sms);
+    rescale_rows_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+        static_cast<T*>(grad), static_cast<const Acc<T>*>(factor), rows, vocab, per_row);
+    return cudaGetLastError();
+  });
+}
 
 cudaError_t topk_kl_fwd_cuda(const TopKKLProblem& p, void* loss, void* stats, void* workspace, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {

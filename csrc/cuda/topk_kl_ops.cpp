@@ -151,9 +151,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
   return {loss, stats, grad};
 }
 
+// The one-pass gradient times the upstream gradient, in place (the autograd formula's eager CUDA path):
+// rows whose factor is exactly 1 are skipped on the device, without a host synchronisation.
+void topk_kl_rescale_(const at::Tensor& grad, const at::Tensor& grad_loss, int64_t reduction) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  TORCH_CHECK_VALUE(grad.is_cuda() && grad.is_contiguous() && grad.dim() >= 1,
+                    "grad must be a contiguous CUDA tensor, got ", grad.sizes(), " on ", grad.device());
+  const int64_t V = grad.size(-1), N = V > 0 ? grad.numel() / V : 0;
+  const Reduction code = check_reduction(reduction);
+  const auto factor = checked_grad(grad_loss, grad, code, {N}, acc_type(grad.scalar_type()));
+  check_launch(topk_kl_rescale_cuda(dtype_code(grad.scalar_type()), grad.data_ptr(), factor.data_ptr(), N, V,
+                                    code == Reduction::kNone, c10::cuda::getCurrentCUDAStream()),
+               "topk_kl");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdloss, CUDA, m) {
+  m.impl("topk_kl_rescale_", &topk_kl_rescale_);
   m.impl("topk_kl_fwd", &topk_kl_fwd);
   m.impl("topk_kl_bwd", &topk_kl_bwd);
   m.impl("topk_kl_fwd_grad", &topk_kl_fwd_grad);

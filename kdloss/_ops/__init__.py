@@ -22,6 +22,14 @@ LIB = torch.library.Library("kdloss", "DEF")
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
+def traced(*tensors) -> bool:
+    """Whether these are a tracer's tensors (torch.compile, export, opcheck's AOT test), not real ones."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return torch.compiler.is_compiling() or any(
+        type(t) is not torch.Tensor or isinstance(t, FakeTensor) or torch._is_functional_tensor(t) for t in tensors)
+
+
 def float_arg(value) -> torch.Tensor:
     """A float option of an op (temperature, ε, scale, σ, soft-cap…) as a 0-d float64 CPU tensor.
 

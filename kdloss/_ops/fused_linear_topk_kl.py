@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import accumulation_dtype
-from . import LIB, first_order_only
+from . import LIB, first_order_only, traced
 
 _TEACHER = ("Tensor ids, Tensor target_logp, Tensor tail_logp, Tensor valid, Tensor divisor, "
             "Tensor inv_temperature, Tensor scale, bool full_support, int reduction, Tensor softcap, int chunk_size")
@@ -94,7 +94,7 @@ def _setup_context(ctx, inputs, output):
     masked = [g if want else None for g, want in zip(grads, grad_mask, strict=True)] if any(grad_mask) else None
     ctx.grads = None
     ctx.saved_grads = False
-    if masked is not None and _traced(*grads):
+    if masked is not None and traced(*grads):
         # under torch.compile / export the backward is a traced graph that runs once per backward:
         # the gradients are saved tensors there and scaled out of place (the compiler plans the memory)
         ctx.saved_grads = True
@@ -106,14 +106,6 @@ def _setup_context(ctx, inputs, output):
     # the gradients computed in the forward, held once: the first backward scales them in place and
     # hands them over (not saved tensors: those can be neither modified in place nor released early)
     ctx.grads = masked
-
-
-def _traced(*tensors) -> bool:
-    """Whether these are a tracer's tensors (torch.compile, export, opcheck's AOT test), not real ones."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return torch.compiler.is_compiling() or any(
-        type(t) is not torch.Tensor or isinstance(t, FakeTensor) or torch._is_functional_tensor(t) for t in tensors)
 
 
 def _scale_in_place(ctx, grad_loss):
@@ -133,7 +125,7 @@ def _scale_in_place(ctx, grad_loss):
 
 def _exactly_one_on_cpu(grad_loss) -> bool:
     """Whether the upstream gradient is exactly 1, asked only where that is free: a CPU tensor."""
-    return grad_loss.device.type == "cpu" and not _traced(grad_loss) and bool(grad_loss == 1)
+    return grad_loss.device.type == "cpu" and not traced(grad_loss) and bool(grad_loss == 1)
 
 
 def _scale_saved(ctx, grad_loss):

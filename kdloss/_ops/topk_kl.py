@@ -32,7 +32,9 @@ them in one pass (``g·(α·q_j + β_j·[j∈K])``).
 logits (``grad`` is empty otherwise, and nothing of size N×V is written); its backward returns that gradient
 as is when the upstream gradient is exactly 1 (read on the host only for CPU tensors) and otherwise scales it
 (per row for ``reduction=0``), and without ``compute_grad`` recomputes it with ``topk_kl_bwd`` from
-``stats``. ``check_unique`` rejects an id repeated among a counted row's kept slots (``ValueError`` on CPU;
+``stats``. ``topk_kl_fwd_grad_`` (CPU; the fused head's chunks) is ``topk_kl_fwd_grad`` with ``compute_grad`` and
+without ``check_unique``, writing the gradient over the (contiguous) logits and returning ``(loss, stats)``.
+``check_unique`` rejects an id repeated among a counted row's kept slots (``ValueError`` on CPU;
 the CUDA kernels cannot raise and ignore the flag). Otherwise a repeated id counts once per slot — its
 gradient entries are summed, race-free — on every device and in every op.
 """
@@ -40,7 +42,7 @@ gradient entries are summed, race-free — on every device and in every op.
 import torch
 
 from .._validation import accumulation_dtype
-from . import LIB, first_order_only
+from . import LIB, first_order_only, traced
 
 _ARGS = (
     "Tensor ids, Tensor target_logp, Tensor tail_logp, Tensor valid, Tensor divisor, "
@@ -51,8 +53,15 @@ LIB.define(f"topk_kl_bwd(Tensor grad, Tensor stats, Tensor logits, {_ARGS}) -> T
 LIB.define(
     f"topk_kl_fwd_grad(Tensor logits, {_ARGS}, bool compute_grad, bool check_unique) -> (Tensor, Tensor, Tensor)"
 )
-# Frees the CPU kernel's idle gradient block (see kdloss.empty_cache); returns its size in bytes.
+# CPU only, inside the fused head: topk_kl_fwd_grad with the gradient written over the contiguous logits.
+LIB.define(f"topk_kl_fwd_grad_(Tensor(a!) logits, {_ARGS}) -> (Tensor, Tensor)")
+# The one-pass gradient times the upstream gradient, in place; rows whose factor is exactly 1 are skipped
+# on the device (the eager CUDA backward: no host sync, no pass for the common upstream gradient of 1).
+LIB.define("topk_kl_rescale_(Tensor(a!) grad, Tensor grad_loss, int reduction) -> ()")
+# Frees the CPU kernels' idle gradient blocks (see kdloss.empty_cache); returns their size in bytes.
 LIB.define("topk_kl_release_buffers() -> int")
+# An uninitialised CPU tensor from the same block cache (the fused head's weight gradient and chunk logits).
+LIB.define("topk_kl_empty(int[] size, ScalarType dtype) -> Tensor")
 _NONE = 0
 
 
@@ -97,6 +106,18 @@ def _topk_kl_fwd_grad_fake(logits, ids, target_logp, tail_logp, valid, divisor, 
     return loss, stats, logits.new_empty(logits.shape if compute_grad else (0,))
 
 
+@torch.library.register_fake("kdloss::topk_kl_fwd_grad_")
+def _topk_kl_fwd_grad_in_place_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                                    full_support, reduction):
+    return _topk_kl_fwd_fake(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale,
+                             full_support, reduction)
+
+
+@torch.library.register_fake("kdloss::topk_kl_rescale_")
+def _topk_kl_rescale_fake(grad, grad_loss, reduction):
+    return None
+
+
 def _setup_context_grad(ctx, inputs, output):
     *tensors, full_support, reduction, compute_grad, _check_unique = inputs
     _, stats, grad = output
@@ -104,7 +125,11 @@ def _setup_context_grad(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no [N, V] zeros for the gradient output's own (unused) gradient
     ctx.precomputed = compute_grad
     ctx.options = (full_support, reduction)
-    if compute_grad:
+    ctx.held = None
+    if compute_grad and grad.is_cuda and not traced(grad):
+        # held, not saved: the backward scales it in place on the device and hands it over
+        ctx.held = grad
+    elif compute_grad:
         ctx.save_for_backward(grad)
     else:
         ctx.save_for_backward(stats, *tensors)
@@ -133,9 +158,17 @@ def rescaled(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> tor
 def _topk_kl_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
     if grad_loss is None:
         return (None,) * 12
-    if ctx.precomputed:
+    if ctx.precomputed and ctx.saved_tensors:
         (grad,) = ctx.saved_tensors
         grad = rescaled(grad, grad_loss, ctx.options[1])
+    elif ctx.precomputed:
+        grad, ctx.held = ctx.held, None
+        if grad is None:
+            raise RuntimeError(
+                "topk_kl_loss: the gradient computed in the forward (precompute_grad, the CUDA default) was "
+                "handed over by the first backward through this graph; for a second backward (retain_graph=True) "
+                "pass precompute_grad=False")
+        torch.ops.kdloss.topk_kl_rescale_(grad, grad_loss, ctx.options[1])
     else:
         stats, *tensors = ctx.saved_tensors
         grad = torch.ops.kdloss.topk_kl_bwd(grad_loss, stats, *tensors, *ctx.options)

@@ -48,5 +48,10 @@ cudaError_t topk_kl_fwd_grad_cuda(const TopKKLProblem& p, void* loss, void* stat
 cudaError_t topk_kl_bwd_cuda(const TopKKLProblem& p, const void* grad, const void* stats, void* grad_logits,
                              cudaStream_t stream);
 
+// grad_logits [rows, vocab] (contiguous, `dtype`) *= factor (accumulation type; [rows] when per_row,
+// else one element) in place, skipping rows whose factor is exactly 1 (decided on the device).
+cudaError_t topk_kl_rescale_cuda(DType dtype, void* grad_logits, const void* factor, int64_t rows, int64_t vocab,
+                                 bool per_row, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace kdloss
