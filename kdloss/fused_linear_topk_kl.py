@@ -401,17 +401,36 @@ def _bwd_chunks(grad, stats, hidden, weight, bias, ids, target_logp, tail_logp, 
     softcap = float(softcap_t)
     grads = _Grads(hidden, weight, bias, grad_mask, weight_grad_dtype)
     if any(g is not None for g in (grads.hidden, grads.weight, grads.bias)):
+        float16 = weight.dtype == torch.float16 and grad.numel() > 0
+        down = _float16_headroom(grad, divisor, inv_temperature, scale, reduction) if float16 else None
         work = _Workspace(hidden, weight, chunk_size)
         for s in _chunks(hidden.shape[0], chunk_size):
             teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
             hidden_c = work.counted_rows(hidden, s, teacher[3])
             capped = work.logits_of(hidden_c, weight, bias, softcap)
             grad_c = grad[s] if reduction == _NONE else grad
+            if down is not None:
+                grad_c = grad_c * down
             grad_logits = torch.ops.kdloss.topk_kl_bwd(grad_c, stats[s], capped, *teacher, divisor, inv_temperature,
                                                        scale, full_support, reduction)
             grads.fold(s, grad_logits, capped, hidden_c, weight, softcap)
             del grad_logits
+        if down is not None:  # back up, exactly (a power of two), before the final rounding
+            for g in (grads.hidden, grads.weight, grads.bias):
+                if g is not None:
+                    g.div_(down)
     return grads.outputs(hidden, weight, bias, final=True)
+
+
+def _float16_headroom(grad, divisor, inv_temperature, scale, reduction):
+    """A power of two ≤ 1 (a 0-d tensor; no host sync) for the upstream gradient of float16 logits: their
+    chunk gradient, ``grad · scale/T`` per row (÷ divisor for the mean) times coefficients of order 1, is
+    written in float16 and folded through float16 GEMMs, and at a small T it may exceed 65504 although
+    the wanted gradients (scaled back by the inverse, exactly, before their own rounding) do not."""
+    factor = grad.detach().abs().amax() * (float(scale) * float(inv_temperature))
+    if reduction == _MEAN:
+        factor = factor / divisor.clamp(min=1)
+    return torch.exp2(-torch.ceil(torch.log2(factor))).clamp(max=1)
 
 
 for _key in ("CPU", "CUDA"):
@@ -425,8 +444,11 @@ for _key in ("CPU", "CUDA"):
 
 def _forward_grad_mask(hidden, weight, bias, reduction: str) -> list[bool]:
     """Which gradients (hidden, weight, bias) the forward computes: those of the inputs that require
-    one, when autograd records and the reduction is a scalar (the backward of ``"none"`` recomputes)."""
-    if reduction == "none" or not torch.is_grad_enabled():
+    one, when autograd records and the reduction is a scalar (the backward of ``"none"`` recomputes).
+    None for float16 logits: the forward's gradients are for an upstream gradient of 1 and held in the
+    logits' dtype, and at a small temperature they may exceed float16's 65504 before the upstream factor
+    brings them back; the backward op applies that factor before anything is rounded to float16."""
+    if reduction == "none" or not torch.is_grad_enabled() or weight.dtype == torch.float16:
         return [False, False, False]
     return [t is not None and t.requires_grad for t in (hidden, weight, bias)]
 

@@ -403,3 +403,68 @@ def test_validate_false_skips_the_data_checks_and_counts_repeated_ids_per_slot()
         fused_linear_topk_kl_loss(h, w, bad, vals, labels=labels, validate=False, backend="kernel")
     with raises_naming("validate"):
         fused_linear_topk_kl_loss(h, w, ids, vals, validate=1)
+
+
+# Cases of a long fuzz run (kdloss.fuzz) that were over the error bound on CPU, with what was wrong.
+_FUZZ = {"pad": 0, "values": "logprobs", "teacher_temperature": 1.0, "labels": None, "num_items": None,
+         "softcap": None, "chunk_size": None, "quantised": False}
+_FUZZ_REGRESSIONS = {
+    # float16, T = 1e-6: the forward's gradient for an upstream 1 (~1e6) was held in float16: inf before
+    # the upstream factor brought it back into range; float16 logits now take the two-pass backward
+    "fp16-small-T-v4": (torch.float16, dict(rows=1, hidden=1, vocab=4, k=1, tail="renorm", support="full",
+                                            temperature=1e-6, scale_by_t2=False, reduction="sum", bias=False,
+                                            magnitude=0.3, seed=0)),
+    "fp16-small-T-v2": (torch.float16, dict(rows=1, hidden=1, vocab=2, k=1, tail="renorm", support="full",
+                                            temperature=1e-6, scale_by_t2=False, reduction="sum", bias=False,
+                                            magnitude=0.3, seed=2)),
+    # float16, T = 1e-6, after the upstream factor: the logit gradient (4e5) still overflowed float16 on
+    # its way to a finite weight gradient (4178 = 4e5 · |h|); the backward now scales it by a power of two
+    "fp16-small-T-logit-gradient": (torch.float16, dict(rows=1, hidden=1, vocab=2, k=1, tail="renorm",
+                                                        support="full", temperature=1e-6, scale_by_t2=False,
+                                                        reduction="sum", bias=False, magnitude=0.3, seed=58)),
+    # float32, T = 1000 with T²: q ≈ p̂ ≈ uniform, the gradient T·(κ·q − p̂) a small difference scaled by T;
+    # q was rounded through fp32 log q (1.2x and 4.7x over); the kept slots' arithmetic is now in double
+    "fp32-large-T-topk-none": (torch.float32, dict(rows=2, hidden=1, vocab=136, k=3, tail="none", support="topk",
+                                                   temperature=1000.0, scale_by_t2=True, reduction="none",
+                                                   bias=False, magnitude=0.3, seed=0)),
+    "fp32-large-T-bucket": (torch.float32, dict(rows=1, hidden=1, vocab=2, k=1, tail="bucket", support="full",
+                                                temperature=1000.0, scale_by_t2=True, reduction="sum", bias=False,
+                                                magnitude=0.3, seed=1)),
+    # bfloat16, T = 1e-6: two kept logits 0.0095 apart both round to 2.765625 (correctly rounded, as the
+    # kernel's one-rounding GEMM gives them): a tie the eager reference's double rounding (h·Wᵀ, then
+    # + b) happened to break; the reference's head is now F.linear, one rounding, like nn.Linear
+    "bf16-small-T-tie": (torch.bfloat16, dict(rows=11, hidden=24, vocab=277, k=11, tail="renorm", support="topk",
+                                              temperature=1e-6, scale_by_t2=False, reduction="sum", bias=True,
+                                              magnitude=3.0, seed=228696)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FUZZ_REGRESSIONS))
+def test_fuzz_regressions_within_the_error_bound(name):
+    from kdloss.testing import check_case
+
+    dtype, case = _FUZZ_REGRESSIONS[name]
+    result = check_case("fused_linear_topk_kl", {**_FUZZ, **case}, "cpu", dtype)
+    assert result.ok, f"{result}\n" + "\n".join(result.details)
+
+
+def test_float16_second_backward_applies_the_upstream_factor_first():
+    """retain_graph: a second backward of a float16 head at T = 1e-6 recomputes with the backward op (the
+    upstream factor 0.01 before the float16 rounding): finite although the gradient for an upstream 1
+    exceeds 65504, equal to the first, and close to the fp64 gradient."""
+    gen = torch.Generator().manual_seed(0)
+    h64, w64 = 0.3 * torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(8, 4, generator=gen) / 2
+    ids, lp = topk_teacher(-(h64 @ w64.double().T), 2)  # the teacher's top ids are the student's last
+    h, w = (x.half().requires_grad_() for x in (h64, w64))
+    out = fused_linear_topk_kl_loss(h, w, ids, lp.float(), temperature=1e-6, scale_by_t2=False, reduction="sum",
+                                    backend="kernel")
+    first = torch.autograd.grad(0.01 * out, (h, w), retain_graph=True)
+    second = torch.autograd.grad(0.01 * out, (h, w))
+    exact_leaves = [x.detach().double().requires_grad_() for x in (h, w)]
+    ref = fused_linear_topk_kl_loss(*exact_leaves, ids, lp, temperature=1e-6, scale_by_t2=False, reduction="sum",
+                                    backend="reference")
+    expected = torch.autograd.grad(0.01 * ref, exact_leaves)
+    assert max(e.abs().max().item() for e in expected) / 0.01 > 65504  # unscaled, it would overflow
+    for a, c, e in zip(first, second, expected, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, c)
+        assert max_abs(a, e) <= 2e-3 * e.abs().max().item()

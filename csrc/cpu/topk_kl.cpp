@@ -16,6 +16,11 @@
 // before the division by T. At small T, z/T and its log-sum-exp are large, and the difference of two
 // large rounded numbers would lose the absolute accuracy of log q (and two roundings of the same
 // z·(1/T), one of them fused into an fma, would not even cancel for k = 1).
+//
+// The O(k) work of a row (log q, q and p̂ on the kept slots, their sums, the gradient κ·q_i − p̂_i) runs
+// in double, from l in double (Stats::lw). At a large T both q and p̂ are close to uniform and the
+// gradient T²/T·(κ·q_i − p̂_i) is a small difference of two terms, scaled up by T: an fp32 evaluation
+// (q rounded through log q ≈ −log V and exp) kept ~eps·T·q of error in it, several times the bound.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <torch/library.h>
@@ -74,8 +79,10 @@ Acc<scalar_t> block_max(const scalar_t* z, int64_t n) {
 }
 
 // Σ_j exp((z[j] − m)·inv_t) over z[0..n), m ≥ max z (kCoarse: the reduced-precision exp, see cpu_exp.h).
+// The lanes' sums and the tail, its exps too, are added in double: a row shorter than a vector is
+// summed exactly.
 template <typename scalar_t, bool kCoarse = false>
-Acc<scalar_t> block_sum_exp(const scalar_t* z, int64_t n, Acc<scalar_t> inv_t, Acc<scalar_t> m) {
+double block_sum_exp(const scalar_t* z, int64_t n, Acc<scalar_t> inv_t, Acc<scalar_t> m) {
   using IO = VecIO<scalar_t>;
   using acc_t = Acc<scalar_t>;
   using Vec = typename IO::Vec;
@@ -87,8 +94,8 @@ Acc<scalar_t> block_sum_exp(const scalar_t* z, int64_t n, Acc<scalar_t> inv_t, A
     s1 = s1 + vexp_nonpositive<kCoarse>((IO::load(z + i + IO::size()) - vm) * vt);
   }
   for (; i + IO::size() <= n; i += IO::size()) s0 = s0 + vexp_nonpositive<kCoarse>((IO::load(z + i) - vm) * vt);
-  acc_t s = vec_sum(s0 + s1);
-  for (; i < n; ++i) s += std::exp((static_cast<acc_t>(z[i]) - m) * inv_t);
+  double s = vec_sum(s0 + s1);
+  for (; i < n; ++i) s += std::exp(static_cast<double>((static_cast<acc_t>(z[i]) - m) * inv_t));
   return s;
 }
 
@@ -116,18 +123,40 @@ float block_to_float(const scalar_t* z, int64_t n, float* out) {
 }
 
 // A row's softmax statistics: m = the largest logit, l = log Σ exp((z − m)·inv_t) (0 for an empty
-// or all −inf set, m = −inf then), so that log q_j = (z_j − m)·inv_t − l.
+// or all −inf set, m = −inf then), so that log q_j = (z_j − m)·inv_t − l; lw is l in double (the sum
+// added in double), for the kept slots' O(k) arithmetic; l = lw rounded is what the forward saves.
 template <typename acc_t>
 struct Stats {
   acc_t m, l;
+  double lw;
 };
+
+// The stats of a row with largest logit m and shifted sum s (m = −inf: an empty set).
+template <typename acc_t>
+Stats<acc_t> stats_of(acc_t m, double s) {
+  if (m == neg_inf<acc_t>()) return {m, acc_t(0), 0.0};
+  const double l = std::log(s);
+  return {m, static_cast<acc_t>(l), l};
+}
+
+// The shift saved with l for the backward: m + T·(lw − l), so that the saved pair keeps the row's
+// log-sum-exp m/T + lw, not only m/T + l (log q_j = (z_j − m)/T − l stays exact in the pair's form).
+// At a large T the rounding of l is most of a kept log q's error, and m has digits to spare for it: this
+// moves m by a few of its last units at most, and leaves it unchanged where T·(lw − l) is below half of
+// one (then the pair is exactly (m, l), as before).
+template <typename acc_t>
+acc_t saved_shift(const Stats<acc_t>& st, double inv_t) {
+  if (!std::isfinite(st.m)) return st.m;
+  return static_cast<acc_t>(static_cast<double>(st.m) + (st.lw - static_cast<double>(st.l)) / inv_t);
+}
 
 // Stats over the whole row, streamed in blocks with a running max (one read of z; bf16/fp16
 // blocks are converted once into an L1-resident fp32 buffer).
 template <typename scalar_t>
 Stats<Acc<scalar_t>> row_stats(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t) {
   using acc_t = Acc<scalar_t>;
-  acc_t m = neg_inf<acc_t>(), s = 0;
+  acc_t m = neg_inf<acc_t>();
+  double s = 0;
   alignas(64) float buffer[c10::is_reduced_floating_point_v<scalar_t> ? kBlock : 1];
   for (int64_t b = 0; b < V; b += kBlock) {
     const int64_t n = std::min(kBlock, V - b);
@@ -137,7 +166,7 @@ Stats<Acc<scalar_t>> row_stats(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t
     } else {
       bm = block_max(z + b, n);
     }
-    if (std::isnan(bm)) return {bm, bm};
+    if (std::isnan(bm)) return {bm, bm, bm};
     if (bm == neg_inf<acc_t>()) continue;  // a block of −inf logits adds nothing
     if (bm > m) {
       s *= std::exp((m - bm) * inv_t);  // 0 while m = −inf
@@ -149,7 +178,7 @@ Stats<Acc<scalar_t>> row_stats(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t
       s += block_sum_exp(z + b, n, inv_t, m);
     }
   }
-  return {m, m == neg_inf<acc_t>() ? acc_t(0) : std::log(s)};
+  return stats_of(m, s);
 }
 
 // One row's teacher slots and student logits.
@@ -165,21 +194,24 @@ struct Row {
 
   bool kept(int64_t i) const { return logp[i] != neg_inf<acc_t>(); }
   acc_t logit(int64_t i) const { return kept_z != nullptr ? kept_z[i] : static_cast<acc_t>(z[ids[i]]); }
-  acc_t log_q(int64_t i, acc_t inv_t, const Stats<acc_t>& st) const { return (logit(i) - st.m) * inv_t - st.l; }
+  // log q_i in double (z_i − m exact), from lw
+  double log_q(int64_t i, double inv_t, const Stats<acc_t>& st) const {
+    return (static_cast<double>(logit(i)) - static_cast<double>(st.m)) * inv_t - st.lw;
+  }
 };
 
 // Stats over the kept slots only (student_support="topk"); {−inf, 0} when K is empty.
 template <typename scalar_t>
-Stats<Acc<scalar_t>> kept_stats(const Row<scalar_t>& row, Acc<scalar_t> inv_t) {
+Stats<Acc<scalar_t>> kept_stats(const Row<scalar_t>& row, double inv_t) {
   using acc_t = Acc<scalar_t>;
   acc_t m = neg_inf<acc_t>();
   for (int64_t i = 0; i < row.k; ++i)
     if (row.kept(i) && !(row.logit(i) <= m)) m = row.logit(i);  // NaN propagates
-  if (m == neg_inf<acc_t>() || std::isnan(m)) return {m, acc_t(0)};
-  acc_t s = 0;
+  if (m == neg_inf<acc_t>() || std::isnan(m)) return {m, acc_t(0), 0.0};
+  double s = 0;
   for (int64_t i = 0; i < row.k; ++i)
-    if (row.kept(i)) s += std::exp((row.logit(i) - m) * inv_t);
-  return {m, std::log(s)};
+    if (row.kept(i)) s += std::exp((static_cast<double>(row.logit(i)) - static_cast<double>(m)) * inv_t);
+  return stats_of(m, s);
 }
 
 // Teacher mass Σ_K p̂ and student mass Σ_K q on the kept slots, q_i = exp((z_i − m)/T − l).
@@ -189,11 +221,11 @@ struct KeptMass {
 };
 
 template <typename scalar_t>
-KeptMass<Acc<scalar_t>> kept_mass(const Row<scalar_t>& row, Acc<scalar_t> inv_t, const Stats<Acc<scalar_t>>& st) {
-  KeptMass<Acc<scalar_t>> m;
+KeptMass<double> kept_mass(const Row<scalar_t>& row, double inv_t, const Stats<Acc<scalar_t>>& st) {
+  KeptMass<double> m;
   for (int64_t i = 0; i < row.k; ++i) {
     if (!row.kept(i)) continue;
-    m.teacher += std::exp(row.logp[i]);
+    m.teacher += std::exp(static_cast<double>(row.logp[i]));
     m.student += std::exp(row.log_q(i, inv_t, st));
   }
   return m;
@@ -209,8 +241,7 @@ using Wide = std::conditional_t<std::is_same_v<acc_t, double>, long double, doub
 // and subtracted: r_s = (Σ_j e_j − Σ_K e_j) / Σ_j e_j, accurate to a few eps relative. One more pass
 // over the row, for tail-bucket rows whose student puts more than half of its mass on K.
 template <typename scalar_t>
-Acc<scalar_t> accurate_tail_mass(const Row<scalar_t>& row, int64_t V, Acc<scalar_t> inv_t,
-                                 const Stats<Acc<scalar_t>>& st) {
+double accurate_tail_mass(const Row<scalar_t>& row, int64_t V, Acc<scalar_t> inv_t, const Stats<Acc<scalar_t>>& st) {
   using IO = VecIO<scalar_t>;
   using acc_t = Acc<scalar_t>;
   using Vec = typename IO::Vec;
@@ -226,7 +257,7 @@ Acc<scalar_t> accurate_tail_mass(const Row<scalar_t>& row, int64_t V, Acc<scalar
   for (; j < V; ++j) add(vexp((Vec(static_cast<acc_t>(row.z[j])) - vm) * vt), 1, all);
   for (int64_t i = 0; i < row.k; ++i)
     if (row.kept(i)) add(vexp((Vec(row.logit(i)) - vm) * vt), 1, kept);
-  return all > 0 ? static_cast<acc_t>((all - kept) / all) : acc_t(0);
+  return all > 0 ? static_cast<double>((all - kept) / all) : 0.0;
 }
 
 // The student's tail mass r_s = 1 − Σ_K q as DistillKit clamps it: Σ_K q to [1e-8, 1 − 1e-8].
@@ -241,12 +272,12 @@ struct StudentTail {
 };
 
 template <typename scalar_t>
-StudentTail<Acc<scalar_t>> student_tail(const Row<scalar_t>& row, int64_t V, Acc<scalar_t> inv_t,
-                                        const Stats<Acc<scalar_t>>& st, Acc<scalar_t> kept) {
+StudentTail<double> student_tail(const Row<scalar_t>& row, int64_t V, double inv_t, const Stats<Acc<scalar_t>>& st,
+                                 double kept) {
   using acc_t = Acc<scalar_t>;
-  const acc_t lo = static_cast<acc_t>(kTailClamp);
-  const acc_t plain = acc_t(1) - kept;  // exact for kept ∈ [0.5, 1] (Sterbenz), but not r_s's digits
-  const acc_t r = plain < acc_t(0.5) ? accurate_tail_mass(row, V, inv_t, st) : plain;
+  const double lo = kTailClamp;
+  const double plain = 1.0 - kept;  // exact for kept ∈ [0.5, 1] (Sterbenz), but not r_s's digits
+  const double r = plain < 0.5 ? accurate_tail_mass(row, V, static_cast<acc_t>(inv_t), st) : plain;
   if (!(r > lo)) return {std::log(lo), r, true};
   if (kept < lo) return {std::log1p(-lo), r, true};
   return {plain < acc_t(0.5) ? std::log(r) : std::log1p(-kept), r, false};
@@ -254,18 +285,18 @@ StudentTail<Acc<scalar_t>> student_tail(const Row<scalar_t>& row, int64_t V, Acc
 
 // KL_row = Σ_K p̂ (log p̂ − log q) [+ r̂ (log r̂ − log r_s)] with xlogy semantics (spec §3.3).
 template <typename scalar_t>
-Acc<scalar_t> row_kl(const Row<scalar_t>& row, int64_t V, Acc<scalar_t> inv_t, const Stats<Acc<scalar_t>>& st,
-                     bool full_support) {
+double row_kl(const Row<scalar_t>& row, int64_t V, double inv_t, const Stats<Acc<scalar_t>>& st, bool full_support) {
   using acc_t = Acc<scalar_t>;
-  acc_t head = 0, student_kept = 0;
+  double head = 0, student_kept = 0;
   for (int64_t i = 0; i < row.k; ++i) {
     if (!row.kept(i)) continue;
-    const acc_t log_q = row.log_q(i, inv_t, st);
-    head += std::exp(row.logp[i]) * (row.logp[i] - log_q);
+    const double log_q = row.log_q(i, inv_t, st), log_p = row.logp[i];
+    head += std::exp(log_p) * (log_p - log_q);
     student_kept += std::exp(log_q);
   }
   if (!full_support || row.tail_logp == neg_inf<acc_t>()) return head;
-  return head + std::exp(row.tail_logp) * (row.tail_logp - student_tail(row, V, inv_t, st, student_kept).log_r);
+  const double tail_logp = row.tail_logp;
+  return head + std::exp(tail_logp) * (tail_logp - student_tail(row, V, inv_t, st, student_kept).log_r);
 }
 
 // Per-row gradient coefficients: ∂KL/∂z_j = inv_t·(α·q_j + β_i [j = ids_i]). Full-vocabulary student:
@@ -279,17 +310,17 @@ struct Coefficients {
 };
 
 template <typename scalar_t>
-Coefficients<Acc<scalar_t>> row_coefficients(const Row<scalar_t>& row, int64_t V, Acc<scalar_t> inv_t,
-                                             const Stats<Acc<scalar_t>>& st, bool full_support) {
+Coefficients<double> row_coefficients(const Row<scalar_t>& row, int64_t V, double inv_t, const Stats<Acc<scalar_t>>& st,
+                                      bool full_support) {
   using acc_t = Acc<scalar_t>;
   const auto mass = kept_mass(row, inv_t, st);
-  if (!full_support) return {acc_t(0), mass.teacher, mass.teacher, acc_t(0)};
-  acc_t gamma = 0, tail_mass = 0;
+  if (!full_support) return {0.0, mass.teacher, mass.teacher, 0.0};
+  double gamma = 0, tail_mass = 0;
   // d/dz of −r̂·log r_s; zero where DistillKit's clamp is active
   if (row.tail_logp != neg_inf<acc_t>()) {
     const auto tail = student_tail(row, V, inv_t, st, mass.student);
     if (!tail.clamped) {
-      tail_mass = std::exp(row.tail_logp);
+      tail_mass = std::exp(static_cast<double>(row.tail_logp));
       gamma = tail_mass / tail.r;
     }
   }
@@ -304,24 +335,25 @@ struct RowTerms {
 };
 
 template <typename scalar_t>
-RowTerms<Acc<scalar_t>> row_terms(const Row<scalar_t>& row, int64_t V, Acc<scalar_t> inv_t,
-                                  const Stats<Acc<scalar_t>>& st, bool full_support) {
+RowTerms<double> row_terms(const Row<scalar_t>& row, int64_t V, double inv_t, const Stats<Acc<scalar_t>>& st,
+                           bool full_support) {
   using acc_t = Acc<scalar_t>;
-  acc_t head = 0, teacher = 0, student = 0;
+  double head = 0, teacher = 0, student = 0;
   for (int64_t i = 0; i < row.k; ++i) {
     if (!row.kept(i)) continue;
-    const acc_t log_q = row.log_q(i, inv_t, st);
-    const acc_t p = std::exp(row.logp[i]);
-    head += p * (row.logp[i] - log_q);
+    const double log_q = row.log_q(i, inv_t, st), log_p = row.logp[i];
+    const double p = std::exp(log_p);
+    head += p * (log_p - log_q);
     teacher += p;
     student += std::exp(log_q);
   }
-  if (!full_support) return {head, {acc_t(0), teacher, teacher, acc_t(0)}};
-  if (row.tail_logp == neg_inf<acc_t>()) return {head, {teacher, teacher, teacher, acc_t(0)}};
+  if (!full_support) return {head, {0.0, teacher, teacher, 0.0}};
+  if (row.tail_logp == neg_inf<acc_t>()) return {head, {teacher, teacher, teacher, 0.0}};
   const auto tail = student_tail(row, V, inv_t, st, student);
-  const acc_t kl = head + std::exp(row.tail_logp) * (row.tail_logp - tail.log_r);
-  if (tail.clamped) return {kl, {teacher, teacher, teacher, acc_t(0)}};
-  const acc_t tail_mass = std::exp(row.tail_logp), gamma = tail_mass / tail.r;
+  const double tail_logp = row.tail_logp;
+  const double kl = head + std::exp(tail_logp) * (tail_logp - tail.log_r);
+  if (tail.clamped) return {kl, {teacher, teacher, teacher, 0.0}};
+  const double tail_mass = std::exp(tail_logp), gamma = tail_mass / tail.r;
   return {kl, {teacher + tail_mass - gamma, teacher + tail_mass, teacher, gamma}};
 }
 
@@ -371,29 +403,28 @@ class SlotGroups {
 // g·(α·q_j + Σ_{i: ids_i = j} (γ·q_j − p̂_i)), i.e. g·(κ·q_j − p̂_i) for an id held by one slot —
 // the exact derivative of the loss with every slot counted as its own outcome.
 template <typename scalar_t>
-void write_kept(scalar_t* out_row, const Row<scalar_t>& row, Acc<scalar_t> inv_t, const Stats<Acc<scalar_t>>& st,
-                const Coefficients<Acc<scalar_t>>& c, Acc<scalar_t> gr, SlotGroups& groups,
-                std::vector<Acc<scalar_t>>& teacher_sum, std::vector<int64_t>& count) {
-  using acc_t = Acc<scalar_t>;
+void write_kept(scalar_t* out_row, const Row<scalar_t>& row, double inv_t, const Stats<Acc<scalar_t>>& st,
+                const Coefficients<double>& c, double gr, SlotGroups& groups, std::vector<double>& teacher_sum,
+                std::vector<int64_t>& count) {
   const bool repeated = groups.build(row);
   if (repeated) {
-    teacher_sum.assign(row.k, acc_t(0));
+    teacher_sum.assign(row.k, 0.0);
     count.assign(row.k, 0);
     for (int64_t i = 0; i < row.k; ++i) {
       const int64_t lead = groups.lead(i);
       if (lead < 0) continue;
-      teacher_sum[lead] += std::exp(row.logp[i]);
+      teacher_sum[lead] += std::exp(static_cast<double>(row.logp[i]));
       ++count[lead];
     }
   }
   for (int64_t i = 0; i < row.k; ++i) {
     if (groups.lead(i) != i) continue;
-    const acc_t q = std::exp(row.log_q(i, inv_t, st));
-    acc_t d;
+    const double q = std::exp(row.log_q(i, inv_t, st));
+    double d;
     if (!repeated || count[i] == 1) {
-      d = c.kept * q - std::exp(row.logp[i]);
+      d = c.kept * q - std::exp(static_cast<double>(row.logp[i]));
     } else {
-      d = (c.kept + static_cast<acc_t>(count[i] - 1) * c.gamma) * q - teacher_sum[i];
+      d = (c.kept + static_cast<double>(count[i] - 1) * c.gamma) * q - teacher_sum[i];
     }
     out_row[row.ids[i]] = static_cast<scalar_t>(gr * d);
   }
@@ -432,10 +463,10 @@ int64_t row_count(const at::Tensor& logits) {
   return logits.dim() == 3 ? logits.size(0) * logits.size(1) : logits.size(0);
 }
 
-// e[0..n) = exp((x − bm)·inv_t) with bm = max x (x in the accumulation type); returns Σ e. kCoarse: the
-// reduced-precision exp (see cpu_exp.h), for bf16/fp16 logits.
+// e[0..n) = exp((x − bm)·inv_t) with bm = max x (x in the accumulation type); returns Σ e (added in
+// double, as in block_sum_exp). kCoarse: the reduced-precision exp (see cpu_exp.h), for bf16/fp16 logits.
 template <typename acc_t, bool kCoarse = false>
-acc_t block_exp_store(const acc_t* x, int64_t n, acc_t inv_t, acc_t bm, acc_t* e) {
+double block_exp_store(const acc_t* x, int64_t n, acc_t inv_t, acc_t bm, acc_t* e) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec vt(inv_t), vm(bm);
   Vec s0(acc_t(0)), s1(acc_t(0));
@@ -453,10 +484,11 @@ acc_t block_exp_store(const acc_t* x, int64_t n, acc_t inv_t, acc_t bm, acc_t* e
     a.store(e + i);
     s0 = s0 + a;
   }
-  acc_t s = vec_sum(s0 + s1);
+  double s = vec_sum(s0 + s1);
   for (; i < n; ++i) {
-    e[i] = std::exp((x[i] - bm) * inv_t);
-    s += e[i];
+    const double ei = std::exp(static_cast<double>((x[i] - bm) * inv_t));
+    e[i] = static_cast<acc_t>(ei);
+    s += ei;
   }
   return s;
 }
@@ -467,7 +499,8 @@ template <typename scalar_t>
 Stats<Acc<scalar_t>> row_stats_kept(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t, Acc<scalar_t>* e,
                                     Acc<scalar_t>* block_maxima) {
   using acc_t = Acc<scalar_t>;
-  acc_t m = neg_inf<acc_t>(), s = 0;
+  acc_t m = neg_inf<acc_t>();
+  double s = 0;
   alignas(64) float buffer[c10::is_reduced_floating_point_v<scalar_t> ? kBlock : 1];
   for (int64_t b = 0, blk = 0; b < V; b += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, V - b);
@@ -481,16 +514,16 @@ Stats<Acc<scalar_t>> row_stats_kept(const scalar_t* z, int64_t V, Acc<scalar_t> 
       x = z + b;
     }
     block_maxima[blk] = bm;
-    if (std::isnan(bm)) return {bm, bm};
+    if (std::isnan(bm)) return {bm, bm, bm};
     if (bm == neg_inf<acc_t>()) continue;
-    const acc_t bs = block_exp_store<acc_t, c10::is_reduced_floating_point_v<scalar_t>>(x, n, inv_t, bm, e + b);
+    const double bs = block_exp_store<acc_t, c10::is_reduced_floating_point_v<scalar_t>>(x, n, inv_t, bm, e + b);
     if (bm > m) {
       s *= std::exp((m - bm) * inv_t);  // 0 while m = −inf
       m = bm;
     }
     s += bm == m ? bs : bs * std::exp((bm - m) * inv_t);
   }
-  return {m, m == neg_inf<acc_t>() ? acc_t(0) : std::log(s)};
+  return stats_of(m, s);
 }
 
 // out[0..V) = c·q_j = c·exp((m_b − m)·inv_t − l)·e_j from the kept exps (e may alias out).
@@ -730,10 +763,10 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
           continue;
         }
         const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
-        const Stats<acc_t> st = full_support ? row_stats(row.z, V, inv_t) : kept_stats(row, inv_t);
-        stats_p[2 * n] = st.m;
+        const Stats<acc_t> st = full_support ? row_stats(row.z, V, inv_t) : kept_stats(row, inv_temperature);
+        stats_p[2 * n] = saved_shift(st, inv_temperature);
         stats_p[2 * n + 1] = st.l;
-        rows[n] = static_cast<acc_t>(scale) * row_kl(row, V, inv_t, st, full_support);
+        rows[n] = static_cast<acc_t>(scale * row_kl(row, V, inv_temperature, st, full_support));
       }
     });
     write_loss(rows, reduction, divisor, loss.data_ptr<acc_t>());
@@ -776,7 +809,7 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
     const auto address = row_address<scalar_t>(logits);
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       SlotGroups groups;
-      std::vector<acc_t> teacher_sum;
+      std::vector<double> teacher_sum;
       std::vector<int64_t> count;
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* out_row = out_p + n * V;
@@ -786,10 +819,12 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
           continue;
         }
         const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
-        const Stats<acc_t> st{stats_p[2 * n], stats_p[2 * n + 1]};
-        const auto c = row_coefficients(row, V, inv_t, st, full_support);
-        dense_softmax_row(out_row, row.z, V, inv_t, st, gr * c.alpha);
-        write_kept(out_row, row, inv_t, st, c, gr, groups, teacher_sum, count);
+        // the kept stats are O(k): recomputed in double rather than read back rounded
+        const Stats<acc_t> st = full_support ? Stats<acc_t>{stats_p[2 * n], stats_p[2 * n + 1], stats_p[2 * n + 1]}
+                                             : kept_stats(row, inv_temperature);
+        const auto c = row_coefficients(row, V, inv_temperature, st, full_support);
+        dense_softmax_row(out_row, row.z, V, inv_t, st, static_cast<acc_t>(gr * c.alpha));
+        write_kept(out_row, row, inv_temperature, st, c, gr, groups, teacher_sum, count);
       }
     });
   });
@@ -837,7 +872,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const
     const auto address = row_address<scalar_t>(logits);
     at::parallel_for(0, N, row_grain(full_support ? V : k), [&](int64_t begin, int64_t end) {
       SlotGroups groups;
-      std::vector<acc_t> teacher_sum, kept_exps(compute_grad && full_support && (!kSameType || in_place) ? V : 0);
+      std::vector<double> teacher_sum;
+      std::vector<acc_t> kept_exps(compute_grad && full_support && (!kSameType || in_place) ? V : 0);
       std::vector<acc_t> kept_logits(in_place ? k : 0);
       std::vector<acc_t> block_max(compute_grad && full_support ? (V + kBlock - 1) / kBlock : 0);
       std::vector<int64_t> count;
@@ -860,10 +896,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const
                             "(a repeated id double-counts; pad with any id and a -inf value instead), row ",
                             n);
         if (!compute_grad) {
-          const Stats<acc_t> st = full_support ? row_stats(row.z, V, inv_t) : kept_stats(row, inv_t);
-          stats_p[2 * n] = st.m;
+          const Stats<acc_t> st = full_support ? row_stats(row.z, V, inv_t) : kept_stats(row, inv_temperature);
+          stats_p[2 * n] = saved_shift(st, inv_temperature);
           stats_p[2 * n + 1] = st.l;
-          rows[n] = static_cast<acc_t>(scale) * row_kl(row, V, inv_t, st, full_support);
+          rows[n] = static_cast<acc_t>(scale * row_kl(row, V, inv_temperature, st, full_support));
           continue;
         }
         acc_t* exps = nullptr;
@@ -874,12 +910,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const
           exps = kept_exps.data();
         }
         const Stats<acc_t> st =
-            full_support ? row_stats_kept(row.z, V, inv_t, exps, block_max.data()) : kept_stats(row, inv_t);
-        stats_p[2 * n] = st.m;
+            full_support ? row_stats_kept(row.z, V, inv_t, exps, block_max.data()) : kept_stats(row, inv_temperature);
+        stats_p[2 * n] = saved_shift(st, inv_temperature);
         stats_p[2 * n + 1] = st.l;
-        const auto terms = row_terms(row, V, inv_t, st, full_support);
-        rows[n] = static_cast<acc_t>(scale) * terms.kl;
-        const acc_t c = row_scale * terms.c.alpha;
+        const auto terms = row_terms(row, V, inv_temperature, st, full_support);
+        rows[n] = static_cast<acc_t>(scale * terms.kl);
+        const acc_t c = static_cast<acc_t>(row_scale * terms.c.alpha);
         if (!full_support || c == acc_t(0)) {
           std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
         } else if (std::isnan(st.m)) {
@@ -887,7 +923,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const
         } else {
           dense_from_kept(out_row, exps, block_max.data(), V, inv_t, st, c);
         }
-        write_kept(out_row, row, inv_t, st, terms.c, row_scale, groups, teacher_sum, count);
+        write_kept(out_row, row, inv_temperature, st, terms.c, row_scale, groups, teacher_sum, count);
       }
     });
     write_loss(rows, reduction, divisor, loss.data_ptr<acc_t>());

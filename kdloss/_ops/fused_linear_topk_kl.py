@@ -13,8 +13,10 @@ plus the wanted gradients themselves.
 * With a gradient wanted (scalar reductions only) the forward also returns the wanted gradients for
   an upstream gradient of 1 — one GEMM pass instead of two — and the backward scales them in place by
   the actual upstream gradient (a device multiply: no host sync, no second copy).
-* Otherwise (``reduction="none"``, or a second backward with ``retain_graph``) the backward recomputes
-  each chunk's logits from the saved per-row log-sum-exp, for the inputs that need a gradient.
+* Otherwise (``reduction="none"``, float16 logits — whose gradient for an upstream gradient of 1 may
+  exceed 65504 —, or a second backward with ``retain_graph``) the backward recomputes each chunk's logits
+  from the saved per-row log-sum-exp, for the inputs that need a gradient; the backward op applies the
+  upstream gradient before the chunk's logit gradient is rounded to the logits' dtype.
 * ``weight_grad_dtype`` (None or a wider float dtype) is the dtype the weight gradient is accumulated
   in over chunks; the forward returns it in that dtype, the backward rounds it once to the weight's.
 
@@ -134,14 +136,15 @@ def _scale_saved(ctx, grad_loss):
 
 
 def _recomputed(ctx, grad_loss):
-    """The gradients from the saved inputs: ``"none"`` (per-row upstream gradient: the backward op), or
-    a second backward of a scalar loss (retain_graph: the forward's computation again, so that it rounds
-    exactly as the first one did, then scaled)."""
+    """The gradients from the saved inputs: ``"none"`` (per-row upstream gradient) and float16 logits
+    (whose gradient for an upstream gradient of 1 can overflow float16: the upstream factor comes first)
+    take the backward op; a second backward of any other scalar loss (retain_graph) the forward's
+    computation again, so that it rounds exactly as the first one did, then scaled."""
     stats, hidden, weight, bias, *teacher = ctx.saved_tensors
     *teacher, softcap = teacher
     full_support, reduction, chunk_size, weight_grad_dtype = ctx.options
     mask = list(ctx.needs_input_grad[:3])
-    if reduction != _NONE:
+    if reduction != _NONE and weight.dtype != torch.float16:
         _, _, *again = torch.ops.kdloss.fused_linear_topk_kl_fwd(
             hidden, weight, bias, *teacher, full_support, reduction, softcap, chunk_size, mask, weight_grad_dtype)
         ctx.grads = [g if want else None for g, want in zip(again, mask, strict=True)]

@@ -19,7 +19,10 @@ Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user 
 ``stats [N, 2]``, both in the accumulation dtype (the public function rounds the loss to the logits'
 dtype outside autocast); ``stats`` is saved for the backward (not differentiable): ``m``, the largest
 logit over V (over K for ``full_support=False``), and ``l = log Σ exp((z − m)/T)`` over the same set,
-so that ``log q_j = (z_j − m)/T − l``. The logits are shifted by their maximum *before* the division
+so that ``log q_j = (z_j − m)/T − l`` and ``m/T + l`` is the row's log-sum-exp of ``z/T``. (The CPU
+kernels move ``m`` by ``T·(l₆₄ − l)`` — a few of its last units at most — so that the pair keeps the
+float64 log-sum-exp and not only the rounded ``l``: at a large T that rounding is most of the backward's
+error in a kept slot's gradient.) The logits are shifted by their maximum *before* the division
 by T: ``z/T`` itself (or a log-sum-exp of it) would be large at small T, and rounding it would cost
 absolute accuracy in every ``log q_j``. ``topk_kl_bwd`` writes the dense ``[N, V]`` gradient from
 them in one pass (``g·(α·q_j + β_j·[j∈K])``).

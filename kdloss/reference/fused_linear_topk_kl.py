@@ -19,11 +19,11 @@ __all__ = ["fused_linear_topk_kl_reference", "linear_logits"]
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   softcap: float | None = None) -> torch.Tensor:
     """``hidden @ weightᵀ + bias``, then Gemma-style ``c·tanh(z / c)`` when ``softcap`` is given. A
-    bf16/fp16 ``hidden`` with an fp32 ``weight`` is upcast; the GEMM never runs under autocast."""
+    bf16/fp16 ``hidden`` with an fp32 ``weight`` is upcast; the GEMM never runs under autocast. The
+    product and the bias are added before one rounding to the logits' dtype (``F.linear``, as
+    ``nn.Linear`` computes them): a separate ``+ bias`` would round bf16/fp16 logits twice."""
     with no_autocast(hidden.device.type):
-        logits = hidden.to(weight.dtype) @ weight.T
-    if bias is not None:
-        logits = logits + bias
+        logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
