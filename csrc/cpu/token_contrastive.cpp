@@ -242,8 +242,8 @@ double largest_norm(const acc_t* x, int64_t M, int64_t E) {
 // True where fp32 nodes get fp64 logits (see kWideLogitBound); never for fp64 nodes.
 bool wide_logits(const at::Tensor& u, const at::Tensor& v, const Problem& p) {
   if (u.scalar_type() != at::kFloat || p.M == 0) return false;
-  const double bound = largest_norm(u.const_data_ptr<float>(), p.M, p.E) *
-                       largest_norm(v.const_data_ptr<float>(), p.M, p.E) * p.inv_tau;
+  const double bound =
+      largest_norm(u.const_data_ptr<float>(), p.M, p.E) * largest_norm(v.const_data_ptr<float>(), p.M, p.E) * p.inv_tau;
   return !(bound <= kWideLogitBound);
 }
 
@@ -266,7 +266,8 @@ void logsumexps(const logit_t* up, const logit_t* vp, const Problem& p, double* 
     });
     if (p.symmetric) column_lse(S, kStrip, M, w, lse_col + j0);
   }
-  for (int64_t i = 0; i < M; ++i) lse_row[i] = static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i]));
+  for (int64_t i = 0; i < M; ++i)
+    lse_row[i] = static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i]));
   diag.resize(M);
   diagonal_logits(up, vp, p, diag.data());
 }

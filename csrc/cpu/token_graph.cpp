@@ -225,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
     if (o.k > 0) {
       at::parallel_for(0, o.M, row_grain(o.k * (o.Ds + o.Dt)), [&](int64_t begin, int64_t end) {
         NodeScratch<acc_t, wide_t> scratch(o.k);
-        for (int64_t i = begin; i < end; ++i) row_loss[i] = node_forward<scalar_t>(x, y, n + i * o.k, i, o, scratch, c + i * o.k);
+        for (int64_t i = begin; i < end; ++i)
+          row_loss[i] = node_forward<scalar_t>(x, y, n + i * o.k, i, o, scratch, c + i * o.k);
       });
     }
     if (reduction == Reduction::kNone) {
