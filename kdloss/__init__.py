@@ -9,11 +9,12 @@ import importlib
 
 from . import distributed, functional, sparse
 from ._build import KernelUnavailableError
+from ._memory import empty_cache
 from ._registry import LOSSES
 
 __version__ = "0.2.0"
 
-__all__ = ["KernelUnavailableError", "__version__", "distributed", "functional", "reference", "sparse"]
+__all__ = ["KernelUnavailableError", "__version__", "distributed", "empty_cache", "functional", "reference", "sparse"]
 for _loss in LOSSES:
     _module = importlib.import_module(f"{__name__}.{_loss.name}")
     for _name in (*_loss.modules, *_loss.functionals):

@@ -433,6 +433,11 @@ def load(loss: str, device_type: str) -> bool:
         return ok
 
 
+def is_loaded(loss: str, device_type: str) -> bool:
+    """Whether the kernels of ``loss`` for ``device_type`` are loaded (never loads them)."""
+    return _loaded.get((loss, device_type), False)
+
+
 def failure(loss: str, device_type: str) -> str | None:
     """Why the kernels of ``loss`` for ``device_type`` are unavailable (None if they loaded)."""
     return _failures.get((loss, device_type)) or _failures.get(("*", device_type))

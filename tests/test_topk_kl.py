@@ -6,6 +6,9 @@ through kdloss/testing/topk_kl.py."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -564,6 +567,42 @@ def test_large_gradient_buffer_huge_page_path_is_correct():
     torch.testing.assert_close(g.double(), grad_of(b, z).double(), rtol=1e-4, atol=1e-9)
     g.add_(1.0)  # an ordinary, writable tensor
     assert g.is_contiguous() and g.shape == z.shape
+
+
+def test_freed_large_gradient_block_is_reused_and_released():
+    """A freed gradient block stays idle for the next step (no fresh pages); a live gradient is never
+    handed out twice; a reused block's values are the new step's; kdloss.empty_cache() frees it."""
+    z, ids, vals, _ = make_problem(rows=80, vocab=32000, k=16, dtype=torch.float32, seed=31)
+    z2 = (z.detach() * 0.5).requires_grad_()
+    exact = grad_of(topk_kl_loss(z2.double(), ids, vals.double(), temperature=2.0, backend="reference"), z2)
+    kdloss.empty_cache()
+    g1 = grad_of(topk_kl_loss(z, ids, vals, temperature=2.0, backend="kernel"), z)
+    g_live = grad_of(topk_kl_loss(z2, ids, vals, temperature=2.0, backend="kernel"), z2)
+    assert g_live.data_ptr() != g1.data_ptr()  # g1 is alive: its block is not reused
+    torch.testing.assert_close(g_live.double(), exact.double(), rtol=1e-4, atol=1e-9)
+    first = g1.data_ptr()
+    del g1
+    g2 = grad_of(topk_kl_loss(z2, ids, vals, temperature=2.0, backend="kernel"), z2)
+    assert g2.data_ptr() == first  # the idle block, reused
+    torch.testing.assert_close(g2, g_live, rtol=0, atol=0)  # every entry written anew
+    del g2, g_live
+    assert kdloss.empty_cache() >= z.numel() * z.element_size()
+    assert kdloss.empty_cache() == 0
+
+
+def test_gradient_block_cache_switched_off_by_the_environment():
+    code = (
+        "import torch, kdloss\n"
+        "z = torch.randn(80, 32000, requires_grad=True)\n"
+        "ids = torch.arange(16).repeat(80, 1) * 2000\n"
+        "vals = torch.randn(80, 16).log_softmax(-1)\n"
+        "g, = torch.autograd.grad(kdloss.topk_kl_loss(z, ids, vals, backend='kernel'), [z])\n"
+        "del g\n"
+        "print(kdloss.empty_cache())\n"
+    )
+    env = {**os.environ, "KDLOSS_GRAD_CACHE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "0"
 
 
 def _repeated_ids_problem(device, dtype=torch.float64):

@@ -48,6 +48,8 @@ LIB.define(f"topk_kl_bwd(Tensor grad, Tensor stats, Tensor logits, {_ARGS}) -> T
 LIB.define(
     f"topk_kl_fwd_grad(Tensor logits, {_ARGS}, bool compute_grad, bool check_unique) -> (Tensor, Tensor, Tensor)"
 )
+# Frees the CPU kernel's idle gradient block (see kdloss.empty_cache); returns its size in bytes.
+LIB.define("topk_kl_release_buffers() -> int")
 _NONE = 0
 
 

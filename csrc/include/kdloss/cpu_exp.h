@@ -49,5 +49,48 @@ inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) {
 #endif
 }
 
+// exp(x) for x ≤ 0 (−inf included; no NaN): vexp without the overflow branch, n = round(x·log2 e) taken
+// from the bits of x·log2 e + 1.5·2^23. kCoarse: a degree-5 polynomial, ≈2.5e-6 relative — for
+// bf16/fp16 inputs, whose own rounding (≥ 4.9e-4) dwarfs it — instead of degree 7 (≈2 ulp).
+template <bool kCoarse = false>
+inline at::vec::Vectorized<double> vexp_nonpositive(const at::vec::Vectorized<double>& x) {
+  return x.exp();
+}
+
+template <bool kCoarse = false>
+inline at::vec::Vectorized<float> vexp_nonpositive(const at::vec::Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  const __m256 v = x;
+  const __m256 lo = _mm256_set1_ps(-87.336544f);       // ln(FLT_MIN)
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);  // 1.5·2^23: its ulp is 1
+  const __m256 underflow = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
+  const __m256 c = _mm256_max_ps(v, lo);
+  // t = shifter + n exactly, n = round(c·log2 e) ∈ [−126, 0]
+  const __m256 t = _mm256_fmadd_ps(c, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 n = _mm256_sub_ps(t, shifter);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), c);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p;
+  if constexpr (kCoarse) {
+    p = _mm256_set1_ps(1.0f / 120.0f);
+  } else {
+    p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  }
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // 2^n: the biased exponent n + 127 from t's low bits (t's bit pattern is 0x4B400000 + n)
+  const __m256i bits = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000 - 127));
+  const __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23)));
+  return _mm256_andnot_ps(underflow, out);
+#else
+  return x.exp();
+#endif
+}
+
 }  // namespace cpu
 }  // namespace kdloss
