@@ -141,6 +141,39 @@ def test_absorbed_scalings_fp32_as_accurate_as_reference():
     assert abs(out.item() - exact.item()) <= 4 * abs(ref32.item() - exact.item()) + 1e-6 * abs(exact.item())
 
 
+def test_fp32_signs_of_nearly_equal_probabilities():
+    """Fuzz case (seed 5876): at T = 100 the probabilities of a row and a teacher differ by less than
+    their fp32 rounding; a softmax in fp32 ordered one pair wrongly, the sign in ∂W/∂s flipped and the
+    gradient was 2.6× over the bound. The kernel rounds float64 probabilities once (monotone rounding
+    keeps every order it can represent)."""
+    from kdloss.testing import check_case
+
+    case = {"batch": 37, "batch_t": 1, "classes": 16, "temperature": 100.0, "epsilon": 0.1, "n_iters": 20,
+            "scale": 1.0, "layout": "contiguous", "magnitude": 0.1, "seed": 5876}
+    result = check_case("sinkhorn", case, device="cpu", dtype=torch.float32)
+    assert result.ok, "\n".join(result.details)
+
+
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+def test_fp32_signs_of_probabilities_tied_in_fp32(eps):
+    """Teacher rows one logit ulp away from student rows: the fp32 probabilities tie (sign 0 there),
+    the exact ones do not; the kernel takes those signs from the float64 probabilities."""
+    gen = torch.Generator().manual_seed(0)
+    zs = 0.1 * torch.randn(12, 8, generator=gen)
+    away = torch.where(torch.rand(zs.shape, generator=gen) < 0.5, -1.0, 1.0)
+    zt = torch.nextafter(zs, away)
+    zt = torch.cat([zt, zt.flip(0)])
+    s32, t32 = torch.softmax(zs / 100.0, 1), torch.softmax(zt / 100.0, 1)
+    assert (s32[:, None] == t32[None]).sum() > 50  # many ties in fp32 …
+    s64, t64 = torch.softmax(zs.double() / 100.0, 1), torch.softmax(zt.double() / 100.0, 1)
+    assert not (s64[:, None] == t64[None]).any()  # … none in float64
+    x = zs.clone().requires_grad_()
+    grad = grad_of(sinkhorn_loss(x, zt, temperature=100.0, epsilon=eps, backend="kernel"), x)
+    x64 = zs.double().requires_grad_()
+    exact = grad_of(sinkhorn_reference(x64, zt.double(), temperature=100.0, epsilon=eps), x64)
+    assert (grad.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
 # ---------------------------------------------------------------------------------------------
 # Low precision
 

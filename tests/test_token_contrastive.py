@@ -62,6 +62,18 @@ def test_large_logits_keep_probabilities_accurate(symmetric):
     assert result.ok and result.ratio < 0.5, f"{result}\n" + "\n".join(result.details)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fp32_logits_in_the_thousands(symmetric):
+    """Fuzz case (seed 1): dot logits up to 3700 (magnitude 3, τ = 0.05) round by ~1e-3 in an fp32 dot
+    product, and rows whose softmax is not saturated turned that into gradients 1.1x over the bound
+    (eager fp32 errs as much). Beyond max‖u‖·max‖v‖/τ = 64 the kernel forms the logits and softmaxes in
+    float64: the gradients are then as accurate as their fp32 rounding."""
+    case = {"nodes": 300, "dim": 18, "temperature": 0.05, "similarity": "dot", "symmetric": symmetric,
+            "detach_teacher": False, "reduction": "mean", "layout": "contiguous", "magnitude": 3.0, "seed": 1}
+    result = check_case("token_contrastive", case, "cpu", torch.float32)
+    assert result.ok and result.ratio < 0.1, f"{result}\n" + "\n".join(result.details)
+
+
 def test_auto_runs_the_kernel_and_outputs_keep_the_input_dtype():
     hs, ht = _nodes(9, 4, seed=3, dtype=torch.bfloat16)
     out = token_contrastive_loss(hs, ht, temperature=0.25)

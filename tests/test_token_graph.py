@@ -184,6 +184,28 @@ def test_low_precision_error_bound(device, dtype, edge):
                              "grad")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fp32_large_logits_as_accurate_as_fp64_distances(reduction):
+    """Fuzz case (seed 0): σ = 0.5 and squared distances ≈ 183 give log-kernel logits ≈ −183 whose
+    differences decide a confident softmax; fp32 distances moved the loss by 1e-4 (1.6× the bound).
+    Beyond |ℓ| = 4 the kernel forms the distances and the KL in fp64: per node, the loss is then as
+    accurate as its fp32 rounding."""
+    from kdloss.testing import check_case, get
+
+    case = {"nodes": 7, "ds": 10, "dt": 1, "k": 5, "graph": "teacher", "sigma": 0.5, "edge": "log_kernel",
+            "kl_direction": "student_teacher", "reduction": reduction, "layout": "contiguous", "magnitude": 3.0,
+            "seed": 0}
+    result = check_case("token_graph", case, device="cpu", dtype=torch.float32)
+    assert result.ok, "\n".join(result.details)
+    spec = get("token_graph")
+    built = spec.build(dict(case, reduction="none"), torch.device("cpu"), torch.float32)
+    (s,) = built.inputs
+    rows = spec.kernel(dict(case, reduction="none"), s, **built.constants)
+    exact = spec.reference(dict(case, reduction="none"), s.detach().double(), **built.constants)
+    eps = torch.finfo(torch.float32).eps
+    assert ((rows.double() - exact).abs() <= 4 * eps * (1 + exact.abs())).all()
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cpu_results_independent_of_thread_count(reduction):
     from kdloss.testing import check_determinism

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kdloss/cpu_exp.h"
@@ -711,19 +712,23 @@ acc_t sinkhorn_iterations(const acc_t* W, const Problem<acc_t>& p, int64_t n_ite
 }
 
 // The forward in the working type work_t: the accumulation type on the stabilised path, float64 on
-// the log-domain path (see use_log_domain). The probabilities and the cost go to the float64
-// tensors probs_s, probs_t, cost (exactly: work_t values), the backward state to state_p; returns
+// the log-domain path (see use_log_domain). The probabilities (float64) and the cost (work_t values,
+// exactly) go to the float64 tensors probs_s, probs_t, cost, the backward state to state_p; returns
 // Σ_ij P_ij W_ij.
 template <typename scalar_t, typename work_t>
 work_t forward_in(const at::Tensor& zs, const at::Tensor& zt, double temperature, double epsilon, int64_t n_iters,
                   at::Tensor& probs_s, at::Tensor& probs_t, at::Tensor& cost, at::Tensor& state) {
   using acc_t = Acc<scalar_t>;
   const int64_t B = zs.size(0), Bt = zt.size(0), C = zs.size(1);
-  std::vector<work_t> s(B * C), t(Bt * C);
-  softmax_rows<scalar_t, work_t>(zs.data_ptr<scalar_t>(), B, C, zs.stride(0), temperature, s.data());
-  softmax_rows<acc_t, work_t>(zt.data_ptr<acc_t>(), Bt, C, C, temperature, t.data());
-  std::copy(s.begin(), s.end(), probs_s.data_ptr<double>());
-  std::copy(t.begin(), t.end(), probs_t.data_ptr<double>());
+  // The probabilities in float64 (to probs_s, probs_t), then rounded once to work_t: rounding is
+  // monotone, so sign(s_ic − t_jc) of the rounded values is the exact sign wherever they differ
+  // (the backward resolves the ties from the float64 values). A work_t softmax could order two
+  // nearly equal probabilities wrongly, and a flipped sign moves a gradient by 2·W̄_ij/T·s_ic.
+  double* s64 = probs_s.data_ptr<double>();
+  double* t64 = probs_t.data_ptr<double>();
+  softmax_rows<scalar_t, double>(zs.data_ptr<scalar_t>(), B, C, zs.stride(0), temperature, s64);
+  softmax_rows<acc_t, double>(zt.data_ptr<acc_t>(), Bt, C, C, temperature, t64);
+  const std::vector<work_t> s(s64, s64 + B * C), t(t64, t64 + Bt * C);
   double* state_p = state.data_ptr<double>();
   if (B == 0 || Bt == 0) {  // an empty plan: the loss is 0
     std::fill(state_p, state_p + state.numel(), 0.0);
@@ -783,6 +788,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, probs_s, probs_t, cost, steps, state};
 }
 
+// The signs sign(s_ic − t_jc) the backward cannot read off the rounded probabilities: where
+// s_ic and t_jc round to the same acc_t value (elsewhere monotone rounding keeps the exact order),
+// the sign of the float64 difference. Per class, the teacher's rounded probabilities sorted with
+// their columns, so that a row finds its ties by binary search (B·C·log B', outside the hot loop).
+template <typename acc_t>
+struct TieSigns {
+  std::vector<std::pair<acc_t, int64_t>> sorted;  // [C, B']: (t_jc rounded, j), by value within each class
+  const double* t64;
+  int64_t Bt, C;
+
+  TieSigns(const acc_t* t, const double* t64_, int64_t Bt_, int64_t C_) : t64(t64_), Bt(Bt_), C(C_) {
+    if (std::is_same<acc_t, double>::value) return;  // no rounding: a tie is an exact tie, sign 0
+    sorted.resize(C * Bt);
+    for (int64_t c = 0; c < C; ++c) {
+      auto* col = sorted.data() + c * Bt;
+      for (int64_t j = 0; j < Bt; ++j) col[j] = {t[j * C + c], j};
+      std::sort(col, col + Bt);
+    }
+  }
+
+  // Σ_{j: t_jc rounds to s_ic} W̄_ij·sign(s_ic − t_jc), the exact signs (the vector loop counted 0).
+  acc_t correction(acc_t s_rounded, double s_exact, int64_t c, const acc_t* wbar) const {
+    if (sorted.empty()) return acc_t(0);
+    const auto* col = sorted.data() + c * Bt;
+    const auto less = [](const std::pair<acc_t, int64_t>& e, acc_t v) { return e.first < v; };
+    acc_t sum = acc_t(0);
+    for (const auto* e = std::lower_bound(col, col + Bt, s_rounded, less); e != col + Bt && e->first == s_rounded;
+         ++e) {
+      const double d = s_exact - t64[e->second * C + c];
+      sum += wbar[e->second] * static_cast<acc_t>((d > 0) - (d < 0));
+    }
+    return sum;
+  }
+};
+
 // One term of the adjoint: x̄ −= diag(α)·K_e·diag(β).
 struct Term {
   int64_t h;  // a half-step whose epoch (and potentials) the term uses
@@ -791,12 +831,14 @@ struct Term {
 
 // The adjoint recursion (see the file comment) → W̄ contracted with the signs of the cost, → z̄.
 template <typename scalar_t, typename acc_t>
-void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, double temperature, const acc_t* s,
-                       const acc_t* t, const std::vector<acc_t>& W, const History<acc_t>& hist, scalar_t* out) {
+void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, double temperature, const double* s64,
+                       const double* t64, const std::vector<acc_t>& W, const History<acc_t>& hist, scalar_t* out) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t B = p.B, Bp = p.Bp, H = 2 * n_iters;
-  const std::vector<acc_t> tT = transpose_padded(t, p);
+  const std::vector<acc_t> s(s64, s64 + B * p.C), t(t64, t64 + p.Bt * p.C);  // rounded as the forward rounded them
+  const std::vector<acc_t> tT = transpose_padded(t.data(), p);
+  const TieSigns<acc_t> ties(t.data(), t64, p.Bt, p.C);
   std::vector<acc_t> K(B * Bp);
   std::vector<double> G(Bp, 0.0);
   int64_t current = -1;  // the epoch whose kernel K holds
@@ -920,7 +962,7 @@ void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, doubl
               at::vec::fmadd(Vec::loadu(Ke + j2), Vec::loadu(acc.data() + j2), Vec::loadu(wbar.data() + j2))
                   .store(wbar.data() + j2);
           }
-          const acc_t* si = s + i * C;
+          const acc_t* si = s.data() + i * C;
           acc_t dot = 0;
           for (int64_t c = 0; c < C; ++c) {
             const Vec sc(si[c]);
@@ -930,7 +972,7 @@ void sinkhorn_backward(const Problem<acc_t>& p, int64_t n_iters, acc_t gs, doubl
               const Vec tj = Vec::loadu(tc + j);
               a = a + Vec::loadu(wbar.data() + j) * (sc.gt(tj) - sc.lt(tj));
             }
-            sbar[c] = vec_sum(a);
+            sbar[c] = vec_sum(a) + ties.correction(si[c], s64[i * C + c], c, wbar.data());
             dot += sbar[c] * si[c];
           }
           for (int64_t c = 0; c < C; ++c) out[i * C + c] = static_cast<scalar_t>(inv_T * si[c] * (sbar[c] - dot));
@@ -985,11 +1027,10 @@ at::Tensor sinkhorn_bwd(const at::Tensor& grad, const at::Tensor& student_logits
     } else {  // the saved float64 tensors hold acc_t values: read back exactly
       const acc_t gs = static_cast<acc_t>(scale) * static_cast<acc_t>(g);
       const auto p = make_problem<acc_t>(B, Bt, C, epsilon);
-      const std::vector<acc_t> s(s64, s64 + B * C), t(t64, t64 + Bt * C);
       const std::vector<acc_t> W = padded<acc_t>(W64, B, Bt, p.Bp);
       History<acc_t> hist{const_cast<double*>(state_p), B, Bt, H};
       hist.load();
-      sinkhorn_backward<scalar_t, acc_t>(p, H / 2, gs, temperature, s.data(), t.data(), W, hist, out);
+      sinkhorn_backward<scalar_t, acc_t>(p, H / 2, gs, temperature, s64, t64, W, hist, out);
     }
   });
   return grad_student;

@@ -26,8 +26,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kdloss/cpu_exp.h"
@@ -218,6 +220,58 @@ void diagonal_logits(const acc_t* u, const acc_t* v, const Problem& p, acc_t* d)
   });
 }
 
+// Logits L = u vᵀ/τ are bounded by max‖u_i‖·max‖v_j‖/τ; beyond this bound fp32 inputs get their
+// logits, log-sum-exps and softmaxes in fp64 (the gradient GEMMs stay fp32). A logit of magnitude
+// |L| rounds by ~u·|L| in an fp32 dot product, and where a row's softmax is not saturated the
+// gradient moves by (w/τ)·p(1 − p)·δL·‖v‖: a fuzz case with |L| up to 3700 (dot similarity, τ =
+// 0.05) had gradients 1.1× over the bound, at the level of eager fp32's own rounding. Cosine
+// similarity at the usual τ ≥ 1/64 stays on the fp32 path.
+constexpr double kWideLogitBound = 64.0;
+
+template <typename acc_t>
+double largest_norm(const acc_t* x, int64_t M, int64_t E) {
+  double largest = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    double sq = 0;
+    for (int64_t k = 0; k < E; ++k) sq += static_cast<double>(x[k + i * E]) * static_cast<double>(x[k + i * E]);
+    largest = std::max(largest, sq);
+  }
+  return std::sqrt(largest);
+}
+
+// True where fp32 nodes get fp64 logits (see kWideLogitBound); never for fp64 nodes.
+bool wide_logits(const at::Tensor& u, const at::Tensor& v, const Problem& p) {
+  if (u.scalar_type() != at::kFloat || p.M == 0) return false;
+  const double bound =
+      largest_norm(u.const_data_ptr<float>(), p.M, p.E) * largest_norm(v.const_data_ptr<float>(), p.M, p.E) * p.inv_tau;
+  return !(bound <= kWideLogitBound);
+}
+
+// The row (and, symmetric, column) log-sum-exps of L = u vᵀ/τ in logit_t, and the diagonal L_ii.
+template <typename logit_t>
+void logsumexps(const logit_t* up, const logit_t* vp, const Problem& p, double* lse_row, double* lse_col,
+                std::vector<logit_t>& diag) {
+  const int64_t M = p.M, E = p.E;
+  std::vector<logit_t> run_max(M, -std::numeric_limits<logit_t>::infinity()), run_sum(M, logit_t(0));
+  std::vector<logit_t> strip(M * kStrip);
+  logit_t* S = strip.data();
+  for (int64_t j0 = 0; j0 < M; j0 += kStrip) {
+    const int64_t w = std::min(kStrip, M - j0);
+    at::parallel_for(0, p.row_blocks(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, M - i0);
+        logits_tile(S + i0 * kStrip, kStrip, up + i0 * E, rows, vp + j0 * E, w, E, static_cast<logit_t>(p.inv_tau));
+        for (int64_t r = 0; r < rows; ++r) online_lse(S + (i0 + r) * kStrip, w, run_max[i0 + r], run_sum[i0 + r]);
+      }
+    });
+    if (p.symmetric) column_lse(S, kStrip, M, w, lse_col + j0);
+  }
+  for (int64_t i = 0; i < M; ++i)
+    lse_row[i] = static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i]));
+  diag.resize(M);
+  diagonal_logits(up, vp, p, diag.data());
+}
+
 std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                          const at::Tensor& temperature, bool symmetric,
                                                          int64_t reduction_code) {
@@ -227,33 +281,27 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& stude
   const auto opts = u.options();
   at::Tensor lse = at::zeros({2, p.M}, opts.dtype(at::kDouble));  // float64: see split_lse
   at::Tensor out = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{p.M} : at::IntArrayRef{}, opts);
+  const bool wide = wide_logits(u, v, p);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "token_contrastive_fwd", [&] {
     using acc_t = scalar_t;
-    const int64_t M = p.M, E = p.E;
-    const acc_t* up = u.const_data_ptr<acc_t>();
-    const acc_t* vp = v.const_data_ptr<acc_t>();
+    const int64_t M = p.M;
     double* lse_row = lse.data_ptr<double>();
     double* lse_col = lse_row + M;
-    std::vector<acc_t> run_max(M, -std::numeric_limits<acc_t>::infinity()), run_sum(M, acc_t(0));
-    at::Tensor strip = at::empty({M, kStrip}, opts);
-    acc_t* S = strip.data_ptr<acc_t>();
-    for (int64_t j0 = 0; j0 < M; j0 += kStrip) {
-      const int64_t w = std::min(kStrip, M - j0);
-      at::parallel_for(0, p.row_blocks(), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t blk = begin; blk < end; ++blk) {
-          const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, M - i0);
-          logits_tile(S + i0 * kStrip, kStrip, up + i0 * E, rows, vp + j0 * E, w, E, static_cast<acc_t>(p.inv_tau));
-          for (int64_t r = 0; r < rows; ++r) online_lse(S + (i0 + r) * kStrip, w, run_max[i0 + r], run_sum[i0 + r]);
-        }
-      });
-      if (symmetric) column_lse(S, kStrip, M, w, lse_col + j0);
+    std::vector<double> diag64(M);
+    if (wide) {
+      const at::Tensor u64 = u.to(at::kDouble), v64 = v.to(at::kDouble);
+      std::vector<double> diag;
+      logsumexps(u64.const_data_ptr<double>(), v64.const_data_ptr<double>(), p, lse_row, lse_col, diag);
+      std::copy(diag.begin(), diag.end(), diag64.begin());
+    } else {
+      std::vector<acc_t> diag;
+      logsumexps(u.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), p, lse_row, lse_col, diag);
+      std::copy(diag.begin(), diag.end(), diag64.begin());
     }
-    std::vector<acc_t> diag(M), per_row(M);
-    diagonal_logits(up, vp, p, diag.data());
+    std::vector<acc_t> per_row(M);
     for (int64_t i = 0; i < M; ++i) {
-      lse_row[i] = static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i]));
-      double term = lse_row[i] - static_cast<double>(diag[i]);
-      if (symmetric) term = 0.5 * term + 0.5 * (lse_col[i] - static_cast<double>(diag[i]));
+      double term = lse_row[i] - diag64[i];
+      if (symmetric) term = 0.5 * term + 0.5 * (lse_col[i] - diag64[i]);
       per_row[i] = static_cast<acc_t>(term);
     }
     if (reduction == Reduction::kNone) {
@@ -305,6 +353,37 @@ void gradient_row(acc_t* s, int64_t w, int64_t i, int64_t j0, acc_t hi_i, acc_t 
   if (i >= j0 && i < j0 + w) s[i - j0] -= diag_i;
 }
 
+// The tiles of G, from logits in logit_t (acc_t, or fp64 for fp32 nodes: see kWideLogitBound): the
+// per-node weights and the log-sum-exps (as hi + lo pairs) in logit_t.
+template <typename logit_t>
+struct GradientTiles {
+  const logit_t* u;
+  const logit_t* v;
+  Problem p;
+  std::vector<logit_t> row_hi, row_lo, col_hi, col_lo, own, other, diag;
+
+  // Rows of block blk, columns j0..j0+w of G (row stride kStrip) into G + i0·kStrip; scratch holds
+  // kRowBlock·kStrip logit_t where logit_t is wider than acc_t.
+  template <typename acc_t>
+  void fill(acc_t* G, int64_t blk, int64_t j0, int64_t w, std::vector<logit_t>& scratch) const {
+    const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, p.M - i0);
+    constexpr bool same = std::is_same_v<acc_t, logit_t>;
+    logit_t* tile = nullptr;
+    if constexpr (same) tile = G + i0 * kStrip;
+    else tile = scratch.data();
+    logits_tile(tile, kStrip, u + i0 * p.E, rows, v + j0 * p.E, w, p.E, static_cast<logit_t>(p.inv_tau));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      gradient_row(tile + r * kStrip, w, i, j0, row_hi[i], row_lo[i], own[i], col_hi.data(), col_lo.data(),
+                   p.symmetric ? other.data() : nullptr, diag[i]);
+    }
+    if constexpr (!same) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < w; ++c) G[(i0 + r) * kStrip + c] = static_cast<acc_t>(tile[r * kStrip + c]);
+    }
+  }
+};
+
 // The gradient [M, E] held in the first rows and columns of a padded accumulator: the accumulator
 // itself when there is no padding, else a contiguous copy.
 at::Tensor unpad(const at::Tensor& acc_buf, int64_t M, int64_t E) {
@@ -333,11 +412,6 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
     using acc_t = scalar_t;
     constexpr int64_t nr = panel_width<acc_t>();
     const int64_t m_pad = round_up(M, kMR), e_pad = round_up(E, nr), panels = e_pad / nr;
-    const acc_t* up = u.const_data_ptr<acc_t>();
-    const acc_t* vp = v.const_data_ptr<acc_t>();
-    std::vector<acc_t> row_hi, row_lo, col_hi, col_lo;
-    split_lse(lse.const_data_ptr<double>(), M, row_hi, row_lo);
-    split_lse(lse.const_data_ptr<double>() + M, M, col_hi, col_lo);
     // per-node weights: own term (row softmax), other term (column softmax), diagonal; all ÷ τ
     const acc_t* g = grad.const_data_ptr<acc_t>();
     const acc_t inv_tau = static_cast<acc_t>(p.inv_tau), half = acc_t(0.5);
@@ -349,6 +423,21 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
       own[i] = symmetric ? half * diag[i] : diag[i];
       if (symmetric) other[i] = half * diag[i];
     }
+    const bool wide = wide_logits(u, v, p);
+    const at::Tensor u64 = wide ? u.to(at::kDouble) : at::Tensor(), v64 = wide ? v.to(at::kDouble) : at::Tensor();
+    const auto tiles_of = [&](auto* up, auto* vp) {
+      using logit_t = std::remove_const_t<std::remove_pointer_t<decltype(up)>>;
+      GradientTiles<logit_t> t{up, vp, p, {}, {}, {}, {}, {}, {}, {}};
+      split_lse(lse.const_data_ptr<double>(), M, t.row_hi, t.row_lo);
+      split_lse(lse.const_data_ptr<double>() + M, M, t.col_hi, t.col_lo);
+      t.own.assign(own.begin(), own.end());
+      t.other.assign(other.begin(), other.end());
+      t.diag.assign(diag.begin(), diag.end());
+      return t;
+    };
+    const GradientTiles<acc_t> tiles = tiles_of(u.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>());
+    const GradientTiles<double> wide_tiles =
+        wide ? tiles_of(u64.const_data_ptr<double>(), v64.const_data_ptr<double>()) : GradientTiles<double>{};
     const at::Tensor v_panels = need_student ? pack_panels<acc_t>(v, m_pad, e_pad) : at::Tensor();
     const at::Tensor u_panels = need_teacher ? pack_panels<acc_t>(u, m_pad, e_pad) : at::Tensor();
     at::Tensor du = need_student ? at::zeros({m_pad, e_pad}, opts) : at::Tensor();
@@ -361,15 +450,11 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
       if (w_pad > w)  // columns past the strip's last one (rows of Gᵀ): zero, not the previous strip's values
         strip.narrow(1, w, w_pad - w).zero_();
       at::parallel_for(0, p.row_blocks(), 1, [&](int64_t begin, int64_t end) {
+        std::vector<double> scratch(wide && !std::is_same_v<acc_t, double> ? kRowBlock * kStrip : 0);
+        std::vector<acc_t> unused;
         for (int64_t blk = begin; blk < end; ++blk) {
-          const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, M - i0);
-          acc_t* tile = G + i0 * kStrip;
-          logits_tile(tile, kStrip, up + i0 * E, rows, vp + j0 * E, w, E, inv_tau);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r;
-            gradient_row(tile + r * kStrip, w, i, j0, row_hi[i], row_lo[i], own[i], col_hi.data(), col_lo.data(),
-                         symmetric ? other.data() : nullptr, diag[i]);
-          }
+          if (wide) wide_tiles.fill(G, blk, j0, w, scratch);
+          else tiles.fill(G, blk, j0, w, unused);
         }
       });
       if (need_student) {

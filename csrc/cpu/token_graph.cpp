@@ -6,8 +6,9 @@
 //   L_i = KL(p^S_i ‖ p^T_i) (direction 0) or KL(p^T_i ‖ p^S_i) (direction 1)
 //
 // Forward: one task owns a range of nodes; per node, one pass over its k edges computes both
-// distances (vectorised over D, accumulated in fp32 / fp64), the two log-softmaxes and the KL, and
-// writes the per-edge coefficient c_ij = ∂L_i/∂d_ij (the backward's only state, O(M·k)):
+// distances (vectorised over D, accumulated in fp32 / fp64; in fp64 for fp32 data where the logits
+// are large: see kWideLogit), the two log-softmaxes and the KL, and writes the per-edge coefficient
+// c_ij = ∂L_i/∂d_ij (the backward's only state, O(M·k)):
 //   ∂L_i/∂z_ij = p^S_ij (r_ij − L_i), r = log p^S − log p^T   (direction 0; Σ_j p^S_ij r_ij = L_i)
 //              = p^S_ij − p^T_ij                               (direction 1)
 //   ∂z_ij/∂d_ij = −z_ij / (2σ) (edge 0) or −1/(2σ) (edge 1)
@@ -22,10 +23,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kdloss/cpu_gemm.h"
 #include "kdloss/cpu_utils.h"
+#include "kdloss/cpu_wide.h"
 
 namespace kdloss {
 namespace cpu {
@@ -46,14 +49,14 @@ void check_neighbour_range(const int64_t* nb, int64_t count, int64_t M) {
     TORCH_CHECK_VALUE(nb[e] >= 0 && nb[e] < M, "neighbours must lie in [0, M) with M = ", M, ", got ", nb[e]);
 }
 
-// ‖a − b‖² over D elements, accumulated in the accumulation type.
-template <typename scalar_t>
-Acc<scalar_t> squared_distance(const scalar_t* a, const scalar_t* b, int64_t D) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = Acc<scalar_t>;
+// ‖a − b‖² over D elements, accumulated in real_t (the accumulation type, or Wide<scalar_t> where
+// node_forward needs the distances exactly).
+template <typename stored_t, typename real_t>
+real_t squared_distance(const stored_t* a, const stored_t* b, int64_t D) {
+  using IO = WideIO<stored_t, real_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t V = IO::size();
-  Vec s0(acc_t(0)), s1(acc_t(0));
+  Vec s0(real_t(0)), s1(real_t(0));
   int64_t d = 0;
   for (; d + 2 * V <= D; d += 2 * V) {
     const Vec e0 = IO::load(a + d) - IO::load(b + d);
@@ -65,9 +68,9 @@ Acc<scalar_t> squared_distance(const scalar_t* a, const scalar_t* b, int64_t D) 
     const Vec e0 = IO::load(a + d) - IO::load(b + d);
     s0 = at::vec::fmadd(e0, e0, s0);
   }
-  acc_t s = vec_sum(s0 + s1);
+  real_t s = wide_sum(s0 + s1);
   for (; d < D; ++d) {
-    const acc_t e = static_cast<acc_t>(a[d]) - static_cast<acc_t>(b[d]);
+    const real_t e = static_cast<real_t>(a[d]) - static_cast<real_t>(b[d]);
     s += e * e;
   }
   return s;
@@ -103,42 +106,87 @@ struct Options {
   int64_t edge, direction;
 };
 
-// One node: returns L_i and writes coef[0..k).
-template <typename scalar_t>
-Acc<scalar_t> node_forward(const scalar_t* xs, const Acc<scalar_t>* xt, const int64_t* nb_row, int64_t i,
-                           const Options& o, Acc<scalar_t>* zs, Acc<scalar_t>* zt, Acc<scalar_t>* coef) {
-  using acc_t = Acc<scalar_t>;
-  const acc_t inv_two_sigma = static_cast<acc_t>(0.5 / o.sigma);
-  const scalar_t* xi = xs + i * o.Ds;
-  const acc_t* yi = xt + i * o.Dt;
+// Log-kernel logits ℓ = −d/(2σ) up to this magnitude are formed and used in the accumulation type;
+// beyond it, in Wide<scalar_t> (fp64 for fp32 data). The loss depends on differences of the logits,
+// and a logit rounded at the scale of |ℓ| moves L by Σ_j |∂L/∂ℓ_j|·u·|ℓ_j| (∂L/∂ℓ_j = p_j(r_j − L)
+// · ∂z/∂ℓ, whose sum is not bounded by 1 + L): with |ℓ| in the hundreds (a fuzz case: d ≈ 183,
+// σ = 0.5, r − L ≈ 20) fp32 distances lost 1e-4 of a loss of 7, several times the eager formula's
+// own error. With |ℓ| ≤ 4 that error is a few u·(1 + L), as for any O(1) logit; the common regime
+// (σ of the order of the squared distances) stays on the fast path.
+constexpr double kWideLogit = 4.0;
+
+// The KL and the per-edge coefficients of one node from the log-kernel logits ls, lt [k] (student,
+// teacher), in real_t: returns L_i and writes coef[0..k) (rounded once to acc_t). z [3k] is scratch.
+template <typename real_t, typename acc_t>
+real_t node_kl(const real_t* ls, const real_t* lt, const Options& o, real_t* z, acc_t* coef) {
+  const real_t inv_two_sigma = static_cast<real_t>(0.5 / o.sigma);
+  real_t* zs = z;
+  real_t* zt = z + o.k;
+  real_t* dz_dd = z + 2 * o.k;  // ∂zs/∂d: −zs/(2σ) (edge 0) or −1/(2σ) (edge 1)
   for (int64_t j = 0; j < o.k; ++j) {
-    const int64_t n = nb_row[j];
-    const acc_t ls = -squared_distance(xi, xs + n * o.Ds, o.Ds) * inv_two_sigma;
-    const acc_t lt = -squared_distance(yi, xt + n * o.Dt, o.Dt) * inv_two_sigma;
-    zs[j] = o.edge == 0 ? std::exp(ls) : ls;
-    zt[j] = o.edge == 0 ? std::exp(lt) : lt;
-    coef[j] = o.edge == 0 ? -zs[j] * inv_two_sigma : -inv_two_sigma;  // ∂z/∂d, completed below
+    zs[j] = o.edge == 0 ? std::exp(ls[j]) : ls[j];
+    zt[j] = o.edge == 0 ? std::exp(lt[j]) : lt[j];
+    dz_dd[j] = o.edge == 0 ? -zs[j] * inv_two_sigma : -inv_two_sigma;
   }
   // KL(p^a ‖ p^b) with a = student (direction 0) or teacher (direction 1), written around the top
   // entry t of p^a: with r = log p^a − log p^b and δ_j = r_j − r_t = za_j − (zb_j − zb_t) (za_t = 0),
   //   L = r_t + Σ_j p^a_j δ_j   and   r_j − L = δ_j − Σ_k p^a_k δ_k.
   // When p^a is confident, r_t − L is tiny; forming it as the difference of the O(|r|) numbers r_t
   // and L would lose it to rounding. This form never subtracts two such numbers.
-  const Shifted<acc_t> s = shift_by_max(zs, o.k), t = shift_by_max(zt, o.k);
+  const Shifted<real_t> s = shift_by_max(zs, o.k), t = shift_by_max(zt, o.k);
   const bool student_first = o.direction == 0;
-  const acc_t* za = student_first ? zs : zt;
-  const acc_t* zb = student_first ? zt : zs;
-  const Shifted<acc_t> a = student_first ? s : t, b = student_first ? t : s;
-  const acc_t zb_top = zb[a.top];
-  acc_t mean_delta = 0;
+  const real_t* za = student_first ? zs : zt;
+  const real_t* zb = student_first ? zt : zs;
+  const Shifted<real_t> a = student_first ? s : t, b = student_first ? t : s;
+  const real_t zb_top = zb[a.top];
+  real_t mean_delta = 0;
   for (int64_t j = 0; j < o.k; ++j) mean_delta += std::exp(za[j] - a.log_sum) * (za[j] - (zb[j] - zb_top));
-  const acc_t loss = ((b.log_sum - a.log_sum) - zb_top) + mean_delta;
+  const real_t loss = ((b.log_sum - a.log_sum) - zb_top) + mean_delta;
   for (int64_t j = 0; j < o.k; ++j) {
-    const acc_t ps = std::exp(zs[j] - s.log_sum);
+    const real_t ps = std::exp(zs[j] - s.log_sum);
     // ∂L/∂zs_j = p^S_j (r_j − L) (direction 0) or p^S_j − p^T_j (direction 1)
-    coef[j] *= student_first ? ps * ((za[j] - (zb[j] - zb_top)) - mean_delta) : ps - std::exp(zt[j] - t.log_sum);
+    const real_t dz = student_first ? ps * ((za[j] - (zb[j] - zb_top)) - mean_delta) : ps - std::exp(zt[j] - t.log_sum);
+    coef[j] = static_cast<acc_t>(dz_dd[j] * dz);
   }
   return loss;
+}
+
+// Per-task scratch of node_forward.
+template <typename acc_t, typename wide_t>
+struct NodeScratch {
+  std::vector<acc_t> logits, z;     // [2k], [3k]
+  std::vector<wide_t> wlogits, wz;  // [2k], [3k]: where |ℓ| > kWideLogit
+  explicit NodeScratch(int64_t k) : logits(2 * k), z(3 * k), wlogits(2 * k), wz(3 * k) {}
+};
+
+// One node: returns L_i and writes coef[0..k).
+template <typename scalar_t, typename wide_t = Wide<scalar_t>>
+wide_t node_forward(const scalar_t* xs, const Acc<scalar_t>* xt, const int64_t* nb_row, int64_t i, const Options& o,
+                    NodeScratch<Acc<scalar_t>, wide_t>& scratch, Acc<scalar_t>* coef) {
+  using acc_t = Acc<scalar_t>;
+  const scalar_t* xi = xs + i * o.Ds;
+  const acc_t* yi = xt + i * o.Dt;
+  const auto logits = [&](auto* out, auto inv_two_sigma) {  // ℓ^S into out[0..k), ℓ^T into out[k..2k)
+    using real_t = std::remove_pointer_t<decltype(out)>;
+    real_t largest = 0;
+    for (int64_t j = 0; j < o.k; ++j) {
+      const int64_t n = nb_row[j];
+      out[j] = -squared_distance<scalar_t, real_t>(xi, xs + n * o.Ds, o.Ds) * inv_two_sigma;
+      out[o.k + j] = -squared_distance<acc_t, real_t>(yi, xt + n * o.Dt, o.Dt) * inv_two_sigma;
+      largest = std::max(largest, std::max(-out[j], -out[o.k + j]));
+    }
+    return largest;
+  };
+  acc_t* l = scratch.logits.data();
+  const acc_t largest = logits(l, static_cast<acc_t>(0.5 / o.sigma));
+  if constexpr (!std::is_same_v<wide_t, acc_t>) {
+    if (!(largest <= static_cast<acc_t>(kWideLogit))) {
+      wide_t* w = scratch.wlogits.data();
+      logits(w, static_cast<wide_t>(0.5 / o.sigma));
+      return node_kl<wide_t, acc_t>(w, w + o.k, o, scratch.wz.data(), coef);
+    }
+  }
+  return static_cast<wide_t>(node_kl<acc_t, acc_t>(l, l + o.k, o, scratch.z.data(), coef));
 }
 
 std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in, const at::Tensor& teacher_in,
@@ -168,25 +216,25 @@ std::tuple<at::Tensor, at::Tensor> token_graph_fwd(const at::Tensor& student_in,
   at::Tensor coef = at::empty({o.M, o.k}, student_in.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_in.scalar_type(), "token_graph_fwd", [&] {
     using acc_t = Acc<scalar_t>;
-    std::vector<acc_t> row_loss(o.M, acc_t(0));
+    using wide_t = Wide<scalar_t>;
+    std::vector<wide_t> row_loss(o.M, wide_t(0));
     const scalar_t* x = xs.const_data_ptr<scalar_t>();
     const acc_t* y = xt.const_data_ptr<acc_t>();
     const int64_t* n = nb.const_data_ptr<int64_t>();
     acc_t* c = coef.data_ptr<acc_t>();
     if (o.k > 0) {
       at::parallel_for(0, o.M, row_grain(o.k * (o.Ds + o.Dt)), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> scratch(2 * o.k);
+        NodeScratch<acc_t, wide_t> scratch(o.k);
         for (int64_t i = begin; i < end; ++i)
-          row_loss[i] =
-              node_forward<scalar_t>(x, y, n + i * o.k, i, o, scratch.data(), scratch.data() + o.k, c + i * o.k);
+          row_loss[i] = node_forward<scalar_t>(x, y, n + i * o.k, i, o, scratch, c + i * o.k);
       });
     }
     if (reduction == Reduction::kNone) {
       std::copy(row_loss.begin(), row_loss.end(), out.data_ptr<acc_t>());
     } else {
-      acc_t total = ordered_sum(row_loss.data(), o.M);
-      if (reduction == Reduction::kMean && o.M > 0) total /= static_cast<acc_t>(o.M);
-      *out.data_ptr<acc_t>() = total;
+      wide_t total = ordered_sum(row_loss.data(), o.M);
+      if (reduction == Reduction::kMean && o.M > 0) total /= static_cast<wide_t>(o.M);
+      *out.data_ptr<acc_t>() = static_cast<acc_t>(total);
     }
   });
   return {out, coef};

@@ -124,23 +124,28 @@ __device__ __forceinline__ int64_t thread_stride() { return static_cast<int64_t>
 // Forward passes
 
 // out[r, :] = softmax(z[r, :] / T); z rows of stride `stride`. The logits are shifted by their
-// maximum before the division by T (z/T itself overflows for a tiny T).
+// maximum before the division by T (z/T itself overflows for a tiny T). Computed in float64 and
+// rounded once: rounding is monotone, so sign(s_ic − t_jc) of the rounded probabilities is the exact
+// sign wherever they differ (an fp32 softmax could order two nearly equal probabilities wrongly, and
+// the backward's sign flip moves a gradient by 2·W̄_ij·s_ic/T).
 template <typename In, typename A>
-__device__ void softmax_rows(const In* z, int64_t stride, int64_t rows, int64_t C, A temp, A* out, A* outT = nullptr) {
+__device__ void softmax_rows(const In* z, int64_t stride, int64_t rows, int64_t C, A temp_a, A* out,
+                             A* outT = nullptr) {
   const int lane = threadIdx.x & 31;
+  const double temp = static_cast<double>(temp_a);
   for (int64_t r = global_warp(); r < rows; r += warp_stride()) {
     const In* zr = z + r * stride;
-    A m = neg_inf<A>();
+    double m = neg_inf<double>();
     for (int64_t c = lane; c < C; c += 32) {
-      const A x = to_acc(zr[c]);
+      const double x = static_cast<double>(to_acc(zr[c]));
       m = x > m ? x : m;
     }
     m = warp_max_all(m);
-    A s = A(0);
-    for (int64_t c = lane; c < C; c += 32) s += dexp((to_acc(zr[c]) - m) / temp);
+    double s = 0.0;
+    for (int64_t c = lane; c < C; c += 32) s += dexp((static_cast<double>(to_acc(zr[c])) - m) / temp);
     s = warp_sum_all(s);
     for (int64_t c = lane; c < C; c += 32) {
-      const A p = dexp((to_acc(zr[c]) - m) / temp) / s;
+      const A p = static_cast<A>(dexp((static_cast<double>(to_acc(zr[c])) - m) / temp) / s);
       out[r * C + c] = p;
       if (outT) outT[c * rows + r] = p;  // transposed [C, rows]: the cost passes read it coalesced
     }
