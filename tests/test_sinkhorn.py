@@ -111,8 +111,8 @@ def _absorptions(zs, zt, temperature, epsilon):
     return int(state[:, 0].max().item())
 
 
-# (T, ε) on the stabilised path: ε·min(T, 1) ≥ 0.05
-@pytest.mark.parametrize("temperature, eps", [(2.0, 0.05), (2.0, 0.1), (1.0, 0.06), (0.5, 0.1)])
+# (T, ε) on the stabilised path: ε·min(T, 1) ≥ 0.1
+@pytest.mark.parametrize("temperature, eps", [(2.0, 0.1), (1.0, 0.12), (1.0, 0.1), (2.0, 0.12)])
 def test_absorbed_scalings_match_reference_fp64(temperature, eps):
     """The stabilised iterations absorb out-of-range scalings into the potentials (a new kernel
     matrix); the forward and the adjoint across such a rebuild stay exact."""
@@ -127,13 +127,13 @@ def test_absorbed_scalings_match_reference_fp64(temperature, eps):
 
 
 def test_absorbed_scalings_fp32_as_accurate_as_reference():
-    zs, zt = _outlier_teachers(12, torch.float32, "cpu", 2.0)
-    assert _absorptions(zs, zt, 2.0, 0.05) >= 1
-    out = sinkhorn_loss(zs, zt, epsilon=0.05, backend="kernel")
+    zs, zt = _outlier_teachers(12, torch.float32, "cpu", 1.0)
+    assert _absorptions(zs, zt, 1.0, 0.1) >= 1
+    out = sinkhorn_loss(zs, zt, temperature=1.0, epsilon=0.1, backend="kernel")
     zs_ref = zs.detach().clone().requires_grad_()
-    ref32 = sinkhorn_reference(zs_ref, zt, epsilon=0.05)
+    ref32 = sinkhorn_reference(zs_ref, zt, temperature=1.0, epsilon=0.1)
     zs64 = zs.detach().double().requires_grad_()
-    exact = sinkhorn_reference(zs64, zt.double(), epsilon=0.05)
+    exact = sinkhorn_reference(zs64, zt.double(), temperature=1.0, epsilon=0.1)
     exact_g = grad_of(exact, zs64)
     err = (grad_of(out, zs).double() - exact_g).abs().max()
     err_ref = (grad_of(ref32, zs_ref).double() - exact_g).abs().max()

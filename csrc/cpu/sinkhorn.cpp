@@ -625,7 +625,7 @@ Problem<acc_t> make_problem(int64_t B, int64_t Bt, int64_t C, double epsilon) {
 // That path runs in float64 whatever the input dtype (softmaxes, cost, recursion and adjoint): the
 // cost W = Σ_c |s − t| is a difference of nearly equal probabilities, and its rounding (and that of
 // the iterate −W/ε) in fp32 is amplified by 1/ε. SinKD plans are B×B', so this costs little.
-constexpr double kStabilisedScale = 0.05;
+constexpr double kStabilisedScale = 0.1;
 
 inline bool use_log_domain(double epsilon, double temperature) {
   return epsilon * std::min(temperature, 1.0) < kStabilisedScale;

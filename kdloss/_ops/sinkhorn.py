@@ -14,7 +14,7 @@ the CPU), then two tensors of device-specific backward state:
 
 * CPU: ``steps`` is empty and ``state [2·n_iters, 1 + 2(B + B')]`` (float64) holds, per half-step,
   the stabilised iterations' epoch, potentials ``F [B]``, ``G [B']`` and scalings ``u [B]``,
-  ``v [B']`` (the plan is ``diag(u)·exp(F_i + G_j − W_ij/ε)·diag(v)``); where ε·min(T, 1) < 0.05 the
+  ``v [B']`` (the plan is ``diag(u)·exp(F_i + G_j − W_ij/ε)·diag(v)``); where ε·min(T, 1) < 0.1 the
   log-domain recursion runs instead, and the first ``n·(B + B')`` entries hold its increments.
   There the CPU kernel computes the softmaxes, the cost and the recursion (forward and
   backward) in float64 for every input dtype (the fp32 rounding of ``W``, a difference of nearly
