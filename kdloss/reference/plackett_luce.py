@@ -78,8 +78,12 @@ def plackett_luce_reference(
     # shifted by the row maximum (a constant: the loss is shift-invariant): logcumsumexp accumulates
     # sequentially, rounding at the scale of its running value at every step, and so does its
     # gradient; unshifted, logits of ~4000 lost 2e-10 of a gradient of 1 over 32000 classes
+    # (not where the shift itself would overflow: a row spanning [−2e38, 2e38] is left as it is)
     top = s.detach().amax(dim=-1, keepdim=True)
-    s_perm = (s - torch.where(torch.isfinite(top), top, torch.zeros_like(top))).gather(-1, order)
+    detached = s.detach()
+    finite_low = detached.masked_fill(~torch.isfinite(detached), float("inf")).amin(dim=-1, keepdim=True)
+    shiftable = torch.isfinite(top) & torch.isfinite(finite_low - top)
+    s_perm = (s - torch.where(shiftable, top, torch.zeros_like(top))).gather(-1, order)
     log_alpha = torch.log_softmax(t / temperature, dim=-1).gather(-1, order)
     suffix_lse = torch.logcumsumexp(s_perm.flip(-1), dim=-1).flip(-1)
     # lse_j − x_j ≥ 0 exceeds the largest finite value only for logit spreads beyond it: clamped
