@@ -371,11 +371,12 @@ def _fwd_chunks(hidden, weight, bias, ids, target_logp, tail_logp, valid, diviso
     work = _Workspace(hidden, weight, chunk_size)
     grads = _Grads(hidden, weight, bias, grad_mask, weight_grad_dtype) if compute_grad else None
     options = (divisor, inv_temperature, scale, full_support)
+    in_place = gradient_over_logits(hidden.device, softcap > 0)
     for s in _chunks(rows, chunk_size):
         teacher = _teacher_slice(s, ids, target_logp, tail_logp, valid)
         hidden_c = work.counted_rows(hidden, s, teacher[3])
         capped = work.logits_of(hidden_c, weight, bias, softcap)
-        if compute_grad and gradient_over_logits(hidden.device, softcap > 0):
+        if compute_grad and in_place:
             loss_c, stats[s] = torch.ops.kdloss.topk_kl_fwd_grad_(capped, *teacher, *options, reduction)
             grads.fold(s, capped, capped, hidden_c, weight, softcap)
         elif compute_grad:

@@ -31,6 +31,7 @@
 #include <limits>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -589,6 +590,40 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const a
   return ids_c;
 }
 
+// An op call's inputs once checked: the options read on the host and the per-row tensors contiguous.
+struct Call {
+  double inv_temperature, scale;
+  Reduction reduction;
+  int64_t rows, vocab, k;
+  at::Tensor ids, target_logp, tail_logp, valid;
+};
+
+Call prepare_call(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp,
+                  const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor,
+                  const at::Tensor& inv_temperature_t, const at::Tensor& scale_t, int64_t reduction_code) {
+  const double inv_temperature = float_arg(inv_temperature_t, "inv_temperature");
+  const double scale = float_arg(scale_t, "scale");
+  auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale);
+  return {inv_temperature,
+          scale,
+          check_reduction(reduction_code),
+          row_count(logits),
+          logits.size(-1),
+          ids.size(1),
+          std::move(ids_c),
+          target_logp.contiguous(),
+          tail_logp.contiguous(),
+          valid.contiguous()};
+}
+
+// The forward's outputs, in the accumulation dtype like the stats: the loss ([N] for none, else a
+// scalar) and the stats [N, 2].
+std::pair<at::Tensor, at::Tensor> loss_and_stats(const Call& call, const at::TensorOptions& acc_options) {
+  const int64_t N = call.rows;
+  return {at::empty(call.reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, acc_options),
+          at::empty({N, 2}, acc_options)};
+}
+
 // Row n of [N, V] or [B, T, V] logits (unit stride along V, any other strides: row n is (n / T, n % T)).
 template <typename scalar_t>
 struct RowAddress {
@@ -696,9 +731,9 @@ BlockCache& block_cache() {
 
 int64_t topk_kl_release_buffers() { return block_cache().release(); }
 
-// An uninitialised CPU tensor: large ones (≥ 8 MiB) from the block cache, small ones from the default
-// allocator.
-at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// An uninitialised CPU tensor (a gradient, or a fused-head buffer): large ones (≥ 8 MiB) from the block
+// cache, small ones from the default allocator.
+at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   static const bool advise = env_enabled("KDLOSS_HUGEPAGES");
   if (!advise || bytes < 4 * BlockCache::kHugePage) return at::empty(sizes, options);
@@ -710,7 +745,7 @@ at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& option
 
 // The fused head's CPU buffers (weight gradient, chunk logits) from the same cache.
 at::Tensor topk_kl_empty(at::IntArrayRef size, at::ScalarType dtype) {
-  return empty_gradient(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  return cached_empty(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
 }
 
 // The loss from the per-row values: the rows for "none", else their fixed-order sum (divided by the
@@ -734,24 +769,20 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
                                                const at::Tensor& valid, const at::Tensor& divisor,
                                                const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
                                                bool full_support, int64_t reduction_code) {
-  const double inv_temperature = float_arg(inv_temperature_t, "inv_temperature");
-  const double scale = float_arg(scale_t, "scale");
-  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale);
-  const Reduction reduction = check_reduction(reduction_code);
-  const int64_t N = row_count(logits), V = logits.size(-1);
-  const int64_t k = ids.size(1);
-  const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
-  at::Tensor stats = at::empty({N, 2}, target_logp.options());
-  // the loss is returned in the accumulation dtype, like the stats
-  at::Tensor loss =
-      at::empty(reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
+  const Call call =
+      prepare_call(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t, reduction_code);
+  const double inv_temperature = call.inv_temperature, scale = call.scale;
+  const Reduction reduction = call.reduction;
+  const int64_t N = call.rows, V = call.vocab, k = call.k;
+  at::Tensor loss, stats;
+  std::tie(loss, stats) = loss_and_stats(call, target_logp.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd", [&] {
     using acc_t = Acc<scalar_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    const acc_t* tgt_p = tgt.const_data_ptr<acc_t>();
-    const acc_t* tail_p = tail.const_data_ptr<acc_t>();
-    const bool* ok_p = ok.const_data_ptr<bool>();
+    const acc_t* tgt_p = call.target_logp.const_data_ptr<acc_t>();
+    const acc_t* tail_p = call.tail_logp.const_data_ptr<acc_t>();
+    const bool* ok_p = call.valid.const_data_ptr<bool>();
     acc_t* stats_p = stats.data_ptr<acc_t>();
     std::vector<acc_t> rows(N);
     const auto address = row_address<scalar_t>(logits);
@@ -762,7 +793,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
           rows[n] = 0;
           continue;
         }
-        const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        const auto row = make_row<scalar_t>(address, call.ids.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
         const Stats<acc_t> st = full_support ? row_stats(row.z, V, inv_t) : kept_stats(row, inv_temperature);
         stats_p[2 * n] = saved_shift(st, inv_temperature);
         stats_p[2 * n + 1] = st.l;
@@ -778,26 +809,24 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
                        const at::Tensor& target_logp, const at::Tensor& tail_logp, const at::Tensor& valid,
                        const at::Tensor& divisor, const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
                        bool full_support, int64_t reduction_code) {
-  const double inv_temperature = float_arg(inv_temperature_t, "inv_temperature");
-  const double scale = float_arg(scale_t, "scale");
-  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale);
-  const Reduction reduction = check_reduction(reduction_code);
-  const int64_t N = row_count(logits), V = logits.size(-1);
-  const int64_t k = ids.size(1);
+  const Call call =
+      prepare_call(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t, reduction_code);
+  const double inv_temperature = call.inv_temperature, scale = call.scale;
+  const Reduction reduction = call.reduction;
+  const int64_t N = call.rows, V = call.vocab, k = call.k;
   check_acc_tensor(stats, "stats", target_logp.scalar_type(), {N, 2});
   const auto g = checked_grad(grad, reduction, {N}, target_logp.scalar_type());
-  const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
   const auto stats_c = stats.contiguous();
-  at::Tensor out = empty_gradient(logits.sizes(), logits.options());
+  at::Tensor out = cached_empty(logits.sizes(), logits.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_bwd", [&] {
     using acc_t = Acc<scalar_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
     const acc_t* g_p = g.const_data_ptr<acc_t>();
-    const acc_t* tgt_p = tgt.const_data_ptr<acc_t>();
-    const acc_t* tail_p = tail.const_data_ptr<acc_t>();
+    const acc_t* tgt_p = call.target_logp.const_data_ptr<acc_t>();
+    const acc_t* tail_p = call.tail_logp.const_data_ptr<acc_t>();
     const acc_t* stats_p = stats_c.const_data_ptr<acc_t>();
-    const bool* ok_p = ok.const_data_ptr<bool>();
+    const bool* ok_p = call.valid.const_data_ptr<bool>();
     // ∂loss/∂KL_row · 1/T, without the per-row upstream gradient of reduction "none"
     acc_t row_scale = static_cast<acc_t>(scale) * inv_t;
     if (reduction != Reduction::kNone) row_scale *= g_p[0];
@@ -818,7 +847,7 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
           std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
           continue;
         }
-        const auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        const auto row = make_row<scalar_t>(address, call.ids.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
         // the kept stats are O(k): recomputed in double rather than read back rounded
         const Stats<acc_t> st = full_support ? Stats<acc_t>{stats_p[2 * n], stats_p[2 * n + 1], stats_p[2 * n + 1]}
                                              : kept_stats(row, inv_temperature);
@@ -842,24 +871,21 @@ std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const
                                                  const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
                                                  bool full_support, int64_t reduction_code, bool compute_grad,
                                                  bool check_unique, const at::Tensor& out, bool in_place) {
-  const double inv_temperature = float_arg(inv_temperature_t, "inv_temperature");
-  const double scale = float_arg(scale_t, "scale");
-  const auto ids_c = check_inputs(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale);
-  const Reduction reduction = check_reduction(reduction_code);
-  const int64_t N = row_count(logits), V = logits.size(-1);
-  const int64_t k = ids.size(1);
-  const auto tgt = target_logp.contiguous(), tail = tail_logp.contiguous(), ok = valid.contiguous();
-  at::Tensor stats = at::empty({N, 2}, target_logp.options());
-  at::Tensor loss =
-      at::empty(reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, target_logp.options());
+  const Call call =
+      prepare_call(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t, reduction_code);
+  const double inv_temperature = call.inv_temperature, scale = call.scale;
+  const Reduction reduction = call.reduction;
+  const int64_t N = call.rows, V = call.vocab, k = call.k;
+  at::Tensor loss, stats;
+  std::tie(loss, stats) = loss_and_stats(call, target_logp.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd_grad", [&] {
     using acc_t = Acc<scalar_t>;
     constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    const acc_t* tgt_p = tgt.const_data_ptr<acc_t>();
-    const acc_t* tail_p = tail.const_data_ptr<acc_t>();
-    const bool* ok_p = ok.const_data_ptr<bool>();
+    const acc_t* tgt_p = call.target_logp.const_data_ptr<acc_t>();
+    const acc_t* tail_p = call.tail_logp.const_data_ptr<acc_t>();
+    const bool* ok_p = call.valid.const_data_ptr<bool>();
     acc_t* stats_p = stats.data_ptr<acc_t>();
     // ∂loss/∂KL_row · 1/T for an upstream gradient of 1
     acc_t row_scale = static_cast<acc_t>(scale) * inv_t;
@@ -885,7 +911,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const
           if (compute_grad) std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
           continue;
         }
-        auto row = make_row<scalar_t>(address, ids_c.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
+        auto row = make_row<scalar_t>(address, call.ids.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
         if (in_place) {
           for (int64_t i = 0; i < k; ++i) kept_logits[i] = static_cast<acc_t>(row.z[row.ids[i]]);
           row.kept_z = kept_logits.data();
@@ -940,7 +966,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
                                      full_support, reduction_code);
     return {loss, stats, at::empty({0}, logits.options())};
   }
-  at::Tensor out = compute_grad ? empty_gradient(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  at::Tensor out = compute_grad ? cached_empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   auto [loss, stats] = fwd_grad_into(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t,
                                      full_support, reduction_code, compute_grad, check_unique, out, false);
   return {loss, stats, out};

@@ -85,6 +85,19 @@ Call prepare(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tenso
   return call;
 }
 
+// The forward's outputs, in the accumulation dtype: the loss ([N] for none, else a scalar; rounded to
+// the logits' dtype in Python outside autocast), the stats [N, 2] and the per-row workspace.
+struct ForwardOutputs {
+  at::Tensor loss, stats, workspace;
+};
+
+ForwardOutputs forward_outputs(const Call& call) {
+  const int64_t N = call.problem.rows;
+  const auto acc_options = call.logits.options().dtype(acc_type(call.logits.scalar_type()));
+  return {call.problem.reduction == Reduction::kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options),
+          at::empty({N, 2}, acc_options), at::empty({topk_kl_workspace_size(N)}, acc_options)};
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const at::Tensor& ids,
                                                const at::Tensor& target_logp, const at::Tensor& tail_logp,
                                                const at::Tensor& valid, const at::Tensor& divisor,
@@ -93,17 +106,11 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto call =
       prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale, full_support, reduction);
-  const int64_t N = call.problem.rows;
-  const auto acc_options = call.logits.options().dtype(acc_type(call.logits.scalar_type()));
-  // the loss is returned in the accumulation dtype (rounded to the logits' in Python outside autocast)
-  at::Tensor loss =
-      call.problem.reduction == Reduction::kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
-  at::Tensor stats = at::empty({N, 2}, acc_options);
-  at::Tensor workspace = at::empty({topk_kl_workspace_size(N)}, acc_options);
-  check_launch(topk_kl_fwd_cuda(call.problem, loss.data_ptr(), stats.data_ptr(), workspace.data_ptr(),
+  const auto out = forward_outputs(call);
+  check_launch(topk_kl_fwd_cuda(call.problem, out.loss.data_ptr(), out.stats.data_ptr(), out.workspace.data_ptr(),
                                 c10::cuda::getCurrentCUDAStream()),
                "topk_kl");
-  return {loss, stats};
+  return {out.loss, out.stats};
 }
 
 at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at::Tensor& logits, const at::Tensor& ids,
@@ -138,17 +145,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto call =
       prepare(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature, scale, full_support, reduction);
-  const int64_t N = call.problem.rows;
-  const auto acc_options = call.logits.options().dtype(acc_type(call.logits.scalar_type()));
-  at::Tensor loss =
-      call.problem.reduction == Reduction::kNone ? at::empty({N}, acc_options) : at::empty({}, acc_options);
-  at::Tensor stats = at::empty({N, 2}, acc_options);
-  at::Tensor workspace = at::empty({topk_kl_workspace_size(N)}, acc_options);
+  const auto out = forward_outputs(call);
   at::Tensor grad = at::empty(call.logits.sizes(), call.logits.options());
-  check_launch(topk_kl_fwd_grad_cuda(call.problem, loss.data_ptr(), stats.data_ptr(), workspace.data_ptr(),
+  check_launch(topk_kl_fwd_grad_cuda(call.problem, out.loss.data_ptr(), out.stats.data_ptr(), out.workspace.data_ptr(),
                                      grad.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "topk_kl");
-  return {loss, stats, grad};
+  return {out.loss, out.stats, grad};
 }
 
 // The one-pass gradient times the upstream gradient, in place (the autograd formula's eager CUDA path):
