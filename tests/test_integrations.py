@@ -383,6 +383,10 @@ def _ddp_trainer_worker(rank: int, world: int, port: int, out: str) -> None:
         results[name] = (grab.grads, logged(trainer))
     if rank == 0:
         torch.save(results, out)
+    # Gloo's worker threads must be stopped before the interpreter tears down: a rank that exits with
+    # its process group alive can abort ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def test_trainer_ddp_two_processes_equals_global_mean(tmp_path):
