@@ -174,6 +174,14 @@ def log_targets(values: torch.Tensor, options: TopKKLOptions) -> tuple[torch.Ten
     return joint[..., :-1], joint[..., -1]
 
 
+def target_dtype(device: torch.device, acc: torch.dtype) -> torch.dtype:
+    """The dtype of the teacher log-targets handed to the top-k kernels: float64 on CPU, where the
+    kernels do the kept slots' O(k) arithmetic in double (an fp32 ``log p̂`` alone puts a relative
+    ``|log p̂|·2⁻²⁴`` on ``p̂``, which ``T·scale`` turns into most of a kept gradient's error at a large
+    temperature); the accumulation dtype on CUDA."""
+    return torch.float64 if device.type == "cpu" else acc
+
+
 def teacher_targets(teacher_ids, teacher_values, labels, rows: int, options: TopKKLOptions, acc: torch.dtype):
     """The op-level teacher side: ids ``[N, k]`` int64, ``log p̂ [N, k]`` and ``log r̂ [N]`` in ``acc``
     (contiguous, no gradient), and the ``counted [N]`` bool row mask."""

@@ -22,7 +22,14 @@ from . import _ops
 from ._autocast import cast_loss, no_autocast
 from ._dispatch import use_kernel
 from ._options import OptionsModule
-from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets, temperature_args
+from ._topk import (
+    TopKKLOptions,
+    check_teacher,
+    check_teacher_data,
+    target_dtype,
+    teacher_targets,
+    temperature_args,
+)
 from ._validation import (
     accumulation_dtype,
     check_bool,
@@ -608,7 +615,8 @@ def fused_linear_topk_kl_loss(
         return cast_loss(loss, logits_dtype)
     acc = accumulation_dtype(hidden.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, flat.shape[0], options, acc)
+    ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, flat.shape[0], options,
+                                               target_dtype(hidden.device, acc))
     loss, *_ = torch.ops.kdloss.fused_linear_topk_kl_fwd(
         flat, weight, bias, ids, log_p, log_r, counted, mean_divisor(counted, num_items, acc),
         *temperature_args(options), options.student_support == "full", _ops.REDUCTION_CODES[reduction],

@@ -21,7 +21,14 @@ from . import _ops
 from ._autocast import cast_loss
 from ._dispatch import use_kernel
 from ._options import OptionsModule
-from ._topk import TopKKLOptions, check_teacher, check_teacher_data, teacher_targets, temperature_args
+from ._topk import (
+    TopKKLOptions,
+    check_teacher,
+    check_teacher_data,
+    target_dtype,
+    teacher_targets,
+    temperature_args,
+)
 from ._validation import (
     accumulation_dtype,
     check_bool,
@@ -173,7 +180,8 @@ def topk_kl_loss(
     acc = accumulation_dtype(student_logits.dtype)
     logits = kernel_rows(student_logits)
     rows = student_logits.numel() // vocab if vocab else 0
-    ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, rows, options, acc)
+    ids, log_p, log_r, counted = teacher_targets(teacher_ids, teacher_values, labels, rows, options,
+                                               target_dtype(student_logits.device, acc))
     wants_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if precompute_grad is None:  # fp16 holds the unscaled gradient only up to 65504: scale first
         precompute_grad = student_logits.dtype != torch.float16

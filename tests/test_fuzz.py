@@ -4,6 +4,7 @@ kernels across thread counts, and the fuzzer's failure path (shrunk case, reprod
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -180,6 +181,21 @@ LONG_RUN_CASES = [
     ("token_graph", torch.float64,
      {"nodes": 7, "ds": 41, "dt": 48, "k": 3, "graph": "teacher", "sigma": 0.5, "edge": "log_kernel",
       "kl_direction": "student_teacher", "reduction": "sum", "layout": "contiguous", "magnitude": 3.0, "seed": 1}),
+    ("fused_linear_topk_kl", torch.float32,  # T = 1000, T²: the teacher's p̂ rounded to fp32 (seed 31415, 1.16x)
+     {"rows": 4, "hidden": 6, "vocab": 25, "k": 21, "pad": 0, "values": "logprobs", "tail": "renorm",
+      "support": "topk", "temperature": 1000.0, "teacher_temperature": 1.5, "scale_by_t2": True, "labels": None,
+      "num_items": None, "reduction": "none", "bias": False, "softcap": None, "chunk_size": None,
+      "magnitude": 0.3, "quantised": False, "seed": 2734026}),
+]
+# The fused head at T = 1e-3 with one-row chunks (seed 2718, 1.7x against the unchunked head's error): a
+# logit's rounding, amplified by up to 1/T², depends on the GEMM's order, and the kernel's error is exactly
+# that of the same eager head computed chunk by chunk (the rule's naive variants).
+ROUNDING_ORDER_CASES = [
+    ("fused_linear_topk_kl", torch.float32,
+     {"rows": 24, "hidden": 41, "vocab": 110, "k": 12, "pad": 0, "values": "logprobs", "tail": "renorm",
+      "support": "topk", "temperature": 0.001, "teacher_temperature": 1.0, "scale_by_t2": False, "labels": None,
+      "num_items": None, "reduction": "sum", "bias": False, "softcap": None, "chunk_size": 1, "magnitude": 1.0,
+      "quantised": False, "seed": 37005491}),
 ]
 # Rule cases: an exact fp16 gradient of ±65514 (< 65520, so it rounds to ±65504) that the kernel, within its
 # error, rounds to ±inf; the naive formula overflows too, so error and bound are both inf.
@@ -190,6 +206,14 @@ OVERFLOW_EDGE_CASES = [
     ("margin_mse", torch.float16,
      {"kind": "embeddings", "batch": 44, "n_neg": 19, "dim": 19, "teacher": "scores", "reduction": "sum",
       "layout": "contiguous", "magnitude": 30.0, "seed": 0}),
+    # float16 logits at T = 1e-6 (seed 2718): two logits within a rounding swap places, the id carrying a
+    # gradient of ~1e6 moves, and a weight-gradient row whose exact value is 0.002 is 1.4e5 for the rounded
+    # logits: inf is the right float16 answer (the rule's rounded_exact)
+    ("fused_linear_topk_kl", torch.float16,
+     {"rows": 17, "hidden": 5, "vocab": 112, "k": 1, "pad": 0, "values": "logprobs", "tail": "renorm",
+      "support": "full", "temperature": 1e-06, "teacher_temperature": 1.0, "scale_by_t2": False, "labels": None,
+      "num_items": None, "reduction": "sum", "bias": False, "softcap": None, "chunk_size": None, "magnitude": 0.3,
+      "quantised": False, "seed": 1}),
 ]
 
 
@@ -198,6 +222,15 @@ def test_cases_found_by_the_long_run(loss, dtype, case):
     result = testing.check_case(loss, case, "cpu", dtype)
     assert result.ok, f"{result}\n" + "\n".join(result.details)
     assert result.ratio < 0.2, result  # with margin: the fixed kernels round only once (0.01-0.03 of the bound)
+
+
+@pytest.mark.parametrize("loss, dtype, case", ROUNDING_ORDER_CASES, ids=lambda v: str(v).replace("torch.", "")[:20])
+def test_rounding_order_of_an_ill_conditioned_head_is_within_the_rule(loss, dtype, case, monkeypatch):
+    result = testing.check_case(loss, case, "cpu", dtype)
+    assert result.ok, f"{result}\n" + "\n".join(result.details)
+    # the unchunked eager head's error alone would not cover it
+    monkeypatch.setitem(testing.REGISTRY, loss, dataclasses.replace(testing.get(loss), naive_variants=()))
+    assert not testing.check_case(loss, case, "cpu", dtype).ok
 
 
 @pytest.mark.parametrize("loss, dtype, case", OVERFLOW_EDGE_CASES, ids=lambda v: str(v).replace("torch.", "")[:20])
@@ -217,3 +250,35 @@ def test_nonfinite_rule_excuses_only_overflow_within_the_slack():
                                     ([1.0, 1.0, 1.0, nan, 1.0], 100.0, True)]:  # NaN is never excused
         got = testing.nonfinite_where_exact_is_finite(torch.tensor(kernel, dtype=half), exact, margin)
         assert got == flagged, (kernel, margin)
+
+
+def test_nonfinite_rule_excuses_overflow_of_the_rounded_exact_result_only():
+    """An inf of the sign of the exact result for the rounded intermediates (which overflows float16) is
+    right; NaN, the other sign, or an entry where that result is finite are not."""
+    half = torch.float16
+    exact = torch.tensor([0.002, -0.006, 0.003, 0.001], dtype=torch.float64)
+    rounded = torch.tensor([1.4e5, -2e5, 1.0, 1e5], dtype=torch.float64)
+    inf, nan = float("inf"), float("nan")
+    for kernel, flagged in [([inf, -inf, 1.0, 1.0], False), ([1.0, 1.0, inf, 1.0], True),
+                            ([-inf, 1.0, 1.0, 1.0], True), ([1.0, 1.0, 1.0, nan], True)]:
+        got = testing.nonfinite_where_exact_is_finite(torch.tensor(kernel, dtype=half), exact, 0.0, rounded)
+        assert got == flagged, kernel
+
+
+def test_nonfinite_exact_result_is_matched_not_failed():
+    """A stored log-probability of +0.05 (a quantised 0) with tail="none" raised to the power 1/T = 1e6
+    overflows: the fp64 reference gives an infinite loss and a NaN gradient (seed 2718, every dtype). The
+    kernel giving the same is parity; a finite or differently non-finite kernel result is still an error."""
+    case = {"rows": 1, "split": False, "vocab": 1, "k": 1, "pad": 0, "values": "logprobs", "tail": "none",
+            "support": "full", "temperature": 1e-06, "teacher_temperature": 1.0, "scale_by_t2": False,
+            "labels": None, "num_items": None, "reduction": "sum", "layout": "contiguous", "magnitude": 0.1,
+            "confident": False, "student_pad": 0, "quantised": True, "seed": 0, "shifted": False,
+            "precompute_grad": None}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        result = testing.check_case("topk_kl", case, "cpu", dtype)
+        assert result.ok, f"{result}\n" + "\n".join(result.details)
+    inf, nan = float("inf"), float("nan")
+    exact = torch.tensor([inf, nan, 1.0], dtype=torch.float64)
+    assert testing.error_where_exact_is_finite(torch.tensor([inf, nan, 1.5]), exact) == 0.5
+    assert testing.error_where_exact_is_finite(torch.tensor([-inf, nan, 1.0]), exact) == inf
+    assert testing.error_where_exact_is_finite(torch.tensor([inf, 0.0, 1.0]), exact) == inf

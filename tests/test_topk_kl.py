@@ -850,6 +850,31 @@ def test_float32_large_temperature_gradient_within_the_bound(vocab, k, tail, sup
     assert result.ok, f"{result}\n" + "\n".join(result.details)
 
 
+@pytest.mark.parametrize("support", ["topk", "full"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("precompute_grad", [True, False])
+def test_float32_large_temperature_kept_gradient_to_rounding(support, reduction, precompute_grad):
+    """T = 1000 with T², teacher temperature 1.5: a kept slot's gradient is T·(κ·q − p̂), and an fp32
+    ``log p̂`` alone puts a relative |log p̂|·2⁻²⁴ on p̂, which T turned into an error of ~3e-6 on
+    gradients of ~0.07 (the fused head's fuzz case failed by 1.16x). The CPU kernels read the teacher
+    targets in double: the gradient is now the exact one for the fp32 logits, rounded once."""
+    gen = torch.Generator().manual_seed(0)
+    z = 0.5 * torch.randn(4, 25, generator=gen)
+    top = torch.randn(4, 25, generator=gen, dtype=torch.float64).log_softmax(-1).topk(21)
+    options = dict(values="logprobs", tail="renorm", student_support=support, temperature=1000.0,
+                   teacher_temperature=1.5, scale_by_t2=True, reduction=reduction)
+    kernel = z.clone().requires_grad_()
+    exact = z.double().requires_grad_()
+    out = topk_kl_loss(kernel, top.indices, top.values.float(), backend="kernel", precompute_grad=precompute_grad,
+                       **options)
+    ref = topk_kl_loss(exact, top.indices, top.values.float().double(), backend="reference", **options)
+    upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    out.backward(upstream.float())
+    ref.backward(upstream)
+    error = (kernel.grad.double() - exact.grad).abs().max().item()
+    assert error <= 4 * 2**-24 * exact.grad.abs().max().item(), error
+
+
 def test_saved_stats_keep_the_log_sum_exp():
     """The saved pair (m, l) represents the row's log-sum-exp m/T + l (what the vocabulary-parallel head
     combines): at T = 1000 to about double accuracy, as the shift m carries the rounding of l."""

@@ -188,12 +188,12 @@ struct Row {
   using acc_t = Acc<scalar_t>;
   const scalar_t* z;   // [V]
   const int64_t* ids;  // [k]
-  const acc_t* logp;   // [k] log p̂
-  acc_t tail_logp;     // log r̂
+  const double* logp;  // [k] log p̂ (double: at a large T·scale an fp32 p̂ is most of a kept gradient's error)
+  double tail_logp;     // log r̂
   int64_t k;
   const acc_t* kept_z = nullptr;  // [k] z[ids] gathered before z is overwritten (in-place gradient), or null
 
-  bool kept(int64_t i) const { return logp[i] != neg_inf<acc_t>(); }
+  bool kept(int64_t i) const { return logp[i] != neg_inf<double>(); }
   acc_t logit(int64_t i) const { return kept_z != nullptr ? kept_z[i] : static_cast<acc_t>(z[ids[i]]); }
   // log q_i in double (z_i − m exact), from lw
   double log_q(int64_t i, double inv_t, const Stats<acc_t>& st) const {
@@ -563,6 +563,11 @@ void check_acc_tensor(const at::Tensor& t, const char* name, at::ScalarType acc,
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// The teacher targets: the accumulation dtype or float64 (read in double either way).
+void check_target_tensor(const at::Tensor& t, const char* name, at::ScalarType acc, at::IntArrayRef shape) {
+  check_acc_tensor(t, name, t.scalar_type() == at::kDouble ? at::kDouble : acc, shape);
+}
+
 // Re-checks the op-level contract (kdloss/_ops/topk_kl.py) and returns the ids, contiguous.
 at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp,
                         const at::Tensor& tail_logp, const at::Tensor& valid, const at::Tensor& divisor,
@@ -576,8 +581,8 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, const a
                     ids.sizes());
   const int64_t k = ids.size(1);
   const auto acc = acc_type(logits.scalar_type());
-  check_acc_tensor(target_logp, "target_logp", acc, {N, k});
-  check_acc_tensor(tail_logp, "tail_logp", acc, {N});
+  check_target_tensor(target_logp, "target_logp", acc, {N, k});
+  check_target_tensor(tail_logp, "tail_logp", acc, {N});
   check_acc_tensor(divisor, "divisor", acc, {});
   TORCH_CHECK_VALUE(valid.device().is_cpu() && valid.scalar_type() == at::kBool && valid.sizes() == at::IntArrayRef{N},
                     "valid must be a bool CPU tensor [N]");
@@ -611,15 +616,16 @@ Call prepare_call(const at::Tensor& logits, const at::Tensor& ids, const at::Ten
           logits.size(-1),
           ids.size(1),
           std::move(ids_c),
-          target_logp.contiguous(),
-          tail_logp.contiguous(),
+          target_logp.to(at::kDouble).contiguous(),
+          tail_logp.to(at::kDouble).contiguous(),
           valid.contiguous()};
 }
 
 // The forward's outputs, in the accumulation dtype like the stats: the loss ([N] for none, else a
 // scalar) and the stats [N, 2].
-std::pair<at::Tensor, at::Tensor> loss_and_stats(const Call& call, const at::TensorOptions& acc_options) {
+std::pair<at::Tensor, at::Tensor> loss_and_stats(const Call& call, const at::Tensor& logits) {
   const int64_t N = call.rows;
+  const auto acc_options = logits.options().dtype(acc_type(logits.scalar_type()));
   return {at::empty(call.reduction == Reduction::kNone ? at::IntArrayRef{N} : at::IntArrayRef{}, acc_options),
           at::empty({N, 2}, acc_options)};
 }
@@ -640,8 +646,8 @@ RowAddress<scalar_t> row_address(const at::Tensor& logits) {
 }
 
 template <typename scalar_t>
-Row<scalar_t> make_row(const RowAddress<scalar_t>& address, const int64_t* ids, const Acc<scalar_t>* logp,
-                       const Acc<scalar_t>* tail, int64_t n, int64_t k) {
+Row<scalar_t> make_row(const RowAddress<scalar_t>& address, const int64_t* ids, const double* logp,
+                       const double* tail, int64_t n, int64_t k) {
   return {address(n), ids + n * k, logp + n * k, tail[n], k};
 }
 
@@ -775,13 +781,13 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const a
   const Reduction reduction = call.reduction;
   const int64_t N = call.rows, V = call.vocab, k = call.k;
   at::Tensor loss, stats;
-  std::tie(loss, stats) = loss_and_stats(call, target_logp.options());
+  std::tie(loss, stats) = loss_and_stats(call, logits);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd", [&] {
     using acc_t = Acc<scalar_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    const acc_t* tgt_p = call.target_logp.const_data_ptr<acc_t>();
-    const acc_t* tail_p = call.tail_logp.const_data_ptr<acc_t>();
+    const double* tgt_p = call.target_logp.const_data_ptr<double>();
+    const double* tail_p = call.tail_logp.const_data_ptr<double>();
     const bool* ok_p = call.valid.const_data_ptr<bool>();
     acc_t* stats_p = stats.data_ptr<acc_t>();
     std::vector<acc_t> rows(N);
@@ -814,8 +820,9 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
   const double inv_temperature = call.inv_temperature, scale = call.scale;
   const Reduction reduction = call.reduction;
   const int64_t N = call.rows, V = call.vocab, k = call.k;
-  check_acc_tensor(stats, "stats", target_logp.scalar_type(), {N, 2});
-  const auto g = checked_grad(grad, reduction, {N}, target_logp.scalar_type());
+  const auto acc = acc_type(logits.scalar_type());
+  check_acc_tensor(stats, "stats", acc, {N, 2});
+  const auto g = checked_grad(grad, reduction, {N}, acc);
   const auto stats_c = stats.contiguous();
   at::Tensor out = cached_empty(logits.sizes(), logits.options());
 
@@ -823,8 +830,8 @@ at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at
     using acc_t = Acc<scalar_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
     const acc_t* g_p = g.const_data_ptr<acc_t>();
-    const acc_t* tgt_p = call.target_logp.const_data_ptr<acc_t>();
-    const acc_t* tail_p = call.tail_logp.const_data_ptr<acc_t>();
+    const double* tgt_p = call.target_logp.const_data_ptr<double>();
+    const double* tail_p = call.tail_logp.const_data_ptr<double>();
     const acc_t* stats_p = stats_c.const_data_ptr<acc_t>();
     const bool* ok_p = call.valid.const_data_ptr<bool>();
     // ∂loss/∂KL_row · 1/T, without the per-row upstream gradient of reduction "none"
@@ -877,14 +884,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const
   const Reduction reduction = call.reduction;
   const int64_t N = call.rows, V = call.vocab, k = call.k;
   at::Tensor loss, stats;
-  std::tie(loss, stats) = loss_and_stats(call, target_logp.options());
+  std::tie(loss, stats) = loss_and_stats(call, logits);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd_grad", [&] {
     using acc_t = Acc<scalar_t>;
     constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    const acc_t* tgt_p = call.target_logp.const_data_ptr<acc_t>();
-    const acc_t* tail_p = call.tail_logp.const_data_ptr<acc_t>();
+    const double* tgt_p = call.target_logp.const_data_ptr<double>();
+    const double* tail_p = call.tail_logp.const_data_ptr<double>();
     const bool* ok_p = call.valid.const_data_ptr<bool>();
     acc_t* stats_p = stats.data_ptr<acc_t>();
     // ∂loss/∂KL_row · 1/T for an upstream gradient of 1

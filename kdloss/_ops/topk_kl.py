@@ -5,7 +5,9 @@ Op-level contract (the public functions in :mod:`kdloss.topk_kl` normalise user 
 * ``logits [N, V]`` — student logits, any float dtype, unit stride along V (any row stride);
 * ``ids [N, k]`` int64 in ``[0, V)``; ``target_logp [N, k]`` teacher log-targets ``log p̂`` and
   ``tail_logp [N]`` tail bucket ``log r̂`` (−inf: no tail), both in the accumulation dtype (fp32;
-  fp64 for fp64 logits), contiguous; slots with ``log p̂ = −inf`` are not part of K;
+  fp64 for fp64 logits) or float64 (CUDA: the accumulation dtype only), contiguous; slots with
+  ``log p̂ = −inf`` are not part of K. The CPU kernels read them in double, and the public functions
+  hand them float64 on CPU: at a large ``T·scale`` an fp32 ``p̂`` alone is most of a kept slot's error;
 * ``valid [N]`` bool — rows that count (others give 0 and a zero gradient and are never read);
 * ``divisor`` 0-d, accumulation dtype — the ``"mean"`` denominator (≤ 0 gives 0);
 * ``inv_temperature`` = 1/T and ``scale`` = T² or 1 as 0-d float64 CPU tensors

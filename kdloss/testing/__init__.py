@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -60,7 +61,13 @@ class LossSpec:
     ``value_scale(case, *inputs, **constants) -> float`` (optional; fp64 CPU inputs) is the magnitude of
     the terms the loss value sums, where it can far exceed the value itself (a KL of two nearly equal
     distributions, scaled by T²): the scale of the value's slack instead of ``max|exact|``
-    (docs/verifying.md, "The error rule").
+    (docs/verifying.md, "The error rule"). ``naive_variants`` (optional) are other eager formulations
+    as legitimate as ``naive`` whose rounding differs (a GEMM in another order or chunking): an output's
+    low-precision bound is the largest over ``naive`` and them, since where the loss is ill-conditioned
+    the rounding order alone moves the result by more than the slack. ``rounded_exact(case,
+    *inputs, dtype=, **constants)`` (optional; fp64 CPU inputs) is the exact result after the roundings the op's
+    contract itself makes in ``dtype`` (the fused head's logits, rounded to the weight's dtype as
+    ``nn.Linear`` rounds them): where it overflows ``dtype``, an infinity of its sign is the right answer.
     """
 
     name: str
@@ -72,6 +79,8 @@ class LossSpec:
     example: Callable[[torch.device, torch.dtype], Example]
     dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     value_scale: Callable[..., float] | None = None
+    naive_variants: tuple[Callable[..., torch.Tensor], ...] = ()
+    rounded_exact: Callable[..., torch.Tensor] | None = None
 
 
 REGISTRY: dict[str, LossSpec] = {}
@@ -142,17 +151,41 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if torch.isnan(diff).any() else diff.max().item()
 
 
-def nonfinite_where_exact_is_finite(kernel: torch.Tensor, exact: torch.Tensor, margin: float = 0.0) -> bool:
+def finite_magnitude(exact: torch.Tensor) -> float:
+    """max|exact| over its finite entries (0 when there are none)."""
+    e = exact.detach().double().cpu()
+    e = e[torch.isfinite(e)]
+    return e.abs().max().item() if e.numel() else 0.0
+
+
+def error_where_exact_is_finite(kernel: torch.Tensor, exact: torch.Tensor) -> float:
+    """:func:`max_abs`, except that an entry where the exact result itself is NaN or ±inf (an input at
+    the loss's domain edge: a stored log-probability above 0 raised to the power 1/T = 1e6) counts as
+    exact when the kernel gives the same (NaN for NaN, inf of the same sign)."""
+    k, e = kernel.detach().double().cpu(), exact.detach().double().cpu()
+    if k.shape != e.shape:
+        return max_abs(k, e)
+    same = (torch.isnan(e) & torch.isnan(k)) | (torch.isinf(e) & (k == e))
+    return max_abs(k[~same], e[~same])
+
+
+def nonfinite_where_exact_is_finite(kernel: torch.Tensor, exact: torch.Tensor, margin: float = 0.0,
+                                    rounded: torch.Tensor | None = None) -> bool:
     """True if the kernel gives NaN or ±inf where the exact result, rounded to the kernel's dtype, is
     finite: always a failure, even where the naive formula breaks down too (its error, and with it
-    the bound, is then infinite). One exception: ±inf of the exact result's sign where the exact value
-    lies within ``margin`` (the rule's slack, finite even when the bound is not) of the overflow
-    threshold — any evaluation in that dtype may round such a value to inf."""
+    the bound, is then infinite). Two exceptions, for ±inf only: of the exact result's sign where the
+    exact value lies within ``margin`` (the rule's slack, finite even when the bound is not) of the
+    overflow threshold — any evaluation in that dtype may round such a value to inf; and of the sign
+    of ``rounded`` (the exact result after the roundings the op's contract makes, see
+    :class:`LossSpec`) where that overflows the dtype."""
     if kernel.numel() == 0 or kernel.shape != exact.shape:
         return False
     k, e = kernel.detach().cpu(), exact.detach().cpu().double()
     finite = torch.isfinite(e.to(k.dtype))
     overflow_in_reach = ~torch.isfinite((e.abs() + margin).to(k.dtype)) & (torch.sign(k.double()) == torch.sign(e))
+    if rounded is not None and rounded.shape == k.shape:
+        r = rounded.detach().cpu().double()
+        overflow_in_reach |= torch.isinf(r.to(k.dtype)) & (torch.sign(k.double()) == torch.sign(r))
     return bool(((torch.isnan(k) | (torch.isinf(k) & ~overflow_in_reach)) & finite).any())
 
 
@@ -160,8 +193,8 @@ def lowp_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, sca
     """Allowed error of a low-precision kernel: the naive eager error plus SLACK·eps·(1 + scale);
     ``scale`` defaults to max|exact|."""
     if scale is None:
-        scale = exact.double().abs().max().item() if exact.numel() else 0.0
-    return max_abs(naive, exact) + SLACK * torch.finfo(dtype).eps * (1.0 + scale)
+        scale = finite_magnitude(exact)
+    return error_where_exact_is_finite(naive, exact) + SLACK * torch.finfo(dtype).eps * (1.0 + scale)
 
 
 def error_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> float:
@@ -169,7 +202,7 @@ def error_bound(naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, sc
     ``FP64_RTOL`` for float64, :func:`lowp_bound` of the naive eager output otherwise. ``scale``
     (default max|exact|) is the magnitude the slack is relative to."""
     if scale is None:
-        scale = exact.double().abs().max().item() if exact.numel() else 0.0
+        scale = finite_magnitude(exact)
     if dtype == torch.float64:
         return FP64_RTOL * (1.0 + scale)
     return lowp_bound(naive, exact, dtype, scale)
@@ -192,24 +225,31 @@ def check_case(loss: str, case: dict, device="cpu", dtype=torch.float32) -> Chec
     kernel = _outputs_and_grads(spec.kernel, case, built.inputs, built.constants, built.upstream_seed)
     exact_consts = {k: (v.to("cpu") if isinstance(v, torch.Tensor) else v) for k, v in built.constants.items()}
     exact = _outputs_and_grads(spec.reference, case, _fp64_copies(built.inputs), exact_consts, built.upstream_seed)
+    naives = []
     if dtype != torch.float64:
-        low = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in built.inputs)
-        naive = _outputs_and_grads(spec.naive, case, low, built.constants, built.upstream_seed)
+        for formulation in (spec.naive, *spec.naive_variants):
+            low = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in built.inputs)
+            naives.append(_outputs_and_grads(formulation, case, low, built.constants, built.upstream_seed))
+    rounded = [None] * len(exact)
+    if dtype != torch.float64 and spec.rounded_exact is not None:
+        rounded = _outputs_and_grads(partial(spec.rounded_exact, dtype=dtype), case, _fp64_copies(built.inputs),
+                                     exact_consts, built.upstream_seed)
     labels = ["value"] + [f"grad[{i}]" for i in range(len(exact) - 1)]
     value_scale = None
     if spec.value_scale is not None:
         with torch.no_grad():
             terms = spec.value_scale(case, *_fp64_copies(built.inputs), **exact_consts)
-        value_scale = max(terms, exact[0].double().abs().max().item() if exact[0].numel() else 0.0)
+        value_scale = max(terms, finite_magnitude(exact[0]))
     results = []
-    for i, (k, e, label) in enumerate(zip(kernel, exact, labels, strict=False)):
+    for i, (k, e, r, label) in enumerate(zip(kernel, exact, rounded, labels, strict=False)):
         scale = value_scale if i == 0 else None
-        bound = error_bound(e if dtype == torch.float64 else naive[i], e, dtype, scale)
-        err = max_abs(k, e)
+        bound = max((error_bound(naive[i], e, dtype, scale) for naive in naives),
+                    default=error_bound(e, e, dtype, scale))
+        err = error_where_exact_is_finite(k, e)
         expected_dtype = torch.float64 if dtype == torch.float64 else dtype
         shape_ok = tuple(k.shape) == tuple(e.shape) and k.dtype == expected_dtype
         slack = error_bound(e, e, dtype, scale)  # the bound without the naive error: finite
-        ok = shape_ok and err <= bound and not nonfinite_where_exact_is_finite(k, e, slack)
+        ok = shape_ok and err <= bound and not nonfinite_where_exact_is_finite(k, e, slack, r)
         results.append(CheckResult(ok, err, bound, label))
     failing = [r for r in results if not r.ok]
     worst = max(failing or results, key=lambda r: r.ratio)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..fused_linear_topk_kl import fused_linear_topk_kl_loss
+from .._autocast import no_autocast
+from ..fused_linear_topk_kl import FusedLinearTopKKLOptions, fused_linear_topk_kl_loss
 from ..reference.fused_linear_topk_kl import fused_linear_topk_kl_reference
+from ..reference.topk_kl import topk_kl_reference
 from . import Built, Example, LossSpec, register
 from .topk_kl import EXTREME_T, REDUCTIONS, VARIANTS, _teacher, draw_labels, kl_term_scale
 
@@ -91,6 +93,38 @@ def reference(case, hidden, weight, bias=None, *, teacher_ids, teacher_values, l
 #: Eager user code: the unfused head in the input dtype, then the loss (the reference upcasts the logits).
 naive = reference
 
+
+def _chunked_naive(by_vocab: bool):
+    """Eager user code with a chunked head, as Liger-style heads compute it: the logits of each chunk of
+    the kernel's rows per chunk, as ``h_c·Wᵀ`` or (``by_vocab``) as ``(W·h_cᵀ)ᵀ``, then the loss in
+    fp64. The rounding of a logit depends on the GEMM's order, and at an extreme temperature the loss
+    amplifies it by up to 1/T²: each order is as legitimate as the unchunked one."""
+
+    def logits_of(hidden, weight, bias, softcap, rows):
+        parts = []
+        for start in range(0, hidden.shape[0], rows):
+            chunk = hidden[start:start + rows].to(weight.dtype)
+            if by_vocab:
+                product = torch.mm(weight, chunk.T) if bias is None else torch.addmm(bias[:, None], weight, chunk.T)
+                parts.append(product.T)
+            else:
+                parts.append(torch.nn.functional.linear(chunk, weight, bias))
+        logits = torch.cat(parts) if parts else hidden.new_empty(0, weight.shape[0], dtype=weight.dtype)
+        return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+    def chunked(case, hidden, weight, bias=None, *, teacher_ids, teacher_values, labels):
+        keywords = {k: v for k, v in options(case).items() if k != "num_items_in_batch"}
+        opts = FusedLinearTopKKLOptions(chunk_size=case["chunk_size"], **keywords)
+        rows = opts.rows_per_chunk(weight.shape[0], weight.dtype, hidden.device)
+        if labels is not None:  # as the reference: ignored rows never reach the weight gradient
+            hidden = torch.where((labels != opts.ignore_index).unsqueeze(-1), hidden, torch.zeros_like(hidden))
+        with no_autocast(hidden.device.type):
+            logits = logits_of(hidden, weight, bias, case["softcap"], max(rows, 1))
+        return topk_kl_reference(logits, teacher_ids, teacher_values, labels, options=opts,
+                                 num_items_in_batch=case["num_items"])
+
+    return chunked
+
 def example(device, dtype) -> Example:
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(6, 8, generator=gen, dtype=torch.float64)
@@ -110,5 +144,22 @@ def value_scale(case, hidden, weight, bias=None, *, teacher_ids, teacher_values,
                          {k: v for k, v in options(case).items() if k != "softcap"})
 
 
+def rounded_exact(case, hidden, weight, bias=None, *, dtype, teacher_ids, teacher_values, labels):
+    """The fp64 loss of the logits as the head rounds them to ``dtype`` (the weight's, as ``nn.Linear``
+    rounds them), differentiated in fp64: at T = 1e-6 two float16 logits within a rounding of each other
+    may swap places, and with them which id carries a gradient of ~1/T."""
+    from ..reference.fused_linear_topk_kl import linear_logits
+
+    bias_low = None if bias is None else bias.to(dtype)
+    with torch.no_grad():
+        rounded = linear_logits(hidden.to(dtype), weight.to(dtype), bias_low, case["softcap"]).double()
+    exact = linear_logits(hidden, weight, bias, case["softcap"])
+    logits = exact + (rounded - exact).detach()  # the rounded values, with the exact logits' gradient
+    keywords = {k: v for k, v in options(case).items() if k not in ("softcap", "num_items_in_batch")}
+    return topk_kl_reference(logits, teacher_ids, teacher_values, labels, num_items_in_batch=case["num_items"],
+                             **keywords)
+
+
 SPEC = register(LossSpec("fused_linear_topk_kl", strategy, build, kernel, reference, naive, example,
-                         value_scale=value_scale))
+                         value_scale=value_scale, naive_variants=(_chunked_naive(False), _chunked_naive(True)),
+                         rounded_exact=rounded_exact))
