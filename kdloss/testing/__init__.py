@@ -134,7 +134,10 @@ def _outputs_and_grads(fn, case, inputs, constants, upstream_seed):
     gen = torch.Generator().manual_seed(upstream_seed)
     weight = torch.rand(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     need = [x for x in inputs if x.requires_grad]
-    grads = torch.autograd.grad(out, need, grad_outputs=weight, allow_unused=True) if need and out.requires_grad else ()
+    if need and out.requires_grad:
+        grads = torch.autograd.grad(out, need, grad_outputs=weight, allow_unused=True)
+    else:  # an output not connected to the inputs (e.g. no rows): zero gradients
+        grads = (None,) * len(need)
     grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(need, grads, strict=False))
     return [out.detach(), *grads]
 

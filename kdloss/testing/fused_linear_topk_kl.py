@@ -102,14 +102,14 @@ def _chunked_naive(by_vocab: bool):
 
     def logits_of(hidden, weight, bias, softcap, rows):
         parts = []
-        for start in range(0, hidden.shape[0], rows):
+        for start in range(0, max(hidden.shape[0], 1), rows):  # no rows: one empty chunk
             chunk = hidden[start:start + rows].to(weight.dtype)
             if by_vocab:
                 product = torch.mm(weight, chunk.T) if bias is None else torch.addmm(bias[:, None], weight, chunk.T)
                 parts.append(product.T)
             else:
                 parts.append(torch.nn.functional.linear(chunk, weight, bias))
-        logits = torch.cat(parts) if parts else hidden.new_empty(0, weight.shape[0], dtype=weight.dtype)
+        logits = torch.cat(parts)
         return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
     def chunked(case, hidden, weight, bias=None, *, teacher_ids, teacher_values, labels):
