@@ -148,13 +148,15 @@ def _powered_log_normalize(log_w: torch.Tensor, power: float) -> torch.Tensor:
 
     The values are shifted by the row maximum before the multiplication by ``a``: with a huge power
     (a tiny distillation temperature) ``a·log_w`` would be −inf for every slot below 0, and the
-    normalisation −inf − (−inf); shifted first, the result is the one-hot limit."""
+    normalisation −inf − (−inf); shifted first, the result is the one-hot limit. Two fresh ``[N, k]``
+    buffers (the shifted values, the result): on CPU the targets are float64, and each fresh buffer
+    costs page faults."""
+    massless = torch.isneginf(log_w)
     top = log_w.amax(dim=-1, keepdim=True)
-    top = top.masked_fill(torch.isneginf(top), 0.0)
-    shifted = _powered(torch.where(torch.isneginf(log_w), log_w, log_w - top), power)
-    log_z = torch.logsumexp(shifted, dim=-1, keepdim=True)
-    log_z = log_z.masked_fill(torch.isneginf(log_z), 0.0)
-    return shifted - log_z
+    shifted = log_w - top.masked_fill_(torch.isinf(top), 0.0)  # −inf slots stay −inf
+    if power != 1.0:
+        shifted.mul_(power)
+    return torch.log_softmax(shifted, dim=-1).masked_fill_(massless, NEG_INF)  # all −inf rows: NaN → −inf
 
 
 def log_targets(values: torch.Tensor, options: TopKKLOptions) -> tuple[torch.Tensor, torch.Tensor]:
