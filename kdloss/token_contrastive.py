@@ -138,7 +138,7 @@ def token_contrastive_loss(
 _NORM_EPS = 1e-12  # F.normalize's default eps
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """``F.normalize(x, dim=-1)`` (``x / max(‖x‖, 1e-12)``, the same values) whose gradient is taken in
     projection form, ``(g − u·⟨u, g⟩) / max(‖x‖, 1e-12)`` (``g / 1e-12`` where the clamp is active): no
     ``1/‖x‖³`` term, so the radial component cancels to the rounding of ``g`` itself (exactly for E = 1).
@@ -158,7 +158,7 @@ def _kernel_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, options: 
     if options.detach_teacher:
         ht = ht.detach()
     if options.similarity == "cosine":
-        hs, ht = _normalize(hs), _normalize(ht)
+        hs, ht = normalize_rows(hs), normalize_rows(ht)
     loss, _ = torch.ops.kdloss.token_contrastive_fwd(hs.contiguous(), ht.contiguous(),
                                                      _ops.float_arg(options.temperature), options.symmetric,
                                                      _ops.REDUCTION_CODES[options.reduction])

@@ -181,6 +181,12 @@ LONG_RUN_CASES = [
     ("token_graph", torch.float64,
      {"nodes": 7, "ds": 41, "dt": 48, "k": 3, "graph": "teacher", "sigma": 0.5, "edge": "log_kernel",
       "kl_direction": "student_teacher", "reduction": "sum", "layout": "contiguous", "magnitude": 3.0, "seed": 1}),
+    ("token_contrastive", torch.float64,  # E = 1: the exact gradient is 0; F.normalize's autograd left 1.9e-9
+     {"nodes": 31, "dim": 1, "temperature": 0.05, "similarity": "cosine", "symmetric": False,
+      "detach_teacher": False, "reduction": "mean", "layout": "contiguous", "magnitude": 0.1, "seed": 339}),
+    ("token_contrastive", torch.float32,  # a confident row: p_ii − 1 cancelled in fp32 (seed 2718, 1.12x)
+     {"nodes": 2, "dim": 2, "temperature": 0.05, "similarity": "cosine", "symmetric": False,
+      "detach_teacher": False, "reduction": "mean", "layout": "contiguous", "magnitude": 0.1, "seed": 593}),
     ("fused_linear_topk_kl", torch.float32,  # T = 1000, T²: the teacher's p̂ rounded to fp32 (seed 31415, 1.16x)
      {"rows": 4, "hidden": 6, "vocab": 25, "k": 21, "pad": 0, "values": "logprobs", "tail": "renorm",
       "support": "topk", "temperature": 1000.0, "teacher_temperature": 1.5, "scale_by_t2": True, "labels": None,

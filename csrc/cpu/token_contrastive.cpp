@@ -198,11 +198,18 @@ void column_lse(const acc_t* S, int64_t ld, int64_t M, int64_t cols, double* lse
         acc_t m[V], l[V];
         vm.store(m);
         vs.log().store(l);
-        for (int64_t k = 0; k < V; ++k) lse[c0 + k] = static_cast<double>(m[k]) + static_cast<double>(l[k]);
+        for (int64_t k = 0; k < V; ++k)  // a column of −inf only (M = 1: its diagonal is set aside) is −inf
+          lse[c0 + k] = m[k] == -std::numeric_limits<acc_t>::infinity()
+                            ? -std::numeric_limits<double>::infinity()
+                            : static_cast<double>(m[k]) + static_cast<double>(l[k]);
       } else {
         for (int64_t c = c0; c < c0 + n; ++c) {
           acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
           for (int64_t i = 0; i < M; ++i) m = std::max(m, S[i * ld + c]);
+          if (m == -std::numeric_limits<acc_t>::infinity()) {
+            lse[c] = -std::numeric_limits<double>::infinity();
+            continue;
+          }
           for (int64_t i = 0; i < M; ++i) s += std::exp(S[i * ld + c] - m);
           lse[c] = static_cast<double>(m) + std::log(static_cast<double>(s));
         }
@@ -247,10 +254,13 @@ bool wide_logits(const at::Tensor& u, const at::Tensor& v, const Problem& p) {
   return !(bound <= kWideLogitBound);
 }
 
-// The row (and, symmetric, column) log-sum-exps of L = u vᵀ/τ in logit_t, and the diagonal L_ii.
+// The row (and, symmetric, column) log-sum-exps of L = u vᵀ/τ over the off-diagonal entries only, in
+// logit_t (−inf for M = 1), and the diagonal L_ii. Each strip's diagonal entries are set aside (−inf)
+// before its rows and columns are reduced: the backward needs 1 − p_ii = Σ_{j≠i} p_ij, which a
+// confident row (p_ii → 1) cannot get from 1 − exp(L_ii − lse_i) without cancelling to eps/(1 − p_ii).
 template <typename logit_t>
-void logsumexps(const logit_t* up, const logit_t* vp, const Problem& p, double* lse_row, double* lse_col,
-                std::vector<logit_t>& diag) {
+void off_diagonal_logsumexps(const logit_t* up, const logit_t* vp, const Problem& p, double* lse_row, double* lse_col,
+                             std::vector<logit_t>& diag) {
   const int64_t M = p.M, E = p.E;
   std::vector<logit_t> run_max(M, -std::numeric_limits<logit_t>::infinity()), run_sum(M, logit_t(0));
   std::vector<logit_t> strip(M * kStrip);
@@ -261,15 +271,35 @@ void logsumexps(const logit_t* up, const logit_t* vp, const Problem& p, double* 
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, M - i0);
         logits_tile(S + i0 * kStrip, kStrip, up + i0 * E, rows, vp + j0 * E, w, E, static_cast<logit_t>(p.inv_tau));
-        for (int64_t r = 0; r < rows; ++r) online_lse(S + (i0 + r) * kStrip, w, run_max[i0 + r], run_sum[i0 + r]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          if (i >= j0 && i < j0 + w) S[i * kStrip + (i - j0)] = -std::numeric_limits<logit_t>::infinity();
+          online_lse(S + i * kStrip, w, run_max[i], run_sum[i]);
+        }
       }
     });
     if (p.symmetric) column_lse(S, kStrip, M, w, lse_col + j0);
   }
   for (int64_t i = 0; i < M; ++i)
-    lse_row[i] = static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i]));
+    lse_row[i] = run_sum[i] > logit_t(0) ? static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i]))
+                                         : -std::numeric_limits<double>::infinity();
   diag.resize(M);
   diagonal_logits(up, vp, p, diag.data());
+}
+
+// log(1 + exp(t)) without overflow (t = −inf: 0).
+double softplus(double t) { return t > 0 ? t + std::log1p(std::exp(-t)) : std::log1p(std::exp(t)); }
+
+// A row's (or column's) cross-entropy term lse − L_ii = softplus(lse_off − L_ii) and its off-diagonal
+// mass 1 − p_ii = exp(lse_off − lse), both in double from the off-diagonal log-sum-exp and the diagonal.
+struct DiagonalTerm {
+  double loss, off_mass;
+};
+
+DiagonalTerm diagonal_term(double lse_off, double diag) {
+  if (lse_off == -std::numeric_limits<double>::infinity()) return {0.0, 0.0};  // M = 1: p_ii = 1
+  const double loss = softplus(lse_off - diag);
+  return {loss, std::exp(lse_off - diag - loss)};
 }
 
 std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& student_in, const at::Tensor& teacher_in,
@@ -279,29 +309,40 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& stude
   const Reduction reduction = check_reduction(reduction_code);
   const at::Tensor u = student_in.contiguous(), v = teacher_in.contiguous();
   const auto opts = u.options();
-  at::Tensor lse = at::zeros({2, p.M}, opts.dtype(at::kDouble));  // float64: see split_lse
+  // float64 (see split_lse): the row and column log-sum-exps, then their off-diagonal masses 1 − p_ii
+  at::Tensor state = at::zeros({4, p.M}, opts.dtype(at::kDouble));
   at::Tensor out = at::empty(reduction == Reduction::kNone ? at::IntArrayRef{p.M} : at::IntArrayRef{}, opts);
   const bool wide = wide_logits(u, v, p);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "token_contrastive_fwd", [&] {
     using acc_t = scalar_t;
     const int64_t M = p.M;
-    double* lse_row = lse.data_ptr<double>();
+    double* lse_row = state.data_ptr<double>();
     double* lse_col = lse_row + M;
+    double* off_row = lse_row + 2 * M;
+    double* off_col = lse_row + 3 * M;
     std::vector<double> diag64(M);
     if (wide) {
       const at::Tensor u64 = u.to(at::kDouble), v64 = v.to(at::kDouble);
       std::vector<double> diag;
-      logsumexps(u64.const_data_ptr<double>(), v64.const_data_ptr<double>(), p, lse_row, lse_col, diag);
+      off_diagonal_logsumexps(u64.const_data_ptr<double>(), v64.const_data_ptr<double>(), p, lse_row, lse_col, diag);
       std::copy(diag.begin(), diag.end(), diag64.begin());
     } else {
       std::vector<acc_t> diag;
-      logsumexps(u.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), p, lse_row, lse_col, diag);
+      off_diagonal_logsumexps(u.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), p, lse_row, lse_col, diag);
       std::copy(diag.begin(), diag.end(), diag64.begin());
     }
     std::vector<acc_t> per_row(M);
     for (int64_t i = 0; i < M; ++i) {
-      double term = lse_row[i] - diag64[i];
-      if (symmetric) term = 0.5 * term + 0.5 * (lse_col[i] - diag64[i]);
+      const DiagonalTerm row = diagonal_term(lse_row[i], diag64[i]);
+      lse_row[i] = diag64[i] + row.loss;
+      off_row[i] = row.off_mass;
+      double term = row.loss;
+      if (symmetric) {
+        const DiagonalTerm col = diagonal_term(lse_col[i], diag64[i]);
+        lse_col[i] = diag64[i] + col.loss;
+        off_col[i] = col.off_mass;
+        term = 0.5 * term + 0.5 * col.loss;
+      }
       per_row[i] = static_cast<acc_t>(term);
     }
     if (reduction == Reduction::kNone) {
@@ -312,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& stude
       *out.data_ptr<acc_t>() = total;
     }
   });
-  return {out, lse};
+  return {out, state};
 }
 
 // A float64 log-sum-exp as an acc_t pair hi + lo: exp((x − hi) − lo) keeps the accuracy of the float64
@@ -327,10 +368,11 @@ void split_lse(const double* lse, int64_t n, std::vector<acc_t>& hi, std::vector
 }
 
 // Row i of a strip's tile of G (see the top of the file), written over the logits s[0..w) of row i
-// and columns j0...; (hi_i, lo_i) and (col_hi, col_lo) the row's and the columns' log-sum-exps.
+// and columns j0...; (hi_i, lo_i) and (col_hi, col_lo) the row's and the columns' log-sum-exps;
+// diagonal_i the entry G_ii, formed from the off-diagonal masses (see GradientTiles).
 template <typename acc_t>
 void gradient_row(acc_t* s, int64_t w, int64_t i, int64_t j0, acc_t hi_i, acc_t lo_i, acc_t own_i, const acc_t* col_hi,
-                  const acc_t* col_lo, const acc_t* other, acc_t diag_i) {
+                  const acc_t* col_lo, const acc_t* other, acc_t diagonal_i) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec vh(hi_i), vl(lo_i), vo(own_i);
@@ -350,7 +392,7 @@ void gradient_row(acc_t* s, int64_t w, int64_t i, int64_t j0, acc_t hi_i, acc_t 
     for (; c + V <= w; c += V) (vo * vexp((Vec::loadu(s + c) - vh) - vl)).store(s + c);
     for (; c < w; ++c) s[c] = own_i * std::exp((s[c] - hi_i) - lo_i);
   }
-  if (i >= j0 && i < j0 + w) s[i - j0] -= diag_i;
+  if (i >= j0 && i < j0 + w) s[i - j0] = diagonal_i;
 }
 
 // The tiles of G, from logits in logit_t (acc_t, or fp64 for fp32 nodes: see kWideLogitBound): the
@@ -360,7 +402,8 @@ struct GradientTiles {
   const logit_t* u;
   const logit_t* v;
   Problem p;
-  std::vector<logit_t> row_hi, row_lo, col_hi, col_lo, own, other, diag;
+  // diagonal[i] = G_ii = own_i·p_ii + other_i·p^col_ii − w_i/τ = −own_i·(1 − p_ii) − other_i·(1 − p^col_ii)
+  std::vector<logit_t> row_hi, row_lo, col_hi, col_lo, own, other, diagonal;
 
   // Rows of block blk, columns j0..j0+w of G (row stride kStrip) into G + i0·kStrip; scratch holds
   // kRowBlock·kStrip logit_t where logit_t is wider than acc_t.
@@ -375,7 +418,7 @@ struct GradientTiles {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       gradient_row(tile + r * kStrip, w, i, j0, row_hi[i], row_lo[i], own[i], col_hi.data(), col_lo.data(),
-                   p.symmetric ? other.data() : nullptr, diag[i]);
+                   p.symmetric ? other.data() : nullptr, diagonal[i]);
     }
     if constexpr (!same) {
       for (int64_t r = 0; r < rows; ++r)
@@ -399,8 +442,8 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
   const Reduction reduction = check_reduction(reduction_code);
   const auto acc = student_in.scalar_type();
   TORCH_CHECK_VALUE(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kDouble && lse_in.dim() == 2 &&
-                        lse_in.size(0) == 2 && lse_in.size(1) == p.M,
-                    "lse must be a [2, M] CPU tensor of dtype float64, got ", lse_in.sizes(), " ",
+                        lse_in.size(0) == 4 && lse_in.size(1) == p.M,
+                    "lse must be a [4, M] CPU tensor of dtype float64, got ", lse_in.sizes(), " ",
                     lse_in.scalar_type());
   const at::Tensor grad = checked_grad(grad_in, reduction, {p.M}, acc);
   const at::Tensor u = student_in.contiguous(), v = teacher_in.contiguous(), lse = lse_in.contiguous();
@@ -415,13 +458,18 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
     // per-node weights: own term (row softmax), other term (column softmax), diagonal; all ÷ τ
     const acc_t* g = grad.const_data_ptr<acc_t>();
     const acc_t inv_tau = static_cast<acc_t>(p.inv_tau), half = acc_t(0.5);
-    std::vector<acc_t> own(M), other(symmetric ? M : 0), diag(M);
+    const double* off_row = lse.const_data_ptr<double>() + 2 * M;
+    const double* off_col = off_row + M;
+    std::vector<acc_t> own(M), other(symmetric ? M : 0), diagonal(M);
     for (int64_t i = 0; i < M; ++i) {
       acc_t wi = reduction == Reduction::kNone ? g[i] : g[0];
       if (reduction == Reduction::kMean) wi = wi / static_cast<acc_t>(M);
-      diag[i] = wi * inv_tau;
-      own[i] = symmetric ? half * diag[i] : diag[i];
-      if (symmetric) other[i] = half * diag[i];
+      const acc_t weight = wi * inv_tau;
+      own[i] = symmetric ? half * weight : weight;
+      if (symmetric) other[i] = half * weight;
+      double entry = -static_cast<double>(own[i]) * off_row[i];
+      if (symmetric) entry -= static_cast<double>(other[i]) * off_col[i];
+      diagonal[i] = static_cast<acc_t>(entry);
     }
     const bool wide = wide_logits(u, v, p);
     const at::Tensor u64 = wide ? u.to(at::kDouble) : at::Tensor(), v64 = wide ? v.to(at::kDouble) : at::Tensor();
@@ -432,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_bwd(const at::Tensor& grad_
       split_lse(lse.const_data_ptr<double>() + M, M, t.col_hi, t.col_lo);
       t.own.assign(own.begin(), own.end());
       t.other.assign(other.begin(), other.end());
-      t.diag.assign(diag.begin(), diag.end());
+      t.diagonal.assign(diagonal.begin(), diagonal.end());
       return t;
     };
     const GradientTiles<acc_t> tiles = tiles_of(u.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>());

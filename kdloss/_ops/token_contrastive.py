@@ -12,10 +12,12 @@ With logits ``L = student · teacherᵀ / τ`` the per-node loss is ``lse_row_i 
 mean of that and ``lse_col_i − L_ii``). ``token_contrastive_fwd`` returns ``(loss, lse)``: the loss in
 the accumulation dtype (the public function rounds it to the input dtype outside autocast) and
 ``lse [2, M]`` — the row log-sum-exps of ``L`` and (symmetric only; zeros otherwise) its column
-log-sum-exps: the O(M) state the backward needs. On the CPU ``lse`` is float64 whatever the input
-dtype: a log-sum-exp of logits ~|L| rounded to fp32 errs by ``eps·|L|``, and every probability
-``exp(L_ij − lse_i)`` of the backward would inherit that as a relative error (the backward splits the
-float64 value into an fp32 pair, so its exps stay fp32). The kernels stream ``L`` in column strips with an
+log-sum-exps: the O(M) state the backward needs. On the CPU it is ``[4, M]`` and float64 whatever the
+input dtype: rows 2 and 3 hold each row's and column's off-diagonal mass ``1 − p_ii = Σ_{j≠i} p_ij``
+(the forward sets the diagonal aside, so a confident row's ``p_ii − 1`` in the gradient does not cancel
+to ``eps/(1 − p_ii)``), and a log-sum-exp of logits ~|L| rounded to fp32 errs by ``eps·|L|``, which
+every probability ``exp(L_ij − lse_i)`` of the backward would inherit as a relative error (the backward
+splits the float64 value into an fp32 pair, so its exps stay fp32). The kernels stream ``L`` in column strips with an
 online log-sum-exp and never hold an ``M × M`` matrix.
 
 ``token_contrastive_bwd`` recomputes ``L`` strip by strip, forms the gradient of the logits
@@ -43,8 +45,9 @@ LIB.define(
 def _fwd_fake(student, teacher, temperature, symmetric, reduction):
     m = student.shape[0]
     loss = student.new_empty((m,) if reduction == 0 else ())
-    lse_dtype = torch.float64 if student.device.type == "cpu" else student.dtype
-    return loss, student.new_empty((2, m), dtype=lse_dtype)
+    if student.device.type == "cpu":
+        return loss, student.new_empty((4, m), dtype=torch.float64)
+    return loss, student.new_empty((2, m))
 
 
 @torch.library.register_fake("kdloss::token_contrastive_bwd")

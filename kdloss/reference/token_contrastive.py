@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .._autocast import no_autocast
 from .._validation import accumulation_dtype
-from ..token_contrastive import TokenContrastiveOptions
+from ..token_contrastive import TokenContrastiveOptions, normalize_rows
 from ._reduce import reduce_terms
 
 __all__ = ["token_contrastive_reference"]
@@ -41,8 +41,8 @@ def token_contrastive_reference(
     m = hs.shape[0]
     if m == 0:
         return reduce_terms(hs.sum(-1), reduction, student_emb.dtype)
-    if similarity == "cosine":
-        hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
+    if similarity == "cosine":  # F.normalize's values; its gradient in projection form (exact for E = 1)
+        hs, ht = normalize_rows(hs), normalize_rows(ht)
     with no_autocast(hs.device.type):  # the similarity GEMM stays in the accumulation dtype
         logits = hs @ ht.T / temperature
     target = torch.arange(m, device=hs.device)
