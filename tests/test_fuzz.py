@@ -187,6 +187,11 @@ LONG_RUN_CASES = [
     ("token_contrastive", torch.float32,  # a confident row: p_ii − 1 cancelled in fp32 (seed 2718, 1.12x)
      {"nodes": 2, "dim": 2, "temperature": 0.05, "similarity": "cosine", "symmetric": False,
       "detach_teacher": False, "reduction": "mean", "layout": "contiguous", "magnitude": 0.1, "seed": 593}),
+    ("topk_kl", torch.float32,  # a confident row: 127 fp32 additions onto a lane holding exp(0) (seed 1618, 1.7x)
+     {"rows": 1, "split": False, "vocab": 2084, "k": 1, "pad": 0, "values": "logprobs", "tail": "renorm",
+      "support": "full", "temperature": 3.7, "teacher_temperature": 1.0, "scale_by_t2": True, "labels": None,
+      "num_items": None, "reduction": "sum", "layout": "contiguous", "magnitude": 1.0, "confident": True,
+      "student_pad": 0, "quantised": False, "seed": 0, "shifted": False, "precompute_grad": None}),
     ("fused_linear_topk_kl", torch.float32,  # T = 1000, T²: the teacher's p̂ rounded to fp32 (seed 31415, 1.16x)
      {"rows": 4, "hidden": 6, "vocab": 25, "k": 21, "pad": 0, "values": "logprobs", "tail": "renorm",
       "support": "topk", "temperature": 1000.0, "teacher_temperature": 1.5, "scale_by_t2": True, "labels": None,

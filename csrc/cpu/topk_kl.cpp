@@ -25,6 +25,10 @@
 #include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -79,23 +83,80 @@ Acc<scalar_t> block_max(const scalar_t* z, int64_t n) {
   return m;
 }
 
+// Vector sums of exps flushed into double lanes every kFlushPairs pairs of vectors. A lane that holds a
+// block's maximum (exp 0 = 1) would otherwise take every later term of its lane rounded at the scale of
+// 1: 128 fp32 additions of ~2e-5 each erred by up to 1e-5 in a row's sum (a confident student: a fuzz
+// case's loss 1.7x over the bound); with the flush a lane adds at most kFlushPairs terms in fp32, and
+// the flush (two widening conversions and adds per vector with AVX2) costs ~2 % of the exps.
+constexpr int64_t kFlushPairs = 16;
+
+template <typename acc_t>
+struct LaneSums {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec wide = Vec(acc_t(0));  // acc_t = double: the lanes themselves
+
+  void flush(const Vec& v) { wide = wide + v; }
+  double total() const { return vec_sum(wide); }
+};
+
+template <>
+struct LaneSums<float> {
+  static constexpr int64_t kLanes = at::vec::Vectorized<float>::size();
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+
+  void flush(const at::vec::Vectorized<float>& v) {
+    const __m256 x = v;
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+  }
+  double total() const {
+    alignas(32) double parts[8];
+    _mm256_store_pd(parts, lo);
+    _mm256_store_pd(parts + 4, hi);
+    double s = 0;
+    for (double p : parts) s += p;
+    return s;
+  }
+#else
+  double lanes[kLanes] = {};
+
+  void flush(const at::vec::Vectorized<float>& v) {
+    alignas(64) float parts[kLanes];
+    v.store(parts);
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += static_cast<double>(parts[k]);
+  }
+  double total() const {
+    double s = 0;
+    for (int64_t k = 0; k < kLanes; ++k) s += lanes[k];
+    return s;
+  }
+#endif
+};
+
 // Σ_j exp((z[j] − m)·inv_t) over z[0..n), m ≥ max z (kCoarse: the reduced-precision exp, see cpu_exp.h).
-// The lanes' sums and the tail, its exps too, are added in double: a row shorter than a vector is
-// summed exactly.
+// The lanes' partial sums (see LaneSums) and the tail, its exps too, are added in double: a row shorter
+// than a vector is summed exactly.
 template <typename scalar_t, bool kCoarse = false>
 double block_sum_exp(const scalar_t* z, int64_t n, Acc<scalar_t> inv_t, Acc<scalar_t> m) {
   using IO = VecIO<scalar_t>;
   using acc_t = Acc<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec vt(inv_t), vm(m);
-  Vec s0(acc_t(0)), s1(acc_t(0));
+  LaneSums<acc_t> sums;
   int64_t i = 0;
-  for (; i + 2 * IO::size() <= n; i += 2 * IO::size()) {
-    s0 = s0 + vexp_nonpositive<kCoarse>((IO::load(z + i) - vm) * vt);
-    s1 = s1 + vexp_nonpositive<kCoarse>((IO::load(z + i + IO::size()) - vm) * vt);
+  while (i + 2 * IO::size() <= n) {
+    Vec s0(acc_t(0)), s1(acc_t(0));
+    const int64_t end = std::min(n, i + kFlushPairs * 2 * IO::size());
+    for (; i + 2 * IO::size() <= end; i += 2 * IO::size()) {
+      s0 = s0 + vexp_nonpositive<kCoarse>((IO::load(z + i) - vm) * vt);
+      s1 = s1 + vexp_nonpositive<kCoarse>((IO::load(z + i + IO::size()) - vm) * vt);
+    }
+    sums.flush(s0);
+    sums.flush(s1);
   }
-  for (; i + IO::size() <= n; i += IO::size()) s0 = s0 + vexp_nonpositive<kCoarse>((IO::load(z + i) - vm) * vt);
-  double s = vec_sum(s0 + s1);
+  for (; i + IO::size() <= n; i += IO::size()) sums.flush(vexp_nonpositive<kCoarse>((IO::load(z + i) - vm) * vt));
+  double s = sums.total();
   for (; i < n; ++i) s += std::exp(static_cast<double>((static_cast<acc_t>(z[i]) - m) * inv_t));
   return s;
 }
@@ -170,7 +231,7 @@ Stats<Acc<scalar_t>> row_stats(const scalar_t* z, int64_t V, Acc<scalar_t> inv_t
     if (std::isnan(bm)) return {bm, bm, bm};
     if (bm == neg_inf<acc_t>()) continue;  // a block of −inf logits adds nothing
     if (bm > m) {
-      s *= std::exp((m - bm) * inv_t);  // 0 while m = −inf
+      s *= std::exp(static_cast<double>((m - bm) * inv_t));  // 0 while m = −inf
       m = bm;
     }
     if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
@@ -470,22 +531,28 @@ template <typename acc_t, bool kCoarse = false>
 double block_exp_store(const acc_t* x, int64_t n, acc_t inv_t, acc_t bm, acc_t* e) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec vt(inv_t), vm(bm);
-  Vec s0(acc_t(0)), s1(acc_t(0));
+  LaneSums<acc_t> sums;
   int64_t i = 0;
-  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
-    const Vec a = vexp_nonpositive<kCoarse>((Vec::loadu(x + i) - vm) * vt),
-              b = vexp_nonpositive<kCoarse>((Vec::loadu(x + i + Vec::size()) - vm) * vt);
-    a.store(e + i);
-    b.store(e + i + Vec::size());
-    s0 = s0 + a;
-    s1 = s1 + b;
+  while (i + 2 * Vec::size() <= n) {
+    Vec s0(acc_t(0)), s1(acc_t(0));
+    const int64_t end = std::min(n, i + kFlushPairs * 2 * Vec::size());
+    for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
+      const Vec a = vexp_nonpositive<kCoarse>((Vec::loadu(x + i) - vm) * vt),
+                b = vexp_nonpositive<kCoarse>((Vec::loadu(x + i + Vec::size()) - vm) * vt);
+      a.store(e + i);
+      b.store(e + i + Vec::size());
+      s0 = s0 + a;
+      s1 = s1 + b;
+    }
+    sums.flush(s0);
+    sums.flush(s1);
   }
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec a = vexp_nonpositive<kCoarse>((Vec::loadu(x + i) - vm) * vt);
     a.store(e + i);
-    s0 = s0 + a;
+    sums.flush(a);
   }
-  double s = vec_sum(s0 + s1);
+  double s = sums.total();
   for (; i < n; ++i) {
     const double ei = std::exp(static_cast<double>((x[i] - bm) * inv_t));
     e[i] = static_cast<acc_t>(ei);
@@ -519,10 +586,10 @@ Stats<Acc<scalar_t>> row_stats_kept(const scalar_t* z, int64_t V, Acc<scalar_t> 
     if (bm == neg_inf<acc_t>()) continue;
     const double bs = block_exp_store<acc_t, c10::is_reduced_floating_point_v<scalar_t>>(x, n, inv_t, bm, e + b);
     if (bm > m) {
-      s *= std::exp((m - bm) * inv_t);  // 0 while m = −inf
+      s *= std::exp(static_cast<double>((m - bm) * inv_t));  // 0 while m = −inf
       m = bm;
     }
-    s += bm == m ? bs : bs * std::exp((bm - m) * inv_t);
+    s += bm == m ? bs : bs * std::exp(static_cast<double>((bm - m) * inv_t));
   }
   return stats_of(m, s);
 }
