@@ -250,7 +250,7 @@ struct Row {
   const scalar_t* z;   // [V]
   const int64_t* ids;  // [k]
   const double* logp;  // [k] log p̂ (double: at a large T·scale an fp32 p̂ is most of a kept gradient's error)
-  double tail_logp;     // log r̂
+  double tail_logp;    // log r̂
   int64_t k;
   const acc_t* kept_z = nullptr;  // [k] z[ids] gathered before z is overwritten (in-place gradient), or null
 
@@ -713,8 +713,8 @@ RowAddress<scalar_t> row_address(const at::Tensor& logits) {
 }
 
 template <typename scalar_t>
-Row<scalar_t> make_row(const RowAddress<scalar_t>& address, const int64_t* ids, const double* logp,
-                       const double* tail, int64_t n, int64_t k) {
+Row<scalar_t> make_row(const RowAddress<scalar_t>& address, const int64_t* ids, const double* logp, const double* tail,
+                       int64_t n, int64_t k) {
   return {address(n), ids + n * k, logp + n * k, tail[n], k};
 }
 
