@@ -255,12 +255,12 @@ bool wide_logits(const at::Tensor& u, const at::Tensor& v, const Problem& p) {
 }
 
 // The row (and, symmetric, column) log-sum-exps of L = u vᵀ/τ over the off-diagonal entries only, in
-// logit_t (−inf for M = 1), and the diagonal L_ii. Each strip's diagonal entries are set aside (−inf)
+// logit_t (−inf for M = 1), and the diagonal L_ii (diag[0..M)). Each strip's diagonal entries are set aside (−inf)
 // before its rows and columns are reduced: the backward needs 1 − p_ii = Σ_{j≠i} p_ij, which a
 // confident row (p_ii → 1) cannot get from 1 − exp(L_ii − lse_i) without cancelling to eps/(1 − p_ii).
 template <typename logit_t>
 void off_diagonal_logsumexps(const logit_t* up, const logit_t* vp, const Problem& p, double* lse_row, double* lse_col,
-                             std::vector<logit_t>& diag) {
+                             double* diag) {
   const int64_t M = p.M, E = p.E;
   std::vector<logit_t> run_max(M, -std::numeric_limits<logit_t>::infinity()), run_sum(M, logit_t(0));
   std::vector<logit_t> strip(M * kStrip);
@@ -283,8 +283,9 @@ void off_diagonal_logsumexps(const logit_t* up, const logit_t* vp, const Problem
   for (int64_t i = 0; i < M; ++i)
     lse_row[i] = run_sum[i] > logit_t(0) ? static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i]))
                                          : -std::numeric_limits<double>::infinity();
-  diag.resize(M);
-  diagonal_logits(up, vp, p, diag.data());
+  std::vector<logit_t> diagonal(M);
+  diagonal_logits(up, vp, p, diagonal.data());
+  std::copy(diagonal.begin(), diagonal.end(), diag);
 }
 
 // log(1 + exp(t)) without overflow (t = −inf: 0).
@@ -323,13 +324,10 @@ std::tuple<at::Tensor, at::Tensor> token_contrastive_fwd(const at::Tensor& stude
     std::vector<double> diag64(M);
     if (wide) {
       const at::Tensor u64 = u.to(at::kDouble), v64 = v.to(at::kDouble);
-      std::vector<double> diag;
-      off_diagonal_logsumexps(u64.const_data_ptr<double>(), v64.const_data_ptr<double>(), p, lse_row, lse_col, diag);
-      std::copy(diag.begin(), diag.end(), diag64.begin());
+      off_diagonal_logsumexps(u64.const_data_ptr<double>(), v64.const_data_ptr<double>(), p, lse_row, lse_col,
+                              diag64.data());
     } else {
-      std::vector<acc_t> diag;
-      off_diagonal_logsumexps(u.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), p, lse_row, lse_col, diag);
-      std::copy(diag.begin(), diag.end(), diag64.begin());
+      off_diagonal_logsumexps(u.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), p, lse_row, lse_col, diag64.data());
     }
     std::vector<acc_t> per_row(M);
     for (int64_t i = 0; i < M; ++i) {

@@ -134,30 +134,44 @@ struct LaneSums<float> {
 #endif
 };
 
-// Σ_j exp((z[j] − m)·inv_t) over z[0..n), m ≥ max z (kCoarse: the reduced-precision exp, see cpu_exp.h).
+// Σ_j e_j with e_j = exp((x_j − m)·inv_t) over x[0..n) (x in the accumulation type), m ≥ max x; kStore
+// also writes e[0..n) = e_j. kCoarse: the reduced-precision exp (see cpu_exp.h), for bf16/fp16 logits.
 // The lanes' partial sums (see LaneSums) and the tail, its exps too, are added in double: a row shorter
 // than a vector is summed exactly.
-template <typename scalar_t, bool kCoarse = false>
-double block_sum_exp(const scalar_t* z, int64_t n, Acc<scalar_t> inv_t, Acc<scalar_t> m) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = Acc<scalar_t>;
-  using Vec = typename IO::Vec;
+template <typename acc_t, bool kCoarse = false, bool kStore = false>
+double block_sum_exp(const acc_t* x, int64_t n, acc_t inv_t, acc_t m, acc_t* e = nullptr) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
   const Vec vt(inv_t), vm(m);
   LaneSums<acc_t> sums;
   int64_t i = 0;
-  while (i + 2 * IO::size() <= n) {
+  while (i + 2 * W <= n) {
     Vec s0(acc_t(0)), s1(acc_t(0));
-    const int64_t end = std::min(n, i + kFlushPairs * 2 * IO::size());
-    for (; i + 2 * IO::size() <= end; i += 2 * IO::size()) {
-      s0 = s0 + vexp_nonpositive<kCoarse>((IO::load(z + i) - vm) * vt);
-      s1 = s1 + vexp_nonpositive<kCoarse>((IO::load(z + i + IO::size()) - vm) * vt);
+    const int64_t end = std::min(n, i + kFlushPairs * 2 * W);
+    for (; i + 2 * W <= end; i += 2 * W) {
+      const Vec a = vexp_nonpositive<kCoarse>((Vec::loadu(x + i) - vm) * vt),
+                b = vexp_nonpositive<kCoarse>((Vec::loadu(x + i + W) - vm) * vt);
+      if constexpr (kStore) {
+        a.store(e + i);
+        b.store(e + i + W);
+      }
+      s0 = s0 + a;
+      s1 = s1 + b;
     }
     sums.flush(s0);
     sums.flush(s1);
   }
-  for (; i + IO::size() <= n; i += IO::size()) sums.flush(vexp_nonpositive<kCoarse>((IO::load(z + i) - vm) * vt));
+  for (; i + W <= n; i += W) {
+    const Vec a = vexp_nonpositive<kCoarse>((Vec::loadu(x + i) - vm) * vt);
+    if constexpr (kStore) a.store(e + i);
+    sums.flush(a);
+  }
   double s = sums.total();
-  for (; i < n; ++i) s += std::exp(static_cast<double>((static_cast<acc_t>(z[i]) - m) * inv_t));
+  for (; i < n; ++i) {
+    const double ei = std::exp(static_cast<double>((x[i] - m) * inv_t));
+    if constexpr (kStore) e[i] = static_cast<acc_t>(ei);
+    s += ei;
+  }
   return s;
 }
 
@@ -525,42 +539,6 @@ int64_t row_count(const at::Tensor& logits) {
   return logits.dim() == 3 ? logits.size(0) * logits.size(1) : logits.size(0);
 }
 
-// e[0..n) = exp((x − bm)·inv_t) with bm = max x (x in the accumulation type); returns Σ e (added in
-// double, as in block_sum_exp). kCoarse: the reduced-precision exp (see cpu_exp.h), for bf16/fp16 logits.
-template <typename acc_t, bool kCoarse = false>
-double block_exp_store(const acc_t* x, int64_t n, acc_t inv_t, acc_t bm, acc_t* e) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vt(inv_t), vm(bm);
-  LaneSums<acc_t> sums;
-  int64_t i = 0;
-  while (i + 2 * Vec::size() <= n) {
-    Vec s0(acc_t(0)), s1(acc_t(0));
-    const int64_t end = std::min(n, i + kFlushPairs * 2 * Vec::size());
-    for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
-      const Vec a = vexp_nonpositive<kCoarse>((Vec::loadu(x + i) - vm) * vt),
-                b = vexp_nonpositive<kCoarse>((Vec::loadu(x + i + Vec::size()) - vm) * vt);
-      a.store(e + i);
-      b.store(e + i + Vec::size());
-      s0 = s0 + a;
-      s1 = s1 + b;
-    }
-    sums.flush(s0);
-    sums.flush(s1);
-  }
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec a = vexp_nonpositive<kCoarse>((Vec::loadu(x + i) - vm) * vt);
-    a.store(e + i);
-    sums.flush(a);
-  }
-  double s = sums.total();
-  for (; i < n; ++i) {
-    const double ei = std::exp(static_cast<double>((x[i] - bm) * inv_t));
-    e[i] = static_cast<acc_t>(ei);
-    s += ei;
-  }
-  return s;
-}
-
 // Row stats as row_stats, keeping e_j = exp((z_j − m_b)·inv_t) in e[0..V) and the block maxima m_b in
 // block_max (−inf for a block of −inf logits, whose e is not written). One read of z.
 template <typename scalar_t>
@@ -584,7 +562,7 @@ Stats<Acc<scalar_t>> row_stats_kept(const scalar_t* z, int64_t V, Acc<scalar_t> 
     block_maxima[blk] = bm;
     if (std::isnan(bm)) return {bm, bm, bm};
     if (bm == neg_inf<acc_t>()) continue;
-    const double bs = block_exp_store<acc_t, c10::is_reduced_floating_point_v<scalar_t>>(x, n, inv_t, bm, e + b);
+    const double bs = block_sum_exp<acc_t, c10::is_reduced_floating_point_v<scalar_t>, true>(x, n, inv_t, bm, e + b);
     if (bm > m) {
       s *= std::exp(static_cast<double>((m - bm) * inv_t));  // 0 while m = −inf
       m = bm;
@@ -837,47 +815,6 @@ void write_loss(const std::vector<acc_t>& rows, Reduction reduction, const at::T
   out[0] = total;
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const at::Tensor& ids,
-                                               const at::Tensor& target_logp, const at::Tensor& tail_logp,
-                                               const at::Tensor& valid, const at::Tensor& divisor,
-                                               const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
-                                               bool full_support, int64_t reduction_code) {
-  const Call call =
-      prepare_call(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t, reduction_code);
-  const double inv_temperature = call.inv_temperature, scale = call.scale;
-  const Reduction reduction = call.reduction;
-  const int64_t N = call.rows, V = call.vocab, k = call.k;
-  at::Tensor loss, stats;
-  std::tie(loss, stats) = loss_and_stats(call, logits);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_fwd", [&] {
-    using acc_t = Acc<scalar_t>;
-    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    const double* tgt_p = call.target_logp.const_data_ptr<double>();
-    const double* tail_p = call.tail_logp.const_data_ptr<double>();
-    const bool* ok_p = call.valid.const_data_ptr<bool>();
-    acc_t* stats_p = stats.data_ptr<acc_t>();
-    std::vector<acc_t> rows(N);
-    const auto address = row_address<scalar_t>(logits);
-    at::parallel_for(0, N, row_grain(full_support ? V : k), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        if (!ok_p[n]) {
-          stats_p[2 * n] = stats_p[2 * n + 1] = 0;
-          rows[n] = 0;
-          continue;
-        }
-        const auto row = make_row<scalar_t>(address, call.ids.const_data_ptr<int64_t>(), tgt_p, tail_p, n, k);
-        const Stats<acc_t> st = full_support ? row_stats(row.z, V, inv_t) : kept_stats(row, inv_temperature);
-        stats_p[2 * n] = saved_shift(st, inv_temperature);
-        stats_p[2 * n + 1] = st.l;
-        rows[n] = static_cast<acc_t>(scale * row_kl(row, V, inv_temperature, st, full_support));
-      }
-    });
-    write_loss(rows, reduction, divisor, loss.data_ptr<acc_t>());
-  });
-  return {loss, stats};
-}
-
 at::Tensor topk_kl_bwd(const at::Tensor& grad, const at::Tensor& stats, const at::Tensor& logits, const at::Tensor& ids,
                        const at::Tensor& target_logp, const at::Tensor& tail_logp, const at::Tensor& valid,
                        const at::Tensor& divisor, const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
@@ -1031,15 +968,20 @@ std::tuple<at::Tensor, at::Tensor> fwd_grad_into(const at::Tensor& logits, const
   return {loss, stats};
 }
 
+// The forward alone: loss and stats, nothing of size N×V written.
+std::tuple<at::Tensor, at::Tensor> topk_kl_fwd(const at::Tensor& logits, const at::Tensor& ids,
+                                               const at::Tensor& target_logp, const at::Tensor& tail_logp,
+                                               const at::Tensor& valid, const at::Tensor& divisor,
+                                               const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
+                                               bool full_support, int64_t reduction_code) {
+  return fwd_grad_into(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t, full_support,
+                       reduction_code, false, false, at::Tensor(), false);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_kl_fwd_grad(
     const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& target_logp, const at::Tensor& tail_logp,
     const at::Tensor& valid, const at::Tensor& divisor, const at::Tensor& inv_temperature_t, const at::Tensor& scale_t,
     bool full_support, int64_t reduction_code, bool compute_grad, bool check_unique) {
-  if (!compute_grad && !check_unique) {
-    auto [loss, stats] = topk_kl_fwd(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t,
-                                     full_support, reduction_code);
-    return {loss, stats, at::empty({0}, logits.options())};
-  }
   at::Tensor out = compute_grad ? cached_empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   auto [loss, stats] = fwd_grad_into(logits, ids, target_logp, tail_logp, valid, divisor, inv_temperature_t, scale_t,
                                      full_support, reduction_code, compute_grad, check_unique, out, false);

@@ -94,13 +94,28 @@ def reference(case, hidden, weight, bias=None, *, teacher_ids, teacher_values, l
 naive = reference
 
 
+def _head_loss(case, logits_of, hidden, weight, bias, teacher_ids, teacher_values, labels):
+    """The reference loss of a head whose logits ``logits_of(hidden, weight, bias, options)`` forms: rows
+    that do not count zeroed first (as the reference: they never reach the weight gradient), then the
+    top-k loss in fp64."""
+    keywords = {k: v for k, v in options(case).items() if k != "num_items_in_batch"}
+    opts = FusedLinearTopKKLOptions(chunk_size=case["chunk_size"], **keywords)
+    if labels is not None:
+        hidden = torch.where((labels != opts.ignore_index).unsqueeze(-1), hidden, torch.zeros_like(hidden))
+    with no_autocast(hidden.device.type):
+        logits = logits_of(hidden, weight, bias, opts)
+    return topk_kl_reference(logits, teacher_ids, teacher_values, labels, options=opts,
+                             num_items_in_batch=case["num_items"])
+
+
 def _chunked_naive(by_vocab: bool):
     """Eager user code with a chunked head, as Liger-style heads compute it: the logits of each chunk of
     the kernel's rows per chunk, as ``h_c·Wᵀ`` or (``by_vocab``) as ``(W·h_cᵀ)ᵀ``, then the loss in
     fp64. The rounding of a logit depends on the GEMM's order, and at an extreme temperature the loss
     amplifies it by up to 1/T²: each order is as legitimate as the unchunked one."""
 
-    def logits_of(hidden, weight, bias, softcap, rows):
+    def logits_of(hidden, weight, bias, opts):
+        rows = max(opts.rows_per_chunk(weight.shape[0], weight.dtype, hidden.device), 1)
         parts = []
         for start in range(0, max(hidden.shape[0], 1), rows):  # no rows: one empty chunk
             chunk = hidden[start:start + rows].to(weight.dtype)
@@ -110,20 +125,13 @@ def _chunked_naive(by_vocab: bool):
             else:
                 parts.append(torch.nn.functional.linear(chunk, weight, bias))
         logits = torch.cat(parts)
-        return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+        return logits if opts.softcap is None else opts.softcap * torch.tanh(logits / opts.softcap)
 
     def chunked(case, hidden, weight, bias=None, *, teacher_ids, teacher_values, labels):
-        keywords = {k: v for k, v in options(case).items() if k != "num_items_in_batch"}
-        opts = FusedLinearTopKKLOptions(chunk_size=case["chunk_size"], **keywords)
-        rows = opts.rows_per_chunk(weight.shape[0], weight.dtype, hidden.device)
-        if labels is not None:  # as the reference: ignored rows never reach the weight gradient
-            hidden = torch.where((labels != opts.ignore_index).unsqueeze(-1), hidden, torch.zeros_like(hidden))
-        with no_autocast(hidden.device.type):
-            logits = logits_of(hidden, weight, bias, case["softcap"], max(rows, 1))
-        return topk_kl_reference(logits, teacher_ids, teacher_values, labels, options=opts,
-                                 num_items_in_batch=case["num_items"])
+        return _head_loss(case, logits_of, hidden, weight, bias, teacher_ids, teacher_values, labels)
 
     return chunked
+
 
 def example(device, dtype) -> Example:
     gen = torch.Generator().manual_seed(0)
@@ -150,14 +158,14 @@ def rounded_exact(case, hidden, weight, bias=None, *, dtype, teacher_ids, teache
     may swap places, and with them which id carries a gradient of ~1/T."""
     from ..reference.fused_linear_topk_kl import linear_logits
 
-    bias_low = None if bias is None else bias.to(dtype)
-    with torch.no_grad():
-        rounded = linear_logits(hidden.to(dtype), weight.to(dtype), bias_low, case["softcap"]).double()
-    exact = linear_logits(hidden, weight, bias, case["softcap"])
-    logits = exact + (rounded - exact).detach()  # the rounded values, with the exact logits' gradient
-    keywords = {k: v for k, v in options(case).items() if k not in ("softcap", "num_items_in_batch")}
-    return topk_kl_reference(logits, teacher_ids, teacher_values, labels, num_items_in_batch=case["num_items"],
-                             **keywords)
+    def logits_of(hidden, weight, bias, opts):
+        bias_low = None if bias is None else bias.to(dtype)
+        with torch.no_grad():
+            rounded = linear_logits(hidden.to(dtype), weight.to(dtype), bias_low, opts.softcap).double()
+        exact = linear_logits(hidden, weight, bias, opts.softcap)
+        return exact + (rounded - exact).detach()  # the rounded values, with the exact logits' gradient
+
+    return _head_loss(case, logits_of, hidden, weight, bias, teacher_ids, teacher_values, labels)
 
 
 SPEC = register(LossSpec("fused_linear_topk_kl", strategy, build, kernel, reference, naive, example,
